@@ -1,0 +1,50 @@
+// Image-caption pairs for contrastive pretraining: records {"image": path, "caption": text}
+// (extra fields such as the shapes-world scene graph are ignored). Records are validated once
+// at load (missing fields, missing image files); bad ones fail the run with file:line, or are
+// skipped and counted when data.on_bad_record is "skip".
+#pragma once
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "core/run_config.h"
+#include "data/sampler.h"
+#include "data/tokenizer.h"
+
+namespace trialign {
+
+struct CaptionBatch {
+  torch::Tensor pixels;   // [B, 3, S, S] float
+  torch::Tensor ids;      // [B, T] int64, padded with pad_id
+  torch::Tensor lengths;  // [B] int64, tokens incl. bos/eos
+  std::vector<int64_t> indices;  // dataset indices of the rows
+};
+
+class CaptionDataset {
+ public:
+  CaptionDataset(const std::string& manifest, const DataConfig& cfg, const Tokenizer& tok, bool train,
+                 int64_t limit = 0);
+
+  int64_t size() const { return static_cast<int64_t>(images_.size()); }
+  int64_t skipped() const { return skipped_; }
+  const std::string& caption(int64_t i) const { return captions_[static_cast<size_t>(i)]; }
+  const std::string& image_path(int64_t i) const { return images_[static_cast<size_t>(i)]; }
+  const std::string& where(int64_t i) const { return where_[static_cast<size_t>(i)]; }
+
+  // Rows in the given order; augmentation seeded by (seed, epoch, index).
+  CaptionBatch collate(const std::vector<SampleRef>& refs, uint64_t seed) const;
+  // Rows [begin, end) in dataset order, never augmented (evaluation).
+  CaptionBatch range(int64_t begin, int64_t end) const;
+
+ private:
+  CaptionBatch build(const std::vector<SampleRef>& refs, uint64_t seed, bool augment) const;
+  DataConfig cfg_;
+  bool train_;
+  int pad_id_;
+  std::vector<std::string> images_, captions_, where_;
+  std::vector<std::vector<int64_t>> tokens_;  // tokenised once at load
+  int64_t skipped_ = 0;
+};
+
+}  // namespace trialign

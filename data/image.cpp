@@ -1,0 +1,86 @@
+#include "data/image.h"
+
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include <cmath>
+#include <filesystem>
+
+#include "core/errors.h"
+#include "core/rng.h"
+
+namespace trialign {
+
+cv::Mat load_image_rgb(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw DataError("image '" + path + "' does not exist (check data.image_root and the record's image path)");
+  if (std::filesystem::file_size(path, ec) == 0) throw DataError("image '" + path + "' is an empty file");
+  cv::Mat bgr;
+  try {
+    bgr = cv::imread(path, cv::IMREAD_COLOR);
+  } catch (const cv::Exception& e) {
+    throw DataError("image '" + path + "' cannot be decoded: " + e.what());
+  }
+  if (bgr.empty()) throw DataError("image '" + path + "' is not a decodable image (corrupt or unsupported format)");
+  cv::Mat rgb;
+  cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
+  return rgb;
+}
+
+cv::Mat resize_center_crop(const cv::Mat& rgb, int size) {
+  const double scale = static_cast<double>(size) / std::min(rgb.cols, rgb.rows);
+  cv::Mat resized = rgb;
+  if (rgb.cols != size || rgb.rows != size) {
+    const int w = std::max(size, static_cast<int>(std::lround(rgb.cols * scale)));
+    const int h = std::max(size, static_cast<int>(std::lround(rgb.rows * scale)));
+    cv::resize(rgb, resized, cv::Size(w, h), 0, 0, scale < 1 ? cv::INTER_AREA : cv::INTER_CUBIC);
+  }
+  const int x = (resized.cols - size) / 2, y = (resized.rows - size) / 2;
+  return resized(cv::Rect(x, y, size, size)).clone();
+}
+
+cv::Mat random_resized_crop(const cv::Mat& rgb, int size, double scale_min, double scale_max,
+                            double ratio_min, double ratio_max, uint64_t seed, cv::Rect* chosen) {
+  Rng rng(seed);
+  const double area = static_cast<double>(rgb.cols) * rgb.rows;
+  const double log_lo = std::log(ratio_min), log_hi = std::log(ratio_max);
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    const double target = area * rng.uniform(scale_min, scale_max);
+    const double ratio = std::exp(rng.uniform(log_lo, log_hi));
+    const int w = static_cast<int>(std::lround(std::sqrt(target * ratio)));
+    const int h = static_cast<int>(std::lround(std::sqrt(target / ratio)));
+    if (w <= 0 || h <= 0 || w > rgb.cols || h > rgb.rows) continue;
+    const int x = static_cast<int>(rng.below(static_cast<uint64_t>(rgb.cols - w + 1)));
+    const int y = static_cast<int>(rng.below(static_cast<uint64_t>(rgb.rows - h + 1)));
+    cv::Rect r(x, y, w, h);
+    if (chosen) *chosen = r;
+    cv::Mat out;
+    cv::resize(rgb(r), out, cv::Size(size, size), 0, 0, cv::INTER_LINEAR);
+    return out;
+  }
+  if (chosen) *chosen = cv::Rect(0, 0, rgb.cols, rgb.rows);
+  return resize_center_crop(rgb, size);
+}
+
+torch::Tensor to_clip_tensor(const cv::Mat& rgb) {
+  TORCH_CHECK(rgb.type() == CV_8UC3, "to_clip_tensor: expected an RGB uint8 image");
+  cv::Mat cont = rgb.isContinuous() ? rgb : rgb.clone();
+  auto t = torch::from_blob(cont.data, {cont.rows, cont.cols, 3}, torch::kUInt8)
+               .permute({2, 0, 1})
+               .to(torch::kFloat32)
+               .div_(255.0);  // [3, H, W]; .to() copies, so the Mat may go away
+  static const auto mean = torch::tensor({0.48145466f, 0.4578275f, 0.40821073f}).view({3, 1, 1});
+  static const auto std = torch::tensor({0.26862954f, 0.26130258f, 0.27577711f}).view({3, 1, 1});
+  return t.sub_(mean).div_(std).contiguous();
+}
+
+torch::Tensor image_transform(const cv::Mat& rgb, const DataConfig& cfg, bool train, uint64_t seed) {
+  const auto& a = cfg.augment;
+  if (train && a.random_resized_crop)
+    return to_clip_tensor(random_resized_crop(rgb, cfg.image_size, a.scale_min, a.scale_max, a.ratio_min,
+                                              a.ratio_max, seed));
+  return to_clip_tensor(resize_center_crop(rgb, cfg.image_size));
+}
+
+}  // namespace trialign

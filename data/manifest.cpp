@@ -1,0 +1,94 @@
+#include "data/manifest.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "core/errors.h"
+
+namespace trialign {
+
+namespace {
+
+std::string record_id(const nlohmann::json& j, size_t index) {
+  if (j.is_object()) {
+    auto it = j.find("id");
+    if (it != j.end()) return it->is_string() ? it->get<std::string>() : it->dump();
+  }
+  return "#" + std::to_string(index);
+}
+
+// Line of a byte offset, for JSON-list parse errors.
+size_t line_of(const std::string& text, size_t byte) {
+  size_t line = 1;
+  for (size_t i = 0; i < byte && i < text.size(); ++i) line += text[i] == '\n';
+  return line;
+}
+
+}  // namespace
+
+std::vector<ManifestRecord> read_manifest(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw DataError("cannot open manifest '" + path + "': check data.train / data.val");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  std::vector<ManifestRecord> out;
+
+  size_t first = text.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos) return out;  // empty manifest
+  if (text[first] == '[') {
+    nlohmann::json doc;
+    try {
+      doc = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw DataError(path + ":" + std::to_string(line_of(text, e.byte)) + ": malformed JSON: " + e.what());
+    }
+    for (size_t i = 0; i < doc.size(); ++i) {
+      if (!doc[i].is_object())
+        throw DataError(path + "[#" + std::to_string(i) + "]: expected a JSON object per record, got " +
+                        std::string(doc[i].type_name()));
+      std::string id = record_id(doc[i], i);
+      out.push_back({std::move(doc[i]), path + "[#" + std::to_string(i) + "]", std::move(id)});
+    }
+    return out;
+  }
+
+  std::istringstream lines(text);
+  std::string line;
+  size_t lineno = 0;
+  while (std::getline(lines, line)) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw DataError(path + ":" + std::to_string(lineno) + ": malformed JSON line: " + e.what());
+    }
+    if (!j.is_object())
+      throw DataError(path + ":" + std::to_string(lineno) + ": expected a JSON object, got " + j.type_name());
+    std::string id = record_id(j, out.size());
+    out.push_back({std::move(j), path + ":" + std::to_string(lineno), std::move(id)});
+  }
+  return out;
+}
+
+std::string require_string(const ManifestRecord& r, const char* field) {
+  auto it = r.json.find(field);
+  if (it == r.json.end()) throw DataError(r.where + " (id " + r.id + "): missing field '" + field + "'");
+  if (!it->is_string())
+    throw DataError(r.where + " (id " + r.id + "): field '" + field + "' must be a string, got " + it->type_name());
+  return it->get<std::string>();
+}
+
+void RecordProblems::finish(const std::string& manifest, const std::string& policy) const {
+  if (messages.empty() || policy == "skip") return;
+  std::string all = manifest + ": " + std::to_string(messages.size()) + " bad record" +
+                    (messages.size() == 1 ? "" : "s") +
+                    " (fix them, or set data.on_bad_record: skip to skip and count them)";
+  for (size_t i = 0; i < messages.size() && i < 20; ++i) all += "\n  " + messages[i];
+  if (messages.size() > 20) all += "\n  ... and " + std::to_string(messages.size() - 20) + " more";
+  throw DataError(all);
+}
+
+}  // namespace trialign

@@ -1,0 +1,35 @@
+// Manifest files: a JSON list of objects, or JSONL (one object per line; blank lines allowed).
+// Each record remembers where it came from ("train.jsonl:12" or "train.json[#12]") so every later
+// error can name the exact record.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <vector>
+
+namespace trialign {
+
+struct ManifestRecord {
+  nlohmann::json json;  // the object as written
+  std::string where;    // "path:line" (JSONL) or "path[#index]" (JSON list)
+  std::string id;       // the record's "id" field, or "#index" when absent
+};
+
+// Throws DataError naming file:line (and the parser's message) for malformed JSON, a top level
+// that is neither a list nor JSONL objects, or a missing file.
+std::vector<ManifestRecord> read_manifest(const std::string& path);
+
+// Accessors that throw DataError naming the record and field.
+std::string require_string(const ManifestRecord& r, const char* field);
+
+// Problems found while validating records; with policy "skip" they are counted, with "fail" the
+// first ones are reported together in one DataError.
+struct RecordProblems {
+  std::vector<std::string> messages;
+  int64_t skipped = 0;
+  void add(const ManifestRecord& r, const std::string& what) { messages.push_back(r.where + " (id " + r.id + "): " + what); }
+  // policy "fail": throws DataError listing up to 20 problems; "skip": returns the count.
+  void finish(const std::string& manifest, const std::string& policy) const;
+};
+
+}  // namespace trialign

@@ -1,0 +1,54 @@
+// The deterministic sample order shared by every trainer. The training stream is the
+// concatenation of epoch permutations; optimizer step s consumes stream items
+// [s * B, (s + 1) * B) where B is the global batch (rank r of W takes the r-th slice of it).
+// Everything is a pure function of (seed, step), so resuming at step s needs only s.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "core/rng.h"
+
+namespace trialign {
+
+struct SampleRef {
+  int64_t epoch = 0;
+  int64_t index = 0;  // record index in the dataset
+};
+
+class EpochSampler {
+ public:
+  EpochSampler(uint64_t seed, int64_t dataset_size) : seed_(seed), n_(dataset_size) {}
+
+  // The samples of optimizer step `step` with global batch `global_batch`, this rank's slice.
+  std::vector<SampleRef> batch(int64_t step, int64_t global_batch, int rank = 0, int world = 1) {
+    const int64_t per_rank = global_batch / world;
+    const int64_t first = step * global_batch + rank * per_rank;
+    std::vector<SampleRef> out;
+    out.reserve(static_cast<size_t>(per_rank));
+    for (int64_t i = first; i < first + per_rank; ++i) {
+      const int64_t epoch = i / n_, pos = i % n_;
+      out.push_back({epoch, permutation(epoch)[static_cast<size_t>(pos)]});
+    }
+    return out;
+  }
+
+  int64_t size() const { return n_; }
+
+ private:
+  const std::vector<int64_t>& permutation(int64_t epoch) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find(epoch);
+    if (it != cache_.end()) return it->second;
+    if (cache_.size() > 4) cache_.erase(cache_.begin());  // old epochs are never asked again
+    return cache_.emplace(epoch, epoch_permutation(seed_, epoch, n_)).first->second;
+  }
+
+  uint64_t seed_;
+  int64_t n_;
+  std::mutex mu_;
+  std::map<int64_t, std::vector<int64_t>> cache_;
+};
+
+}  // namespace trialign

@@ -1,0 +1,185 @@
+#include "data/tokenizer.h"
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+
+#include "core/errors.h"
+#include "data/manifest.h"
+#include "spm_shim/spm_shim.h"
+
+namespace trialign {
+
+namespace {
+
+// The shim's entry points, resolved once.
+struct SpmApi {
+  decltype(&tspm_abi_version) abi_version;
+  decltype(&tspm_load) load;
+  decltype(&tspm_unload) unload;
+  decltype(&tspm_encode) encode;
+  decltype(&tspm_decode) decode;
+  decltype(&tspm_id_to_piece) id_to_piece;
+  decltype(&tspm_piece_to_id) piece_to_id;
+  decltype(&tspm_piece_size) piece_size;
+  decltype(&tspm_special_id) special_id;
+  decltype(&tspm_train) train;
+  decltype(&tspm_free_buffer) free_buffer;
+};
+
+std::string shim_path() {
+  if (const char* env = std::getenv("TRIALIGN_SPM_LIBRARY")) return env;
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&shim_path), &info) && info.dli_fname)
+    return (std::filesystem::path(info.dli_fname).parent_path() / "libtrialign_spm.so").string();
+  return "libtrialign_spm.so";
+}
+
+const SpmApi& spm() {
+  static SpmApi api;
+  static std::string error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::string path = shim_path();
+    // RTLD_LOCAL keeps sentencepiece's bundled protobuf out of the global scope; RTLD_DEEPBIND
+    // makes sentencepiece prefer it over the libprotobuf LibTorch already loaded.
+    void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    if (!lib) {
+      error = "cannot load the sentencepiece shim '" + path + "': " + dlerror() +
+              " (rebuild trialign, or set TRIALIGN_SPM_LIBRARY to libtrialign_spm.so)";
+      return;
+    }
+    auto sym = [&](const char* name) {
+      void* p = dlsym(lib, name);
+      if (!p && error.empty()) error = path + ": missing symbol " + name;
+      return p;
+    };
+    api.abi_version = reinterpret_cast<decltype(api.abi_version)>(sym("tspm_abi_version"));
+    api.load = reinterpret_cast<decltype(api.load)>(sym("tspm_load"));
+    api.unload = reinterpret_cast<decltype(api.unload)>(sym("tspm_unload"));
+    api.encode = reinterpret_cast<decltype(api.encode)>(sym("tspm_encode"));
+    api.decode = reinterpret_cast<decltype(api.decode)>(sym("tspm_decode"));
+    api.id_to_piece = reinterpret_cast<decltype(api.id_to_piece)>(sym("tspm_id_to_piece"));
+    api.piece_to_id = reinterpret_cast<decltype(api.piece_to_id)>(sym("tspm_piece_to_id"));
+    api.piece_size = reinterpret_cast<decltype(api.piece_size)>(sym("tspm_piece_size"));
+    api.special_id = reinterpret_cast<decltype(api.special_id)>(sym("tspm_special_id"));
+    api.train = reinterpret_cast<decltype(api.train)>(sym("tspm_train"));
+    api.free_buffer = reinterpret_cast<decltype(api.free_buffer)>(sym("tspm_free_buffer"));
+    if (error.empty() && api.abi_version() != TSPM_ABI_VERSION)
+      error = path + ": shim ABI version " + std::to_string(api.abi_version()) + ", this build expects " +
+              std::to_string(TSPM_ABI_VERSION) + " (rebuild trialign)";
+  });
+  if (!error.empty()) throw DataError(error);
+  return api;
+}
+
+// Takes ownership of a malloc'd C string from the shim.
+std::string take(char* p) {
+  std::string s = p ? p : "";
+  spm().free_buffer(p);
+  return s;
+}
+
+}  // namespace
+
+Tokenizer Tokenizer::load(const std::string& path) {
+  if (!std::filesystem::is_regular_file(path))
+    throw DataError("tokenizer model '" + path +
+                    "' does not exist; train one with `trialign tokenizer train` or point data.tokenizer at a .model file");
+  const SpmApi& api = spm();
+  char* err = nullptr;
+  void* handle = api.load(path.c_str(), &err);
+  if (!handle) throw DataError("tokenizer model '" + path + "' cannot be loaded: " + take(err));
+  Tokenizer t;
+  t.sp_ = std::shared_ptr<void>(handle, [](void* h) { spm().unload(h); });
+  t.path_ = path;
+  t.vocab_size_ = api.piece_size(handle);
+  t.pad_id_ = api.special_id(handle, 0);
+  t.unk_id_ = api.special_id(handle, 1);
+  t.bos_id_ = api.special_id(handle, 2);
+  t.eos_id_ = api.special_id(handle, 3);
+  if (t.pad_id_ < 0) t.pad_id_ = t.unk_id_;
+  const int img = api.piece_to_id(handle, "<image>");
+  t.image_id_ = (img != t.unk_id_) ? img : -1;
+  return t;
+}
+
+std::vector<int> Tokenizer::encode(const std::string& text) const {
+  int* ids = nullptr;
+  int n = 0;
+  if (spm().encode(sp_.get(), text.c_str(), &ids, &n) != 0)
+    throw DataError("tokenizer '" + path_ + "' failed to encode a text of " + std::to_string(text.size()) + " bytes");
+  std::vector<int> out(ids, ids + n);
+  spm().free_buffer(ids);
+  return out;
+}
+
+std::string Tokenizer::decode(const std::vector<int>& ids) const {
+  return take(spm().decode(sp_.get(), ids.data(), static_cast<int>(ids.size())));
+}
+
+std::string Tokenizer::piece(int id) const { return take(spm().id_to_piece(sp_.get(), id)); }
+
+int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
+  if (opt.out_prefix.empty()) throw DataError("tokenizer train: --out is required");
+  const std::string corpus = opt.out_prefix + ".corpus.tmp." + std::to_string(::getpid());
+  int64_t sentences = 0;
+  {
+    auto parent = std::filesystem::path(opt.out_prefix).parent_path();
+    if (!parent.empty()) std::filesystem::create_directories(parent);
+    std::ofstream out(corpus);
+    if (!out) throw DataError("tokenizer train: cannot write '" + corpus + "'");
+    auto emit = [&](const std::string& s) {
+      std::string line = s;
+      for (auto& c : line)
+        if (c == '\n' || c == '\r') c = ' ';
+      out << line << '\n';
+      ++sentences;
+    };
+    for (const auto& m : opt.manifests) {
+      for (const auto& rec : read_manifest(m)) {
+        for (const auto& f : opt.fields) {
+          auto it = rec.json.find(f);
+          if (it == rec.json.end()) continue;
+          if (it->is_string()) emit(it->get<std::string>());
+          else if (it->is_array())
+            for (const auto& turn : *it)
+              if (turn.is_object() && turn.contains("value") && turn["value"].is_string())
+                emit(turn["value"].get<std::string>());
+        }
+      }
+    }
+  }
+  if (sentences == 0) {
+    std::filesystem::remove(corpus);
+    throw DataError("tokenizer train: no text found in fields of the given manifests");
+  }
+  // hard_vocab_limit=false: a tiny closed vocabulary (shapes world) cannot always fill the
+  // requested size, which is fine.
+  const std::string args = "--input=" + corpus + " --model_prefix=" + opt.out_prefix +
+                           " --vocab_size=" + std::to_string(opt.vocab_size) +
+                           " --model_type=" + opt.model_type +
+                           " --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"
+                           " --user_defined_symbols=<image> --hard_vocab_limit=false"
+                           " --character_coverage=1.0 --minloglevel=2 --num_threads=1";
+  char* err = spm().train(args.c_str());
+  std::filesystem::remove(corpus);
+  if (err) throw DataError("tokenizer train: sentencepiece failed: " + take(err));
+  return sentences;
+}
+
+std::vector<int64_t> encode_for_text_encoder(const Tokenizer& tok, const std::string& text, int max_len) {
+  std::vector<int64_t> ids;
+  if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());
+  for (int id : tok.encode(text)) ids.push_back(id);
+  const int eos = tok.eos_id() >= 0 ? tok.eos_id() : tok.pad_id();
+  if (static_cast<int>(ids.size()) >= max_len) ids.resize(static_cast<size_t>(max_len - 1));
+  ids.push_back(eos);
+  return ids;
+}
+
+}  // namespace trialign

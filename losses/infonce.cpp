@@ -1,0 +1,41 @@
+#include "losses/infonce.h"
+
+namespace trialign {
+
+InfoNceLossImpl::InfoNceLossImpl(const InfoNceOptions& o) : opt_(o) {
+  logit_scale = register_parameter("logit_scale", torch::tensor(o.init_logit_scale, torch::kFloat32),
+                                   /*requires_grad=*/o.learnable);
+}
+
+LossOutput InfoNceLossImpl::forward(const ContrastiveInputs& in) {
+  const auto N = in.image_embeds.size(0);
+  TORCH_CHECK(in.text_embeds.size(0) == N, "infonce: ", N, " image embeddings but ", in.text_embeds.size(0),
+              " text embeddings");
+  auto scale = logit_scale.exp();
+  auto logits = scale * torch::matmul(in.image_embeds, in.text_embeds.t());  // [N, N], row = image
+  auto labels = torch::arange(N, torch::TensorOptions().dtype(torch::kLong).device(logits.device()));
+  auto loss_i2t = torch::nn::functional::cross_entropy(logits, labels);
+  auto loss_t2i = torch::nn::functional::cross_entropy(logits.t(), labels);
+  LossOutput out;
+  out.loss = (loss_i2t + loss_t2i) / 2;
+  torch::NoGradGuard ng;
+  out.metrics["logit_scale"] = scale.detach();
+  out.metrics["acc/i2t"] = (logits.argmax(1) == labels).to(torch::kFloat32).mean();
+  out.metrics["acc/t2i"] = (logits.argmax(0) == labels).to(torch::kFloat32).mean();
+  return out;
+}
+
+void InfoNceLossImpl::post_step() {
+  torch::NoGradGuard ng;
+  logit_scale.clamp_(0.0, opt_.max_logit_scale);
+}
+
+TRIALIGN_REGISTER(contrastive_losses(), "infonce",
+                  "CLIP InfoNCE with a learnable temperature (Radford et al. 2021)",
+                  [](ConfigReader& r) -> std::shared_ptr<ContrastiveLossImpl> {
+                    InfoNceOptions o;
+                    o.fields(r);
+                    return std::make_shared<InfoNceLossImpl>(o);
+                  });
+
+}  // namespace trialign

@@ -1,0 +1,34 @@
+#include "losses/siglip.h"
+
+namespace trialign {
+
+SiglipLossImpl::SiglipLossImpl(const SiglipOptions& o) {
+  logit_scale = register_parameter("logit_scale", torch::tensor(o.init_logit_scale, torch::kFloat32));
+  logit_bias = register_parameter("logit_bias", torch::tensor(o.init_logit_bias, torch::kFloat32));
+}
+
+LossOutput SiglipLossImpl::forward(const ContrastiveInputs& in) {
+  const auto N = in.image_embeds.size(0);
+  TORCH_CHECK(in.text_embeds.size(0) == N, "siglip: ", N, " image embeddings but ", in.text_embeds.size(0),
+              " text embeddings");
+  auto logits = logit_scale.exp() * torch::matmul(in.image_embeds, in.text_embeds.t()) + logit_bias;  // [N, N]
+  auto z = 2 * torch::eye(N, logits.options()) - 1;                                                 // +1 diag, -1 off
+  LossOutput out;
+  out.loss = -torch::log_sigmoid(z * logits).sum() / N;
+  torch::NoGradGuard ng;
+  auto labels = torch::arange(N, torch::TensorOptions().dtype(torch::kLong).device(logits.device()));
+  out.metrics["logit_scale"] = logit_scale.exp().detach();
+  out.metrics["logit_bias"] = logit_bias.detach().clone();
+  out.metrics["acc/i2t"] = (logits.argmax(1) == labels).to(torch::kFloat32).mean();
+  out.metrics["acc/t2i"] = (logits.argmax(0) == labels).to(torch::kFloat32).mean();
+  return out;
+}
+
+TRIALIGN_REGISTER(contrastive_losses(), "siglip", "SigLIP pairwise sigmoid loss (Zhai et al. 2023)",
+                  [](ConfigReader& r) -> std::shared_ptr<ContrastiveLossImpl> {
+                    SiglipOptions o;
+                    o.fields(r);
+                    return std::make_shared<SiglipLossImpl>(o);
+                  });
+
+}  // namespace trialign

@@ -1,0 +1,207 @@
+#include "core/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/errors.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+namespace {
+
+const std::array<uint32_t, 256>& crc_table() {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  return table;
+}
+
+void fsync_path(const std::string& path, bool directory) {
+  int fd = ::open(path.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+std::string step_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+}  // namespace
+
+uint32_t crc32_bytes(const void* data, size_t n, uint32_t crc) {
+  const auto& t = crc_table();
+  crc = ~crc;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) crc = t[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+uint32_t crc32_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw DataError("cannot read '" + path + "'");
+  std::vector<char> buf(1 << 20);
+  uint32_t crc = 0;
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    crc = crc32_bytes(buf.data(), static_cast<size_t>(in.gcount()), crc);
+  }
+  return crc;
+}
+
+void atomic_write_text(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error("cannot write '" + tmp + "' (is the directory writable?)");
+    out << text;
+    out.flush();
+    if (!out) throw std::runtime_error("write failed for '" + tmp + "' (disk full?)");
+  }
+  fsync_path(tmp, false);
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw std::runtime_error("cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
+  fsync_path(fs::path(path).parent_path().string(), true);
+}
+
+CheckpointWriter::CheckpointWriter(const std::string& run_dir, int64_t step, std::string trainer)
+    : root_((fs::path(run_dir) / "checkpoints").string()), trainer_(std::move(trainer)), step_(step) {
+  final_ = (fs::path(root_) / step_name(step)).string();
+  tmp_ = (fs::path(root_) / (".tmp-" + step_name(step) + "-" + std::to_string(::getpid()))).string();
+  std::error_code ec;
+  fs::remove_all(tmp_, ec);
+  fs::create_directories(tmp_, ec);
+  if (ec || !fs::is_directory(tmp_))
+    throw std::runtime_error("cannot create checkpoint folder '" + tmp_ + "': " + ec.message() +
+                             " (is run.out_dir writable?)");
+}
+
+CheckpointWriter::~CheckpointWriter() {
+  if (!committed_) {
+    std::error_code ec;
+    fs::remove_all(tmp_, ec);
+  }
+}
+
+std::string CheckpointWriter::path(const std::string& name) const { return (fs::path(tmp_) / name).string(); }
+
+void CheckpointWriter::add_json(const std::string& name, const nlohmann::json& j) { add_text(name, j.dump(2) + "\n"); }
+
+void CheckpointWriter::add_text(const std::string& name, const std::string& text) {
+  std::ofstream out(path(name), std::ios::binary | std::ios::trunc);
+  out << text;
+  out.flush();
+  if (!out) throw std::runtime_error("cannot write '" + path(name) + "' (disk full?)");
+}
+
+std::string CheckpointWriter::commit(int keep_last) {
+  nlohmann::json manifest;
+  manifest["format_version"] = kCheckpointFormatVersion;
+  manifest["trainer"] = trainer_;
+  manifest["step"] = step_;
+  nlohmann::json files = nlohmann::json::object();
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(tmp_)) entries.push_back(e.path());
+  std::sort(entries.begin(), entries.end());
+  for (const auto& p : entries) {
+    if (!fs::is_regular_file(p)) continue;
+    fsync_path(p.string(), false);
+    files[p.filename().string()] = {{"bytes", fs::file_size(p)}, {"crc32", crc32_file(p.string())}};
+  }
+  manifest["files"] = files;
+  atomic_write_text(path("MANIFEST.json"), manifest.dump(2) + "\n");
+  fsync_path(tmp_, true);
+
+  std::error_code ec;
+  if (fs::exists(final_)) fs::remove_all(final_, ec);  // a re-save of the same step replaces it
+  fs::rename(tmp_, final_, ec);
+  if (ec) throw std::runtime_error("cannot move checkpoint into place at '" + final_ + "': " + ec.message());
+  fsync_path(root_, true);
+  committed_ = true;
+  atomic_write_text((fs::path(root_) / "latest").string(), fs::path(final_).filename().string() + "\n");
+
+  // Prune: keep the newest keep_last complete checkpoints.
+  std::vector<std::string> steps;
+  for (const auto& e : fs::directory_iterator(root_))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0)
+      steps.push_back(e.path().string());
+  std::sort(steps.begin(), steps.end());
+  for (size_t i = 0; i + static_cast<size_t>(keep_last) < steps.size(); ++i) fs::remove_all(steps[i], ec);
+  return final_;
+}
+
+CheckpointInfo verify_checkpoint(const std::string& dir) {
+  const std::string mpath = (fs::path(dir) / "MANIFEST.json").string();
+  std::ifstream in(mpath);
+  if (!in) throw DataError("checkpoint '" + dir + "' is incomplete: no MANIFEST.json (interrupted save?)");
+  nlohmann::json m;
+  try {
+    in >> m;
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(mpath + ": damaged manifest: " + e.what());
+  }
+  CheckpointInfo info;
+  info.dir = dir;
+  info.manifest = m;
+  if (!m.contains("format_version") || !m["format_version"].is_number_integer())
+    throw DataError(mpath + ": no format_version");
+  if (m["format_version"].get<int>() > kCheckpointFormatVersion)
+    throw DataError(mpath + ": checkpoint format " + std::to_string(m["format_version"].get<int>()) +
+                    " is newer than this build reads (" + std::to_string(kCheckpointFormatVersion) +
+                    "); update trialign");
+  info.step = m.value("step", int64_t{0});
+  info.trainer = m.value("trainer", std::string());
+  if (!m.contains("files") || !m["files"].is_object()) throw DataError(mpath + ": no file list");
+  for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
+    const std::string f = (fs::path(dir) / it.key()).string();
+    std::error_code ec;
+    if (!fs::is_regular_file(f, ec)) throw DataError("checkpoint file '" + f + "' is missing");
+    const uint64_t want = it.value().value("bytes", uint64_t{0});
+    if (fs::file_size(f) != want)
+      throw DataError("checkpoint file '" + f + "' has " + std::to_string(fs::file_size(f)) + " bytes, expected " +
+                      std::to_string(want) + " (truncated or damaged)");
+    if (crc32_file(f) != it.value().value("crc32", uint32_t{0}))
+      throw DataError("checkpoint file '" + f + "' fails its checksum (damaged); resume from an older checkpoint");
+  }
+  return info;
+}
+
+std::string find_latest_checkpoint(const std::string& run_dir,
+                                   const std::function<void(const std::string&)>& warn) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return "";
+  std::vector<std::string> steps;
+  for (const auto& e : fs::directory_iterator(root))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) steps.push_back(e.path().string());
+  std::sort(steps.rbegin(), steps.rend());
+  for (const auto& d : steps) {
+    try {
+      verify_checkpoint(d);
+      return d;
+    } catch (const DataError& e) {
+      if (warn) warn(std::string("skipping checkpoint: ") + e.what());
+    }
+  }
+  return "";
+}
+
+}  // namespace trialign

@@ -1,0 +1,67 @@
+// Checkpoint directories that never lose work.
+//
+//   RUN/checkpoints/step_000200/      one directory per save
+//       model.safetensors ...          files written by the trainer
+//       MANIFEST.json                  format version, trainer, step, size + CRC-32 of every file
+//   RUN/checkpoints/latest            text file naming the newest complete directory
+//
+// A save writes into a hidden temporary directory, fsyncs every file, writes MANIFEST.json last,
+// renames the directory into place and only then moves `latest`. A process killed at any point
+// leaves the previous checkpoint intact; a directory without a valid MANIFEST is never resumed
+// from. On load every file's size and CRC-32 are checked, and a damaged file is named.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace trialign {
+
+constexpr int kCheckpointFormatVersion = 1;
+
+uint32_t crc32_file(const std::string& path);
+uint32_t crc32_bytes(const void* data, size_t n, uint32_t crc = 0);
+
+// Writes `text` to `path` through a temporary file + fsync + rename.
+void atomic_write_text(const std::string& path, const std::string& text);
+
+class CheckpointWriter {
+ public:
+  // Starts a save of `step` under RUN/checkpoints. Throws std::runtime_error naming the folder
+  // when it cannot be created (unwritable output directory).
+  CheckpointWriter(const std::string& run_dir, int64_t step, std::string trainer);
+  ~CheckpointWriter();  // an uncommitted save is removed
+
+  // Path inside the temporary directory for a file the caller writes itself.
+  std::string path(const std::string& name) const;
+  void add_json(const std::string& name, const nlohmann::json& j);
+  void add_text(const std::string& name, const std::string& text);
+
+  // Checksums, fsyncs, renames into place, updates `latest`, deletes old checkpoints beyond
+  // keep_last. Returns the final directory.
+  std::string commit(int keep_last);
+
+ private:
+  std::string root_, tmp_, final_, trainer_;
+  int64_t step_;
+  bool committed_ = false;
+};
+
+struct CheckpointInfo {
+  std::string dir;
+  int64_t step = 0;
+  std::string trainer;
+  nlohmann::json manifest;
+};
+
+// Verifies MANIFEST.json and every file's size and checksum; throws DataError naming the file.
+CheckpointInfo verify_checkpoint(const std::string& dir);
+
+// The newest complete, verified checkpoint under RUN/checkpoints, or "" when there is none.
+// Damaged or partial directories are skipped with a warning through `warn`.
+std::string find_latest_checkpoint(const std::string& run_dir,
+                                   const std::function<void(const std::string&)>& warn = {});
+
+}  // namespace trialign

@@ -1,0 +1,43 @@
+// Logging: spdlog to the console and to RUN/train.log; metrics to RUN/metrics.jsonl (one JSON
+// object per logged step); a progress line with step/total, rate and ETA.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <string>
+
+namespace trialign {
+
+// Sets up the default spdlog logger. With a log_file, lines also go there (appended, so a
+// resumed run keeps its history). Non-zero ranks log warnings and errors only.
+void init_logging(const std::string& log_file = "", int rank = 0);
+
+class MetricsLog {
+ public:
+  MetricsLog() = default;
+  explicit MetricsLog(const std::string& path);  // appends
+  void write(const nlohmann::json& record);
+  bool enabled() const { return out_.is_open(); }
+
+ private:
+  std::ofstream out_;
+};
+
+std::string format_duration(double seconds);  // "1h02m", "3m12s", "45s"
+
+// Rate and ETA over the steps run in this process (resumed steps do not inflate the rate).
+class Progress {
+ public:
+  Progress(int64_t first_step, int64_t total_steps);
+  // "step 120/1000 (12%) | 85.2 samples/s | ETA 3m12s"
+  std::string line(int64_t step_done, int64_t samples_per_step) const;
+  double elapsed() const;
+
+ private:
+  int64_t first_, total_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace trialign

@@ -1,0 +1,117 @@
+// Named component registries: models, losses, datasets, schedulers, later reward functions.
+// A config names a component by `type:`; registration is one line next to the component:
+//
+//   TRIALIGN_REGISTER(LossRegistry, "infonce", "CLIP InfoNCE, learnable temperature", make_infonce);
+//
+// The factory receives a ConfigReader over the component's own options, so unknown or badly
+// typed options get the same file:line error as every other key. Plugins loaded at run time
+// register the same way (the framework is a shared library, so there is one registry).
+#pragma once
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/config_reader.h"
+#include "core/errors.h"
+
+namespace trialign {
+
+template <class Base, class... Args>
+class Registry {
+ public:
+  using Factory = std::function<std::shared_ptr<Base>(ConfigReader& options, Args... args)>;
+  struct Entry {
+    std::string help;
+    Factory make;
+  };
+
+  explicit Registry(std::string kind) : kind_(std::move(kind)) {}
+
+  void add(const std::string& name, std::string help, Factory make) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.count(name))
+      throw ConfigError("duplicate " + kind_ + " name '" + name +
+                        "': another component (built-in or plugin) already registered it; rename one");
+    entries_[name] = Entry{std::move(help), std::move(make)};
+  }
+
+  bool contains(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return entries_.count(name) > 0;
+  }
+
+  std::vector<std::string> names() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    for (const auto& kv : entries_) out.push_back(kv.first);
+    return out;
+  }
+
+  std::string help(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(name);
+    return it == entries_.end() ? std::string() : it->second.help;
+  }
+
+  // Builds the component; problems with the type or its options go to `errors` (nullptr result).
+  std::shared_ptr<Base> create(const TypedSpec& spec, ConfigErrors& errors, Args... args) const {
+    Factory make;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = entries_.find(spec.type);
+      if (it == entries_.end()) {
+        std::string list;
+        for (const auto& kv : entries_) list += (list.empty() ? "" : ", ") + kv.first;
+        errors.add(spec.options.file.empty() ? nullptr : &spec.options, spec.path + ".type",
+                   "unknown " + kind_ + " type '" + spec.type + "'; registered: " + list);
+        return nullptr;
+      }
+      make = it->second.make;
+    }
+    ConfigReader reader(&spec.options, spec.path, errors);
+    std::shared_ptr<Base> made;
+    try {
+      made = make(reader, args...);
+    } catch (const ConfigError& e) {
+      errors.add(&spec.options, spec.path, e.what());
+      return nullptr;
+    }
+    reader.finish();
+    return errors.empty() ? made : nullptr;
+  }
+
+  // Throwing form: every problem at once, as a ConfigError.
+  std::shared_ptr<Base> create_or_throw(const TypedSpec& spec, Args... args) const {
+    ConfigErrors errors;
+    auto made = create(spec, errors, args...);
+    errors.throw_if_any("cannot build " + kind_ + " '" + spec.type + "'");
+    return made;
+  }
+
+  const std::string& kind() const { return kind_; }
+
+ private:
+  std::string kind_;
+  mutable std::mutex mu_;
+  std::map<std::string, Entry> entries_;
+};
+
+// Static registration helper: a namespace-scope object whose constructor registers.
+template <class R>
+struct Registration {
+  Registration(R& registry, const std::string& name, std::string help, typename R::Factory make) {
+    registry.add(name, std::move(help), std::move(make));
+  }
+};
+
+#define TRIALIGN_CONCAT_INNER(a, b) a##b
+#define TRIALIGN_CONCAT(a, b) TRIALIGN_CONCAT_INNER(a, b)
+#define TRIALIGN_REGISTER(registry_expr, name, help, factory)                              \
+  static ::trialign::Registration<std::decay_t<decltype(registry_expr)>> TRIALIGN_CONCAT( \
+      trialign_registration_, __LINE__)(registry_expr, name, help, factory)
+
+}  // namespace trialign

@@ -1,0 +1,219 @@
+// Typed configuration of a training run. Raw YAML never reaches a trainer: load_run_config()
+// parses, composes (include:, --set), validates every field and every `type:` component, and
+// returns these structs. Field comments give an example value; docs/user-guide.md lists all.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config_reader.h"
+
+namespace trialign {
+
+struct RunSection {
+  std::string name = "run";          // run name, used in logs, e.g. "stage1"
+  std::string out_dir = "runs/run";  // run directory: logs, metrics.jsonl, checkpoints/
+  uint64_t seed = 0;                 // one seed for init, data order and augmentation
+  int threads = 0;                   // LibTorch intra-op threads; 0 = all cores
+  std::string device = "cpu";        // cpu | auto | cuda
+  template <class V> void fields(V& v) {
+    v("name", name);
+    v("out_dir", out_dir);
+    v("seed", seed);
+    v("threads", threads, at_least(0));
+    v("device", device, one_of({"cpu", "auto", "cuda"}));
+  }
+};
+
+struct AugmentConfig {
+  bool random_resized_crop = false;  // train-time RandomResizedCrop (val never augments)
+  double scale_min = 0.8;            // fraction of the area kept, lower bound
+  double scale_max = 1.0;
+  double ratio_min = 3.0 / 4.0;      // aspect ratio bounds
+  double ratio_max = 4.0 / 3.0;
+  template <class V> void fields(V& v) {
+    v("random_resized_crop", random_resized_crop);
+    v("scale_min", scale_min, in_range(0.01, 1.0));
+    v("scale_max", scale_max, in_range(0.01, 1.0));
+    v("ratio_min", ratio_min, positive());
+    v("ratio_max", ratio_max, positive());
+  }
+};
+
+struct DataConfig {
+  std::string train;            // manifest (JSON list or JSONL), e.g. data/shapes/train.jsonl
+  std::string val;              // held-out manifest; empty = no validation
+  std::string image_root;       // images resolve against this; empty = the manifest's folder
+  std::string tokenizer;        // sentencepiece .model
+  int image_size = 64;          // square side after resize + centre crop
+  int max_text_len = 32;        // text encoder context, incl. bos/eos
+  std::string on_bad_record = "fail";  // fail | skip (skips are counted and reported)
+  int workers = 2;              // background loader threads
+  int prefetch = 4;             // batches prepared ahead
+  int64_t val_limit = 0;        // first N validation records only; 0 = all
+  AugmentConfig augment;
+  template <class V> void fields(V& v) {
+    v("train", train);
+    v("val", val);
+    v("image_root", image_root);
+    v("tokenizer", tokenizer);
+    v("image_size", image_size, at_least(8));
+    v("max_text_len", max_text_len, at_least(3));
+    v("on_bad_record", on_bad_record, one_of({"fail", "skip"}));
+    v("workers", workers, at_least(1));
+    v("prefetch", prefetch, at_least(1));
+    v("val_limit", val_limit, at_least(0));
+    v("augment", augment);
+  }
+};
+
+// Hugging Face CLIPVisionConfig field names, so a config.json maps across one to one.
+struct VisionConfig {
+  int image_size = 64;
+  int patch_size = 8;
+  int num_channels = 3;
+  int hidden_size = 128;
+  int intermediate_size = 512;
+  int num_hidden_layers = 4;
+  int num_attention_heads = 4;
+  std::string hidden_act = "quick_gelu";  // quick_gelu | gelu
+  double layer_norm_eps = 1e-5;
+  template <class V> void fields(V& v) {
+    v("image_size", image_size, at_least(8));
+    v("patch_size", patch_size, at_least(1));
+    v("num_channels", num_channels, at_least(1));
+    v("hidden_size", hidden_size, at_least(1));
+    v("intermediate_size", intermediate_size, at_least(1));
+    v("num_hidden_layers", num_hidden_layers, at_least(1));
+    v("num_attention_heads", num_attention_heads, at_least(1));
+    v("hidden_act", hidden_act, one_of({"quick_gelu", "gelu"}));
+    v("layer_norm_eps", layer_norm_eps, positive());
+  }
+};
+
+// Hugging Face CLIPTextConfig field names.
+struct TextConfig {
+  int vocab_size = 0;                 // 0 = take it from the tokenizer
+  int max_position_embeddings = 32;
+  int hidden_size = 128;
+  int intermediate_size = 512;
+  int num_hidden_layers = 4;
+  int num_attention_heads = 4;
+  std::string hidden_act = "quick_gelu";
+  double layer_norm_eps = 1e-5;
+  template <class V> void fields(V& v) {
+    v("vocab_size", vocab_size, at_least(0));
+    v("max_position_embeddings", max_position_embeddings, at_least(2));
+    v("hidden_size", hidden_size, at_least(1));
+    v("intermediate_size", intermediate_size, at_least(1));
+    v("num_hidden_layers", num_hidden_layers, at_least(1));
+    v("num_attention_heads", num_attention_heads, at_least(1));
+    v("hidden_act", hidden_act, one_of({"quick_gelu", "gelu"}));
+    v("layer_norm_eps", layer_norm_eps, positive());
+  }
+};
+
+struct ModelConfig {
+  VisionConfig vision;
+  TextConfig text;
+  int projection_dim = 128;  // shared embedding space of the contrastive pair
+  template <class V> void fields(V& v) {
+    v("vision", vision);
+    v("text", text);
+    v("projection_dim", projection_dim, at_least(1));
+  }
+};
+
+struct OptimConfig {
+  double lr = 5e-4;                      // peak learning rate
+  double weight_decay = 0.1;             // decoupled (AdamW); not applied to norms, biases, embeddings
+  std::vector<double> betas = {0.9, 0.98};
+  double eps = 1e-6;
+  double grad_clip = 1.0;                // max global grad norm; 0 = off
+  template <class V> void fields(V& v) {
+    v("lr", lr, positive());
+    v("weight_decay", weight_decay, non_negative());
+    v("betas", betas, Check<std::vector<double>>([](const std::vector<double>& b) {
+        return (b.size() == 2 && b[0] >= 0 && b[0] < 1 && b[1] >= 0 && b[1] < 1)
+                   ? "" : "expected two values in [0, 1), e.g. [0.9, 0.98]";
+      }));
+    v("eps", eps, positive());
+    v("grad_clip", grad_clip, non_negative());
+  }
+};
+
+struct ScheduleConfig {
+  std::string type = "cosine";  // cosine | linear | constant (after warmup)
+  int64_t warmup_steps = 0;
+  double min_lr_ratio = 0.0;     // final lr = min_lr_ratio * lr
+  template <class V> void fields(V& v) {
+    v("type", type, one_of({"cosine", "linear", "constant"}));
+    v("warmup_steps", warmup_steps, at_least(0));
+    v("min_lr_ratio", min_lr_ratio, in_range(0.0, 1.0));
+  }
+};
+
+struct TrainSection {
+  int64_t steps = 1000;         // optimizer steps
+  int batch_size = 64;          // samples per optimizer step (all micro-batches together)
+  int grad_accum = 1;           // micro-batches per step; batch_size must divide evenly
+  int64_t log_every = 10;
+  int64_t eval_every = 0;       // 0 = only at the end
+  int64_t save_every = 0;       // 0 = only at the end
+  int keep_last = 3;            // checkpoints kept (older ones deleted)
+  template <class V> void fields(V& v) {
+    v("steps", steps, at_least(1));
+    v("batch_size", batch_size, at_least(1));
+    v("grad_accum", grad_accum, at_least(1));
+    v("log_every", log_every, at_least(1));
+    v("eval_every", eval_every, at_least(0));
+    v("save_every", save_every, at_least(0));
+    v("keep_last", keep_last, at_least(1));
+  }
+};
+
+struct EvalSection {
+  std::vector<int64_t> recall_at = {1, 5, 10};
+  int batch_size = 256;
+  template <class V> void fields(V& v) {
+    v("recall_at", recall_at);
+    v("batch_size", batch_size, at_least(1));
+  }
+};
+
+struct RunConfig {
+  std::string trainer = "contrastive";  // which workflow runs this config
+  RunSection run;
+  DataConfig data;
+  ModelConfig model;
+  TypedSpec loss{"infonce", {}, "loss"};
+  OptimConfig optim;
+  ScheduleConfig schedule;
+  TrainSection train;
+  EvalSection eval;
+
+  std::string source;  // the file it came from (not a YAML key)
+
+  template <class V> void fields(V& v) {
+    v("trainer", trainer, one_of({"contrastive"}));
+    v("run", run);
+    v("data", data);
+    v("model", model);
+    v("loss", loss);
+    v("optim", optim);
+    v("schedule", schedule);
+    v("train", train);
+    v("eval", eval);
+  }
+};
+
+// Loads, composes and validates a run config: file + includes + overrides, typed reading,
+// cross-field checks and every `type:` component's options. Relative paths inside the config are
+// taken relative to the current directory, like every path on the command line. Every problem is
+// reported in one ConfigError.
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Same, from an already composed tree (tests, checkpoints).
+RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label);
+std::string resolved_yaml(const RunConfig& cfg);
+
+}  // namespace trialign

@@ -1,0 +1,213 @@
+// trialign command line. Subcommands parse their arguments (CLI11, a well-kept header-only
+// parser: subcommands, typed options and --help for free) and call into the library; this file
+// is the only place exceptions become exit codes (core/errors.h).
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "core/checkpoint.h"
+#include "core/config_tree.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "core/run_config.h"
+#include "core/safetensors.h"
+#include "data/caption_dataset.h"
+#include "data/shapes_world.h"
+#include "data/tokenizer.h"
+#include "losses/loss.h"
+#include "trainers/common.h"
+#include "trainers/contrastive.h"
+
+namespace fs = std::filesystem;
+using namespace trialign;
+
+namespace {
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw DataError("cannot read '" + path + "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A run directory resolves to its newest complete checkpoint.
+std::string resolve_checkpoint(const std::string& path) {
+  if (fs::exists(fs::path(path) / "MANIFEST.json")) return path;
+  const std::string latest = find_latest_checkpoint(path, [](const std::string& w) { spdlog::warn(w); });
+  if (latest.empty())
+    throw DataError("'" + path + "' is neither a checkpoint directory nor a run directory with a complete checkpoint");
+  return latest;
+}
+
+int cmd_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
+  RunConfig cfg = load_run_config(config, sets);
+  TrainOptions opt;
+  opt.resume = resume;
+  auto result = train_contrastive(cfg, opt);
+  if (result.interrupted) return kExitInterrupted;
+  if (!result.final_eval.is_null()) std::cout << result.final_eval.dump(2) << std::endl;
+  return kExitOk;
+}
+
+int cmd_config_check(const std::string& config, const std::vector<std::string>& sets) {
+  RunConfig cfg = load_run_config(config, sets);
+  std::cout << resolved_yaml(cfg);
+  return kExitOk;
+}
+
+int cmd_eval(const std::string& target, const std::string& data, const std::string& suite, const std::string& out,
+             int threads) {
+  if (suite != "retrieval")
+    throw ConfigError("--suite '" + suite + "': the suites available are: retrieval");
+  init_logging();
+  setup_threads(threads);
+  const std::string dir = resolve_checkpoint(target);
+  verify_checkpoint(dir);
+  RunConfig cfg = run_config_from_tree(parse_config_string(read_text(dir + "/config.yaml"), dir + "/config.yaml"),
+                                       dir + "/config.yaml");
+  const std::string manifest = data.empty() ? cfg.data.val : data;
+  if (manifest.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no data.val");
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  ClipModel model = build_clip_model(cfg, tok);
+  load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
+  CaptionDataset ds(manifest, cfg.data, tok, /*train=*/false);
+  auto j = evaluate_retrieval(model, ds, cfg.eval);
+  j["checkpoint"] = dir;
+  j["data"] = manifest;
+  if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
+  std::cout << j.dump(2) << std::endl;
+  return kExitOk;
+}
+
+int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::GeneratorOptions opt) {
+  init_logging();
+  shapes::validate(opt);
+  int last = -1;
+  auto summary = shapes::write_dataset(out, n_train, n_val, opt, [&](int64_t done, int64_t total) {
+    const int pct = static_cast<int>(100 * done / std::max<int64_t>(1, total));
+    if (pct / 10 != last / 10 || done == total) {
+      spdlog::info("shapes world: {}/{} images ({}%)", done, total, pct);
+      last = pct;
+    }
+  });
+  spdlog::info("wrote {} train and {} val scenes: {}, {}", summary.train, summary.val, summary.train_manifest,
+               summary.val_manifest);
+  return kExitOk;
+}
+
+int cmd_tokenizer_train(const TokenizerTrainOptions& opt) {
+  init_logging();
+  const int64_t n = train_tokenizer(opt);
+  const auto tok = Tokenizer::load(opt.out_prefix + ".model");
+  spdlog::info("tokenizer {}.model: {} pieces from {} sentences", opt.out_prefix, tok.vocab_size(), n);
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"trialign: train and align vision-language models from YAML configs"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "trialign 0.1.0");
+
+  // train
+  std::string config, resume;
+  std::vector<std::string> sets;
+  auto* train = app.add_subcommand("train", "Train one stage from a YAML config");
+  train->add_option("config", config, "Run config (YAML)")->required()->check(CLI::ExistingFile);
+  train->add_option("--set", sets, "Override a config key, e.g. --set optim.lr=2e-4 (repeatable)");
+  train->add_option("--resume", resume, "'auto' (newest complete checkpoint of the run) or a checkpoint directory");
+
+  // config check
+  auto* config_cmd = app.add_subcommand("config", "Config tools");
+  config_cmd->require_subcommand(1);
+  auto* check = config_cmd->add_subcommand("check", "Validate a config and print it resolved (includes, overrides, defaults)");
+  check->add_option("config", config, "Run config (YAML)")->required()->check(CLI::ExistingFile);
+  check->add_option("--set", sets, "Override a config key (repeatable)");
+
+  // eval
+  std::string target, eval_data, suite = "retrieval", eval_out;
+  int eval_threads = 0;
+  auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
+  eval->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
+  eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the config's data.val)");
+  eval->add_option("--suite", suite, "Metric suite: retrieval");
+  eval->add_option("--out", eval_out, "Also write the JSON results here");
+  eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)");
+
+  // data shapes
+  auto* data = app.add_subcommand("data", "Data tools");
+  data->require_subcommand(1);
+  std::string shapes_out;
+  int64_t n_train = 10000, n_val = 1000;
+  shapes::GeneratorOptions gen;
+  auto* shapes_cmd = data->add_subcommand("shapes", "Generate the synthetic shapes-world dataset (PNG + JSONL)");
+  shapes_cmd->add_option("--out", shapes_out, "Output directory")->required();
+  shapes_cmd->add_option("--train", n_train, "Training scenes")->check(CLI::NonNegativeNumber);
+  shapes_cmd->add_option("--val", n_val, "Held-out scenes")->check(CLI::NonNegativeNumber);
+  shapes_cmd->add_option("--seed", gen.seed, "Seed (same seed, same bytes)");
+  shapes_cmd->add_option("--image-size", gen.image_size, "Image side in pixels");
+  shapes_cmd->add_option("--min-objects", gen.min_objects, "Fewest objects per scene");
+  shapes_cmd->add_option("--max-objects", gen.max_objects, "Most objects per scene");
+  shapes_cmd->add_option("--shapes", gen.shapes, "Shape vocabulary (default: all)")->delimiter(',');
+  shapes_cmd->add_option("--colours", gen.colours, "Colour vocabulary (default: all)")->delimiter(',');
+
+  // tokenizer train
+  auto* tokenizer = app.add_subcommand("tokenizer", "Tokenizer tools");
+  tokenizer->require_subcommand(1);
+  TokenizerTrainOptions tok_opt;
+  auto* tok_train = tokenizer->add_subcommand("train", "Train a sentencepiece model on manifest text");
+  tok_train->add_option("--manifest", tok_opt.manifests, "Manifest(s) to read")->required()->check(CLI::ExistingFile);
+  tok_train->add_option("--field", tok_opt.fields, "Record field(s) holding text (default: caption)");
+  tok_train->add_option("--out", tok_opt.out_prefix, "Output prefix: writes PREFIX.model and PREFIX.vocab")->required();
+  tok_train->add_option("--vocab-size", tok_opt.vocab_size, "Vocabulary size (an upper bound for tiny corpora)");
+  tok_train->add_option("--model-type", tok_opt.model_type, "unigram | bpe | word | char")
+      ->check(CLI::IsMember({"unigram", "bpe", "word", "char"}));
+
+  // losses list
+  auto* losses = app.add_subcommand("losses", "List the registered loss types");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return kExitConfig;
+  }
+
+  try {
+    if (*train) return cmd_train(config, sets, resume);
+    if (*check) return cmd_config_check(config, sets);
+    if (*eval) return cmd_eval(target, eval_data, suite, eval_out, eval_threads);
+    if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
+    if (*tok_train) return cmd_tokenizer_train(tok_opt);
+    if (*losses) {
+      for (const auto& n : contrastive_losses().names())
+        std::cout << n << "\t" << contrastive_losses().help(n) << "\n";
+      return kExitOk;
+    }
+  } catch (const ConfigError& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return kExitConfig;
+  } catch (const DataError& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return kExitConfig;
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return kExitConfig;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return kExitRuntime;
+  }
+  return kExitOk;
+}

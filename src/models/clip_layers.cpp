@@ -1,0 +1,72 @@
+#include "models/clip_layers.h"
+
+#include <cmath>
+
+namespace trialign {
+
+torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x) {
+  if (name == "quick_gelu") return x * torch::sigmoid(1.702 * x);
+  return torch::gelu(x);
+}
+
+ClipAttentionImpl::ClipAttentionImpl(const ClipBlockConfig& c)
+    : heads_(c.num_attention_heads), head_dim_(c.hidden_size / c.num_attention_heads) {
+  TORCH_CHECK(c.hidden_size % c.num_attention_heads == 0, "ClipAttention: hidden_size ", c.hidden_size,
+              " not divisible by ", c.num_attention_heads, " heads");
+  q_proj = register_module("q_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
+  k_proj = register_module("k_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
+  v_proj = register_module("v_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
+  out_proj = register_module("out_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
+}
+
+torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  const auto B = x.size(0), T = x.size(1);
+  // [B, T, D] -> [B, H, T, Dh]
+  auto split = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };
+  auto q = split(q_proj(x)), k = split(k_proj(x)), v = split(v_proj(x));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  if (mask.defined()) scores = scores + mask;                // [B, H, T, T]
+  auto attn = torch::softmax(scores, -1);
+  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  return out_proj(out);
+}
+
+ClipMlpImpl::ClipMlpImpl(const ClipBlockConfig& c) : act_(c.hidden_act) {
+  fc1 = register_module("fc1", torch::nn::Linear(c.hidden_size, c.intermediate_size));
+  fc2 = register_module("fc2", torch::nn::Linear(c.intermediate_size, c.hidden_size));
+}
+
+torch::Tensor ClipMlpImpl::forward(const torch::Tensor& x) { return fc2(apply_activation(act_, fc1(x))); }
+
+ClipEncoderLayerImpl::ClipEncoderLayerImpl(const ClipBlockConfig& c) {
+  auto ln = [&] {
+    return torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps));
+  };
+  self_attn = register_module("self_attn", ClipAttention(c));
+  layer_norm1 = register_module("layer_norm1", ln());
+  mlp = register_module("mlp", ClipMlp(c));
+  layer_norm2 = register_module("layer_norm2", ln());
+}
+
+torch::Tensor ClipEncoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  auto h = x + self_attn(layer_norm1(x), mask);
+  return h + mlp(layer_norm2(h));
+}
+
+ClipEncoderImpl::ClipEncoderImpl(const ClipBlockConfig& c, int num_layers) {
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int i = 0; i < num_layers; ++i) layers->push_back(ClipEncoderLayer(c));
+}
+
+torch::Tensor ClipEncoderImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                       std::vector<torch::Tensor>* hidden_states) {
+  auto h = x;
+  if (hidden_states) hidden_states->push_back(h);
+  for (const auto& layer : *layers) {
+    h = layer->as<ClipEncoderLayer>()->forward(h, mask);
+    if (hidden_states) hidden_states->push_back(h);
+  }
+  return h;
+}
+
+}  // namespace trialign

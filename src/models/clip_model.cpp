@@ -1,0 +1,131 @@
+#include "models/clip_model.h"
+
+#include <cmath>
+
+namespace trialign {
+
+namespace {
+
+ClipBlockConfig block_config(int hidden, int inter, int heads, const std::string& act, double eps) {
+  ClipBlockConfig b;
+  b.hidden_size = hidden;
+  b.intermediate_size = inter;
+  b.num_attention_heads = heads;
+  b.hidden_act = act;
+  b.layer_norm_eps = eps;
+  return b;
+}
+
+torch::nn::LayerNorm layer_norm(int d, double eps) {
+  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({d}).eps(eps));
+}
+
+// CLIP's initialisation (Radford et al. 2021 code): small normal embeddings, projections scaled
+// by width^-0.5, linear layers normal(0, 0.02) with zero bias. LibTorch's default kaiming-uniform
+// makes deep residual stacks start with large activations.
+void init_linear_layers(torch::nn::Module& m) {
+  torch::NoGradGuard ng;
+  for (auto& sub : m.modules(/*include_self=*/false)) {
+    if (auto* lin = sub->as<torch::nn::Linear>()) {
+      torch::nn::init::normal_(lin->weight, 0.0, 0.02);
+      if (lin->bias.defined()) lin->bias.zero_();
+    }
+  }
+}
+
+}  // namespace
+
+ClipVisionEmbeddingsImpl::ClipVisionEmbeddingsImpl(const VisionConfig& c) {
+  const int num_patches = (c.image_size / c.patch_size) * (c.image_size / c.patch_size);
+  patch_embedding = register_module(
+      "patch_embedding",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(c.num_channels, c.hidden_size, c.patch_size)
+                            .stride(c.patch_size).bias(false)));
+  class_embedding = register_parameter("class_embedding", torch::randn({c.hidden_size}) * std::pow(c.hidden_size, -0.5));
+  position_embedding = register_module("position_embedding", torch::nn::Embedding(num_patches + 1, c.hidden_size));
+  torch::NoGradGuard ng;
+  torch::nn::init::normal_(position_embedding->weight, 0.0, 0.02);
+}
+
+torch::Tensor ClipVisionEmbeddingsImpl::forward(const torch::Tensor& pixels) {
+  const auto B = pixels.size(0);
+  auto patches = patch_embedding(pixels).flatten(2).transpose(1, 2);           // [B, P, D]
+  auto cls = class_embedding.view({1, 1, -1}).expand({B, 1, class_embedding.size(0)});
+  auto x = torch::cat({cls, patches}, 1);                                        // [B, 1 + P, D]
+  return x + position_embedding->weight.unsqueeze(0);
+}
+
+ClipVisionTransformerImpl::ClipVisionTransformerImpl(const VisionConfig& c) {
+  embeddings = register_module("embeddings", ClipVisionEmbeddings(c));
+  pre_layrnorm = register_module("pre_layrnorm", layer_norm(c.hidden_size, c.layer_norm_eps));
+  encoder = register_module(
+      "encoder", ClipEncoder(block_config(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                          c.hidden_act, c.layer_norm_eps),
+                             c.num_hidden_layers));
+  post_layernorm = register_module("post_layernorm", layer_norm(c.hidden_size, c.layer_norm_eps));
+  init_linear_layers(*encoder);
+}
+
+VisionOutput ClipVisionTransformerImpl::forward(const torch::Tensor& pixels, bool output_hidden_states) {
+  VisionOutput out;
+  auto x = pre_layrnorm(embeddings(pixels));
+  out.last_hidden_state = encoder(x, torch::Tensor(), output_hidden_states ? &out.hidden_states : nullptr);
+  out.pooled = post_layernorm(out.last_hidden_state.select(1, 0));  // CLS token
+  return out;
+}
+
+ClipTextTransformerImpl::ClipTextTransformerImpl(const TextConfig& c) {
+  TORCH_CHECK(c.vocab_size > 0, "text model: vocab_size must be set (from the tokenizer)");
+  // Hugging Face nests the two embeddings under `embeddings.`; a plain Module holder keeps the
+  // names identical without a class of its own.
+  token_embedding = torch::nn::Embedding(c.vocab_size, c.hidden_size);
+  position_embedding = torch::nn::Embedding(c.max_position_embeddings, c.hidden_size);
+  auto holder = std::make_shared<torch::nn::Module>();
+  holder->register_module("token_embedding", token_embedding);
+  holder->register_module("position_embedding", position_embedding);
+  register_module("embeddings", holder);
+  encoder = register_module(
+      "encoder", ClipEncoder(block_config(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                          c.hidden_act, c.layer_norm_eps),
+                             c.num_hidden_layers));
+  final_layer_norm = register_module("final_layer_norm", layer_norm(c.hidden_size, c.layer_norm_eps));
+  torch::NoGradGuard ng;
+  torch::nn::init::normal_(token_embedding->weight, 0.0, 0.02);
+  torch::nn::init::normal_(position_embedding->weight, 0.0, 0.01);
+  init_linear_layers(*encoder);
+}
+
+torch::Tensor ClipTextTransformerImpl::forward(const torch::Tensor& ids, const torch::Tensor& lengths) {
+  const auto T = ids.size(1);
+  auto x = token_embedding(ids) + position_embedding->weight.slice(0, 0, T).unsqueeze(0);  // [B, T, D]
+  // Causal additive mask [T, T]: position t attends to <= t.
+  auto mask = torch::full({T, T}, -std::numeric_limits<float>::infinity(), x.options()).triu(1);
+  auto h = final_layer_norm(encoder(x, mask));                                           // [B, T, D]
+  auto eot = (lengths - 1).clamp_min(0).to(torch::kLong);                                // [B]
+  auto idx = eot.view({-1, 1, 1}).expand({h.size(0), 1, h.size(2)});
+  return h.gather(1, idx).squeeze(1);                                                    // [B, D]
+}
+
+ClipModelImpl::ClipModelImpl(const ModelConfig& c) {
+  vision_model = register_module("vision_model", ClipVisionTransformer(c.vision));
+  text_model = register_module("text_model", ClipTextTransformer(c.text));
+  visual_projection = register_module(
+      "visual_projection", torch::nn::Linear(torch::nn::LinearOptions(c.vision.hidden_size, c.projection_dim).bias(false)));
+  text_projection = register_module(
+      "text_projection", torch::nn::Linear(torch::nn::LinearOptions(c.text.hidden_size, c.projection_dim).bias(false)));
+  torch::NoGradGuard ng;
+  torch::nn::init::normal_(visual_projection->weight, 0.0, std::pow(c.vision.hidden_size, -0.5));
+  torch::nn::init::normal_(text_projection->weight, 0.0, std::pow(c.text.hidden_size, -0.5));
+}
+
+torch::Tensor ClipModelImpl::encode_image(const torch::Tensor& pixels) {
+  return torch::nn::functional::normalize(visual_projection(vision_model(pixels).pooled),
+                                          torch::nn::functional::NormalizeFuncOptions().dim(-1));
+}
+
+torch::Tensor ClipModelImpl::encode_text(const torch::Tensor& ids, const torch::Tensor& lengths) {
+  return torch::nn::functional::normalize(text_projection(text_model(ids, lengths)),
+                                          torch::nn::functional::NormalizeFuncOptions().dim(-1));
+}
+
+}  // namespace trialign

@@ -1,0 +1,123 @@
+// Saved state round trips: safetensors (ours and bytes written by hand), checkpoint
+// directories with checksums, and partial saves that must never be resumed from.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "test_helpers.h"
+
+using namespace trialign;
+using trialign::test::TempDir;
+using trialign::test::write_file;
+namespace fs = std::filesystem;
+
+TEST_CASE("safetensors round trip keeps names, dtypes, shapes and values", "[checkpoint][safetensors]") {
+  TempDir d("st");
+  auto a = torch::randn({3, 4});
+  auto b = torch::arange(5, torch::kInt64);
+  auto c = torch::randn({2}).to(torch::kBFloat16);
+  save_safetensors(d.file("x.safetensors"), {{"layer.weight", a}, {"ids", b}, {"half", c}}, {{"format", "pt"}});
+  std::map<std::string, std::string> meta;
+  auto back = load_safetensors(d.file("x.safetensors"), &meta);
+  CHECK(meta.at("format") == "pt");
+  REQUIRE(back.size() == 3);
+  CHECK(torch::equal(back.at("layer.weight"), a));
+  CHECK(torch::equal(back.at("ids"), b));
+  CHECK(back.at("half").scalar_type() == torch::kBFloat16);
+  CHECK(torch::equal(back.at("half"), c));
+}
+
+TEST_CASE("safetensors written by hand (an independent writer) load into the right tensors", "[checkpoint][safetensors]") {
+  // Header JSON, then F32 little-endian data: "w" = [[1, 2], [3, 4]] at bytes 0..16, "b" = [0.5] at 16..20.
+  const std::string header = R"({"b":{"dtype":"F32","shape":[1],"data_offsets":[16,20]},"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}})";
+  std::string bytes;
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) bytes.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  bytes += header;
+  const float vals[] = {1, 2, 3, 4, 0.5f};
+  bytes.append(reinterpret_cast<const char*>(vals), sizeof vals);
+  TempDir d("st");
+  write_file(d.file("hand.safetensors"), bytes);
+  auto t = load_safetensors(d.file("hand.safetensors"));
+  CHECK(torch::equal(t.at("w"), torch::tensor({{1.f, 2.f}, {3.f, 4.f}})));
+  CHECK(t.at("b").item<float>() == 0.5f);
+
+  // Into a module by parameter name; mismatches are reported by name.
+  torch::nn::Linear lin(2, 2);
+  std::map<std::string, torch::Tensor> named = {{"weight", t.at("w")}, {"bias", torch::tensor({0.5f, -0.5f})}};
+  auto rep = load_state(*lin, named);
+  CHECK(rep.loaded == 2);
+  CHECK(torch::equal(lin->weight, t.at("w")));
+  named["bias"] = torch::zeros({3});
+  named["extra"] = torch::zeros({1});
+  CHECK_THROWS_WITH(load_state(*lin, named, "", true, "hand.safetensors"),
+                    Catch::Contains("unexpected (1): extra") && Catch::Contains("mis-shaped (1): bias (file [3], model [2])"));
+
+  // Truncation: offsets beyond the data are caught, not read.
+  write_file(d.file("cut.safetensors"), bytes.substr(0, bytes.size() - 4));
+  CHECK_THROWS_WITH(load_safetensors(d.file("cut.safetensors")), Catch::Contains("tensor 'b': data_offsets [16, 20] outside"));
+}
+
+TEST_CASE("checkpoint commit: manifest with checksums, latest, pruning", "[checkpoint]") {
+  TempDir d("ckpt");
+  for (int64_t step : {10, 20, 30}) {
+    CheckpointWriter w(d.path.string(), step, "contrastive");
+    w.add_text("payload.txt", "state at " + std::to_string(step));
+    w.commit(/*keep_last=*/2);
+  }
+  const fs::path root = d.path / "checkpoints";
+  CHECK_FALSE(fs::exists(root / "step_00000010"));  // pruned
+  CHECK(fs::exists(root / "step_00000020"));
+  std::ifstream latest(root / "latest");
+  std::string name;
+  latest >> name;
+  CHECK(name == "step_00000030");
+  auto info = verify_checkpoint((root / "step_00000030").string());
+  CHECK(info.step == 30);
+  CHECK(info.trainer == "contrastive");
+  // CRC-32 of "state at 30" (zlib.crc32 gives the same number).
+  CHECK(info.manifest["files"]["payload.txt"]["crc32"].get<uint32_t>() == crc32_bytes("state at 30", 11));
+  CHECK(crc32_bytes("123456789", 9) == 0xCBF43926u);  // the standard CRC-32 check value
+}
+
+TEST_CASE("a damaged or partial checkpoint is detected, named, and skipped by resume auto", "[checkpoint]") {
+  TempDir d("ckpt");
+  for (int64_t step : {1, 2}) {
+    CheckpointWriter w(d.path.string(), step, "contrastive");
+    w.add_text("weights.bin", std::string(1000, static_cast<char>('a' + step)));
+    w.commit(5);
+  }
+  const fs::path newest = d.path / "checkpoints" / "step_00000002";
+  // Flip one byte: same size, wrong checksum.
+  {
+    std::fstream f(newest / "weights.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(500);
+    f.put('z');
+  }
+  CHECK_THROWS_WITH(verify_checkpoint(newest.string()),
+                    Catch::Contains((newest / "weights.bin").string() + "' fails its checksum"));
+  std::vector<std::string> warnings;
+  CHECK(find_latest_checkpoint(d.path.string(), [&](const std::string& w) { warnings.push_back(w); }) ==
+        (d.path / "checkpoints" / "step_00000001").string());
+  CHECK(warnings.size() == 1);
+
+  // Truncated file.
+  fs::resize_file(newest / "weights.bin", 10);
+  CHECK_THROWS_WITH(verify_checkpoint(newest.string()), Catch::Contains("has 10 bytes, expected 1000"));
+
+  // A save that never committed (writer destroyed) leaves no trace; a directory without a
+  // manifest (killed before the rename completed its contents) is ignored.
+  {
+    CheckpointWriter w(d.path.string(), 3, "contrastive");
+    w.add_text("weights.bin", "partial");
+  }
+  CHECK_FALSE(fs::exists(d.path / "checkpoints" / "step_00000003"));
+  fs::create_directories(d.path / "checkpoints" / "step_00000004");
+  write_file((d.path / "checkpoints" / "step_00000004" / "weights.bin").string(), "x");
+  CHECK(find_latest_checkpoint(d.path.string()) == (d.path / "checkpoints" / "step_00000001").string());
+}

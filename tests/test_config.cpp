@@ -1,0 +1,135 @@
+// Config loading: strict typed reading with file:line + dotted path, every error at once,
+// includes, overrides, registry errors, and every shipped config validates.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+
+#include "core/config_reader.h"
+#include "core/errors.h"
+#include "core/run_config.h"
+#include "losses/loss.h"
+#include "test_helpers.h"
+
+using namespace trialign;
+using trialign::test::TempDir;
+using trialign::test::write_file;
+
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+const char* kMinimal = "data:\n  train: t.jsonl\n  tokenizer: t.model\n";
+
+}  // namespace
+
+TEST_CASE("unknown key names file, line, dotted path and a suggestion", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), std::string(kMinimal) + "optim:\n  lr: 1e-3\n  weight_decy: 0.1\n");
+  const std::string msg = error_of([&] { load_run_config(d.file("a.yaml")); });
+  CHECK_THAT(msg, Catch::Contains(d.file("a.yaml") + ":6:16: optim.weight_decy: unknown key 'weight_decy'; did you mean 'weight_decay'?"));
+}
+
+TEST_CASE("wrong types and out-of-range values are all reported together", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), std::string(kMinimal) +
+                                   "optim:\n  lr: fast\n"            // line 5: bad type
+                                   "train:\n  batch_size: 0\n"       // line 7: out of range
+                                   "  steps: 10\n"
+                                   "schedule:\n  type: wavy\n");     // line 10: bad choice
+  const std::string msg = error_of([&] { load_run_config(d.file("a.yaml")); });
+  CHECK_THAT(msg, Catch::Contains("3 problems"));
+  CHECK_THAT(msg, Catch::Contains("a.yaml:5:7: optim.lr: expected a finite number, got 'fast'"));
+  CHECK_THAT(msg, Catch::Contains("a.yaml:7:15: train.batch_size: must be >= 1, got 0"));
+  CHECK_THAT(msg, Catch::Contains("a.yaml:10:9: schedule.type: unknown value 'wavy'; choose one of: cosine, linear, constant"));
+}
+
+TEST_CASE("include composes files and the including file wins; errors point into the included file", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("base/model.yaml"), "model:\n  projection_dim: 64\n  vision:\n    hidden_size: 96\n    num_attention_heads: 4\n");
+  write_file(d.file("run.yaml"), std::string("include: base/model.yaml\n") + kMinimal + "model:\n  projection_dim: 32\n");
+  RunConfig c = load_run_config(d.file("run.yaml"));
+  CHECK(c.model.projection_dim == 32);     // the including file overrides
+  CHECK(c.model.vision.hidden_size == 96);  // the included value survives
+  CHECK(c.model.vision.patch_size == 8);    // defaults fill the rest
+
+  write_file(d.file("base/bad.yaml"), "model:\n  vision:\n    hiden_size: 96\n");
+  write_file(d.file("run2.yaml"), std::string("include: [base/bad.yaml]\n") + kMinimal);
+  CHECK_THAT(error_of([&] { load_run_config(d.file("run2.yaml")); }),
+             Catch::Contains(d.file("base/bad.yaml") + ":3:5: model.vision.hiden_size: unknown key"));
+}
+
+TEST_CASE("a missing include and an include cycle are errors naming the including line", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("run.yaml"), std::string(kMinimal) + "include: nope.yaml\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("run.yaml")); }),
+             Catch::Contains(d.file("run.yaml") + ":4:10: cannot read config file"));
+  write_file(d.file("a.yaml"), "include: b.yaml\n");
+  write_file(d.file("b.yaml"), "include: a.yaml\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml")); }), Catch::Contains("include cycle"));
+}
+
+TEST_CASE("overrides with --set set typed values, creates nested keys and is validated like the file", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), std::string(kMinimal) + "optim:\n  lr: 1e-3\n");
+  RunConfig c = load_run_config(d.file("a.yaml"), {"optim.lr=2e-4", "eval.recall_at=[1, 3]", "loss.type=siglip"});
+  CHECK(c.optim.lr == Approx(2e-4));
+  CHECK(c.eval.recall_at == std::vector<int64_t>{1, 3});
+  CHECK(c.loss.type == "siglip");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"optim.lr=-1"}); }),
+             Catch::Contains("--set optim.lr: optim.lr: must be > 0, got -1"));
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"optim.lr"}); }), Catch::Contains("expected KEY=VALUE"));
+}
+
+TEST_CASE("cross-field checks name the key to fix", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), std::string(kMinimal) + "train:\n  batch_size: 10\n  grad_accum: 3\nmodel:\n  vision:\n    patch_size: 7\n");
+  const std::string msg = error_of([&] { load_run_config(d.file("a.yaml")); });
+  CHECK_THAT(msg, Catch::Contains("train.grad_accum: train.batch_size (10) must be a multiple of grad_accum (3)"));
+  CHECK_THAT(msg, Catch::Contains("model.vision.patch_size: image_size 64 is not a multiple of patch_size 7"));
+}
+
+TEST_CASE("registry: unknown loss type lists the registered names; bad options are errors", "[config][registry]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), std::string(kMinimal) + "loss:\n  type: infonse\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml")); }),
+             Catch::Contains("loss.type: unknown contrastive loss type 'infonse'; registered: infonce, siglip"));
+  write_file(d.file("b.yaml"), std::string(kMinimal) + "loss:\n  type: infonce\n  init_logit_scal: 1\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("b.yaml")); }),
+             Catch::Contains("b.yaml:6:20: loss.init_logit_scal: unknown key 'init_logit_scal'; did you mean 'init_logit_scale'?"));
+
+  Registry<int> reg("widget");
+  reg.add("a", "first", [](ConfigReader&) { return std::make_shared<int>(1); });
+  CHECK_THROWS_WITH(reg.add("a", "again", [](ConfigReader&) { return std::make_shared<int>(2); }),
+                    Catch::Contains("duplicate widget name 'a'"));
+  CHECK(reg.names() == std::vector<std::string>{"a"});
+}
+
+TEST_CASE("the resolved config round-trips through YAML", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), std::string(kMinimal) + "optim:\n  lr: 3e-4\nloss:\n  type: siglip\n  init_logit_bias: -5\n");
+  RunConfig c = load_run_config(d.file("a.yaml"));
+  write_file(d.file("resolved.yaml"), resolved_yaml(c));
+  RunConfig again = load_run_config(d.file("resolved.yaml"));
+  CHECK(resolved_yaml(again) == resolved_yaml(c));
+  CHECK(again.optim.lr == Approx(3e-4));
+  CHECK(again.loss.options.find("init_logit_bias")->scalar == "-5");
+}
+
+TEST_CASE("every shipped config validates", "[config]") {
+  int checked = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(trialign::test::source_dir() + "/configs")) {
+    if (e.path().extension() != ".yaml") continue;
+    if (e.path().parent_path().filename() == "base") continue;  // fragments meant for include:
+    INFO(e.path().string());
+    CHECK_NOTHROW(load_run_config(e.path().string()));
+    ++checked;
+  }
+  CHECK(checked >= 2);
+}

@@ -1,0 +1,32 @@
+// Small helpers shared by the tests: temporary directories and file writing.
+#pragma once
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+namespace trialign::test {
+
+// A fresh directory under the system temp dir, removed when the object goes away.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& tag) {
+    std::random_device rd;
+    path = std::filesystem::temp_directory_path() / ("trialign-test-" + tag + "-" + std::to_string(rd()));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+inline void write_file(const std::string& path, const std::string& text) {
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+  std::ofstream(path, std::ios::binary) << text;
+}
+
+inline std::string source_dir() { return TRIALIGN_SOURCE_DIR; }
+
+}  // namespace trialign::test

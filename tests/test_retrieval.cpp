@@ -1,0 +1,31 @@
+// Retrieval recall on constructed embeddings with known rankings, ties and duplicate captions.
+#include <catch2/catch.hpp>
+
+#include "eval/retrieval.h"
+
+using namespace trialign;
+
+TEST_CASE("retrieval recall on a constructed case", "[eval]") {
+  // Three images and texts on axes; image 2 is closest to text 0, so it misses at R@1 and hits at R@2.
+  auto img = torch::tensor({{1.f, 0.f, 0.f}, {0.f, 1.f, 0.f}, {0.9f, 0.f, 0.436f}});
+  auto txt = torch::tensor({{1.f, 0.f, 0.f}, {0.f, 1.f, 0.f}, {0.f, 0.f, 1.f}});
+  auto r = retrieval_recall(img, txt, {"a", "b", "c"}, {1, 2});
+  // i2t: image0 -> text0 (hit@1), image1 -> text1 (hit@1), image2 -> text0 (0.9) then text2 (0.436): hit@2.
+  CHECK(r.at("i2t/R@1") == Approx(2.0 / 3));
+  CHECK(r.at("i2t/R@2") == Approx(1.0));
+  // t2i: text0 -> image0 (1.0) beats image2 (0.9): hit@1; text1 -> image1; text2 -> image2 (0.436) first.
+  CHECK(r.at("t2i/R@1") == Approx(1.0));
+}
+
+TEST_CASE("retrieval counts a caption with the same text as a hit and breaks ties by index", "[eval]") {
+  // Images 0 and 1 have the same caption text "x". Image 1 retrieves text 0 first, which reads "x": a hit.
+  auto img = torch::tensor({{1.f, 0.f}, {1.f, 0.f}, {0.f, 1.f}});
+  auto txt = torch::tensor({{1.f, 0.f}, {0.f, 1.f}, {0.f, 1.f}});
+  auto r = retrieval_recall(img, txt, {"x", "x", "y"}, {1});
+  // i2t: image0 -> text0 "x" hit; image1 -> text0 "x" hit; image2 ties text1 ("x") and text2 ("y") at 1.0:
+  // the lower index (text1, "x") ranks first, so a miss at R@1.
+  CHECK(r.at("i2t/R@1") == Approx(2.0 / 3));
+  // t2i: text0 ties image0/image1 (both "x") -> hit; text1 ("x") ranks image2 ("y") first -> miss;
+  // text2 ("y") -> image2 hit.
+  CHECK(r.at("t2i/R@1") == Approx(2.0 / 3));
+}

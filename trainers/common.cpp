@@ -1,0 +1,137 @@
+#include "trainers/common.h"
+
+#include <ATen/Parallel.h>
+#include <opencv2/core.hpp>
+
+#include <csignal>
+#include <cmath>
+#include <thread>
+
+#include "core/config_tree.h"
+
+namespace trialign {
+
+int setup_threads(int requested) {
+  int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
+  n = std::max(1, n);
+  at::set_num_threads(n);
+  cv::setNumThreads(1);  // loader threads parallelise across images; nested pools only contend
+  return n;
+}
+
+double lr_at(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total) {
+  if (s.warmup_steps > 0 && step < s.warmup_steps) return base_lr * (step + 1) / static_cast<double>(s.warmup_steps);
+  if (s.type == "constant") return base_lr;
+  const double span = std::max<int64_t>(1, total - s.warmup_steps);
+  const double progress = std::min(1.0, (step - s.warmup_steps) / span);
+  const double min_lr = s.min_lr_ratio * base_lr;
+  if (s.type == "linear") return min_lr + (base_lr - min_lr) * (1.0 - progress);
+  return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+std::vector<torch::optim::OptimizerParamGroup> adamw_groups(
+    const std::vector<std::pair<std::string, torch::Tensor>>& named_trainable, const OptimConfig& cfg) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& [name, p] : named_trainable) {
+    const bool is_embedding = name.find("embedding") != std::string::npos;
+    if (p.dim() >= 2 && !is_embedding) decay.push_back(p);
+    else no_decay.push_back(p);
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  auto opts = [&](double wd) {
+    auto o = std::make_unique<torch::optim::AdamWOptions>(cfg.lr);
+    o->weight_decay(wd).betas({cfg.betas.at(0), cfg.betas.at(1)}).eps(cfg.eps);
+    return o;
+  };
+  if (!decay.empty()) groups.emplace_back(decay, opts(cfg.weight_decay));
+  if (!no_decay.empty()) groups.emplace_back(no_decay, opts(0.0));
+  return groups;
+}
+
+void set_lr(torch::optim::Optimizer& opt, double lr) {
+  for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+}
+
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::vector<torch::Tensor> norms;
+  for (const auto& p : params)
+    if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2).to(torch::kFloat32));
+  if (norms.empty()) return 0.0;
+  const double total = torch::stack(norms).norm(2).item<double>();
+  if (max_norm > 0 && total > max_norm) {
+    const double scale = max_norm / (total + 1e-6);
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().detach().mul_(scale);
+  }
+  return total;
+}
+
+torch::Tensor get_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+nlohmann::json metrics_json(const std::map<std::string, torch::Tensor>& metrics) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [k, v] : metrics) j[k] = v.item<double>();
+  return j;
+}
+
+namespace {
+
+void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::string, std::string>& out) {
+  if (n.is_map()) {
+    for (const auto& kv : n.map) flatten(kv.second, prefix.empty() ? kv.first : prefix + "." + kv.first, out);
+    return;
+  }
+  out[prefix] = to_yaml(n);
+}
+
+bool safe_to_change(const std::string& key) {
+  static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
+                               "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
+                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "eval."};
+  for (const char* s : safe) {
+    const std::string p(s);
+    if (key == p || (p.back() == '.' && key.compare(0, p.size(), p) == 0)) return true;
+  }
+  return false;
+}
+
+std::atomic<bool> g_stop{false};
+
+extern "C" void on_stop_signal(int) { g_stop.store(true); }
+
+}  // namespace
+
+ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& current_yaml) {
+  std::map<std::string, std::string> a, b;
+  flatten(parse_config_string(saved_yaml, "checkpoint config"), "", a);
+  flatten(parse_config_string(current_yaml, "current config"), "", b);
+  ConfigDiff d;
+  auto record = [&](const std::string& k) { (safe_to_change(k) ? d.safe : d.unsafe).push_back(k); };
+  for (const auto& [k, v] : a) {
+    auto it = b.find(k);
+    if (it == b.end() || it->second != v) record(k);
+  }
+  for (const auto& [k, v] : b)
+    if (!a.count(k)) record(k);
+  return d;
+}
+
+void install_stop_handlers() {
+  g_stop.store(false);
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+}
+
+bool stop_requested() { return g_stop.load(); }
+
+}  // namespace trialign

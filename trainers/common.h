@@ -1,0 +1,60 @@
+// Free functions every trainer shares: threads, lr schedule, optimizer groups, clipping, RNG
+// state, run-directory setup, resume checks, signal handling. No trainer base class: each
+// workflow's loop stays readable top to bottom and calls these.
+#pragma once
+#include <torch/torch.h>
+
+#include <atomic>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/run_config.h"
+
+namespace trialign {
+
+// Options from the command line (not the config).
+struct TrainOptions {
+  std::string resume;  // "" = fresh run (refuses a run dir with checkpoints), "auto", or a path
+  bool quiet = false;  // tests: no progress lines
+  // Behave as if SIGTERM arrived during this step (checkpoint, then return interrupted); -1 = never.
+  // Lets tests and preemption drills exercise the signal path deterministically.
+  int64_t stop_at_step = -1;
+};
+
+// Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
+int setup_threads(int requested);
+
+// Linear warmup from 0 to base_lr over warmup_steps, then cosine / linear decay to
+// min_lr_ratio * base_lr at `total`, or constant. `step` is 0-based (the step about to run).
+double lr_at(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total);
+
+// AdamW parameter groups: weight decay on matrices only (not norms, biases, embeddings, scalars).
+std::vector<torch::optim::OptimizerParamGroup> adamw_groups(
+    const std::vector<std::pair<std::string, torch::Tensor>>& named_trainable, const OptimConfig& cfg);
+void set_lr(torch::optim::Optimizer& opt, double lr);
+
+// Global L2 norm of the gradients; scales them down to max_norm when max_norm > 0.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+
+// LibTorch's default CPU generator state as a byte tensor, and back.
+torch::Tensor get_rng_state();
+void set_rng_state(const torch::Tensor& state);
+
+// Detached scalar metrics -> JSON numbers (one sync, only on log steps).
+nlohmann::json metrics_json(const std::map<std::string, torch::Tensor>& metrics);
+
+// Config keys that may change between a checkpoint and its resume (they do not change what is
+// computed); any other difference refuses the resume. Returns the differing dotted keys.
+struct ConfigDiff {
+  std::vector<std::string> safe, unsafe;
+};
+ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& current_yaml);
+
+// SIGTERM/SIGINT set this flag; trainers finish the step, checkpoint and exit with
+// kExitInterrupted.
+void install_stop_handlers();  // also clears a previous request
+bool stop_requested();
+
+}  // namespace trialign

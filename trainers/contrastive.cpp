@@ -1,0 +1,257 @@
+#include "trainers/contrastive.h"
+
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "core/safetensors.h"
+#include "data/prefetch_loader.h"
+#include "data/sampler.h"
+#include "eval/retrieval.h"
+#include "losses/loss.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+namespace {
+
+std::vector<std::pair<std::string, torch::Tensor>> trainable_params(ClipModel& model, ContrastiveLossImpl& loss) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : model->named_parameters(true))
+    if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+  for (const auto& p : loss.named_parameters(true))
+    if (p.value().requires_grad()) out.emplace_back("loss." + p.key(), p.value());
+  return out;
+}
+
+}  // namespace
+
+LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& b, int accum) {
+  if (accum == 1) {
+    auto out = loss.forward({model->encode_image(b.pixels), model->encode_text(b.ids, b.lengths)});
+    out.loss.backward();
+    return out;
+  }
+  const int64_t B = b.pixels.size(0), m = B / accum;
+  std::vector<torch::Tensor> imgs, txts;
+  {
+    torch::NoGradGuard ng;
+    for (int j = 0; j < accum; ++j) {
+      imgs.push_back(model->encode_image(b.pixels.slice(0, j * m, (j + 1) * m)));             // [m, E]
+      txts.push_back(model->encode_text(b.ids.slice(0, j * m, (j + 1) * m), b.lengths.slice(0, j * m, (j + 1) * m)));
+    }
+  }
+  auto all_img = torch::cat(imgs).requires_grad_(true);  // [B, E] leaves: d loss / d embedding
+  auto all_txt = torch::cat(txts).requires_grad_(true);
+  auto out = loss.forward({all_img, all_txt});
+  out.loss.backward();  // also the loss's own parameters' gradients, exactly once
+  const auto g_img = all_img.grad(), g_txt = all_txt.grad();
+  for (int j = 0; j < accum; ++j) {
+    auto img = model->encode_image(b.pixels.slice(0, j * m, (j + 1) * m));
+    auto txt = model->encode_text(b.ids.slice(0, j * m, (j + 1) * m), b.lengths.slice(0, j * m, (j + 1) * m));
+    torch::autograd::backward({img, txt}, {g_img.slice(0, j * m, (j + 1) * m), g_txt.slice(0, j * m, (j + 1) * m)});
+  }
+  out.loss = out.loss.detach();
+  return out;
+}
+
+namespace {
+
+std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,
+                            torch::optim::Optimizer& optim, int64_t step) {
+  CheckpointWriter w(cfg.run.out_dir, step, "contrastive");
+  save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "clip"}});
+  save_safetensors(w.path("loss.safetensors"), named_state(loss), {{"type", cfg.loss.type}});
+  torch::save(optim, w.path("optimizer.pt"));
+  save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
+  w.add_json("trainer_state.json", {{"trainer", "contrastive"},
+                                    {"step", step},
+                                    {"samples_seen", step * cfg.train.batch_size}});
+  w.add_text("config.yaml", resolved_yaml(cfg));
+  return w.commit(cfg.train.keep_last);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,
+                        torch::optim::Optimizer& optim) {
+  const auto info = verify_checkpoint(dir);
+  if (info.trainer != "contrastive")
+    throw ConfigError("checkpoint '" + dir + "' was written by the '" + info.trainer +
+                      "' trainer; this config runs 'contrastive'");
+  const auto diff = diff_for_resume(read_text(dir + "/config.yaml"), resolved_yaml(cfg));
+  if (!diff.unsafe.empty()) {
+    std::string keys;
+    for (const auto& k : diff.unsafe) keys += "\n  " + k;
+    throw ConfigError("cannot resume from '" + dir +
+                      "': the config changed in keys that alter the model, data or optimisation:" + keys +
+                      "\nrestore them, or start a new run (another run.out_dir)");
+  }
+  if (!diff.safe.empty()) {
+    std::string keys;
+    for (const auto& k : diff.safe) keys += " " + k;
+    spdlog::info("resume: config changes allowed:{}", keys);
+  }
+  load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
+  load_state(loss, load_safetensors(dir + "/loss.safetensors"), "", true, dir + "/loss.safetensors");
+  torch::load(optim, dir + "/optimizer.pt");
+  set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
+  return info.step;
+}
+
+}  // namespace
+
+ClipModel build_clip_model(RunConfig& cfg, const Tokenizer& tok) {
+  auto& text = cfg.model.text;
+  if (text.vocab_size == 0) text.vocab_size = tok.vocab_size();
+  if (text.vocab_size < tok.vocab_size())
+    throw ConfigError("model.text.vocab_size (" + std::to_string(text.vocab_size) + ") is smaller than the tokenizer's " +
+                      std::to_string(tok.vocab_size()) + " pieces (" + tok.path() + "); set it to 0 to follow the tokenizer");
+  return ClipModel(cfg.model);
+}
+
+nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, const EvalSection& eval) {
+  const bool was_training = model->is_training();
+  model->eval();
+  torch::NoGradGuard ng;
+  std::vector<torch::Tensor> imgs, txts;
+  std::vector<std::string> captions;
+  for (int64_t b = 0; b < data.size(); b += eval.batch_size) {
+    auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval.batch_size));
+    imgs.push_back(model->encode_image(batch.pixels));
+    txts.push_back(model->encode_text(batch.ids, batch.lengths));
+  }
+  for (int64_t i = 0; i < data.size(); ++i) captions.push_back(data.caption(i));
+  auto I = torch::cat(imgs), T = torch::cat(txts);  // [N, E]
+  nlohmann::json j;
+  for (const auto& [k, v] : retrieval_recall(I, T, captions, eval.recall_at)) j[k] = v;
+  const auto N = I.size(0);
+  auto sim = torch::matmul(I, T.t());
+  const double matched = sim.diagonal().mean().item<double>();
+  const double all = sim.sum().item<double>();
+  j["cosine/matched"] = matched;
+  j["cosine/mismatched"] = N > 1 ? (all - matched * N) / (N * (N - 1)) : 0.0;
+  j["pairs"] = N;
+  if (was_training) model->train();
+  return j;
+}
+
+ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions& opt) {
+  RunConfig cfg = cfg_in;
+  install_stop_handlers();
+  std::error_code ec;
+  fs::create_directories(cfg.run.out_dir, ec);
+  if (ec || !fs::is_directory(cfg.run.out_dir))
+    throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
+  init_logging((fs::path(cfg.run.out_dir) / "train.log").string());
+  const int threads = setup_threads(cfg.run.threads);
+  torch::manual_seed(cfg.run.seed);
+
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  ClipModel model = build_clip_model(cfg, tok);
+  auto loss = contrastive_losses().create_or_throw(cfg.loss);
+  const auto named = trainable_params(model, *loss);
+  std::vector<torch::Tensor> params;
+  int64_t n_params = 0;
+  for (const auto& [n, p] : named) params.push_back(p), n_params += p.numel();
+  torch::optim::AdamW optimizer(adamw_groups(named, cfg.optim));
+
+  CaptionDataset train(cfg.data.train, cfg.data, tok, /*train=*/true);
+  std::unique_ptr<CaptionDataset> val;
+  if (!cfg.data.val.empty()) val = std::make_unique<CaptionDataset>(cfg.data.val, cfg.data, tok, false, cfg.data.val_limit);
+  spdlog::info("stage 1 (contrastive, loss {}): {} train pairs{}, {} val pairs, {:.2f}M trainable parameters, {} threads",
+               cfg.loss.type, train.size(),
+               train.skipped() ? " (" + std::to_string(train.skipped()) + " bad records skipped)" : std::string(),
+               val ? val->size() : 0, n_params / 1e6, threads);
+
+  int64_t start = 0;
+  if (opt.resume.empty()) {
+    if (!find_latest_checkpoint(cfg.run.out_dir).empty())
+      throw ConfigError("run.out_dir '" + cfg.run.out_dir +
+                        "' already holds checkpoints: pass --resume auto to continue that run, or choose another run.out_dir");
+  } else {
+    std::string dir = opt.resume;
+    if (opt.resume == "auto") dir = find_latest_checkpoint(cfg.run.out_dir, [](const std::string& w) { spdlog::warn(w); });
+    if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", cfg.run.out_dir);
+    else {
+      start = load_checkpoint(dir, cfg, model, *loss, optimizer);
+      spdlog::info("resumed from {} at step {}", dir, start);
+    }
+  }
+  atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
+
+  MetricsLog metrics((fs::path(cfg.run.out_dir) / "metrics.jsonl").string());
+  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size;
+  EpochSampler sampler(cfg.run.seed, train.size());
+  PrefetchLoader<CaptionBatch> loader([&](int64_t step) { return train.collate(sampler.batch(step, B), cfg.run.seed); },
+                                      start, steps, cfg.data.workers, cfg.data.prefetch);
+  Progress progress(start, steps);
+  ContrastiveResult result;
+  auto run_eval = [&](int64_t step) {
+    if (!val) return nlohmann::json();
+    auto j = evaluate_retrieval(model, *val, cfg.eval);
+    spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f}",
+                 step, j.value("i2t/R@1", 0.0), j.value("i2t/R@5", 0.0), j.value("t2i/R@1", 0.0),
+                 j.value("t2i/R@5", 0.0), j["cosine/matched"].get<double>(), j["cosine/mismatched"].get<double>());
+    metrics.write({{"step", step}, {"split", "val"}, {"eval", j}});
+    return j;
+  };
+
+  model->train();
+  int64_t step = start;
+  while (step < steps) {
+    const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
+    set_lr(optimizer, lr);
+    CaptionBatch batch = loader.next();
+    optimizer.zero_grad();
+    LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum);
+    const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
+    optimizer.step();
+    loss->post_step();
+    ++step;
+
+    // ---- diagnostics: log, eval, save ----
+    if (step % cfg.train.log_every == 0 || step == steps) {
+      const double l = out.loss.item<double>();
+      result.logged_losses.push_back(l);
+      nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", gnorm}};
+      rec["metrics"] = metrics_json(out.metrics);
+      rec["data_wait_s"] = loader.wait_seconds();
+      metrics.write(rec);
+      if (!opt.quiet)
+        spdlog::info("{} | loss {:.4f} | lr {:.2e} | acc i2t {:.2f}", progress.line(step, B), l, lr,
+                     rec["metrics"].value("acc/i2t", 0.0));
+    }
+    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) run_eval(step);
+    if (stop_requested() || step == opt.stop_at_step) {
+      result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
+      spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
+      result.interrupted = true;
+      result.final_step = step;
+      return result;
+    }
+    if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps)
+      result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
+  }
+  result.final_step = step;
+  result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
+  result.final_eval = run_eval(step);
+  if (!result.final_eval.is_null())
+    atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+  spdlog::info("stage 1 done: {} steps in {}, checkpoint {}", steps - start, format_duration(progress.elapsed()),
+               result.checkpoint);
+  return result;
+}
+
+}  // namespace trialign
