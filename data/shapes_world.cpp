@@ -354,22 +354,6 @@ void validate(const GeneratorOptions& opts) {
 // ---------------------------------------------------------------------------------------------
 // RNG and seeding
 // ---------------------------------------------------------------------------------------------
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-uint64_t fnv1a64(const std::string& s) {
-  uint64_t h = 0xCBF29CE484222325ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 0x100000001B3ull;
-  }
-  return h;
-}
-
 uint64_t scene_seed(uint64_t seed, const std::string& split, int64_t index) {
   uint64_t h = splitmix64(seed);
   h = splitmix64(h ^ fnv1a64(split));

@@ -11,6 +11,8 @@
 #include <ostream>
 #include <nlohmann/json.hpp>
 #include <opencv2/core.hpp>
+
+#include "core/rng.h"
 #include <string>
 #include <vector>
 
@@ -109,10 +111,10 @@ class Rng {
   uint64_t s_[4];
 };
 
-// One splitmix64 step from state x (add the golden gamma, then mix; splitmix64(0) is
-// 0xE220A8397B1DCDAF) and the FNV-1a 64-bit string hash: the building blocks of scene seeds.
-uint64_t splitmix64(uint64_t x);
-uint64_t fnv1a64(const std::string& s);
+// The building blocks of scene seeds, shared with the rest of the pipeline (core/rng.h):
+// one splitmix64 step (splitmix64(0) is 0xE220A8397B1DCDAF) and the FNV-1a 64-bit string hash.
+using ::trialign::fnv1a64;
+using ::trialign::splitmix64;
 // Seed of scene `index` of `split` under a dataset seed: a hash of all three, so scenes are
 // independent of generation order and different splits never share scenes.
 uint64_t scene_seed(uint64_t seed, const std::string& split, int64_t index);

@@ -76,7 +76,7 @@ int cmd_eval(const std::string& target, const std::string& data, const std::stri
   ClipModel model = build_clip_model(cfg, tok);
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   CaptionDataset ds(manifest, cfg.data, tok, /*train=*/false);
-  auto j = evaluate_retrieval(model, ds, cfg.eval);
+  auto j = evaluate_retrieval(model, ds, cfg.eval, resolve_precision(cfg.run.precision) == "bf16");
   j["checkpoint"] = dir;
   j["data"] = manifest;
   if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");

@@ -35,7 +35,7 @@ struct TinyCorpus {
     std::vector<std::string> sets = {
         "data.train=" + dir.file("data/train.jsonl"), "data.val=" + dir.file("data/val.jsonl"),
         "data.tokenizer=" + dir.file("data/tok.model"), "data.image_size=32", "data.max_text_len=24",
-        "data.workers=2", "run.out_dir=" + dir.file(out), "run.threads=1", "run.seed=5",
+        "data.workers=2", "run.out_dir=" + dir.file(out), "run.threads=1", "run.seed=5", "run.precision=fp32",
         "model.vision.image_size=32", "model.vision.hidden_size=32", "model.vision.intermediate_size=64",
         "model.vision.num_hidden_layers=2", "model.vision.num_attention_heads=2", "model.text.hidden_size=32",
         "model.text.intermediate_size=64", "model.text.num_hidden_layers=2", "model.text.num_attention_heads=2",
@@ -58,17 +58,19 @@ TrainOptions quiet() {
 
 }  // namespace
 
-TEST_CASE("stage 1 on tiny shapes world: the loss falls and retrieval beats chance", "[train][slow]") {
+TEST_CASE("stage 1 on tiny shapes world: the loss falls and the pairs it trained on are retrieved", "[train][slow]") {
   TinyCorpus c;
-  auto r = train_contrastive(c.config("run", 60), quiet());
-  REQUIRE(r.logged_losses.size() == 60);
+  // Evaluate on the 64 training pairs: 64 images are too few to generalise, but a working
+  // trainer must fit them (chance R@5 = 5/64 = 0.08).
+  auto r = train_contrastive(c.config("run", 300, {"data.val=" + c.dir.file("data/train.jsonl"), "optim.lr=3e-3"}), quiet());
+  REQUIRE(r.logged_losses.size() == 300);
   const double first = (r.logged_losses[0] + r.logged_losses[1] + r.logged_losses[2]) / 3;
-  const double last = (r.logged_losses[57] + r.logged_losses[58] + r.logged_losses[59]) / 3;
-  INFO("first " << first << " last " << last);
+  const double last = (r.logged_losses[297] + r.logged_losses[298] + r.logged_losses[299]) / 3;
+  INFO("first " << first << " last " << last << " eval " << r.final_eval.dump());
   CHECK(first == Approx(std::log(16.0)).margin(0.3));  // near-uniform start: ln(batch)
-  CHECK(last < 0.6 * first);
-  // 32 held-out pairs: chance R@5 is about 5/32 = 0.16.
-  CHECK(r.final_eval["i2t/R@5"].get<double>() > 0.3);
+  CHECK(last < 0.3 * first);
+  CHECK(r.final_eval["i2t/R@5"].get<double>() > 0.6);
+  CHECK(r.final_eval["t2i/R@5"].get<double>() > 0.6);
   CHECK(std::filesystem::exists(c.dir.file("run/metrics.jsonl")));
   CHECK(std::filesystem::exists(c.dir.file("run/config.yaml")));
 }

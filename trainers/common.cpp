@@ -1,10 +1,13 @@
 #include "trainers/common.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <dlfcn.h>
 #include <opencv2/core.hpp>
 
 #include <csignal>
 #include <cmath>
+#include <fstream>
 #include <thread>
 
 #include "core/config_tree.h"
@@ -15,8 +18,41 @@ int setup_threads(int requested) {
   int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
   n = std::max(1, n);
   at::set_num_threads(n);
+  // LibTorch parallelises around its BLAS calls with its own pool; OpenBLAS threads inside
+  // those calls only contend with it (measured: 68 -> 106 samples/s on stage 1, 2 cores).
+  using SetThreads = void (*)(int);
+  if (auto* f = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) f(1);
   cv::setNumThreads(1);  // loader threads parallelise across images; nested pools only contend
   return n;
+}
+
+bool cpu_has_bf16() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("flags", 0) == 0)
+      return line.find(" avx512_bf16") != std::string::npos || line.find(" amx_bf16") != std::string::npos;
+  return false;
+}
+
+std::string resolve_precision(const std::string& requested) {
+  if (requested != "auto") return requested;
+  return cpu_has_bf16() ? "bf16" : "fp32";
+}
+
+AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+  if (!enabled_) return;
+  prev_enabled_ = at::autocast::is_cpu_enabled();
+  prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!enabled_) return;
+  at::autocast::set_cpu_enabled(prev_enabled_);
+  at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+  at::autocast::clear_cache();
 }
 
 double lr_at(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total) {

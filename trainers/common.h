@@ -26,6 +26,23 @@ struct TrainOptions {
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
 int setup_threads(int requested);
 
+// "auto" -> "bf16" when the CPU has native bf16 dot products (avx512_bf16 / AMX), else "fp32".
+std::string resolve_precision(const std::string& requested);
+
+// bf16 CPU autocast for the forward passes inside its scope: matmuls and convolutions run in
+// bf16, weights, gradients and optimizer state stay fp32 (no loss scaling needed for bf16).
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_, prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
 // Linear warmup from 0 to base_lr over warmup_steps, then cosine / linear decay to
 // min_lr_ratio * base_lr at `total`, or constant. `step` is 0-based (the step about to run).
 double lr_at(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total);

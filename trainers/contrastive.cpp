@@ -32,9 +32,15 @@ std::vector<std::pair<std::string, torch::Tensor>> trainable_params(ClipModel& m
 
 }  // namespace
 
-LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& b, int accum) {
+LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& b, int accum, bool bf16) {
+  auto encode = [&](int64_t from, int64_t to) {
+    AutocastGuard autocast(bf16);
+    return std::make_pair(model->encode_image(b.pixels.slice(0, from, to)),
+                          model->encode_text(b.ids.slice(0, from, to), b.lengths.slice(0, from, to)));  // [m, E] fp32
+  };
   if (accum == 1) {
-    auto out = loss.forward({model->encode_image(b.pixels), model->encode_text(b.ids, b.lengths)});
+    auto [img, txt] = encode(0, b.pixels.size(0));
+    auto out = loss.forward({img, txt});
     out.loss.backward();
     return out;
   }
@@ -43,8 +49,9 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
   {
     torch::NoGradGuard ng;
     for (int j = 0; j < accum; ++j) {
-      imgs.push_back(model->encode_image(b.pixels.slice(0, j * m, (j + 1) * m)));             // [m, E]
-      txts.push_back(model->encode_text(b.ids.slice(0, j * m, (j + 1) * m), b.lengths.slice(0, j * m, (j + 1) * m)));
+      auto [img, txt] = encode(j * m, (j + 1) * m);
+      imgs.push_back(img);
+      txts.push_back(txt);
     }
   }
   auto all_img = torch::cat(imgs).requires_grad_(true);  // [B, E] leaves: d loss / d embedding
@@ -53,8 +60,7 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
   out.loss.backward();  // also the loss's own parameters' gradients, exactly once
   const auto g_img = all_img.grad(), g_txt = all_txt.grad();
   for (int j = 0; j < accum; ++j) {
-    auto img = model->encode_image(b.pixels.slice(0, j * m, (j + 1) * m));
-    auto txt = model->encode_text(b.ids.slice(0, j * m, (j + 1) * m), b.lengths.slice(0, j * m, (j + 1) * m));
+    auto [img, txt] = encode(j * m, (j + 1) * m);
     torch::autograd::backward({img, txt}, {g_img.slice(0, j * m, (j + 1) * m), g_txt.slice(0, j * m, (j + 1) * m)});
   }
   out.loss = out.loss.detach();
@@ -121,7 +127,7 @@ ClipModel build_clip_model(RunConfig& cfg, const Tokenizer& tok) {
   return ClipModel(cfg.model);
 }
 
-nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, const EvalSection& eval) {
+nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, const EvalSection& eval, bool bf16) {
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard ng;
@@ -129,6 +135,7 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   std::vector<std::string> captions;
   for (int64_t b = 0; b < data.size(); b += eval.batch_size) {
     auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval.batch_size));
+    AutocastGuard autocast(bf16);  // the encoders only; similarities below stay fp32
     imgs.push_back(model->encode_image(batch.pixels));
     txts.push_back(model->encode_text(batch.ids, batch.lengths));
   }
@@ -156,6 +163,8 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
   init_logging((fs::path(cfg.run.out_dir) / "train.log").string());
   const int threads = setup_threads(cfg.run.threads);
+  const std::string precision = resolve_precision(cfg.run.precision);
+  const bool bf16 = precision == "bf16";
   torch::manual_seed(cfg.run.seed);
 
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
@@ -170,10 +179,12 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   CaptionDataset train(cfg.data.train, cfg.data, tok, /*train=*/true);
   std::unique_ptr<CaptionDataset> val;
   if (!cfg.data.val.empty()) val = std::make_unique<CaptionDataset>(cfg.data.val, cfg.data, tok, false, cfg.data.val_limit);
-  spdlog::info("stage 1 (contrastive, loss {}): {} train pairs{}, {} val pairs, {:.2f}M trainable parameters, {} threads",
+  spdlog::info("stage 1 (contrastive, loss {}): {} train pairs{}, {} val pairs, {:.2f}M trainable parameters, {} threads, "
+               "precision {}{}",
                cfg.loss.type, train.size(),
                train.skipped() ? " (" + std::to_string(train.skipped()) + " bad records skipped)" : std::string(),
-               val ? val->size() : 0, n_params / 1e6, threads);
+               val ? val->size() : 0, n_params / 1e6, threads, precision,
+               cfg.run.precision == "auto" ? " (auto: " + std::string(bf16 ? "CPU has native bf16" : "no native bf16 on this CPU") + ")" : "");
 
   int64_t start = 0;
   if (opt.resume.empty()) {
@@ -200,7 +211,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   ContrastiveResult result;
   auto run_eval = [&](int64_t step) {
     if (!val) return nlohmann::json();
-    auto j = evaluate_retrieval(model, *val, cfg.eval);
+    auto j = evaluate_retrieval(model, *val, cfg.eval, bf16);
     spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f}",
                  step, j.value("i2t/R@1", 0.0), j.value("i2t/R@5", 0.0), j.value("t2i/R@1", 0.0),
                  j.value("t2i/R@5", 0.0), j["cosine/matched"].get<double>(), j["cosine/mismatched"].get<double>());
@@ -215,7 +226,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     set_lr(optimizer, lr);
     CaptionBatch batch = loader.next();
     optimizer.zero_grad();
-    LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum);
+    LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     optimizer.step();
     loss->post_step();

@@ -29,13 +29,16 @@ struct ContrastiveResult {
 // One optimizer step's forward and backward over a batch split into `accum` micro-batches
 // (gradients accumulate into the parameters; the caller zeroes and steps). Returns the loss
 // over the whole batch and its metrics.
-LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& batch, int accum);
+// bf16: run the encoders under bf16 autocast (the loss stays fp32).
+LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& batch, int accum,
+                            bool bf16 = false);
 
 ContrastiveResult train_contrastive(const RunConfig& cfg, const TrainOptions& opt);
 
 // Encodes a whole dataset (no augmentation) and returns retrieval recall for cfg.eval.recall_at,
 // plus the mean cosine of matched pairs and of mismatched pairs.
-nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, const EvalSection& eval);
+nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, const EvalSection& eval,
+                                  bool bf16 = false);
 
 // Builds the model for a config whose text vocab may come from the tokenizer.
 ClipModel build_clip_model(RunConfig& cfg, const Tokenizer& tok);

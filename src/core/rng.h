@@ -25,7 +25,7 @@ inline uint64_t mix_seed(std::initializer_list<uint64_t> words) {
   return h;
 }
 
-inline uint64_t fnv1a(const std::string& s) {
+inline uint64_t fnv1a64(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ull;
   for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
   return h;

@@ -16,12 +16,14 @@ struct RunSection {
   uint64_t seed = 0;                 // one seed for init, data order and augmentation
   int threads = 0;                   // LibTorch intra-op threads; 0 = all cores
   std::string device = "cpu";        // cpu | auto | cuda
+  std::string precision = "auto";    // auto (bf16 where the CPU supports it) | fp32 | bf16
   template <class V> void fields(V& v) {
     v("name", name);
     v("out_dir", out_dir);
     v("seed", seed);
     v("threads", threads, at_least(0));
     v("device", device, one_of({"cpu", "auto", "cuda"}));
+    v("precision", precision, one_of({"auto", "fp32", "bf16"}));
   }
 };
 

@@ -119,12 +119,13 @@ ClipModelImpl::ClipModelImpl(const ModelConfig& c) {
 }
 
 torch::Tensor ClipModelImpl::encode_image(const torch::Tensor& pixels) {
-  return torch::nn::functional::normalize(visual_projection(vision_model(pixels).pooled),
+  // fp32 before normalising: under bf16 autocast the towers run in bf16, the loss does not.
+  return torch::nn::functional::normalize(visual_projection(vision_model(pixels).pooled).to(torch::kFloat32),
                                           torch::nn::functional::NormalizeFuncOptions().dim(-1));
 }
 
 torch::Tensor ClipModelImpl::encode_text(const torch::Tensor& ids, const torch::Tensor& lengths) {
-  return torch::nn::functional::normalize(text_projection(text_model(ids, lengths)),
+  return torch::nn::functional::normalize(text_projection(text_model(ids, lengths)).to(torch::kFloat32),
                                           torch::nn::functional::NormalizeFuncOptions().dim(-1));
 }
 
