@@ -16,14 +16,7 @@ using trialign::test::write_file;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "";
-}
+const auto error_of = trialign::test::message_of<ConfigError>;
 
 const char* kMinimal = "data:\n  train: t.jsonl\n  tokenizer: t.model\n";
 

@@ -22,14 +22,7 @@ using trialign::test::write_file;
 
 namespace {
 
-std::string data_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const DataError& e) {
-    return e.what();
-  }
-  return "";
-}
+const auto data_error = trialign::test::message_of<DataError>;
 
 void write_png(const std::string& path, cv::Scalar rgb, int size = 16) {
   std::filesystem::create_directories(std::filesystem::path(path).parent_path());

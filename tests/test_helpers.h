@@ -1,6 +1,7 @@
 // Small helpers shared by the tests: temporary directories and file writing.
 #pragma once
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <string>
@@ -28,5 +29,16 @@ inline void write_file(const std::string& path, const std::string& text) {
 }
 
 inline std::string source_dir() { return TRIALIGN_SOURCE_DIR; }
+
+// The message of the E that f throws, or "" when it throws none.
+template <class E>
+std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return "";
+}
 
 }  // namespace trialign::test

@@ -69,21 +69,15 @@ struct DataConfig {
   }
 };
 
-// Hugging Face CLIPVisionConfig field names, so a config.json maps across one to one.
-struct VisionConfig {
-  int image_size = 64;
-  int patch_size = 8;
-  int num_channels = 3;
+// The dimensions every transformer tower shares, under Hugging Face's config names.
+struct TowerDims {
   int hidden_size = 128;
   int intermediate_size = 512;
   int num_hidden_layers = 4;
   int num_attention_heads = 4;
   std::string hidden_act = "quick_gelu";  // quick_gelu | gelu
   double layer_norm_eps = 1e-5;
-  template <class V> void fields(V& v) {
-    v("image_size", image_size, at_least(8));
-    v("patch_size", patch_size, at_least(1));
-    v("num_channels", num_channels, at_least(1));
+  template <class V> void dims_fields(V& v) {
     v("hidden_size", hidden_size, at_least(1));
     v("intermediate_size", intermediate_size, at_least(1));
     v("num_hidden_layers", num_hidden_layers, at_least(1));
@@ -93,25 +87,27 @@ struct VisionConfig {
   }
 };
 
+// Hugging Face CLIPVisionConfig field names, so a config.json maps across one to one.
+struct VisionConfig : TowerDims {
+  int image_size = 64;
+  int patch_size = 8;
+  int num_channels = 3;
+  template <class V> void fields(V& v) {
+    v("image_size", image_size, at_least(8));
+    v("patch_size", patch_size, at_least(1));
+    v("num_channels", num_channels, at_least(1));
+    dims_fields(v);
+  }
+};
+
 // Hugging Face CLIPTextConfig field names.
-struct TextConfig {
+struct TextConfig : TowerDims {
   int vocab_size = 0;                 // 0 = take it from the tokenizer
   int max_position_embeddings = 32;
-  int hidden_size = 128;
-  int intermediate_size = 512;
-  int num_hidden_layers = 4;
-  int num_attention_heads = 4;
-  std::string hidden_act = "quick_gelu";
-  double layer_norm_eps = 1e-5;
   template <class V> void fields(V& v) {
     v("vocab_size", vocab_size, at_least(0));
     v("max_position_embeddings", max_position_embeddings, at_least(2));
-    v("hidden_size", hidden_size, at_least(1));
-    v("intermediate_size", intermediate_size, at_least(1));
-    v("num_hidden_layers", num_hidden_layers, at_least(1));
-    v("num_attention_heads", num_attention_heads, at_least(1));
-    v("hidden_act", hidden_act, one_of({"quick_gelu", "gelu"}));
-    v("layer_norm_eps", layer_norm_eps, positive());
+    dims_fields(v);
   }
 };
 

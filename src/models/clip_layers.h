@@ -7,15 +7,12 @@
 #include <string>
 #include <vector>
 
+#include "core/run_config.h"
+
 namespace trialign {
 
-struct ClipBlockConfig {
-  int hidden_size = 128;
-  int intermediate_size = 512;
-  int num_attention_heads = 4;
-  std::string hidden_act = "quick_gelu";  // CLIP's x * sigmoid(1.702 x), or exact gelu
-  double layer_norm_eps = 1e-5;
-};
+// hidden_act: "quick_gelu" is CLIP's x * sigmoid(1.702 x), "gelu" the exact one.
+using ClipBlockConfig = TowerDims;
 
 torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x);
 

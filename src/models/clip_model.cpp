@@ -6,16 +6,6 @@ namespace trialign {
 
 namespace {
 
-ClipBlockConfig block_config(int hidden, int inter, int heads, const std::string& act, double eps) {
-  ClipBlockConfig b;
-  b.hidden_size = hidden;
-  b.intermediate_size = inter;
-  b.num_attention_heads = heads;
-  b.hidden_act = act;
-  b.layer_norm_eps = eps;
-  return b;
-}
-
 torch::nn::LayerNorm layer_norm(int d, double eps) {
   return torch::nn::LayerNorm(torch::nn::LayerNormOptions({d}).eps(eps));
 }
@@ -58,10 +48,7 @@ torch::Tensor ClipVisionEmbeddingsImpl::forward(const torch::Tensor& pixels) {
 ClipVisionTransformerImpl::ClipVisionTransformerImpl(const VisionConfig& c) {
   embeddings = register_module("embeddings", ClipVisionEmbeddings(c));
   pre_layrnorm = register_module("pre_layrnorm", layer_norm(c.hidden_size, c.layer_norm_eps));
-  encoder = register_module(
-      "encoder", ClipEncoder(block_config(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                          c.hidden_act, c.layer_norm_eps),
-                             c.num_hidden_layers));
+  encoder = register_module("encoder", ClipEncoder(c, c.num_hidden_layers));
   post_layernorm = register_module("post_layernorm", layer_norm(c.hidden_size, c.layer_norm_eps));
   init_linear_layers(*encoder);
 }
@@ -84,10 +71,7 @@ ClipTextTransformerImpl::ClipTextTransformerImpl(const TextConfig& c) {
   holder->register_module("token_embedding", token_embedding);
   holder->register_module("position_embedding", position_embedding);
   register_module("embeddings", holder);
-  encoder = register_module(
-      "encoder", ClipEncoder(block_config(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                          c.hidden_act, c.layer_norm_eps),
-                             c.num_hidden_layers));
+  encoder = register_module("encoder", ClipEncoder(c, c.num_hidden_layers));
   final_layer_norm = register_module("final_layer_norm", layer_norm(c.hidden_size, c.layer_norm_eps));
   torch::NoGradGuard ng;
   torch::nn::init::normal_(token_embedding->weight, 0.0, 0.02);
