@@ -1,0 +1,147 @@
+// A decoder-only language model in the LLaMA layout (Touvron et al. 2023): RMSNorm, rotary
+// position embeddings (Su et al. 2021) with configurable theta, SwiGLU MLP, grouped-query
+// attention, optional tied embeddings. Parameters carry Hugging Face LlamaForCausalLM names:
+//   model.embed_tokens.weight                       [V, H]
+//   model.layers.{i}.self_attn.{q,k,v,o}_proj.weight (no biases; k/v: [KV * Dh, H])
+//   model.layers.{i}.mlp.{gate,up,down}_proj.weight
+//   model.layers.{i}.{input,post_attention}_layernorm.weight
+//   model.norm.weight, lm_head.weight (absent when tie_word_embeddings)
+// so safetensors from that ecosystem load by name. The forward takes input embeddings rather
+// than ids, so the VLM can splice projected image tokens into the sequence.
+#pragma once
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "core/config_reader.h"
+
+namespace trialign {
+
+// Hugging Face LlamaConfig field names.
+struct LlamaConfig {
+  int vocab_size = 0;               // 0 = take it from the tokenizer
+  int hidden_size = 256;
+  int intermediate_size = 704;      // SwiGLU width
+  int num_hidden_layers = 4;
+  int num_attention_heads = 4;
+  int num_key_value_heads = 0;      // 0 = num_attention_heads (no grouping)
+  int max_position_embeddings = 512;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  bool tie_word_embeddings = false;
+  template <class V> void fields(V& v) {
+    v("vocab_size", vocab_size, at_least(0));
+    v("hidden_size", hidden_size, at_least(1));
+    v("intermediate_size", intermediate_size, at_least(1));
+    v("num_hidden_layers", num_hidden_layers, at_least(1));
+    v("num_attention_heads", num_attention_heads, at_least(1));
+    v("num_key_value_heads", num_key_value_heads, at_least(0));
+    v("max_position_embeddings", max_position_embeddings, at_least(1));
+    v("rms_norm_eps", rms_norm_eps, positive());
+    v("rope_theta", rope_theta, positive());
+    v("tie_word_embeddings", tie_word_embeddings);
+  }
+  int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
+  int head_dim() const { return hidden_size / num_attention_heads; }
+};
+
+// Throws ConfigError naming the key when heads do not divide the width, etc.
+void check_llama_config(const LlamaConfig& c, const std::string& path);
+
+// Keys and values of every layer for incremental decoding. Tensors are [B, KV, T, Dh]; `length`
+// counts the positions already cached (the next token's position when unpadded).
+struct KVCache {
+  std::vector<torch::Tensor> keys, values;
+  int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
+};
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);  // x / rms(x) * weight, computed in fp32
+  torch::Tensor weight;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// cos/sin tables for positions [B, T] -> each [B, T, Dh] (Hugging Face's rotate_half layout:
+// the first and second halves of a head form the rotated pairs).
+std::pair<torch::Tensor, torch::Tensor> rope_cos_sin(const torch::Tensor& positions, int head_dim, double theta);
+// x: [B, heads, T, Dh]; cos, sin: [B, T, Dh].
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+class LlamaAttentionImpl : public torch::nn::Module {
+ public:
+  explicit LlamaAttentionImpl(const LlamaConfig& c);
+  // x: [B, T, H]; mask: additive [B, 1, T, T_past + T]; cache entries are replaced by the
+  // concatenation with this call's keys/values when given.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v);
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+ private:
+  int heads_, kv_heads_, head_dim_;
+};
+TORCH_MODULE(LlamaAttention);
+
+class LlamaMlpImpl : public torch::nn::Module {
+ public:
+  explicit LlamaMlpImpl(const LlamaConfig& c);
+  torch::Tensor forward(const torch::Tensor& x);  // down(silu(gate(x)) * up(x))
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(LlamaMlp);
+
+class LlamaDecoderLayerImpl : public torch::nn::Module {
+ public:
+  explicit LlamaDecoderLayerImpl(const LlamaConfig& c);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v);
+  LlamaAttention self_attn{nullptr};
+  LlamaMlp mlp{nullptr};
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+};
+TORCH_MODULE(LlamaDecoderLayer);
+
+// `model.*`: embeddings, layers, final norm.
+class LlamaModelImpl : public torch::nn::Module {
+ public:
+  explicit LlamaModelImpl(const LlamaConfig& c);
+  torch::Tensor forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
+                        const torch::Tensor& position_ids, KVCache* cache);
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers;
+  RMSNorm norm{nullptr};
+
+ private:
+  LlamaConfig cfg_;
+};
+TORCH_MODULE(LlamaModel);
+
+class LlamaForCausalLMImpl : public torch::nn::Module {
+ public:
+  explicit LlamaForCausalLMImpl(const LlamaConfig& c);
+
+  // inputs_embeds: [B, T, H]. attention_mask: [B, T_past + T] with 1 for real tokens and 0 for
+  // padding (undefined = all real). position_ids: [B, T] (undefined = derived from the mask, so
+  // left padding works). With a cache, keys/values of this call are appended to it.
+  // Returns the final hidden states [B, T, H].
+  torch::Tensor forward_hidden(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask = {},
+                               const torch::Tensor& position_ids = {}, KVCache* cache = nullptr);
+  torch::Tensor logits(const torch::Tensor& hidden);  // [B, T, H] -> [B, T, V]
+  torch::Tensor embed(const torch::Tensor& ids);      // [B, T] -> [B, T, H]
+  // Convenience: ids [B, T] -> logits [B, T, V].
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& attention_mask = {}, KVCache* cache = nullptr);
+
+  const LlamaConfig& config() const { return cfg_; }
+  LlamaModel model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // nullptr when tied
+
+ private:
+  LlamaConfig cfg_;
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+}  // namespace trialign

@@ -1,0 +1,143 @@
+// LLaMA-layout decoder: rotary embeddings against hand-computed values, KV-cache decoding equal
+// to the full forward, left padding, grouped-query attention shapes and Hugging Face names,
+// sampling filters and greedy decoding.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <set>
+
+#include "models/generate.h"
+#include "models/llama.h"
+
+using namespace trialign;
+
+namespace {
+
+LlamaConfig tiny_config(int kv_heads = 2, bool tied = false) {
+  LlamaConfig c;
+  c.vocab_size = 37;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = kv_heads;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("RoPE rotates head halves by position * theta^(-2i/d)", "[llama][rope]") {
+  // head_dim 4, theta 1e4: inv_freq = [1, 0.01]; angles at position p: [p, .01p, p, .01p].
+  // q = [1, 2, 3, 4], rotate_half(q) = [-3, -4, 1, 2]; q' = q cos + rotate_half(q) sin.
+  // p = 1: [cos1 - 3 sin1, 2 cos.01 - 4 sin.01, 3 cos1 + sin1, 4 cos.01 + 2 sin.01]
+  auto q = torch::tensor({1.f, 2.f, 3.f, 4.f}).view({1, 1, 1, 4});
+  for (auto [p, want] : std::vector<std::pair<int64_t, std::vector<double>>>{
+           {1, {-1.984111, 1.959901, 2.462378, 4.019800}}, {5, {3.160435, 1.797584, -0.107938, 4.094959}}}) {
+    auto [cos, sin] = rope_cos_sin(torch::full({1, 1}, p, torch::kLong), 4, 10000.0);
+    auto r = apply_rope(q, cos, sin).flatten();
+    for (int i = 0; i < 4; ++i) CHECK(r[i].item<double>() == Approx(want[i]).epsilon(1e-5));
+  }
+  // Position 0 is the identity.
+  auto [cos0, sin0] = rope_cos_sin(torch::zeros({1, 1}, torch::kLong), 4, 10000.0);
+  CHECK(torch::allclose(apply_rope(q, cos0, sin0), q));
+}
+
+TEST_CASE("Hugging Face parameter names and grouped-query shapes", "[llama]") {
+  torch::manual_seed(0);
+  LlamaForCausalLM m(tiny_config());
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& p : m->named_parameters()) shapes[p.key()] = p.value().sizes().vec();
+  CHECK(shapes.at("model.embed_tokens.weight") == std::vector<int64_t>{37, 32});
+  CHECK(shapes.at("model.layers.1.self_attn.q_proj.weight") == std::vector<int64_t>{32, 32});
+  CHECK(shapes.at("model.layers.1.self_attn.k_proj.weight") == std::vector<int64_t>{16, 32});  // 2 KV heads x Dh 8
+  CHECK(shapes.at("model.layers.0.mlp.gate_proj.weight") == std::vector<int64_t>{48, 32});
+  CHECK(shapes.at("model.layers.0.post_attention_layernorm.weight") == std::vector<int64_t>{32});
+  CHECK(shapes.at("model.norm.weight") == std::vector<int64_t>{32});
+  CHECK(shapes.at("lm_head.weight") == std::vector<int64_t>{37, 32});
+  CHECK(shapes.size() == 1 + 2 * 9 + 1 + 1);
+  LlamaForCausalLM tied(tiny_config(2, true));
+  CHECK(tied->named_parameters().find("lm_head.weight") == nullptr);
+  LlamaConfig bad = tiny_config(3);
+  CHECK_THROWS_WITH(LlamaForCausalLM(bad), Catch::Contains("model.llm.num_key_value_heads"));
+}
+
+TEST_CASE("KV-cache decoding equals the full causal forward", "[llama][kv]") {
+  torch::manual_seed(1);
+  for (bool tied : {false, true}) {
+    LlamaForCausalLM m(tiny_config(2, tied));
+    m->eval();
+    torch::NoGradGuard ng;
+    auto ids = torch::randint(0, 37, {2, 10}, torch::kLong);
+    auto full = m->forward(ids);  // [2, 10, V]
+    KVCache cache;
+    std::vector<torch::Tensor> pieces = {m->forward(ids.slice(1, 0, 6), {}, &cache)};
+    for (int t = 6; t < 10; ++t) pieces.push_back(m->forward(ids.slice(1, t, t + 1), {}, &cache));
+    CHECK(cache.length() == 10);
+    CHECK(torch::allclose(torch::cat(pieces, 1), full, 1e-5, 1e-5));
+    // Causality: changing a later token leaves earlier logits untouched.
+    auto ids2 = ids.clone();
+    ids2[0][9] = (ids[0][9].item<int64_t>() + 1) % 37;
+    CHECK(torch::allclose(m->forward(ids2).slice(1, 0, 9), full.slice(1, 0, 9), 1e-6, 1e-6));
+  }
+}
+
+TEST_CASE("left padding does not change the real tokens' logits", "[llama][kv]") {
+  torch::manual_seed(2);
+  LlamaForCausalLM m(tiny_config());
+  m->eval();
+  torch::NoGradGuard ng;
+  auto ids = torch::randint(1, 37, {1, 5}, torch::kLong);
+  auto alone = m->forward(ids);
+  auto padded = torch::cat({torch::zeros({1, 3}, torch::kLong), ids}, 1);
+  auto mask = torch::cat({torch::zeros({1, 3}, torch::kLong), torch::ones({1, 5}, torch::kLong)}, 1);
+  auto out = m->forward(padded, mask);
+  CHECK(torch::allclose(out.slice(1, 3), alone, 1e-5, 1e-5));
+  CHECK_FALSE(torch::isnan(out).any().item<bool>());  // fully masked pad rows stay finite
+}
+
+TEST_CASE("top-k and top-p filtering keep the right tokens", "[llama][sampling]") {
+  // logits [2, 1, 0, -1] -> p = [0.6439, 0.2369, 0.0871, 0.0321]; mass before each: [0, .644, .881, .968]
+  auto logits = torch::tensor({{2.f, 1.f, 0.f, -1.f}});
+  auto kept = [](const torch::Tensor& t) {
+    std::set<int64_t> s;
+    for (int64_t i = 0; i < t.size(1); ++i)
+      if (std::isfinite(t[0][i].item<float>())) s.insert(i);
+    return s;
+  };
+  CHECK(kept(filter_logits(logits, 3, 1.0)) == std::set<int64_t>{0, 1, 2});
+  CHECK(kept(filter_logits(logits, 0, 0.8)) == std::set<int64_t>{0, 1});
+  CHECK(kept(filter_logits(logits, 0, 0.5)) == std::set<int64_t>{0});
+  CHECK(kept(filter_logits(logits, 2, 0.95)) == std::set<int64_t>{0, 1});
+  CHECK(kept(filter_logits(logits, 0, 1.0)) == std::set<int64_t>{0, 1, 2, 3});
+}
+
+TEST_CASE("greedy generation with the cache follows the full-forward argmax chain", "[llama][sampling]") {
+  torch::manual_seed(3);
+  LlamaForCausalLM m(tiny_config());
+  m->eval();
+  torch::NoGradGuard ng;
+  auto prompt = torch::randint(0, 37, {1, 4}, torch::kLong);
+  SamplingOptions o;
+  o.max_new_tokens = 6;
+  auto g = generate(m, m->embed(prompt), {}, o);
+  REQUIRE(g.tokens[0].size() == 6);
+  auto seq = prompt.clone();
+  for (int i = 0; i < 6; ++i) {
+    const int64_t next = m->forward(seq).select(1, -1).argmax(-1).item<int64_t>();
+    CHECK(g.tokens[0][i] == next);
+    seq = torch::cat({seq, torch::full({1, 1}, next, torch::kLong)}, 1);
+  }
+  // Sampling is reproducible from its seed, and stops at eos.
+  SamplingOptions s;
+  s.max_new_tokens = 8;
+  s.temperature = 1.0;
+  s.top_k = 5;
+  s.seed = 11;
+  auto a = generate(m, m->embed(prompt), {}, s), b = generate(m, m->embed(prompt), {}, s);
+  CHECK(a.tokens == b.tokens);
+  s.eos_id = a.tokens[0][2];
+  auto c = generate(m, m->embed(prompt), {}, s);
+  CHECK(c.tokens[0].size() <= 3);
+  CHECK(c.tokens[0].back() == s.eos_id);
+}
