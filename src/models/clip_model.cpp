@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/errors.h"
+
 namespace trialign {
 
 namespace {
@@ -59,6 +61,16 @@ VisionOutput ClipVisionTransformerImpl::forward(const torch::Tensor& pixels, boo
   out.last_hidden_state = encoder(x, torch::Tensor(), output_hidden_states ? &out.hidden_states : nullptr);
   out.pooled = post_layernorm(out.last_hidden_state.select(1, 0));  // CLS token
   return out;
+}
+
+torch::Tensor select_vision_features(const VisionOutput& out, int layer) {
+  const int n = static_cast<int>(out.hidden_states.size());
+  TORCH_CHECK(n > 0, "select_vision_features: run the vision model with output_hidden_states");
+  const int idx = layer < 0 ? n + layer : layer;
+  if (idx < 0 || idx >= n)
+    throw ConfigError("vision feature layer " + std::to_string(layer) + " is out of range: the encoder has " +
+                      std::to_string(n) + " hidden states (use -" + std::to_string(n) + " .. " + std::to_string(n - 1) + ")");
+  return out.hidden_states[static_cast<size_t>(idx)].slice(1, 1);  // drop CLS
 }
 
 ClipTextTransformerImpl::ClipTextTransformerImpl(const TextConfig& c) {

@@ -41,6 +41,11 @@ class ClipVisionTransformerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ClipVisionTransformer);
 
+// Patch features for a VLM: hidden_states[layer] (Python-style index into the L + 1 states, so
+// -2 is LLaVA's default "second to last layer"), CLS dropped. -> [B, P, D]. Throws ConfigError
+// naming the valid range for an out-of-range layer.
+torch::Tensor select_vision_features(const VisionOutput& out, int layer);
+
 class ClipTextTransformerImpl : public torch::nn::Module {
  public:
   explicit ClipTextTransformerImpl(const TextConfig& c);

@@ -1,0 +1,95 @@
+#include "models/projector.h"
+
+namespace trialign {
+
+ProjectorRegistry& projectors() {
+  static ProjectorRegistry registry("projector");
+  return registry;
+}
+
+namespace {
+
+// LLaVA-1: one Linear, Dv -> H per patch.
+class LinearProjectorImpl : public ProjectorImpl {
+ public:
+  explicit LinearProjectorImpl(const ProjectorDims& d) {
+    // Registered as this module's own weight/bias so the names are `mm_projector.weight`.
+    torch::nn::Linear lin(d.vision_hidden, d.llm_hidden);
+    weight = register_parameter("weight", lin->weight.detach().clone());
+    bias = register_parameter("bias", lin->bias.detach().clone());
+  }
+  torch::Tensor forward(const torch::Tensor& f) override { return torch::nn::functional::linear(f, weight, bias); }
+  int64_t num_tokens(int64_t patches) const override { return patches; }
+  torch::Tensor weight, bias;
+};
+
+// LLaVA-1.5: Linear(Dv, H), GELU, Linear(H, H); children "0" and "2" as in nn.Sequential.
+class Mlp2xGeluImpl : public ProjectorImpl {
+ public:
+  explicit Mlp2xGeluImpl(const ProjectorDims& d) {
+    fc0 = register_module("0", torch::nn::Linear(d.vision_hidden, d.llm_hidden));
+    fc2 = register_module("2", torch::nn::Linear(d.llm_hidden, d.llm_hidden));
+  }
+  torch::Tensor forward(const torch::Tensor& f) override { return fc2(torch::gelu(fc0(f))); }
+  int64_t num_tokens(int64_t patches) const override { return patches; }
+  torch::nn::Linear fc0{nullptr}, fc2{nullptr};
+};
+
+TRIALIGN_REGISTER(projectors(), "linear", "one Linear per patch (LLaVA-1)",
+                  [](ConfigReader&, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
+                    return std::make_shared<LinearProjectorImpl>(d);
+                  });
+TRIALIGN_REGISTER(projectors(), "mlp2x_gelu", "Linear, GELU, Linear per patch (LLaVA-1.5)",
+                  [](ConfigReader&, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
+                    return std::make_shared<Mlp2xGeluImpl>(d);
+                  });
+TRIALIGN_REGISTER(projectors(), "resampler", "learned queries + cross-attention, a fixed number of tokens",
+                  [](ConfigReader& r, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
+                    ResamplerOptions o;
+                    o.fields(r);
+                    const int dim = o.hidden_size > 0 ? o.hidden_size : d.vision_hidden;
+                    if (dim % o.num_heads != 0)
+                      throw ConfigError("resampler width " + std::to_string(dim) + " is not divisible by num_heads " +
+                                        std::to_string(o.num_heads));
+                    return std::make_shared<ResamplerImpl>(o, d);
+                  });
+
+}  // namespace
+
+ResamplerLayerImpl::ResamplerLayerImpl(int dim, int heads) {
+  auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})); };
+  ln_q = register_module("ln_q", ln());
+  ln_kv = register_module("ln_kv", ln());
+  cross_attn = register_module("cross_attn", torch::nn::MultiheadAttention(torch::nn::MultiheadAttentionOptions(dim, heads)));
+  ln_mlp = register_module("ln_mlp", ln());
+  mlp = register_module("mlp", torch::nn::Sequential(torch::nn::Linear(dim, 4 * dim), torch::nn::GELU(),
+                                                      torch::nn::Linear(4 * dim, dim)));
+}
+
+torch::Tensor ResamplerLayerImpl::forward(const torch::Tensor& queries, const torch::Tensor& features) {
+  // MultiheadAttention takes [L, B, D].
+  auto q = ln_q(queries).transpose(0, 1), kv = ln_kv(features).transpose(0, 1);
+  auto attended = std::get<0>(cross_attn(q, kv, kv)).transpose(0, 1);  // [B, N, D]
+  auto h = queries + attended;
+  return h + mlp->forward(ln_mlp(h));
+}
+
+ResamplerImpl::ResamplerImpl(const ResamplerOptions& o, const ProjectorDims& d) : opt_(o) {
+  const int dim = o.hidden_size > 0 ? o.hidden_size : d.vision_hidden;
+  query = register_parameter("query", torch::randn({o.num_queries, dim}) * 0.02);
+  in_proj = register_module("in_proj", torch::nn::Linear(d.vision_hidden, dim));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int i = 0; i < o.num_layers; ++i) layers->push_back(ResamplerLayer(dim, o.num_heads));
+  ln_out = register_module("ln_out", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})));
+  out_proj = register_module("out_proj", torch::nn::Linear(dim, d.llm_hidden));
+}
+
+torch::Tensor ResamplerImpl::forward(const torch::Tensor& features) {
+  const auto B = features.size(0);
+  auto kv = in_proj(features);                                  // [B, P, D]
+  auto q = query.unsqueeze(0).expand({B, query.size(0), query.size(1)});  // [B, N, D]
+  for (const auto& layer : *layers) q = layer->as<ResamplerLayer>()->forward(q, kv);
+  return out_proj(ln_out(q));                                    // [B, N, H]
+}
+
+}  // namespace trialign

@@ -1,0 +1,85 @@
+// Projectors: registry names, Hugging Face / LLaVA parameter names, shapes and values; the
+// vision feature tap.
+#include <catch2/catch.hpp>
+
+#include "core/config_tree.h"
+#include "core/errors.h"
+#include "models/clip_model.h"
+#include "models/projector.h"
+
+using namespace trialign;
+
+namespace {
+
+std::shared_ptr<ProjectorImpl> make(const std::string& type, const std::string& options = "{}") {
+  TypedSpec spec{type, parse_config_string(options, "inline"), "model.projector"};
+  return projectors().create_or_throw(spec, ProjectorDims{8, 12});
+}
+
+std::vector<std::string> names(const torch::nn::Module& m) {
+  std::vector<std::string> out;
+  for (const auto& p : m.named_parameters()) out.push_back(p.key());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("projectors are registered by name with LLaVA parameter names", "[projector]") {
+  CHECK(projectors().names() == std::vector<std::string>{"linear", "mlp2x_gelu", "resampler"});
+  CHECK(names(*make("linear")) == std::vector<std::string>{"weight", "bias"});
+  CHECK(names(*make("mlp2x_gelu")) == std::vector<std::string>{"0.weight", "0.bias", "2.weight", "2.bias"});
+  CHECK_THROWS_WITH(make("mlp3x"), Catch::Contains("unknown projector type 'mlp3x'; registered: linear, mlp2x_gelu, resampler"));
+  CHECK_THROWS_WITH(make("resampler", "num_heads: 3"), Catch::Contains("not divisible by num_heads 3"));
+  CHECK_THROWS_WITH(make("resampler", "num_querys: 3"), Catch::Contains("did you mean 'num_queries'"));
+}
+
+TEST_CASE("linear and mlp2x_gelu map each patch; values by hand", "[projector]") {
+  auto lin = make("linear");
+  {
+    torch::NoGradGuard ng;
+    lin->named_parameters()["weight"].fill_(0.5);
+    lin->named_parameters()["bias"].fill_(1.0);
+  }
+  auto x = torch::ones({2, 5, 8});
+  auto y = lin->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({2, 5, 12}));
+  CHECK(y[1][4][7].item<float>() == Approx(8 * 0.5 + 1.0));  // sum of 8 inputs x 0.5, plus bias
+  auto mlp = make("mlp2x_gelu");
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : mlp->parameters()) p.fill_(0.0);
+    mlp->named_parameters()["0.bias"].fill_(1.0);   // hidden = gelu(1) = 0.841345
+    mlp->named_parameters()["2.weight"].fill_(1.0); // out = 12 * 0.841345
+  }
+  CHECK(mlp->forward(x)[0][0][0].item<float>() == Approx(12 * 0.841345).epsilon(1e-5));
+  CHECK(mlp->num_tokens(64) == 64);
+}
+
+TEST_CASE("resampler gives a fixed number of tokens and trains end to end", "[projector]") {
+  auto r = make("resampler", "num_queries: 3\nnum_layers: 1\nnum_heads: 2");
+  CHECK(r->num_tokens(64) == 3);
+  auto x = torch::randn({2, 7, 8}, torch::requires_grad());
+  auto y = r->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({2, 3, 12}));
+  y.sum().backward();
+  CHECK(x.grad().abs().sum().item<double>() > 0);
+  CHECK(r->named_parameters()["query"].grad().abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("vision features come from the requested hidden state without CLS", "[projector][vision]") {
+  VisionConfig c;
+  c.image_size = 16;
+  c.patch_size = 8;
+  c.hidden_size = 8;
+  c.intermediate_size = 16;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 2;
+  ClipVisionTransformer v(c);
+  auto out = v->forward(torch::randn({2, 3, 16, 16}), /*output_hidden_states=*/true);
+  REQUIRE(out.hidden_states.size() == 4);  // embeddings + 3 layers
+  auto f = select_vision_features(out, -2);  // output of layer 2 of 3
+  CHECK(f.sizes() == torch::IntArrayRef({2, 4, 8}));  // 4 patches, CLS dropped
+  CHECK(torch::equal(f, out.hidden_states[2].slice(1, 1)));
+  CHECK(torch::equal(select_vision_features(out, -1), out.last_hidden_state.slice(1, 1)));
+  CHECK_THROWS_AS(select_vision_features(out, -5), ConfigError);
+}
