@@ -1,5 +1,7 @@
 #include "data/caption_dataset.h"
 
+#include <opencv2/imgcodecs.hpp>
+
 #include <filesystem>
 
 #include "core/errors.h"
@@ -35,6 +37,10 @@ CaptionDataset::CaptionDataset(const std::string& manifest, const DataConfig& cf
     std::error_code ec;
     if (!fs::is_regular_file(path, ec)) {
       problems.add(r, "image '" + path + "' does not exist (check data.image_root)");
+      continue;
+    }
+    if (fs::file_size(path, ec) == 0 || !cv::haveImageReader(path)) {  // reads the header only
+      problems.add(r, "image '" + path + "' is empty or not an image format OpenCV can decode");
       continue;
     }
     images_.push_back(path);

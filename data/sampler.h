@@ -29,7 +29,7 @@ class EpochSampler {
     out.reserve(static_cast<size_t>(per_rank));
     for (int64_t i = first; i < first + per_rank; ++i) {
       const int64_t epoch = i / n_, pos = i % n_;
-      out.push_back({epoch, permutation(epoch)[static_cast<size_t>(pos)]});
+      out.push_back({epoch, index_at(epoch, pos)});
     }
     return out;
   }
@@ -37,12 +37,15 @@ class EpochSampler {
   int64_t size() const { return n_; }
 
  private:
-  const std::vector<int64_t>& permutation(int64_t epoch) {
+  // Reads under the lock: another loader thread may evict an epoch from the cache meanwhile.
+  int64_t index_at(int64_t epoch, int64_t pos) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cache_.find(epoch);
-    if (it != cache_.end()) return it->second;
-    if (cache_.size() > 4) cache_.erase(cache_.begin());  // old epochs are never asked again
-    return cache_.emplace(epoch, epoch_permutation(seed_, epoch, n_)).first->second;
+    if (it == cache_.end()) {
+      if (cache_.size() > 4) cache_.erase(cache_.begin());  // the oldest epoch
+      it = cache_.emplace(epoch, epoch_permutation(seed_, epoch, n_)).first;
+    }
+    return it->second[static_cast<size_t>(pos)];
   }
 
   uint64_t seed_;

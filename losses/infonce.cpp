@@ -1,5 +1,7 @@
 #include "losses/infonce.h"
 
+#include "core/errors.h"
+
 namespace trialign {
 
 InfoNceLossImpl::InfoNceLossImpl(const InfoNceOptions& o) : opt_(o) {
@@ -35,6 +37,12 @@ TRIALIGN_REGISTER(contrastive_losses(), "infonce",
                   [](ConfigReader& r) -> std::shared_ptr<ContrastiveLossImpl> {
                     InfoNceOptions o;
                     o.fields(r);
+                    if (o.init_logit_scale > o.max_logit_scale || o.init_logit_scale < 0)
+                      throw ConfigError("init_logit_scale " + std::to_string(o.init_logit_scale) +
+                                        " must lie in [0, max_logit_scale = " + std::to_string(o.max_logit_scale) + "]");
+                    if (o.max_logit_scale > 10)
+                      throw ConfigError("max_logit_scale " + std::to_string(o.max_logit_scale) +
+                                        " would allow exp(s) > 22000 and overflow the logits; CLIP uses ln 100 = 4.6052");
                     return std::make_shared<InfoNceLossImpl>(o);
                   });
 

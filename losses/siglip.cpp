@@ -1,5 +1,9 @@
 #include "losses/siglip.h"
 
+#include <cmath>
+
+#include "core/errors.h"
+
 namespace trialign {
 
 SiglipLossImpl::SiglipLossImpl(const SiglipOptions& o) {
@@ -28,6 +32,9 @@ TRIALIGN_REGISTER(contrastive_losses(), "siglip", "SigLIP pairwise sigmoid loss 
                   [](ConfigReader& r) -> std::shared_ptr<ContrastiveLossImpl> {
                     SiglipOptions o;
                     o.fields(r);
+                    if (std::abs(o.init_logit_scale) > 10 || std::abs(o.init_logit_bias) > 100)
+                      throw ConfigError("init_logit_scale must be within [-10, 10] and init_logit_bias within "
+                                        "[-100, 100] (the paper uses ln 10 and -10)");
                     return std::make_shared<SiglipLossImpl>(o);
                   });
 

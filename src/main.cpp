@@ -35,15 +35,6 @@ std::string read_text(const std::string& path) {
   return ss.str();
 }
 
-// A run directory resolves to its newest complete checkpoint.
-std::string resolve_checkpoint(const std::string& path) {
-  if (fs::exists(fs::path(path) / "MANIFEST.json")) return path;
-  const std::string latest = find_latest_checkpoint(path, [](const std::string& w) { spdlog::warn(w); });
-  if (latest.empty())
-    throw DataError("'" + path + "' is neither a checkpoint directory nor a run directory with a complete checkpoint");
-  return latest;
-}
-
 int cmd_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
   RunConfig cfg = load_run_config(config, sets);
   TrainOptions opt;
@@ -66,7 +57,7 @@ int cmd_eval(const std::string& target, const std::string& data, const std::stri
     throw ConfigError("--suite '" + suite + "': the suites available are: retrieval");
   init_logging();
   setup_threads(threads);
-  const std::string dir = resolve_checkpoint(target);
+  const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
   RunConfig cfg = run_config_from_tree(parse_config_string(read_text(dir + "/config.yaml"), dir + "/config.yaml"),
                                        dir + "/config.yaml");

@@ -58,6 +58,13 @@ TEST_CASE("safetensors written by hand (an independent writer) load into the rig
   CHECK_THROWS_WITH(load_state(*lin, named, "", true, "hand.safetensors"),
                     Catch::Contains("unexpected (1): extra") && Catch::Contains("mis-shaped (1): bias (file [3], model [2])"));
 
+  // A shape whose byte count overflows 64 bits is caught before any allocation.
+  const std::string huge = R"({"x":{"dtype":"F64","shape":[2147483648,1073741824],"data_offsets":[0,0]}})";
+  std::string hb;
+  for (int i = 0; i < 8; ++i) hb.push_back(static_cast<char>((uint64_t(huge.size()) >> (8 * i)) & 0xff));
+  write_file(d.file("huge.safetensors"), hb + huge);
+  CHECK_THROWS_WITH(load_safetensors(d.file("huge.safetensors")), Catch::Contains("tensor 'x': shape needs"));
+
   // Truncation: offsets beyond the data are caught, not read.
   write_file(d.file("cut.safetensors"), bytes.substr(0, bytes.size() - 4));
   CHECK_THROWS_WITH(load_safetensors(d.file("cut.safetensors")), Catch::Contains("tensor 'b': data_offsets [16, 20] outside"));
@@ -83,6 +90,42 @@ TEST_CASE("checkpoint commit: manifest with checksums, latest, pruning", "[check
   // CRC-32 of "state at 30" (zlib.crc32 gives the same number).
   CHECK(info.manifest["files"]["payload.txt"]["crc32"].get<uint32_t>() == crc32_bytes("state at 30", 11));
   CHECK(crc32_bytes("123456789", 9) == 0xCBF43926u);  // the standard CRC-32 check value
+}
+
+TEST_CASE("pruning never removes the checkpoint just written nor later ones; a re-save replaces in place", "[checkpoint]") {
+  TempDir d("ckpt");
+  auto save = [&](int64_t step, const std::string& text, int keep) {
+    CheckpointWriter w(d.path.string(), step, "contrastive");
+    w.add_text("payload.txt", text);
+    return w.commit(keep);
+  };
+  for (int64_t s : {1, 2, 3, 4}) save(s, "first run", 3);
+  const std::string re = save(3, "second run", 1);  // e.g. resumed from step 2 with keep_last 1
+  CHECK(fs::exists(re));
+  CHECK(verify_checkpoint(re).step == 3);
+  CHECK_FALSE(fs::exists(d.path / "checkpoints" / "step_00000002"));  // pruned: older than 3
+  CHECK(fs::exists(d.path / "checkpoints" / "step_00000004"));        // newer: not this commit's to prune
+  std::ifstream f(fs::path(re) / "payload.txt");
+  std::string text;
+  std::getline(f, text);
+  CHECK(text == "second run");
+  int leftovers = 0;
+  for (const auto& e : fs::directory_iterator(d.path / "checkpoints"))
+    leftovers += e.path().filename().string().rfind(".", 0) == 0;
+  CHECK(leftovers == 0);  // no temporary or set-aside folders left behind
+}
+
+TEST_CASE("a manifest with wrongly typed fields is a named DataError, and resolve_checkpoint explains", "[checkpoint]") {
+  TempDir d("ckpt");
+  CheckpointWriter w(d.path.string(), 1, "contrastive");
+  w.add_text("a.txt", "x");
+  const std::string good = w.commit(3);
+  fs::create_directories(d.path / "checkpoints" / "step_00000009");
+  write_file((d.path / "checkpoints" / "step_00000009" / "MANIFEST.json").string(),
+             R"({"format_version": 1, "step": "9", "files": {"a.txt": {"bytes": 1, "crc32": 0}}})");
+  CHECK_THROWS_WITH(verify_checkpoint((d.path / "checkpoints" / "step_00000009").string()), Catch::Contains("damaged manifest"));
+  CHECK(resolve_checkpoint(d.path.string()) == good);  // the damaged newer one is skipped
+  CHECK_THROWS_WITH(resolve_checkpoint(d.file("nope")), Catch::Contains("does not exist"));
 }
 
 TEST_CASE("a damaged or partial checkpoint is detected, named, and skipped by resume auto", "[checkpoint]") {

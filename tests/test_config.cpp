@@ -80,6 +80,22 @@ TEST_CASE("overrides with --set set typed values, creates nested keys and is val
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"optim.lr"}); }), Catch::Contains("expected KEY=VALUE"));
 }
 
+TEST_CASE("integers that do not fit, an empty recall list and a device this build lacks are errors", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("a.yaml"), kMinimal);
+  const std::string msg = error_of([&] {
+    load_run_config(d.file("a.yaml"), {"train.batch_size=2147483648", "eval.batch_size=4294967296"});
+  });
+  CHECK_THAT(msg, Catch::Contains("train.batch_size: integer out of range: 2147483648"));
+  CHECK_THAT(msg, Catch::Contains("eval.batch_size: integer out of range: 4294967296"));
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"eval.recall_at=[]"}); }),
+             Catch::Contains("eval.recall_at: needs at least one k"));
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"run.device=cuda"}); }),
+             Catch::Contains("run.device: 'cuda' is not available yet"));
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"loss.init_logit_scale=90"}); }),
+             Catch::Contains("init_logit_scale 90"));
+}
+
 TEST_CASE("cross-field checks name the key to fix", "[config]") {
   TempDir d("cfg");
   write_file(d.file("a.yaml"), std::string(kMinimal) + "train:\n  batch_size: 10\n  grad_accum: 3\nmodel:\n  vision:\n    patch_size: 7\n");

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -108,12 +110,34 @@ int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel&
     std::string keys;
     for (const auto& k : diff.safe) keys += " " + k;
     spdlog::info("resume: config changes allowed:{}", keys);
+    if (std::find(diff.safe.begin(), diff.safe.end(), "train.steps") != diff.safe.end() && cfg.schedule.type != "constant")
+      spdlog::warn("resume: train.steps changed, so the {} schedule now spans {} steps: from here on the learning rate "
+                   "differs from the original run's",
+                   cfg.schedule.type, cfg.train.steps);
   }
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   load_state(loss, load_safetensors(dir + "/loss.safetensors"), "", true, dir + "/loss.safetensors");
   torch::load(optim, dir + "/optimizer.pt");
   set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
   return info.step;
+}
+
+}  // namespace
+
+namespace {
+
+// Resuming from an older checkpoint abandons the later ones: rename them so that neither
+// `--resume auto` nor pruning mistakes them for this run's future.
+void set_aside_newer_checkpoints(const std::string& run_dir, int64_t step) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!e.is_directory() || name.rfind("step_", 0) != 0) continue;
+    if (std::stoll(name.substr(5)) <= step) continue;
+    fs::rename(e.path(), root / ("abandoned-" + name), ec);
+    spdlog::warn("resume: {} is newer than the resumed step {}; renamed to abandoned-{}", name, step, name);
+  }
 }
 
 }  // namespace
@@ -192,12 +216,15 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
       throw ConfigError("run.out_dir '" + cfg.run.out_dir +
                         "' already holds checkpoints: pass --resume auto to continue that run, or choose another run.out_dir");
   } else {
-    std::string dir = opt.resume;
-    if (opt.resume == "auto") dir = find_latest_checkpoint(cfg.run.out_dir, [](const std::string& w) { spdlog::warn(w); });
+    auto warn = [](const std::string& w) { spdlog::warn(w); };
+    const std::string dir = opt.resume == "auto" ? find_latest_checkpoint(cfg.run.out_dir, warn)
+                                                 : resolve_checkpoint(opt.resume, warn);
     if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", cfg.run.out_dir);
     else {
       start = load_checkpoint(dir, cfg, model, *loss, optimizer);
       spdlog::info("resumed from {} at step {}", dir, start);
+      set_aside_newer_checkpoints(cfg.run.out_dir, start);
+      truncate_metrics_after((fs::path(cfg.run.out_dir) / "metrics.jsonl").string(), start);
     }
   }
   atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
@@ -215,7 +242,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f}",
                  step, j.value("i2t/R@1", 0.0), j.value("i2t/R@5", 0.0), j.value("t2i/R@1", 0.0),
                  j.value("t2i/R@5", 0.0), j["cosine/matched"].get<double>(), j["cosine/mismatched"].get<double>());
-    metrics.write({{"step", step}, {"split", "val"}, {"eval", j}});
+    if (step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", j}});  // not again for a finished run
     return j;
   };
 
@@ -224,10 +251,23 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   while (step < steps) {
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
     set_lr(optimizer, lr);
-    CaptionBatch batch = loader.next();
+    CaptionBatch batch;
+    try {
+      batch = loader.next();
+    } catch (const DataError& e) {
+      const auto ck = save_checkpoint(cfg, model, *loss, optimizer, step);
+      throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
+                      " holds the last good state: fix or remove the record, then --resume auto)");
+    }
     optimizer.zero_grad();
     LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
+    if (!std::isfinite(gnorm)) {  // never apply (or checkpoint) a NaN/inf update
+      const auto ck = save_checkpoint(cfg, model, *loss, optimizer, step);
+      throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
+                               std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
+                               " holds the last good state; lower optim.lr or check the loss options, then --resume auto");
+    }
     optimizer.step();
     loss->post_step();
     ++step;
@@ -256,7 +296,8 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
       result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
   }
   result.final_step = step;
-  result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
+  if (start < steps) result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
+  else result.checkpoint = find_latest_checkpoint(cfg.run.out_dir);  // resumed a finished run: nothing new to save
   result.final_eval = run_eval(step);
   if (!result.final_eval.is_null())
     atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");

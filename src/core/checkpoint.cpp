@@ -131,21 +131,35 @@ std::string CheckpointWriter::commit(int keep_last) {
   fsync_path(tmp_, true);
 
   std::error_code ec;
-  if (fs::exists(final_)) fs::remove_all(final_, ec);  // a re-save of the same step replaces it
+  // A re-save of the same step: move the old one aside first, so a kill at any point leaves a
+  // complete checkpoint under the step name or beside it.
+  const std::string old = (fs::path(root_) / (".old-" + step_name(step_) + "-" + std::to_string(::getpid()))).string();
+  const bool replacing = fs::exists(final_);
+  if (replacing) {
+    fs::rename(final_, old, ec);
+    if (ec) throw std::runtime_error("cannot move the previous '" + final_ + "' aside: " + ec.message());
+  }
   fs::rename(tmp_, final_, ec);
   if (ec) throw std::runtime_error("cannot move checkpoint into place at '" + final_ + "': " + ec.message());
   fsync_path(root_, true);
   committed_ = true;
   atomic_write_text((fs::path(root_) / "latest").string(), fs::path(final_).filename().string() + "\n");
+  if (replacing) fs::remove_all(old, ec);
 
-  // Prune: keep the newest keep_last complete checkpoints.
+  // Prune: of the checkpoints up to this step, keep the newest keep_last (this one included).
   std::vector<std::string> steps;
-  for (const auto& e : fs::directory_iterator(root_))
-    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0)
-      steps.push_back(e.path().string());
+  for (const auto& e : fs::directory_iterator(root_)) {
+    const std::string name = e.path().filename().string();
+    if (e.is_directory() && name.rfind("step_", 0) == 0 && name <= step_name(step_)) steps.push_back(e.path().string());
+  }
   std::sort(steps.begin(), steps.end());
-  for (size_t i = 0; i + static_cast<size_t>(keep_last) < steps.size(); ++i) fs::remove_all(steps[i], ec);
+  for (size_t i = 0; i + static_cast<size_t>(std::max(1, keep_last)) < steps.size(); ++i)
+    if (steps[i] != final_) fs::remove_all(steps[i], ec);
   return final_;
+}
+
+namespace {
+void check_manifest(const std::string& dir, const std::string& mpath, const nlohmann::json& m, CheckpointInfo& info);
 }
 
 CheckpointInfo verify_checkpoint(const std::string& dir) {
@@ -161,7 +175,18 @@ CheckpointInfo verify_checkpoint(const std::string& dir) {
   CheckpointInfo info;
   info.dir = dir;
   info.manifest = m;
-  if (!m.contains("format_version") || !m["format_version"].is_number_integer())
+  try {
+    check_manifest(dir, mpath, m, info);
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(mpath + ": damaged manifest: " + e.what());
+  }
+  return info;
+}
+
+namespace {
+
+void check_manifest(const std::string& dir, const std::string& mpath, const nlohmann::json& m, CheckpointInfo& info) {
+  if (!m.is_object() || !m.contains("format_version") || !m["format_version"].is_number_integer())
     throw DataError(mpath + ": no format_version");
   if (m["format_version"].get<int>() > kCheckpointFormatVersion)
     throw DataError(mpath + ": checkpoint format " + std::to_string(m["format_version"].get<int>()) +
@@ -169,7 +194,7 @@ CheckpointInfo verify_checkpoint(const std::string& dir) {
                     "); update trialign");
   info.step = m.value("step", int64_t{0});
   info.trainer = m.value("trainer", std::string());
-  if (!m.contains("files") || !m["files"].is_object()) throw DataError(mpath + ": no file list");
+  if (!m.contains("files") || !m["files"].is_object() || m["files"].empty()) throw DataError(mpath + ": no file list");
   for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
     const std::string f = (fs::path(dir) / it.key()).string();
     std::error_code ec;
@@ -181,7 +206,18 @@ CheckpointInfo verify_checkpoint(const std::string& dir) {
     if (crc32_file(f) != it.value().value("crc32", uint32_t{0}))
       throw DataError("checkpoint file '" + f + "' fails its checksum (damaged); resume from an older checkpoint");
   }
-  return info;
+}
+
+}  // namespace
+
+std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw DataError("checkpoint or run folder '" + path + "' does not exist");
+  if (fs::exists(fs::path(path) / "MANIFEST.json", ec)) return path;
+  const std::string latest = find_latest_checkpoint(path, warn);
+  if (latest.empty())
+    throw DataError("'" + path + "' is neither a checkpoint folder nor a run folder with a complete checkpoint");
+  return latest;
 }
 
 std::string find_latest_checkpoint(const std::string& run_dir,

@@ -59,6 +59,10 @@ struct CheckpointInfo {
 // Verifies MANIFEST.json and every file's size and checksum; throws DataError naming the file.
 CheckpointInfo verify_checkpoint(const std::string& dir);
 
+// A checkpoint folder as given, or a run folder's newest complete checkpoint. Throws DataError
+// when the path does not exist or holds no complete checkpoint.
+std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn = {});
+
 // The newest complete, verified checkpoint under RUN/checkpoints, or "" when there is none.
 // Damaged or partial directories are skipped with a warning through `warn`.
 std::string find_latest_checkpoint(const std::string& run_dir,

@@ -12,6 +12,7 @@
 // is reported at once by ConfigErrors::throw_if_any. ConfigWriter turns a struct back into a
 // tree (the resolved config saved with a run).
 #pragma once
+#include <climits>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -79,8 +80,11 @@ class ConfigReader {
   // Int fields accept the double/int64 checks for convenience.
   void operator()(const char* key, int& value, Check<int64_t> check) {
     int64_t v = value;
-    (*this)(key, v, std::move(check));
-    value = static_cast<int>(v);
+    (*this)(key, v, Check<int64_t>([check](const int64_t& x) {
+      if (x < INT32_MIN || x > INT32_MAX) return "integer out of range: " + std::to_string(x);
+      return check ? check(x) : std::string();
+    }));
+    if (v >= INT32_MIN && v <= INT32_MAX) value = static_cast<int>(v);
   }
   void operator()(const char* key, float& value, Check<double> check) {
     double v = value;

@@ -25,6 +25,10 @@ class MetricsLog {
   std::ofstream out_;
 };
 
+// On resume from `step`: drops the records of steps after it (they are about to be redone), so
+// metrics.jsonl reads as one uninterrupted run.
+void truncate_metrics_after(const std::string& path, int64_t step);
+
 std::string format_duration(double seconds);  // "1h02m", "3m12s", "45s"
 
 // Rate and ETA over the steps run in this process (resumed steps do not inflate the rate).

@@ -76,7 +76,7 @@ class Registry {
     std::shared_ptr<Base> made;
     try {
       made = make(reader, args...);
-    } catch (const ConfigError& e) {
+    } catch (const std::exception& e) {  // a factory's own validation, or a LibTorch check
       errors.add(&spec.options, spec.path, e.what());
       return nullptr;
     }

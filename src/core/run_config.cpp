@@ -54,6 +54,11 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     errors.add(at("schedule.warmup_steps"), "schedule.warmup_steps",
                "warmup (" + std::to_string(c.schedule.warmup_steps) + ") is longer than train.steps (" +
                    std::to_string(c.train.steps) + ")");
+  if (c.eval.recall_at.empty())
+    errors.add(at("eval.recall_at"), "eval.recall_at", "needs at least one k, e.g. [1, 5, 10]");
+  if (c.run.device != "cpu")
+    errors.add(at("run.device"), "run.device",
+               "'" + c.run.device + "' is not available yet: this version trains on the CPU only; use cpu");
   for (auto k : c.eval.recall_at)
     if (k < 1) errors.add(at("eval.recall_at"), "eval.recall_at", "every k must be >= 1");
   if (c.data.train.empty())

@@ -118,6 +118,9 @@ std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,
       throw DataError(where + ": data_offsets must be [begin, end]");
     const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
     const uint64_t elem = torch::elementSize(info->type);
+    if (numel > data_size / elem)
+      throw DataError(where + ": shape needs " + std::to_string(numel) + " elements, more than the " +
+                      std::to_string(data_size) + "-byte data section holds");
     if (b > en || en > data_size)
       throw DataError(where + ": data_offsets [" + std::to_string(b) + ", " + std::to_string(en) +
                       "] outside the " + std::to_string(data_size) + "-byte data section (truncated file?)");

@@ -10,6 +10,7 @@ std::map<std::string, double> retrieval_recall(const torch::Tensor& image_embeds
                                                const std::vector<std::string>& captions,
                                                const std::vector<int64_t>& ks) {
   const int64_t N = image_embeds.size(0);
+  TORCH_CHECK(!ks.empty(), "retrieval_recall: no k given");
   TORCH_CHECK(text_embeds.size(0) == N && static_cast<int64_t>(captions.size()) == N,
               "retrieval_recall: ", N, " images, ", text_embeds.size(0), " texts, ", captions.size(), " captions");
   // Caption text -> class id, so "same text" is an integer compare.
