@@ -24,11 +24,7 @@ struct Tok {
     for (int i = 0; i < 100; ++i)
       lines += R"({"caption": "USER: what colour is the star? ASSISTANT: red blue green a small star left of circle"})" "\n";
     write_file(dir.file("m.jsonl"), lines);
-    TokenizerTrainOptions o;
-    o.manifests = {dir.file("m.jsonl")};
-    o.out_prefix = dir.file("tok");
-    o.vocab_size = 40;
-    train_tokenizer(o);
+    trialign::test::train_test_tokenizer(dir.file("m.jsonl"), dir.file("tok"), 40);
     tok = Tokenizer::load(dir.file("tok.model"));
   }
   std::vector<int64_t> enc(const std::string& s) const {

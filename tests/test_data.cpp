@@ -70,11 +70,7 @@ TEST_CASE("tokenizer: train, reload, round trip and special ids", "[data][tokeni
     lines += std::string("{\"caption\": \"a ") + words[i % 3] + " " + words[3 + i % 3] +
              " left of a " + words[(i / 3) % 3] + " " + words[3 + (i / 7) % 3] + "\"}\n";
   write_file(d.file("m.jsonl"), lines);
-  TokenizerTrainOptions opt;
-  opt.manifests = {d.file("m.jsonl")};
-  opt.out_prefix = d.file("tok");
-  opt.vocab_size = 40;
-  CHECK(train_tokenizer(opt) == 200);
+  CHECK(trialign::test::train_test_tokenizer(d.file("m.jsonl"), d.file("tok"), 40) == 200);
   auto tok = Tokenizer::load(d.file("tok.model"));
   CHECK(tok.pad_id() == 0);
   CHECK(tok.unk_id() == 1);
@@ -177,11 +173,7 @@ TEST_CASE("caption dataset: bad records fail with their location, or are skipped
   std::string lines;
   for (int i = 0; i < 50; ++i) lines += "{\"caption\": \"a red square\"}\n";
   write_file(d.file("tok.jsonl"), lines);
-  TokenizerTrainOptions topt;
-  topt.manifests = {d.file("tok.jsonl")};
-  topt.out_prefix = d.file("tok");
-  topt.vocab_size = 20;
-  train_tokenizer(topt);
+  trialign::test::train_test_tokenizer(d.file("tok.jsonl"), d.file("tok"), 20);
   auto tok = Tokenizer::load(d.file("tok.model"));
   DataConfig cfg;
   cfg.image_size = 8;

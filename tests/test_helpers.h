@@ -6,6 +6,8 @@
 #include <random>
 #include <string>
 
+#include "data/tokenizer.h"
+
 namespace trialign::test {
 
 // A fresh directory under the system temp dir, removed when the object goes away.
@@ -29,6 +31,16 @@ inline void write_file(const std::string& path, const std::string& text) {
 }
 
 inline std::string source_dir() { return TRIALIGN_SOURCE_DIR; }
+
+// Trains a small sentencepiece model on a manifest's captions; returns the number of sentences
+// read. Writes `prefix`.model.
+inline int64_t train_test_tokenizer(const std::string& manifest, const std::string& prefix, int vocab_size) {
+  TokenizerTrainOptions o;
+  o.manifests = {manifest};
+  o.out_prefix = prefix;
+  o.vocab_size = vocab_size;
+  return train_tokenizer(o);
+}
 
 // The message of the E that f throws, or "" when it throws none.
 template <class E>

@@ -25,11 +25,7 @@ struct TinyCorpus {
     g.max_objects = 2;
     g.seed = 3;
     shapes::write_dataset(dir.file("data"), 64, 32, g);
-    TokenizerTrainOptions t;
-    t.manifests = {dir.file("data/train.jsonl")};
-    t.out_prefix = dir.file("data/tok");
-    t.vocab_size = 48;
-    train_tokenizer(t);
+    trialign::test::train_test_tokenizer(dir.file("data/train.jsonl"), dir.file("data/tok"), 48);
   }
   RunConfig config(const std::string& out, int64_t steps, std::vector<std::string> extra = {}) const {
     std::vector<std::string> sets = {
