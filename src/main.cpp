@@ -27,14 +27,6 @@ using namespace trialign;
 
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw DataError("cannot read '" + path + "'");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 int cmd_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
   RunConfig cfg = load_run_config(config, sets);
   TrainOptions opt;
@@ -59,7 +51,7 @@ int cmd_eval(const std::string& target, const std::string& data, const std::stri
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
-  RunConfig cfg = run_config_from_tree(parse_config_string(read_text(dir + "/config.yaml"), dir + "/config.yaml"),
+  RunConfig cfg = run_config_from_tree(parse_config_string(read_text_file(dir + "/config.yaml"), dir + "/config.yaml"),
                                        dir + "/config.yaml");
   const std::string manifest = data.empty() ? cfg.data.val : data;
   if (manifest.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no data.val");

@@ -28,4 +28,7 @@ TEST_CASE("retrieval counts a caption with the same text as a hit and breaks tie
   // t2i: text0 ties image0/image1 (both "x") -> hit; text1 ("x") ranks image2 ("y") first -> miss;
   // text2 ("y") -> image2 hit.
   CHECK(r.at("t2i/R@1") == Approx(2.0 / 3));
+  // Similarities [[1,0,0],[1,0,0],[0,1,1]]: diagonal mean 2/3; the other six sum to 4 - 2 = 2.
+  CHECK(r.at("cosine/matched") == Approx(2.0 / 3));
+  CHECK(r.at("cosine/mismatched") == Approx(1.0 / 3));
 }

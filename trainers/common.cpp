@@ -10,7 +10,14 @@
 #include <fstream>
 #include <thread>
 
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "core/checkpoint.h"
 #include "core/config_tree.h"
+#include "core/errors.h"
+#include "core/logging.h"
 
 namespace trialign {
 
@@ -166,6 +173,26 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
   for (const auto& [k, v] : b)
     if (!a.count(k)) record(k);
   return d;
+}
+
+std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume) {
+  if (resume.empty()) {
+    if (has_checkpoints(run_dir))
+      throw ConfigError("run.out_dir '" + run_dir +
+                        "' already holds checkpoints: pass --resume auto to continue that run, or choose another run.out_dir");
+    return "";
+  }
+  auto warn = [](const std::string& w) { spdlog::warn(w); };
+  if (resume != "auto") return resolve_checkpoint(resume, warn);
+  const std::string dir = find_latest_checkpoint(run_dir, warn);
+  if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);
+  return dir;
+}
+
+void forget_after_step(const std::string& run_dir, int64_t step) {
+  for (const auto& name : set_aside_checkpoints_after(run_dir, step))
+    spdlog::warn("resume: {} is newer than the resumed step {}; renamed to abandoned-{}", name, step, name);
+  truncate_metrics_after((std::filesystem::path(run_dir) / "metrics.jsonl").string(), step);
 }
 
 void install_stop_handlers() {

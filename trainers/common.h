@@ -69,6 +69,15 @@ struct ConfigDiff {
 };
 ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& current_yaml);
 
+// Which checkpoint a run starts from: "" for a fresh run. A fresh run (no --resume) into a
+// run.out_dir that already holds checkpoints is refused; "auto" takes the newest complete one
+// (or starts fresh when there is none); a path may name a checkpoint or a run folder.
+std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume);
+
+// After loading the checkpoint of `step`: sets later checkpoints aside and drops their records
+// from RUN/metrics.jsonl, so the run reads as one uninterrupted run.
+void forget_after_step(const std::string& run_dir, int64_t step);
+
 // SIGTERM/SIGINT set this flag; trainers finish the step, checkpoint and exit with
 // kExitInterrupted.
 void install_stop_handlers();  // also clears a previous request

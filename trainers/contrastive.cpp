@@ -85,20 +85,13 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
   return w.commit(cfg.train.keep_last);
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,
                         torch::optim::Optimizer& optim) {
   const auto info = verify_checkpoint(dir);
   if (info.trainer != "contrastive")
     throw ConfigError("checkpoint '" + dir + "' was written by the '" + info.trainer +
                       "' trainer; this config runs 'contrastive'");
-  const auto diff = diff_for_resume(read_text(dir + "/config.yaml"), resolved_yaml(cfg));
+  const auto diff = diff_for_resume(read_text_file(dir + "/config.yaml"), resolved_yaml(cfg));
   if (!diff.unsafe.empty()) {
     std::string keys;
     for (const auto& k : diff.unsafe) keys += "\n  " + k;
@@ -120,24 +113,6 @@ int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel&
   torch::load(optim, dir + "/optimizer.pt");
   set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
   return info.step;
-}
-
-}  // namespace
-
-namespace {
-
-// Resuming from an older checkpoint abandons the later ones: rename them so that neither
-// `--resume auto` nor pruning mistakes them for this run's future.
-void set_aside_newer_checkpoints(const std::string& run_dir, int64_t step) {
-  const fs::path root = fs::path(run_dir) / "checkpoints";
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(root, ec)) {
-    const std::string name = e.path().filename().string();
-    if (!e.is_directory() || name.rfind("step_", 0) != 0) continue;
-    if (std::stoll(name.substr(5)) <= step) continue;
-    fs::rename(e.path(), root / ("abandoned-" + name), ec);
-    spdlog::warn("resume: {} is newer than the resumed step {}; renamed to abandoned-{}", name, step, name);
-  }
 }
 
 }  // namespace
@@ -167,13 +142,7 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   auto I = torch::cat(imgs), T = torch::cat(txts);  // [N, E]
   nlohmann::json j;
   for (const auto& [k, v] : retrieval_recall(I, T, captions, eval.recall_at)) j[k] = v;
-  const auto N = I.size(0);
-  auto sim = torch::matmul(I, T.t());
-  const double matched = sim.diagonal().mean().item<double>();
-  const double all = sim.sum().item<double>();
-  j["cosine/matched"] = matched;
-  j["cosine/mismatched"] = N > 1 ? (all - matched * N) / (N * (N - 1)) : 0.0;
-  j["pairs"] = N;
+  j["pairs"] = I.size(0);
   if (was_training) model->train();
   return j;
 }
@@ -211,21 +180,11 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
                cfg.run.precision == "auto" ? " (auto: " + std::string(bf16 ? "CPU has native bf16" : "no native bf16 on this CPU") + ")" : "");
 
   int64_t start = 0;
-  if (opt.resume.empty()) {
-    if (!find_latest_checkpoint(cfg.run.out_dir).empty())
-      throw ConfigError("run.out_dir '" + cfg.run.out_dir +
-                        "' already holds checkpoints: pass --resume auto to continue that run, or choose another run.out_dir");
-  } else {
-    auto warn = [](const std::string& w) { spdlog::warn(w); };
-    const std::string dir = opt.resume == "auto" ? find_latest_checkpoint(cfg.run.out_dir, warn)
-                                                 : resolve_checkpoint(opt.resume, warn);
-    if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", cfg.run.out_dir);
-    else {
-      start = load_checkpoint(dir, cfg, model, *loss, optimizer);
-      spdlog::info("resumed from {} at step {}", dir, start);
-      set_aside_newer_checkpoints(cfg.run.out_dir, start);
-      truncate_metrics_after((fs::path(cfg.run.out_dir) / "metrics.jsonl").string(), start);
-    }
+  const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
+  if (!resumed_from.empty()) {
+    start = load_checkpoint(resumed_from, cfg, model, *loss, optimizer);
+    spdlog::info("resumed from {} at step {}", resumed_from, start);
+    forget_after_step(cfg.run.out_dir, start);
   }
   atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
 
@@ -297,7 +256,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   }
   result.final_step = step;
   if (start < steps) result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
-  else result.checkpoint = find_latest_checkpoint(cfg.run.out_dir);  // resumed a finished run: nothing new to save
+  else result.checkpoint = resumed_from;  // resumed a finished run: nothing new to save
   result.final_eval = run_eval(step);
   if (!result.final_eval.is_null())
     atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");

@@ -82,6 +82,14 @@ void atomic_write_text(const std::string& path, const std::string& text) {
   fsync_path(fs::path(path).parent_path().string(), true);
 }
 
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw DataError("cannot read '" + path + "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 CheckpointWriter::CheckpointWriter(const std::string& run_dir, int64_t step, std::string trainer)
     : root_((fs::path(run_dir) / "checkpoints").string()), trainer_(std::move(trainer)), step_(step) {
   final_ = (fs::path(root_) / step_name(step)).string();
@@ -209,6 +217,27 @@ void check_manifest(const std::string& dir, const std::string& mpath, const nloh
 }
 
 }  // namespace
+
+bool has_checkpoints(const std::string& run_dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(fs::path(run_dir) / "checkpoints", ec))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) return true;
+  return false;
+}
+
+std::vector<std::string> set_aside_checkpoints_after(const std::string& run_dir, int64_t step) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::vector<std::string> moved;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const std::string name = e.path().filename().string();
+    // Same ordering as pruning: zero-padded names compare like their steps.
+    if (!e.is_directory() || name.rfind("step_", 0) != 0 || name <= step_name(step)) continue;
+    fs::rename(e.path(), root / ("abandoned-" + name), ec);
+    if (!ec) moved.push_back(name);
+  }
+  return moved;
+}
 
 std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn) {
   std::error_code ec;

@@ -26,6 +26,8 @@ uint32_t crc32_bytes(const void* data, size_t n, uint32_t crc = 0);
 
 // Writes `text` to `path` through a temporary file + fsync + rename.
 void atomic_write_text(const std::string& path, const std::string& text);
+// The whole file; throws DataError naming the path when it cannot be read.
+std::string read_text_file(const std::string& path);
 
 class CheckpointWriter {
  public:
@@ -62,6 +64,13 @@ CheckpointInfo verify_checkpoint(const std::string& dir);
 // A checkpoint folder as given, or a run folder's newest complete checkpoint. Throws DataError
 // when the path does not exist or holds no complete checkpoint.
 std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn = {});
+
+// True when RUN/checkpoints holds any step folder, complete or not (no checksums read).
+bool has_checkpoints(const std::string& run_dir);
+
+// Resuming from `step` abandons later checkpoints: renames them to `abandoned-step_...`, so that
+// neither `--resume auto` nor pruning takes them for the run's future. Returns the renamed names.
+std::vector<std::string> set_aside_checkpoints_after(const std::string& run_dir, int64_t step);
 
 // The newest complete, verified checkpoint under RUN/checkpoints, or "" when there is none.
 // Damaged or partial directories are skipped with a warning through `warn`.

@@ -47,7 +47,6 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
   if (t.max_position_embeddings < c.data.max_text_len)
     errors.add(at("model.text.max_position_embeddings"), "model.text.max_position_embeddings",
                "must be >= data.max_text_len (" + std::to_string(c.data.max_text_len) + ")");
-  if (c.optim.grad_clip < 0) errors.add(at("optim.grad_clip"), "optim.grad_clip", "must be >= 0");
   if (c.data.augment.scale_min > c.data.augment.scale_max)
     errors.add(at("data.augment.scale_min"), "data.augment.scale_min", "must be <= scale_max");
   if (c.schedule.warmup_steps > c.train.steps)

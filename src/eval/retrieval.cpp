@@ -37,6 +37,9 @@ std::map<std::string, double> retrieval_recall(const torch::Tensor& image_embeds
   };
 
   std::map<std::string, double> out;
+  const double matched = sim.diagonal().mean().item<double>();
+  out["cosine/matched"] = matched;
+  out["cosine/mismatched"] = N > 1 ? (sim.sum().item<double>() - matched * N) / (N * (N - 1)) : 0.0;
   for (bool image_query : {true, false}) {
     std::vector<int64_t> ranks;
     for (int64_t q = 0; q < N; ++q) ranks.push_back(first_hit(q, image_query));

@@ -12,7 +12,9 @@
 namespace trialign {
 
 // image_embeds, text_embeds: [N, E] (row i of each belongs to pair i); captions: N texts.
-// Returns {"i2t/R@1": .., "t2i/R@1": .., ...} for every k.
+// Returns {"i2t/R@1": .., "t2i/R@1": .., ...} for every k, plus "cosine/matched" (mean similarity
+// of the true pairs) and "cosine/mismatched" (mean over all other pairs), from the one [N, N]
+// similarity matrix.
 std::map<std::string, double> retrieval_recall(const torch::Tensor& image_embeds, const torch::Tensor& text_embeds,
                                                const std::vector<std::string>& captions,
                                                const std::vector<int64_t>& ks);

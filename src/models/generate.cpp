@@ -16,9 +16,9 @@ torch::Tensor filter_logits(const torch::Tensor& logits, int64_t top_k, double t
   }
   if (top_p < 1.0) {
     auto [sorted, idx] = out.sort(-1, /*descending=*/true);
-    auto cum = sorted.softmax(-1).cumsum(-1);
+    auto probs = sorted.softmax(-1);
     // Drop a token when the tokens before it already reach top_p (so the first always stays).
-    auto drop_sorted = (cum - sorted.softmax(-1)) >= top_p;
+    auto drop_sorted = (probs.cumsum(-1) - probs) >= top_p;
     auto drop = torch::zeros_like(drop_sorted).scatter(-1, idx, drop_sorted);
     out = out.masked_fill(drop, neg);
   }
