@@ -164,7 +164,7 @@ int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
                            " --vocab_size=" + std::to_string(opt.vocab_size) +
                            " --model_type=" + opt.model_type +
                            " --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"
-                           " --user_defined_symbols=<image> --hard_vocab_limit=false"
+                           " --user_defined_symbols=<image>,USER:,ASSISTANT: --hard_vocab_limit=false"
                            " --character_coverage=1.0 --minloglevel=2 --num_threads=1";
   char* err = spm().train(args.c_str());
   std::filesystem::remove(corpus);

@@ -7,4 +7,9 @@ ContrastiveLossRegistry& contrastive_losses() {
   return registry;
 }
 
+LmLossRegistry& lm_losses() {
+  static LmLossRegistry registry("language-model loss");
+  return registry;
+}
+
 }  // namespace trialign

@@ -36,4 +36,23 @@ class ContrastiveLossImpl : public torch::nn::Module {
 using ContrastiveLossRegistry = Registry<ContrastiveLossImpl>;
 ContrastiveLossRegistry& contrastive_losses();
 
+// Inputs of a token-level language-model loss (stages 2-3). Only the positions that carry a
+// target are passed: logits[i] predicts targets[i].
+struct TokenLossInputs {
+  torch::Tensor logits;   // [n, V] fp32
+  torch::Tensor targets;  // [n] int64
+  // Target tokens in the whole optimizer step (all micro-batches together). A loss divides its
+  // sum by this, so micro-batch losses add up to the loss of the full batch and accumulation
+  // gives the one-big-batch gradient; additive metrics are shares of the step in the same way.
+  double normaliser = 1;
+};
+
+class LmLossImpl : public torch::nn::Module {
+ public:
+  virtual LossOutput forward(const TokenLossInputs& in) = 0;
+};
+
+using LmLossRegistry = Registry<LmLossImpl>;
+LmLossRegistry& lm_losses();
+
 }  // namespace trialign

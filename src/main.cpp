@@ -16,11 +16,16 @@
 #include "core/run_config.h"
 #include "core/safetensors.h"
 #include "data/caption_dataset.h"
+#include "data/conversation_dataset.h"
+#include "data/image.h"
+#include "data/shapes_questions.h"
 #include "data/shapes_world.h"
 #include "data/tokenizer.h"
 #include "losses/loss.h"
 #include "trainers/common.h"
 #include "trainers/contrastive.h"
+#include "trainers/pipeline.h"
+#include "trainers/vlm.h"
 
 namespace fs = std::filesystem;
 using namespace trialign;
@@ -31,7 +36,7 @@ int cmd_train(const std::string& config, const std::vector<std::string>& sets, c
   RunConfig cfg = load_run_config(config, sets);
   TrainOptions opt;
   opt.resume = resume;
-  auto result = train_contrastive(cfg, opt);
+  auto result = train_any(cfg, opt);
   if (result.interrupted) return kExitInterrupted;
   if (!result.final_eval.is_null()) std::cout << result.final_eval.dump(2) << std::endl;
   return kExitOk;
@@ -43,16 +48,61 @@ int cmd_config_check(const std::string& config, const std::vector<std::string>& 
   return kExitOk;
 }
 
+// A checkpoint's own resolved config.
+RunConfig checkpoint_config(const std::string& dir) {
+  return run_config_from_tree(parse_config_string(read_text_file(dir + "/config.yaml"), dir + "/config.yaml"),
+                              dir + "/config.yaml");
+}
+
+// A VLM checkpoint with its tokenizer, ready for evaluation or generation.
+struct LoadedVlm {
+  RunConfig cfg;
+  Tokenizer tok;
+  VlmModel model{nullptr};
+};
+LoadedVlm load_vlm(const std::string& dir) {
+  LoadedVlm v{checkpoint_config(dir), Tokenizer::load(checkpoint_config(dir).data.tokenizer)};
+  v.model = build_vlm_model(v.cfg, v.tok);
+  load_state(*v.model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
+  v.model->eval();
+  return v;
+}
+
+int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::string& out) {
+  auto v = load_vlm(dir);
+  const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
+  std::vector<EvalSet> sets = v.cfg.eval.sets;
+  if (!data.empty()) sets = {EvalSet{"data", data, 0}};
+  else if (sets.empty() && !v.cfg.data.val.empty()) sets = {EvalSet{"val", v.cfg.data.val, v.cfg.data.val_limit}};
+  if (sets.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no eval.sets or data.val");
+  auto loss = lm_losses().create_or_throw(v.cfg.loss);
+  nlohmann::json j;
+  for (const auto& s : sets) {
+    ConversationDataset ds(s.data, v.cfg.data, v.tok, v.model->tokens_per_image(), false, s.limit);
+    j[s.name] = evaluate_vlm(v.model, *loss, ds, v.tok, std::max(1, v.cfg.train.batch_size / v.cfg.train.grad_accum),
+                             v.cfg.eval.max_new_tokens, bf16);
+    j[s.name]["data"] = s.data;
+  }
+  j["checkpoint"] = dir;
+  if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
+  std::cout << j.dump(2) << std::endl;
+  return kExitOk;
+}
+
 int cmd_eval(const std::string& target, const std::string& data, const std::string& suite, const std::string& out,
              int threads) {
-  if (suite != "retrieval")
-    throw ConfigError("--suite '" + suite + "': the suites available are: retrieval");
   init_logging();
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
-  RunConfig cfg = run_config_from_tree(parse_config_string(read_text_file(dir + "/config.yaml"), dir + "/config.yaml"),
-                                       dir + "/config.yaml");
+  RunConfig cfg = checkpoint_config(dir);
+  if (cfg.is_vlm()) {
+    if (suite != "auto" && suite != "vqa")
+      throw ConfigError("--suite '" + suite + "': a " + cfg.trainer + " checkpoint is scored with the vqa suite");
+    return cmd_eval_vlm(dir, data, out);
+  }
+  if (suite != "auto" && suite != "retrieval")
+    throw ConfigError("--suite '" + suite + "': a contrastive checkpoint is scored with the retrieval suite");
   const std::string manifest = data.empty() ? cfg.data.val : data;
   if (manifest.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no data.val");
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
@@ -64,6 +114,40 @@ int cmd_eval(const std::string& target, const std::string& data, const std::stri
   j["data"] = manifest;
   if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
   std::cout << j.dump(2) << std::endl;
+  return kExitOk;
+}
+
+int cmd_generate(const std::string& target, const std::string& image, const std::string& prompt,
+                 const SamplingOptions& sampling, int threads) {
+  init_logging();
+  setup_threads(threads);
+  const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
+  verify_checkpoint(dir);
+  if (!checkpoint_config(dir).is_vlm())
+    throw ConfigError("generate: '" + dir + "' is a stage-1 (contrastive) checkpoint; it has no language model");
+  auto v = load_vlm(dir);
+  // The prompt goes through the training template, so the model sees what it was trained on.
+  Conversation c;
+  std::string user = prompt;
+  if (!image.empty()) {
+    c.images.push_back(image);
+    if (user.find("<image>") == std::string::npos) user = "<image>\n" + user;
+  }
+  c.turns = {{"user", user}, {"assistant", "x"}};
+  auto ids = prompt_ids(tokenize_conversation(c, v.tok, v.cfg.data.chat_template));
+  torch::Tensor pixels;
+  if (!image.empty()) pixels = image_transform(load_image_rgb(image), v.cfg.data, false, 0).unsqueeze(0);
+  const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
+  std::cout << generate_replies(v.model, v.tok, {ids}, pixels, sampling, bf16).at(0) << std::endl;
+  return kExitOk;
+}
+
+int cmd_run(const std::string& pipeline, const std::vector<std::string>& sets) {
+  const auto plan = load_pipeline(pipeline, sets);
+  TrainOptions opt;
+  auto r = run_pipeline(plan, opt);
+  if (r.interrupted) return kExitInterrupted;
+  std::cout << nlohmann::json{{"pipeline", plan.pipeline.name}, {"stages", r.stages}}.dump(2) << std::endl;
   return kExitOk;
 }
 
@@ -80,6 +164,9 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   });
   spdlog::info("wrote {} train and {} val scenes: {}, {}", summary.train, summary.val, summary.train_manifest,
                summary.val_manifest);
+  const auto qa = shapes::write_instruction_data(out, n_train, n_val, opt);
+  spdlog::info("wrote {} instruction conversations ({}) and {} held-out questions ({})", qa.train_records,
+               qa.train_manifest, qa.val_records, qa.val_manifest);
   return kExitOk;
 }
 
@@ -114,14 +201,36 @@ int main(int argc, char** argv) {
   check->add_option("--set", sets, "Override a config key (repeatable)");
 
   // eval
-  std::string target, eval_data, suite = "retrieval", eval_out;
+  std::string target, eval_data, suite = "auto", eval_out;
   int eval_threads = 0;
   auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
   eval->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
   eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the config's data.val)");
-  eval->add_option("--suite", suite, "Metric suite: retrieval");
+  eval->add_option("--suite", suite, "Metric suite: auto (by checkpoint), retrieval (stage 1), vqa (stages 2-3)");
   eval->add_option("--out", eval_out, "Also write the JSON results here");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)");
+
+  // run (pipeline)
+  std::string pipeline;
+  auto* run = app.add_subcommand("run", "Run a pipeline of stages (skips finished stages, resumes the current one)");
+  run->add_option("pipeline", pipeline, "Pipeline (YAML)")->required()->check(CLI::ExistingFile);
+  run->add_option("--set", sets, "Override a key in every stage's config (repeatable)");
+
+  // generate
+  std::string gen_image, gen_prompt;
+  SamplingOptions sampling;
+  sampling.max_new_tokens = 48;
+  int gen_threads = 0;
+  auto* generate_cmd = app.add_subcommand("generate", "Answer a prompt about an image with a stage-2/3 model");
+  generate_cmd->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
+  generate_cmd->add_option("--image", gen_image, "Image file")->check(CLI::ExistingFile);
+  generate_cmd->add_option("--prompt", gen_prompt, "The user's message")->required();
+  generate_cmd->add_option("--max-new-tokens", sampling.max_new_tokens, "Reply length cap")->check(CLI::PositiveNumber);
+  generate_cmd->add_option("--temperature", sampling.temperature, "0 = greedy")->check(CLI::NonNegativeNumber);
+  generate_cmd->add_option("--top-k", sampling.top_k, "Keep the k most likely tokens (0 = off)");
+  generate_cmd->add_option("--top-p", sampling.top_p, "Nucleus mass (1 = off)")->check(CLI::Range(0.0, 1.0));
+  generate_cmd->add_option("--seed", sampling.seed, "Sampling seed");
+  generate_cmd->add_option("--threads", gen_threads, "LibTorch threads (0 = all cores)");
 
   // data shapes
   auto* data = app.add_subcommand("data", "Data tools");
@@ -171,12 +280,16 @@ int main(int argc, char** argv) {
   try {
     if (*train) return cmd_train(config, sets, resume);
     if (*check) return cmd_config_check(config, sets);
+    if (*run) return cmd_run(pipeline, sets);
+    if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
     if (*eval) return cmd_eval(target, eval_data, suite, eval_out, eval_threads);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
     if (*tok_train) return cmd_tokenizer_train(tok_opt);
     if (*losses) {
       for (const auto& n : contrastive_losses().names())
-        std::cout << n << "\t" << contrastive_losses().help(n) << "\n";
+        std::cout << n << "\tcontrastive (stage 1)\t" << contrastive_losses().help(n) << "\n";
+      for (const auto& n : lm_losses().names())
+        std::cout << n << "\tlanguage model (stages 2-3)\t" << lm_losses().help(n) << "\n";
       return kExitOk;
     }
   } catch (const ConfigError& e) {

@@ -1,10 +1,15 @@
 #include "trainers/common.h"
 
+#include <fnmatch.h>
+
+#include "models/vlm.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <dlfcn.h>
 #include <opencv2/core.hpp>
 
+#include <algorithm>
 #include <csignal>
 #include <cmath>
 #include <fstream>
@@ -76,7 +81,7 @@ std::vector<torch::optim::OptimizerParamGroup> adamw_groups(
     const std::vector<std::pair<std::string, torch::Tensor>>& named_trainable, const OptimConfig& cfg) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& [name, p] : named_trainable) {
-    const bool is_embedding = name.find("embedding") != std::string::npos;
+    const bool is_embedding = name.find("embedding") != std::string::npos || name.find("embed_tokens") != std::string::npos;
     if (p.dim() >= 2 && !is_embedding) decay.push_back(p);
     else no_decay.push_back(p);
   }
@@ -93,6 +98,61 @@ std::vector<torch::optim::OptimizerParamGroup> adamw_groups(
 
 void set_lr(torch::optim::Optimizer& opt, double lr) {
   for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+}
+
+ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg) {
+  const auto& rules = cfg.param_groups;
+  std::vector<int64_t> hits(rules.size(), 0);
+  std::vector<double> lrs;  // distinct peak lrs in order of first appearance
+  std::vector<std::vector<std::pair<std::string, torch::Tensor>>> by_lr;
+  ParamPlan plan;
+  for (const auto& [name, p] : named) {
+    const ParamGroupRule* rule = nullptr;
+    for (size_t i = 0; i < rules.size() && !rule; ++i) {
+      const auto& m = rules[i].match;
+      if (m == component_of(name) || fnmatch(m.c_str(), name.c_str(), 0) == 0) {
+        rule = &rules[i];
+        ++hits[i];
+      }
+    }
+    if (rule && rule->freeze) {
+      p.requires_grad_(false);
+      plan.frozen.push_back(name);
+      continue;
+    }
+    p.requires_grad_(true);
+    plan.trainable.emplace_back(name, p);
+    const double lr = rule && rule->lr > 0 ? rule->lr : cfg.lr;
+    auto it = std::find(lrs.begin(), lrs.end(), lr);
+    if (it == lrs.end()) {
+      lrs.push_back(lr);
+      by_lr.emplace_back();
+      it = lrs.end() - 1;
+    }
+    by_lr[static_cast<size_t>(it - lrs.begin())].emplace_back(name, p);
+  }
+  for (size_t i = 0; i < rules.size(); ++i)
+    if (hits[i] == 0)
+      throw ConfigError("optim.param_groups[" + std::to_string(i) + "].match: '" + rules[i].match +
+                        "' matches no parameter (components: vision_model, mm_projector, language_model; or a glob "
+                        "such as 'model.layers.*'), or an earlier rule took all of them");
+  if (plan.trainable.empty())
+    throw ConfigError("optim.param_groups: every parameter is frozen; nothing would train");
+  for (size_t k = 0; k < lrs.size(); ++k) {
+    OptimConfig c = cfg;
+    c.lr = lrs[k];
+    for (auto& g : adamw_groups(by_lr[k], c)) {
+      plan.groups.push_back(std::move(g));
+      plan.base_lrs.push_back(lrs[k]);
+    }
+  }
+  return plan;
+}
+
+void set_lr_scaled(torch::optim::Optimizer& opt, const std::vector<double>& base_lrs, double factor) {
+  auto& groups = opt.param_groups();
+  for (size_t g = 0; g < groups.size(); ++g)
+    static_cast<torch::optim::AdamWOptions&>(groups[g].options()).lr(base_lrs.at(g) * factor);
 }
 
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
@@ -187,6 +247,31 @@ std::string select_resume_checkpoint(const std::string& run_dir, const std::stri
   const std::string dir = find_latest_checkpoint(run_dir, warn);
   if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);
   return dir;
+}
+
+int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
+  const auto info = verify_checkpoint(dir);
+  if (info.trainer != cfg.trainer)
+    throw ConfigError("checkpoint '" + dir + "' was written by the '" + info.trainer + "' trainer; this config runs '" +
+                      cfg.trainer + "'");
+  const auto diff = diff_for_resume(read_text_file(dir + "/config.yaml"), resolved_yaml(cfg));
+  if (!diff.unsafe.empty()) {
+    std::string keys;
+    for (const auto& k : diff.unsafe) keys += "\n  " + k;
+    throw ConfigError("cannot resume from '" + dir +
+                      "': the config changed in keys that alter the model, data or optimisation:" + keys +
+                      "\nrestore them, or start a new run (another run.out_dir)");
+  }
+  if (!diff.safe.empty()) {
+    std::string keys;
+    for (const auto& k : diff.safe) keys += " " + k;
+    spdlog::info("resume: config changes allowed:{}", keys);
+    if (std::find(diff.safe.begin(), diff.safe.end(), "train.steps") != diff.safe.end() && cfg.schedule.type != "constant")
+      spdlog::warn("resume: train.steps changed, so the {} schedule now spans {} steps: from here on the learning rate "
+                   "differs from the original run's",
+                   cfg.schedule.type, cfg.train.steps);
+  }
+  return info.step;
 }
 
 void forget_after_step(const std::string& run_dir, int64_t step) {

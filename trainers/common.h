@@ -14,6 +14,15 @@
 
 namespace trialign {
 
+// What a trainer returns.
+struct TrainResult {
+  int64_t final_step = 0;
+  bool interrupted = false;           // stopped by a signal after checkpointing
+  std::string checkpoint;             // last checkpoint written
+  nlohmann::json final_eval;          // held-out metrics (empty without validation data)
+  std::vector<double> logged_losses;  // training loss at every log step, in order
+};
+
 // Options from the command line (not the config).
 struct TrainOptions {
   std::string resume;  // "" = fresh run (refuses a run dir with checkpoints), "auto", or a path
@@ -52,6 +61,21 @@ std::vector<torch::optim::OptimizerParamGroup> adamw_groups(
     const std::vector<std::pair<std::string, torch::Tensor>>& named_trainable, const OptimConfig& cfg);
 void set_lr(torch::optim::Optimizer& opt, double lr);
 
+// Freezing and per-module learning rates (optim.param_groups). Each parameter takes the first
+// rule whose `match` names its component (vision_model, mm_projector, language_model) or whose
+// glob matches its name; frozen parameters get requires_grad(false) and stay out of the
+// optimizer. A rule that matches no parameter is a ConfigError (a typo would silently train
+// what was meant to be frozen).
+struct ParamPlan {
+  std::vector<std::pair<std::string, torch::Tensor>> trainable;
+  std::vector<std::string> frozen;                       // parameter names
+  std::vector<torch::optim::OptimizerParamGroup> groups; // AdamW groups (decay / no decay per lr)
+  std::vector<double> base_lrs;                          // peak lr of each group
+};
+ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg);
+// Sets every group's lr to base_lrs[g] * factor (factor = the schedule's multiplier).
+void set_lr_scaled(torch::optim::Optimizer& opt, const std::vector<double>& base_lrs, double factor);
+
 // Global L2 norm of the gradients; scales them down to max_norm when max_norm > 0.
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
 
@@ -73,6 +97,11 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
 // run.out_dir that already holds checkpoints is refused; "auto" takes the newest complete one
 // (or starts fresh when there is none); a path may name a checkpoint or a run folder.
 std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume);
+
+// Verifies a checkpoint before resuming from it: written by cfg.trainer, checksums intact, and
+// a saved config that differs from cfg only in safe keys (the differences are logged). Throws
+// ConfigError naming the differing keys otherwise. Returns the checkpoint's step.
+int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
 
 // After loading the checkpoint of `step`: sets later checkpoints aside and drops their records
 // from RUN/metrics.jsonl, so the run reads as one uninterrupted run.

@@ -87,32 +87,12 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
 
 int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,
                         torch::optim::Optimizer& optim) {
-  const auto info = verify_checkpoint(dir);
-  if (info.trainer != "contrastive")
-    throw ConfigError("checkpoint '" + dir + "' was written by the '" + info.trainer +
-                      "' trainer; this config runs 'contrastive'");
-  const auto diff = diff_for_resume(read_text_file(dir + "/config.yaml"), resolved_yaml(cfg));
-  if (!diff.unsafe.empty()) {
-    std::string keys;
-    for (const auto& k : diff.unsafe) keys += "\n  " + k;
-    throw ConfigError("cannot resume from '" + dir +
-                      "': the config changed in keys that alter the model, data or optimisation:" + keys +
-                      "\nrestore them, or start a new run (another run.out_dir)");
-  }
-  if (!diff.safe.empty()) {
-    std::string keys;
-    for (const auto& k : diff.safe) keys += " " + k;
-    spdlog::info("resume: config changes allowed:{}", keys);
-    if (std::find(diff.safe.begin(), diff.safe.end(), "train.steps") != diff.safe.end() && cfg.schedule.type != "constant")
-      spdlog::warn("resume: train.steps changed, so the {} schedule now spans {} steps: from here on the learning rate "
-                   "differs from the original run's",
-                   cfg.schedule.type, cfg.train.steps);
-  }
+  const int64_t step = check_resume_checkpoint(dir, cfg);
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   load_state(loss, load_safetensors(dir + "/loss.safetensors"), "", true, dir + "/loss.safetensors");
   torch::load(optim, dir + "/optimizer.pt");
   set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
-  return info.step;
+  return step;
 }
 
 }  // namespace

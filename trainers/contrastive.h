@@ -18,13 +18,7 @@
 
 namespace trialign {
 
-struct ContrastiveResult {
-  int64_t final_step = 0;
-  bool interrupted = false;           // stopped by a signal after checkpointing
-  std::string checkpoint;             // last checkpoint written
-  nlohmann::json final_eval;          // retrieval metrics on data.val (empty without val)
-  std::vector<double> logged_losses;  // training loss at every log step, in order
-};
+using ContrastiveResult = TrainResult;
 
 // One optimizer step's forward and backward over a batch split into `accum` micro-batches
 // (gradients accumulate into the parameters; the caller zeroes and steps). Returns the loss

@@ -1,7 +1,10 @@
 #include "core/run_config.h"
 
 #include "core/errors.h"
+#include <algorithm>
+
 #include "losses/loss.h"
+#include "models/projector.h"
 
 namespace trialign {
 
@@ -65,6 +68,56 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
   if (c.data.tokenizer.empty())
     errors.add(at("data"), "data.tokenizer",
                "missing: a sentencepiece .model (make one with `trialign tokenizer train`)");
+  if (!c.is_vlm()) {
+    if (!c.init_from.empty())
+      errors.add(at("init_from"), "init_from", "is used by the adapter and finetune trainers; stage 1 starts fresh");
+    return;
+  }
+  // ---- stages 2-3 ----
+  const auto& l = c.model.llm;
+  if (l.hidden_size % l.num_attention_heads != 0)
+    errors.add(at("model.llm.num_attention_heads"), "model.llm.num_attention_heads",
+               "hidden_size " + std::to_string(l.hidden_size) + " is not divisible by " +
+                   std::to_string(l.num_attention_heads) + " heads");
+  else if ((l.hidden_size / l.num_attention_heads) % 2 != 0)
+    errors.add(at("model.llm.hidden_size"), "model.llm.hidden_size",
+               "the head dimension must be even for rotary embeddings");
+  if (l.num_attention_heads % l.kv_heads() != 0)
+    errors.add(at("model.llm.num_key_value_heads"), "model.llm.num_key_value_heads",
+               std::to_string(l.num_attention_heads) + " attention heads are not a multiple of " +
+                   std::to_string(l.kv_heads()) + " key/value heads");
+  if (c.data.max_seq_len > l.max_position_embeddings)
+    errors.add(at("data.max_seq_len"), "data.max_seq_len",
+               std::to_string(c.data.max_seq_len) + " is longer than model.llm.max_position_embeddings (" +
+                   std::to_string(l.max_position_embeddings) + ")");
+  const int states = v.num_hidden_layers + 1;  // embeddings + every layer
+  if (c.model.vision_feature_layer < -states || c.model.vision_feature_layer >= states)
+    errors.add(at("model.vision_feature_layer"), "model.vision_feature_layer",
+               "must be in [" + std::to_string(-states) + ", " + std::to_string(states - 1) +
+                   "] (Python-style index into the " + std::to_string(states) + " hidden states; -2 = second to last)");
+  const std::vector<std::string> known = {"vision_model", "mm_projector", "language_model"};
+  for (size_t k = 0; k < c.init_from.size(); ++k) {
+    const auto& init = c.init_from[k];
+    const std::string key = "init_from[" + std::to_string(k) + "]";
+    for (size_t i = 0; i < init.components.size(); ++i)
+      if (std::find(known.begin(), known.end(), init.components[i]) == known.end())
+        errors.add(at("init_from"), key + ".components[" + std::to_string(i) + "]",
+                   "unknown component '" + init.components[i] + "'; use vision_model, mm_projector or language_model");
+    if (init.checkpoint.empty())
+      errors.add(at("init_from"), key + ".checkpoint", "missing: the checkpoint (or run folder) to take components from");
+    if (init.components.empty())
+      errors.add(at("init_from"), key + ".components",
+                 "missing: which components to take, e.g. [vision_model] or [vision_model, mm_projector, language_model]");
+  }
+  for (size_t i = 0; i < c.optim.param_groups.size(); ++i)
+    if (c.optim.param_groups[i].match.empty())
+      errors.add(at("optim.param_groups"), "optim.param_groups[" + std::to_string(i) + "].match",
+                 "missing: a component name or a glob over parameter names");
+  for (size_t i = 0; i < c.eval.sets.size(); ++i) {
+    const auto& s = c.eval.sets[i];
+    if (s.name.empty() || s.data.empty())
+      errors.add(at("eval.sets"), "eval.sets[" + std::to_string(i) + "]", "each set needs a name and a data manifest");
+  }
 }
 
 }  // namespace
@@ -73,9 +126,24 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
   RunConfig cfg;
   ConfigErrors errors;
   read_config(tree, cfg, errors);
+  if (cfg.loss.type.empty()) cfg.loss.type = cfg.is_vlm() ? "cross_entropy" : "infonce";
+  if (cfg.loss.options.kind != ConfigNode::Kind::Map) cfg.loss.options.kind = ConfigNode::Kind::Map;
   if (errors.empty()) {
     cross_checks(cfg, tree, errors);
-    contrastive_losses().create(cfg.loss, errors);  // validates the loss's own options
+    // Validates the `type:` components' own options.
+    if (cfg.is_vlm()) {
+      lm_losses().create(cfg.loss, errors);
+      auto proj = projectors().create(cfg.model.projector, errors,
+                                      ProjectorDims{cfg.model.vision.hidden_size, cfg.model.llm.hidden_size});
+      const int64_t side = cfg.model.vision.image_size / cfg.model.vision.patch_size;
+      try {
+        if (proj) proj->num_tokens(side * side);
+      } catch (const std::exception& e) {
+        errors.add(tree.find("model") ? tree.find("model")->find("projector") : nullptr, "model.projector", e.what());
+      }
+    } else {
+      contrastive_losses().create(cfg.loss, errors);
+    }
   }
   errors.throw_if_any("invalid config " + label);
   cfg.source = label;

@@ -54,6 +54,12 @@ struct DataConfig {
   int prefetch = 4;             // batches prepared ahead
   int64_t val_limit = 0;        // first N validation records only; 0 = all
   AugmentConfig augment;
+  // Stages 2-3 (conversation data):
+  std::string chat_template = "chat";  // chat | plain (image then caption; LLaVA feature alignment)
+  int max_seq_len = 256;               // tokens after each <image> becomes its visual tokens
+  std::string on_too_long = "fail";    // fail | skip (counted) | truncate (text after the last image)
+  bool drop_images = false;            // text-only training on the same records (LM pretraining)
+  std::string caption_prompt = "Describe the image.";  // user turn for {"image","caption"} records
   template <class V> void fields(V& v) {
     v("train", train);
     v("val", val);
@@ -66,6 +72,11 @@ struct DataConfig {
     v("prefetch", prefetch, at_least(1));
     v("val_limit", val_limit, at_least(0));
     v("augment", augment);
+    v("template", chat_template, one_of({"chat", "plain"}));
+    v("max_seq_len", max_seq_len, at_least(4));
+    v("on_too_long", on_too_long, one_of({"fail", "skip", "truncate"}));
+    v("drop_images", drop_images);
+    v("caption_prompt", caption_prompt);
   }
 };
 
@@ -111,14 +122,73 @@ struct TextConfig : TowerDims {
   }
 };
 
+// Hugging Face LlamaConfig field names.
+struct LlamaConfig {
+  int vocab_size = 0;               // 0 = take it from the tokenizer
+  int hidden_size = 256;
+  int intermediate_size = 704;      // SwiGLU width
+  int num_hidden_layers = 4;
+  int num_attention_heads = 4;
+  int num_key_value_heads = 0;      // 0 = num_attention_heads (no grouping)
+  int max_position_embeddings = 512;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  bool tie_word_embeddings = false;
+  template <class V> void fields(V& v) {
+    v("vocab_size", vocab_size, at_least(0));
+    v("hidden_size", hidden_size, at_least(1));
+    v("intermediate_size", intermediate_size, at_least(1));
+    v("num_hidden_layers", num_hidden_layers, at_least(1));
+    v("num_attention_heads", num_attention_heads, at_least(1));
+    v("num_key_value_heads", num_key_value_heads, at_least(0));
+    v("max_position_embeddings", max_position_embeddings, at_least(1));
+    v("rms_norm_eps", rms_norm_eps, positive());
+    v("rope_theta", rope_theta, positive());
+    v("tie_word_embeddings", tie_word_embeddings);
+  }
+  int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
+  int head_dim() const { return hidden_size / num_attention_heads; }
+};
+
+// Stage 1 uses vision + text + projection_dim; stages 2-3 use vision + projector + llm.
 struct ModelConfig {
   VisionConfig vision;
   TextConfig text;
   int projection_dim = 128;  // shared embedding space of the contrastive pair
+  LlamaConfig llm;           // the language model of stages 2-3
+  TypedSpec projector{"mlp2x_gelu", {}, "model.projector"};  // linear | mlp2x_gelu | resampler
+  int vision_feature_layer = -2;  // hidden state feeding the projector (-2: second to last)
   template <class V> void fields(V& v) {
     v("vision", vision);
     v("text", text);
     v("projection_dim", projection_dim, at_least(1));
+    v("llm", llm);
+    v("projector", projector);
+    v("vision_feature_layer", vision_feature_layer);
+  }
+};
+
+// Which components a fresh run takes from an earlier checkpoint (the stage hand-off).
+struct InitFrom {
+  std::string checkpoint;               // checkpoint folder or run folder (its newest checkpoint)
+  std::vector<std::string> components;  // vision_model | mm_projector | language_model
+  template <class V> void fields(V& v) {
+    v("checkpoint", checkpoint);
+    v("components", components);
+  }
+};
+
+// Freezing and per-module learning rates. `match` is a component name (vision_model,
+// mm_projector, language_model) or a glob over parameter names ("model.layers.0.*"); the first
+// rule that matches a parameter decides. A rule that matches nothing is an error (typo guard).
+struct ParamGroupRule {
+  std::string match;
+  bool freeze = false;  // no gradient, no optimizer state, module kept in eval mode
+  double lr = 0;        // peak lr of this group; 0 = optim.lr
+  template <class V> void fields(V& v) {
+    v("match", match);
+    v("freeze", freeze);
+    v("lr", lr, non_negative());
   }
 };
 
@@ -128,6 +198,7 @@ struct OptimConfig {
   std::vector<double> betas = {0.9, 0.98};
   double eps = 1e-6;
   double grad_clip = 1.0;                // max global grad norm; 0 = off
+  std::vector<ParamGroupRule> param_groups;  // freezing / per-module lr, first match wins
   template <class V> void fields(V& v) {
     v("lr", lr, positive());
     v("weight_decay", weight_decay, non_negative());
@@ -137,6 +208,7 @@ struct OptimConfig {
       }));
     v("eps", eps, positive());
     v("grad_clip", grad_clip, non_negative());
+    v("param_groups", param_groups);
   }
 };
 
@@ -170,21 +242,42 @@ struct TrainSection {
   }
 };
 
+// A held-out set scored by the VLM trainers: token loss, exact match of the generated final
+// reply (per `question_type` when records have one) and, for records with a shapes-world
+// `scene`, which objects a generated caption names.
+struct EvalSet {
+  std::string name;    // key prefix in the results, e.g. "vqa"
+  std::string data;    // manifest
+  int64_t limit = 0;   // first N records; 0 = all
+  template <class V> void fields(V& v) {
+    v("name", name);
+    v("data", data);
+    v("limit", limit, at_least(0));
+  }
+};
+
 struct EvalSection {
   std::vector<int64_t> recall_at = {1, 5, 10};
   int batch_size = 256;
+  std::vector<EvalSet> sets;    // VLM trainers; empty = data.val (data.val_limit) as "val"
+  int max_new_tokens = 32;      // generation length cap for exact match / captions
   template <class V> void fields(V& v) {
     v("recall_at", recall_at);
     v("batch_size", batch_size, at_least(1));
+    v("sets", sets);
+    v("max_new_tokens", max_new_tokens, at_least(1));
   }
 };
 
 struct RunConfig {
-  std::string trainer = "contrastive";  // which workflow runs this config
+  // contrastive (stage 1) | adapter (stage 2: projector only) | finetune (stage 3 and LM
+  // pretraining: whatever optim.param_groups leaves trainable)
+  std::string trainer = "contrastive";
   RunSection run;
   DataConfig data;
   ModelConfig model;
-  TypedSpec loss{"infonce", {}, "loss"};
+  TypedSpec loss{"", {}, "loss"};  // default: infonce (contrastive), cross_entropy (adapter, finetune)
+  std::vector<InitFrom> init_from;  // fresh runs only: components from earlier checkpoints
   OptimConfig optim;
   ScheduleConfig schedule;
   TrainSection train;
@@ -193,7 +286,7 @@ struct RunConfig {
   std::string source;  // the file it came from (not a YAML key)
 
   template <class V> void fields(V& v) {
-    v("trainer", trainer, one_of({"contrastive"}));
+    v("trainer", trainer, one_of({"contrastive", "adapter", "finetune"}));
     v("run", run);
     v("data", data);
     v("model", model);
@@ -202,7 +295,9 @@ struct RunConfig {
     v("schedule", schedule);
     v("train", train);
     v("eval", eval);
+    v("init_from", init_from);
   }
+  bool is_vlm() const { return trainer != "contrastive"; }
 };
 
 // Loads, composes and validates a run config: file + includes + overrides, typed reading,

@@ -13,37 +13,9 @@
 
 #include <vector>
 
-#include "core/config_reader.h"
+#include "core/run_config.h"  // LlamaConfig
 
 namespace trialign {
-
-// Hugging Face LlamaConfig field names.
-struct LlamaConfig {
-  int vocab_size = 0;               // 0 = take it from the tokenizer
-  int hidden_size = 256;
-  int intermediate_size = 704;      // SwiGLU width
-  int num_hidden_layers = 4;
-  int num_attention_heads = 4;
-  int num_key_value_heads = 0;      // 0 = num_attention_heads (no grouping)
-  int max_position_embeddings = 512;
-  double rms_norm_eps = 1e-6;
-  double rope_theta = 10000.0;
-  bool tie_word_embeddings = false;
-  template <class V> void fields(V& v) {
-    v("vocab_size", vocab_size, at_least(0));
-    v("hidden_size", hidden_size, at_least(1));
-    v("intermediate_size", intermediate_size, at_least(1));
-    v("num_hidden_layers", num_hidden_layers, at_least(1));
-    v("num_attention_heads", num_attention_heads, at_least(1));
-    v("num_key_value_heads", num_key_value_heads, at_least(0));
-    v("max_position_embeddings", max_position_embeddings, at_least(1));
-    v("rms_norm_eps", rms_norm_eps, positive());
-    v("rope_theta", rope_theta, positive());
-    v("tie_word_embeddings", tie_word_embeddings);
-  }
-  int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
-  int head_dim() const { return hidden_size / num_attention_heads; }
-};
 
 // Throws ConfigError naming the key when heads do not divide the width, etc.
 void check_llama_config(const LlamaConfig& c, const std::string& path);

@@ -1,5 +1,9 @@
 #include "models/projector.h"
 
+#include <cmath>
+
+#include "core/errors.h"
+
 namespace trialign {
 
 ProjectorRegistry& projectors() {
@@ -7,41 +11,72 @@ ProjectorRegistry& projectors() {
   return registry;
 }
 
+int64_t pooled_tokens(int64_t patches, int k) {
+  const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(patches))));
+  if (side * side != patches || side % k != 0)
+    throw ConfigError("model.projector.spatial_pool: " + std::to_string(k) + " does not divide the " +
+                      std::to_string(side) + " x " + std::to_string(side) + " patch grid (" + std::to_string(patches) +
+                      " patches)");
+  return (side / k) * (side / k);
+}
+
+torch::Tensor pool_patches(const torch::Tensor& f, int k) {
+  if (k == 1) return f;
+  const int64_t B = f.size(0), P = f.size(1), D = f.size(2);
+  const int64_t side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(P))));
+  pooled_tokens(P, k);  // validates
+  auto grid = f.transpose(1, 2).reshape({B, D, side, side});             // [B, D, s, s]
+  auto pooled = torch::avg_pool2d(grid, {k, k});                          // [B, D, s/k, s/k]
+  return pooled.flatten(2).transpose(1, 2);                               // [B, (s/k)^2, D]
+}
+
 namespace {
 
 // LLaVA-1: one Linear, Dv -> H per patch.
 class LinearProjectorImpl : public ProjectorImpl {
  public:
-  explicit LinearProjectorImpl(const ProjectorDims& d) {
+  LinearProjectorImpl(const ProjectorDims& d, const PerPatchOptions& o) : pool_(o.spatial_pool) {
     // Registered as this module's own weight/bias so the names are `mm_projector.weight`.
     torch::nn::Linear lin(d.vision_hidden, d.llm_hidden);
     weight = register_parameter("weight", lin->weight.detach().clone());
     bias = register_parameter("bias", lin->bias.detach().clone());
   }
-  torch::Tensor forward(const torch::Tensor& f) override { return torch::nn::functional::linear(f, weight, bias); }
-  int64_t num_tokens(int64_t patches) const override { return patches; }
+  torch::Tensor forward(const torch::Tensor& f) override {
+    return torch::nn::functional::linear(pool_patches(f, pool_), weight, bias);
+  }
+  int64_t num_tokens(int64_t patches) const override { return pooled_tokens(patches, pool_); }
   torch::Tensor weight, bias;
+
+ private:
+  int pool_;
 };
 
 // LLaVA-1.5: Linear(Dv, H), GELU, Linear(H, H); children "0" and "2" as in nn.Sequential.
 class Mlp2xGeluImpl : public ProjectorImpl {
  public:
-  explicit Mlp2xGeluImpl(const ProjectorDims& d) {
+  Mlp2xGeluImpl(const ProjectorDims& d, const PerPatchOptions& o) : pool_(o.spatial_pool) {
     fc0 = register_module("0", torch::nn::Linear(d.vision_hidden, d.llm_hidden));
     fc2 = register_module("2", torch::nn::Linear(d.llm_hidden, d.llm_hidden));
   }
-  torch::Tensor forward(const torch::Tensor& f) override { return fc2(torch::gelu(fc0(f))); }
-  int64_t num_tokens(int64_t patches) const override { return patches; }
+  torch::Tensor forward(const torch::Tensor& f) override { return fc2(torch::gelu(fc0(pool_patches(f, pool_)))); }
+  int64_t num_tokens(int64_t patches) const override { return pooled_tokens(patches, pool_); }
   torch::nn::Linear fc0{nullptr}, fc2{nullptr};
+
+ private:
+  int pool_;
 };
 
 TRIALIGN_REGISTER(projectors(), "linear", "one Linear per patch (LLaVA-1)",
-                  [](ConfigReader&, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
-                    return std::make_shared<LinearProjectorImpl>(d);
+                  [](ConfigReader& r, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
+                    PerPatchOptions o;
+                    o.fields(r);
+                    return std::make_shared<LinearProjectorImpl>(d, o);
                   });
 TRIALIGN_REGISTER(projectors(), "mlp2x_gelu", "Linear, GELU, Linear per patch (LLaVA-1.5)",
-                  [](ConfigReader&, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
-                    return std::make_shared<Mlp2xGeluImpl>(d);
+                  [](ConfigReader& r, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {
+                    PerPatchOptions o;
+                    o.fields(r);
+                    return std::make_shared<Mlp2xGeluImpl>(d, o);
                   });
 TRIALIGN_REGISTER(projectors(), "resampler", "learned queries + cross-attention, a fixed number of tokens",
                   [](ConfigReader& r, ProjectorDims d) -> std::shared_ptr<ProjectorImpl> {

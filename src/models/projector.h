@@ -1,6 +1,8 @@
 // Vision-to-language projectors (stage 2 trains only these, LLaVA's "feature alignment").
 // Registered by `type:` in `model.projector`:
 //   linear      one Linear, LLaVA-1 (Liu et al. 2023)          names: weight, bias
+//               (linear and mlp2x_gelu take `spatial_pool: k`: k x k average pooling of the
+//               patch grid first, k^2 times fewer visual tokens for the language model)
 //   mlp2x_gelu  Linear, GELU, Linear, LLaVA-1.5                 names: 0.weight, 0.bias, 2.weight, 2.bias
 //   resampler   learned queries with cross-attention (Perceiver Resampler, Alayrac et al. 2022;
 //               Q-Former-style): a fixed number of visual tokens whatever the patch count.
@@ -24,6 +26,16 @@ class ProjectorImpl : public torch::nn::Module {
   // N for P input patches (P for the per-token projectors, fixed for the resampler).
   virtual int64_t num_tokens(int64_t patches) const = 0;
 };
+
+struct PerPatchOptions {
+  int spatial_pool = 1;  // average-pool the patch grid by this factor before projecting
+  template <class V> void fields(V& v) { v("spatial_pool", spatial_pool, at_least(1)); }
+};
+
+// [B, P, D] features of a square s x s patch grid -> [B, (s/k)^2, D], k x k average pooling.
+// Throws ConfigError when P is not a square or s is not a multiple of k.
+torch::Tensor pool_patches(const torch::Tensor& features, int k);
+int64_t pooled_tokens(int64_t patches, int k);
 
 using ProjectorRegistry = Registry<ProjectorImpl, ProjectorDims>;
 ProjectorRegistry& projectors();

@@ -1,0 +1,184 @@
+#include "data/conversation_dataset.h"
+
+#include <opencv2/imgcodecs.hpp>
+
+#include <filesystem>
+
+#include "core/errors.h"
+#include "core/rng.h"
+#include "data/image.h"
+#include "data/manifest.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+namespace {
+
+// {"image", "caption"} -> the LLaVA form; conversations as they are otherwise.
+Conversation parse_record(const ManifestRecord& r, const std::string& caption_prompt) {
+  if (!r.json.contains("conversations") && r.json.contains("caption")) {
+    Conversation c;
+    c.images.push_back(require_string(r, "image"));
+    const std::string caption = require_string(r, "caption");
+    if (caption.empty()) throw DataError(r.where + " (id " + r.id + "): empty caption");
+    c.turns.push_back({"user", "<image>\n" + caption_prompt});
+    c.turns.push_back({"assistant", caption});
+    return c;
+  }
+  return parse_llava_record(r);
+}
+
+// Text-only view of a conversation: images and their placeholders removed.
+void drop_images(Conversation& c) {
+  c.images.clear();
+  for (auto& t : c.turns) {
+    for (const std::string tag : {"<image>\n", "<image>"})
+      for (size_t p = t.text.find(tag); p != std::string::npos; p = t.text.find(tag)) t.text.erase(p, tag.size());
+  }
+}
+
+}  // namespace
+
+int64_t ConversationBatch::target_tokens() const {
+  int64_t n = 0;
+  for (const auto& l : labels)
+    for (size_t t = 1; t < l.size(); ++t) n += l[t] != kIgnoreIndex;
+  return n;
+}
+
+ConversationBatch ConversationBatch::slice(int64_t from, int64_t to) const {
+  ConversationBatch out;
+  int64_t first_image = 0, n_images = 0;
+  for (int64_t i = 0; i < from; ++i) first_image += images_per_sample[static_cast<size_t>(i)];
+  for (int64_t i = from; i < to; ++i) {
+    const auto k = static_cast<size_t>(i);
+    out.ids.push_back(ids[k]);
+    out.labels.push_back(labels[k]);
+    out.images_per_sample.push_back(images_per_sample[k]);
+    out.indices.push_back(indices[k]);
+    n_images += images_per_sample[k];
+  }
+  if (n_images > 0) out.pixels = pixels.slice(0, first_image, first_image + n_images);
+  return out;
+}
+
+std::vector<int64_t> prompt_ids(const TokenizedConversation& t) {
+  size_t start = t.labels.size();
+  while (start > 0 && t.labels[start - 1] != kIgnoreIndex) --start;  // the last labelled run
+  return std::vector<int64_t>(t.ids.begin(), t.ids.begin() + static_cast<std::ptrdiff_t>(start));
+}
+
+ConversationDataset::ConversationDataset(const std::string& manifest, const DataConfig& cfg, const Tokenizer& tok,
+                                         int64_t tokens_per_image, bool train, int64_t limit)
+    : cfg_(cfg), train_(train) {
+  const auto records = read_manifest(manifest);
+  const fs::path root = cfg.image_root.empty() ? fs::path(manifest).parent_path() : fs::path(cfg.image_root);
+  RecordProblems problems;
+  int64_t too_long = 0;
+  for (const auto& r : records) {
+    if (limit > 0 && size() >= limit) break;
+    ConversationSample s;
+    s.where = r.where;
+    s.id = r.id;
+    try {
+      Conversation c = parse_record(r, cfg.caption_prompt);
+      if (cfg.drop_images) drop_images(c);
+      for (const auto& image : c.images) {
+        const std::string path = (root / image).string();
+        std::error_code ec;
+        if (!fs::is_regular_file(path, ec))
+          throw DataError(r.where + " (id " + r.id + "): image '" + path + "' does not exist (check data.image_root)");
+        if (fs::file_size(path, ec) == 0 || !cv::haveImageReader(path))
+          throw DataError(r.where + " (id " + r.id + "): image '" + path +
+                          "' is empty or not an image format OpenCV can decode");
+        s.images.push_back(path);
+      }
+      s.tokens = tokenize_conversation(c, tok, cfg.chat_template);
+      for (const auto& t : c.turns)
+        if (t.role == "assistant") s.reference = t.text;
+    } catch (const DataError& e) {
+      problems.messages.push_back(e.what());
+      continue;
+    }
+    if (auto it = r.json.find("question_type"); it != r.json.end() && it->is_string()) s.question_type = *it;
+    if (auto it = r.json.find("scene"); it != r.json.end() && it->is_object()) s.scene = *it;
+
+    const int64_t len = s.tokens.expanded_length(tokens_per_image);
+    if (len > cfg.max_seq_len) {
+      const std::string what = std::to_string(len) + " tokens after image expansion (" +
+                               std::to_string(s.tokens.num_images) + " image(s) x " + std::to_string(tokens_per_image) +
+                               " visual tokens) exceed data.max_seq_len " + std::to_string(cfg.max_seq_len);
+      if (cfg.on_too_long == "fail") {
+        problems.add(r, what + "; raise data.max_seq_len, or set data.on_too_long to skip or truncate");
+        continue;
+      }
+      // Truncation keeps every image and cuts text at the end; it needs a labelled token left.
+      size_t keep = 0;
+      int64_t expanded = 0;
+      size_t last_image_end = 0;
+      for (size_t t = 0; t < s.tokens.ids.size(); ++t) {
+        const int64_t w = s.tokens.ids[t] == tok.image_id() && s.tokens.num_images > 0 ? tokens_per_image : 1;
+        if (expanded + w > cfg.max_seq_len) break;
+        expanded += w;
+        keep = t + 1;
+        if (w > 1) last_image_end = keep;
+      }
+      bool kept_labels = false;
+      for (size_t t = 1; t < keep; ++t) kept_labels = kept_labels || s.tokens.labels[t] != kIgnoreIndex;
+      int64_t images_kept = 0;
+      for (size_t t = 0; t < keep; ++t) images_kept += s.tokens.ids[t] == tok.image_id();
+      if (cfg.on_too_long == "skip" || !kept_labels || images_kept != s.tokens.num_images || last_image_end > keep) {
+        ++too_long;
+        continue;
+      }
+      s.tokens.ids.resize(keep);
+      s.tokens.labels.resize(keep);
+      ++truncated_;
+    }
+    samples_.push_back(std::move(s));
+  }
+  problems.finish(manifest, cfg.on_bad_record);
+  skipped_ = static_cast<int64_t>(problems.messages.size()) + too_long;
+  if (samples_.empty())
+    throw DataError(manifest + ": no usable records" +
+                    (too_long ? " (" + std::to_string(too_long) + " longer than data.max_seq_len)" : std::string()));
+}
+
+ConversationBatch ConversationDataset::collate(const std::vector<SampleRef>& refs, uint64_t seed) const {
+  return build(refs, seed, train_);
+}
+
+ConversationBatch ConversationDataset::range(int64_t begin, int64_t end) const {
+  std::vector<SampleRef> refs;
+  for (int64_t i = begin; i < end; ++i) refs.push_back({0, i});
+  return build(refs, 0, false);
+}
+
+torch::Tensor ConversationDataset::pixels_of(int64_t i) const { return range(i, i + 1).pixels; }
+
+ConversationBatch ConversationDataset::build(const std::vector<SampleRef>& refs, uint64_t seed, bool augment) const {
+  ConversationBatch b;
+  std::vector<torch::Tensor> pixels;
+  for (const auto& ref : refs) {
+    const auto& s = samples_[static_cast<size_t>(ref.index)];
+    b.ids.push_back(s.tokens.ids);
+    b.labels.push_back(s.tokens.labels);
+    b.images_per_sample.push_back(static_cast<int64_t>(s.images.size()));
+    b.indices.push_back(ref.index);
+    for (size_t k = 0; k < s.images.size(); ++k) {
+      cv::Mat rgb;
+      try {
+        rgb = load_image_rgb(s.images[k]);
+      } catch (const DataError& e) {
+        throw DataError(s.where + " (id " + s.id + "): " + e.what());
+      }
+      const uint64_t aug_seed = mix_seed({seed, static_cast<uint64_t>(ref.epoch), static_cast<uint64_t>(ref.index), k});
+      pixels.push_back(image_transform(rgb, cfg_, augment, aug_seed));
+    }
+  }
+  if (!pixels.empty()) b.pixels = torch::stack(pixels);
+  return b;
+}
+
+}  // namespace trialign

@@ -1,0 +1,358 @@
+// Stages 2-3: token loss golden values, freezing, accumulation equivalence, the length check at
+// load, caption object scoring, and the pipeline hand-off between stages.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+
+#include "core/config_tree.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "data/conversation_dataset.h"
+#include "data/shapes_questions.h"
+#include "data/shapes_world.h"
+#include "eval/caption_objects.h"
+#include "losses/cross_entropy.h"
+#include "test_helpers.h"
+#include "trainers/pipeline.h"
+#include "trainers/vlm.h"
+
+using namespace trialign;
+using trialign::test::message_of;
+using trialign::test::TempDir;
+
+namespace {
+
+constexpr int64_t kImageId = 4;
+
+// A VLM small enough to step in milliseconds: 16x16 images, 8px patches (4 patches), width 16.
+ModelConfig tiny_model() {
+  ModelConfig m;
+  m.vision.image_size = 16;
+  m.vision.patch_size = 8;
+  m.vision.hidden_size = 16;
+  m.vision.intermediate_size = 32;
+  m.vision.num_hidden_layers = 2;
+  m.vision.num_attention_heads = 2;
+  m.llm.vocab_size = 12;
+  m.llm.hidden_size = 16;
+  m.llm.intermediate_size = 32;
+  m.llm.num_hidden_layers = 2;
+  m.llm.num_attention_heads = 2;
+  m.llm.max_position_embeddings = 64;
+  m.projector.type = "mlp2x_gelu";
+  m.projector.options.kind = ConfigNode::Kind::Map;
+  return m;
+}
+
+// Four samples of different lengths and target counts; samples 0 and 2 carry an image each.
+ConversationBatch tiny_batch() {
+  ConversationBatch b;
+  b.ids = {{2, kImageId, 5, 6, 7, 3}, {2, 8, 9, 3}, {2, kImageId, 10, 11, 5, 6, 7, 3}, {2, 6, 3}};
+  b.labels = {{-100, -100, -100, 6, 7, 3}, {-100, -100, 9, 3}, {-100, -100, -100, -100, 5, 6, 7, 3}, {-100, 6, 3}};
+  b.images_per_sample = {1, 0, 1, 0};
+  b.indices = {0, 1, 2, 3};
+  torch::manual_seed(11);
+  b.pixels = torch::randn({2, 3, 16, 16});
+  return b;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> named_params(VlmModel& m) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : m->named_parameters(true)) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+std::shared_ptr<LmLossImpl> ce() {
+  TypedSpec spec{"cross_entropy", {}, "loss"};
+  spec.options.kind = ConfigNode::Kind::Map;
+  return lm_losses().create_or_throw(spec);
+}
+
+}  // namespace
+
+TEST_CASE("token cross-entropy: hand-worked sum over targets divided by the step's target count", "[vlm][losses]") {
+  // Row 0: logits [0, 0], target 0 -> -ln 0.5 = 0.693147; row 1: [ln 3, 0], target 0 ->
+  // -ln(3/4) = 0.287682. Sum 0.980829; the step has 4 targets in all -> 0.245207.
+  auto loss = ce();
+  auto logits = torch::tensor({0.0, 0.0, std::log(3.0), 0.0}, torch::kFloat32).reshape({2, 2});
+  auto out = loss->forward({logits, torch::tensor({0L, 0L}), 4.0});
+  CHECK(out.loss.item<double>() == Approx(0.245207).epsilon(1e-5));
+  CHECK(out.metrics.at("acc/token").item<double>() == Approx(0.5));  // both right, 2 of 4 step targets
+  // Label smoothing 0.1 on row 1: 0.9 * 0.287682 + 0.1 * mean(-log p) = 0.9 * 0.287682 + 0.1 *
+  // (0.287682 + 1.386294) / 2 = 0.342613.
+  TypedSpec smooth{"cross_entropy", parse_config_string("label_smoothing: 0.1", "t"), "loss"};
+  auto out2 = lm_losses().create_or_throw(smooth)->forward({logits.slice(0, 1, 2), torch::tensor({0L}), 1.0});
+  CHECK(out2.loss.item<double>() == Approx(0.342613).epsilon(1e-5));
+}
+
+TEST_CASE("visual tokens: spatial pooling averages 2x2 blocks of the patch grid", "[vlm][projector]") {
+  auto f = torch::arange(16, torch::kFloat32).reshape({1, 16, 1});  // 4x4 grid, value = row * 4 + col
+  auto pooled = pool_patches(f, 2);
+  REQUIRE(pooled.sizes() == torch::IntArrayRef({1, 4, 1}));
+  CHECK(pooled.flatten().allclose(torch::tensor({2.5f, 4.5f, 10.5f, 12.5f})));
+  CHECK(pooled_tokens(64, 2) == 16);
+  CHECK_THROWS_AS(pooled_tokens(64, 3), ConfigError);
+}
+
+TEST_CASE("freezing: frozen weights stay bit-identical and get no optimizer state", "[vlm][freeze]") {
+  torch::manual_seed(0);
+  VlmModel model(tiny_model());
+  OptimConfig oc;
+  oc.lr = 1e-2;
+  oc.param_groups = {{"vision_model", true, 0}, {"language_model", true, 0}};
+  auto before = named_state(*model);
+  std::map<std::string, torch::Tensor> saved;
+  for (const auto& [n, t] : before) saved[n] = t.clone();
+  ParamPlan plan = plan_param_groups(named_params(model), oc);
+  for (const auto& [n, p] : plan.trainable) CHECK(component_of(n) == "mm_projector");
+  CHECK(plan.frozen.size() + plan.trainable.size() == named_params(model).size());
+  torch::optim::AdamW optim(plan.groups);
+  auto loss = ce();
+  const auto batch = tiny_batch();
+  for (int step = 0; step < 3; ++step) {
+    optim.zero_grad();
+    vlm_step(model, *loss, batch, 1, kImageId, false);
+    optim.step();
+  }
+  int64_t changed = 0;
+  for (const auto& [n, t] : named_state(*model)) {
+    if (component_of(n) == "mm_projector") changed += !torch::equal(t, saved.at(n));
+    else CHECK(torch::equal(t, saved.at(n)));  // bit for bit
+  }
+  CHECK(changed == static_cast<int64_t>(plan.trainable.size()));
+  // Optimizer state exists for exactly the trainable tensors.
+  CHECK(optim.state().size() == plan.trainable.size());
+  for (const auto& [n, p] : named_params(model))
+    if (component_of(n) != "mm_projector")
+      CHECK(optim.state().count(c10::guts::to_string(p.unsafeGetTensorImpl())) == 0);
+}
+
+TEST_CASE("param_groups: per-module learning rates, and a rule that matches nothing is an error", "[vlm][freeze]") {
+  torch::manual_seed(0);
+  VlmModel model(tiny_model());
+  OptimConfig oc;
+  oc.lr = 1e-3;
+  oc.param_groups = {{"vision_model", true, 0}, {"model.layers.*", false, 5e-4}};
+  ParamPlan plan = plan_param_groups(named_params(model), oc);
+  // lr 1e-3 (projector, embeddings, final norm, head) then 5e-4 (layers): decay + no-decay each.
+  REQUIRE(plan.base_lrs.size() == 4);
+  CHECK(plan.base_lrs[0] == 1e-3);
+  CHECK(plan.base_lrs[3] == 5e-4);
+  torch::optim::AdamW optim(plan.groups);
+  set_lr_scaled(optim, plan.base_lrs, 0.5);
+  CHECK(static_cast<torch::optim::AdamWOptions&>(optim.param_groups()[3].options()).lr() == Approx(2.5e-4));
+
+  OptimConfig typo;
+  typo.param_groups = {{"language_modle", true, 0}};
+  CHECK_THAT(message_of<ConfigError>([&] { plan_param_groups(named_params(model), typo); }),
+             Catch::Contains("optim.param_groups[0].match: 'language_modle' matches no parameter"));
+  OptimConfig all;
+  all.param_groups = {{"*", true, 0}};
+  CHECK_THAT(message_of<ConfigError>([&] { plan_param_groups(named_params(model), all); }),
+             Catch::Contains("every parameter is frozen"));
+}
+
+TEST_CASE("gradient accumulation over micro-batches equals one big batch (token-normalised)", "[vlm][accum]") {
+  const auto batch = tiny_batch();  // micro-batches of 2 hold 5 and 6 targets: unequal on purpose
+  REQUIRE(batch.slice(0, 2).target_tokens() == 5);
+  REQUIRE(batch.slice(2, 4).target_tokens() == 6);
+  auto grads = [&](int accum, double* loss_value) {
+    torch::manual_seed(0);
+    VlmModel model(tiny_model());
+    auto loss = ce();
+    auto out = vlm_step(model, *loss, batch, accum, kImageId, false);
+    *loss_value = out.loss.item<double>();
+    std::map<std::string, torch::Tensor> g;
+    for (const auto& p : model->named_parameters(true)) g[p.key()] = p.value().grad().clone();
+    return g;
+  };
+  double l1 = 0, l2 = 0, l4 = 0;
+  auto g1 = grads(1, &l1), g2 = grads(2, &l2), g4 = grads(4, &l4);
+  CHECK(l2 == Approx(l1).epsilon(1e-6));
+  CHECK(l4 == Approx(l1).epsilon(1e-6));
+  for (const auto& [n, g] : g1) {
+    INFO(n);
+    CHECK(torch::allclose(g2.at(n), g, 1e-5, 1e-7));
+    CHECK(torch::allclose(g4.at(n), g, 1e-5, 1e-7));
+  }
+}
+
+TEST_CASE("reply normalisation and caption object scoring against a scene graph", "[vlm][eval]") {
+  CHECK(normalise_reply("  Red. ") == "red");
+  CHECK(normalise_reply("a large red circle") == "a large red circle");
+  const auto scene = nlohmann::json::parse(R"({"objects": [
+      {"shape": "circle", "colour": "red", "size": "large"},
+      {"shape": "square", "colour": "green", "size": "small"}]})");
+  // "blue square" is hallucinated (wrong colour), the circle is right and fully stated.
+  auto s = score_caption_objects("a large red circle left of a small blue square", scene);
+  CHECK(s.mentions == 2);
+  CHECK(s.correct_mentions == 1);
+  CHECK(s.objects == 2);
+  CHECK(s.recalled == 1);
+  // Partial descriptions are correct but not recalled; plurals count as the shape.
+  auto m = parse_object_mentions("two green squares and a circle");
+  REQUIRE(m.size() == 2);
+  CHECK(m[0].shape == "square");
+  CHECK(m[0].colour == "green");
+  CHECK(m[0].size.empty());
+  CHECK(m[1].shape == "circle");
+  auto p = score_caption_objects("two green squares and a circle", scene);
+  CHECK(p.correct_mentions == 2);
+  CHECK(p.recalled == 0);
+}
+
+namespace {
+
+// A few 32x32 shapes-world scenes, their instruction data and a tokenizer, with tiny configs.
+struct TinyVlmCorpus {
+  TempDir dir{"vlm"};
+  TinyVlmCorpus() {
+    shapes::GeneratorOptions g;
+    g.image_size = 32;
+    g.max_objects = 2;
+    g.seed = 4;
+    shapes::write_dataset(dir.file("data"), 24, 8, g);
+    shapes::write_instruction_data(dir.file("data"), 24, 8, g);
+    TokenizerTrainOptions o;
+    o.manifests = {dir.file("data/train.jsonl"), dir.file("data/train_instruct.jsonl")};
+    o.fields = {"caption", "conversations"};
+    o.out_prefix = dir.file("data/tok");
+    o.vocab_size = 64;
+    train_tokenizer(o);
+    // Shared by both stage configs: 32px images, 16 patches pooled to 4 tokens.
+    test::write_file(dir.file("base.yaml"), R"(
+run: {threads: 1, seed: 5, precision: fp32}
+data: {image_size: 32, max_seq_len: 96, workers: 1, tokenizer: )" + dir.file("data/tok.model") + R"(}
+model:
+  vision: {image_size: 32, patch_size: 8, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2}
+  projector: {type: mlp2x_gelu, spatial_pool: 2}
+  llm: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, max_position_embeddings: 128}
+train: {batch_size: 4, log_every: 1}
+schedule: {warmup_steps: 0}
+eval: {max_new_tokens: 4}
+)");
+    test::write_file(dir.file("stage2.yaml"), "include: base.yaml\ntrainer: adapter\ndata: {train: " +
+                                                  dir.file("data/train.jsonl") + ", template: plain}\n" +
+                                                  "optim: {lr: 1.0e-2, param_groups: [{match: vision_model, freeze: "
+                                                  "true}, {match: language_model, freeze: true}]}\ntrain: {steps: 3}\n");
+    test::write_file(dir.file("stage3.yaml"), "include: base.yaml\ntrainer: finetune\nrun: {seed: 99}\ndata: {train: " +
+                                                  dir.file("data/train_instruct.jsonl") + "}\n" +
+                                                  "optim: {lr: 1.0e-2, param_groups: [{match: vision_model, freeze: true}, "
+                                                  "{match: mm_projector, freeze: true}]}\ntrain: {steps: 3}\n" +
+                                                  "eval: {sets: [{name: vqa, data: " + dir.file("data/val_vqa.jsonl") +
+                                                  ", limit: 8}]}\n");
+  }
+  std::string pipeline(const std::string& out) const {
+    const std::string path = dir.file("pipeline-" + out + ".yaml");
+    test::write_file(path, "name: tiny\nout_dir: " + dir.file(out) + "\nstages:\n  - {name: s2, config: " +
+                               dir.file("stage2.yaml") + "}\n  - name: s3\n    config: " + dir.file("stage3.yaml") +
+                               "\n    init_from: [{stage: s2, components: [vision_model, mm_projector, language_model]}]\n");
+    return path;
+  }
+};
+
+std::map<std::string, torch::Tensor> final_weights(const nlohmann::json& stages, const std::string& stage) {
+  return load_safetensors(stages.at(stage).at("checkpoint").get<std::string>() + "/model.safetensors");
+}
+
+}  // namespace
+
+TEST_CASE("pipeline: stage 3 starts from stage 2's weights; a re-run skips finished stages", "[vlm][pipeline][slow]") {
+  TinyVlmCorpus c;
+  TrainOptions quiet;
+  quiet.quiet = true;
+  const auto plan = load_pipeline(c.pipeline("run"));
+  REQUIRE(plan.stages.size() == 2);
+  CHECK(plan.stages[1].init_from.at(0).components.size() == 3);
+  auto r = run_pipeline(plan, quiet);
+  REQUIRE_FALSE(r.interrupted);
+  const auto s2 = final_weights(r.stages, "s2"), s3 = final_weights(r.stages, "s3");
+  // Stage 3 runs with another seed and freezes the vision tower and projector: they can only equal
+  // stage 2's if they were handed over; the language model trained on.
+  int64_t handed = 0, trained = 0;
+  for (const auto& [name, t] : s3) {
+    const auto comp = component_of(name);
+    if (comp == "vision_model" || comp == "mm_projector") handed += torch::equal(t, s2.at(name));
+    else trained += !torch::equal(t, s2.at(name));
+  }
+  int64_t frozen_total = 0;
+  for (const auto& [name, t] : s3) frozen_total += component_of(name) != "language_model";
+  CHECK(handed == frozen_total);
+  CHECK(trained > 0);
+  CHECK(r.stages["s3"]["eval"]["vqa"]["records"] == 8);
+  CHECK(r.stages["s3"]["eval"]["vqa"].contains("exact_match/count"));
+
+  // Same pipeline again: both stages are complete and skipped, nothing retrained.
+  auto again = run_pipeline(load_pipeline(c.pipeline("run")), quiet);
+  CHECK(again.stages["s2"]["skipped"] == true);
+  CHECK(again.stages["s3"]["skipped"] == true);
+  CHECK(again.stages["s3"]["checkpoint"] == r.stages["s3"]["checkpoint"]);
+
+  // Interrupted in stage 2, then re-run: stage 2 resumes and the end result is the same, bit for bit.
+  TrainOptions stop = quiet;
+  stop.stop_at_step = 1;
+  auto cut = run_pipeline(load_pipeline(c.pipeline("cut")), stop);
+  REQUIRE(cut.interrupted);
+  auto resumed = run_pipeline(load_pipeline(c.pipeline("cut")), quiet);
+  REQUIRE_FALSE(resumed.interrupted);
+  const auto s3b = final_weights(resumed.stages, "s3");
+  for (const auto& [name, t] : s3) {
+    INFO(name);
+    CHECK(torch::equal(t, s3b.at(name)));
+  }
+}
+
+TEST_CASE("conversation data: sequences too long after image expansion are caught at load", "[vlm][data]") {
+  TinyVlmCorpus c;
+  const auto tok = Tokenizer::load(c.dir.file("data/tok.model"));
+  DataConfig dc;
+  dc.image_size = 32;
+  dc.workers = 1;
+  dc.max_seq_len = 100000;
+  const std::string manifest = c.dir.file("data/train_instruct.jsonl");
+  // Each record: bos + several turns + one image of 64 tokens (a made-up projector output).
+  int64_t longest = 0;
+  {
+    ConversationDataset all(manifest, dc, tok, 64, true);
+    for (int64_t i = 0; i < all.size(); ++i) longest = std::max(longest, all.sample(i).tokens.expanded_length(64));
+  }
+  dc.max_seq_len = static_cast<int>(longest - 1);
+  CHECK_THAT(message_of<DataError>([&] { ConversationDataset(manifest, dc, tok, 64, true); }),
+             Catch::Contains("exceed data.max_seq_len " + std::to_string(longest - 1)) &&
+                 Catch::Contains("train_instruct.jsonl:") && Catch::Contains("(id train-0000"));
+  dc.on_too_long = "skip";
+  ConversationDataset skipped(manifest, dc, tok, 64, true);
+  CHECK(skipped.skipped() >= 1);
+  CHECK(skipped.size() + skipped.skipped() == 24);
+  dc.on_too_long = "truncate";
+  ConversationDataset truncated(manifest, dc, tok, 64, true);
+  CHECK(truncated.truncated() >= 1);
+  CHECK(truncated.size() == 24);
+  for (int64_t i = 0; i < truncated.size(); ++i) CHECK(truncated.sample(i).tokens.expanded_length(64) <= longest - 1);
+  // The prompt of a sample is everything before its final reply, ending with the assistant marker.
+  const auto& s = truncated.sample(0);
+  const auto prompt = prompt_ids(s.tokens);
+  REQUIRE(prompt.size() < s.tokens.ids.size());
+  CHECK(s.tokens.labels[prompt.size()] != kIgnoreIndex);
+  CHECK(s.tokens.labels[prompt.size() - 1] == kIgnoreIndex);
+}
+
+TEST_CASE("config: stage 2-3 mistakes are reported with their keys", "[vlm][config]") {
+  auto check = [](const std::string& yaml) {
+    return message_of<ConfigError>([&] { run_config_from_tree(parse_config_string(yaml, "c.yaml"), "c.yaml"); });
+  };
+  const std::string base = "trainer: finetune\ndata: {train: t.jsonl, tokenizer: t.model}\n";
+  CHECK_THAT(check(base + "init_from: [{checkpoint: runs/x, components: [vision]}]\n"),
+             Catch::Contains("init_from[0].components[0]") && Catch::Contains("unknown component 'vision'"));
+  CHECK_THAT(check(base + "model: {llm: {hidden_size: 100, num_attention_heads: 3}}\n"),
+             Catch::Contains("model.llm.num_attention_heads"));
+  CHECK_THAT(check(base + "model: {projector: {type: mlp2x_gelu, spatial_pool: 3}}\n"),
+             Catch::Contains("model.projector") && Catch::Contains("does not divide the 8 x 8 patch grid"));
+  CHECK_THAT(check("trainer: finetune\ndata: {train: t.jsonl, tokenizer: t.model, max_seq_len: 1024}\n"),
+             Catch::Contains("data.max_seq_len"));
+  CHECK_THAT(check(base + "model: {projector: {type: qformer}}\n"), Catch::Contains("unknown projector type 'qformer'"));
+  CHECK_THAT(check("trainer: contrastive\ndata: {train: t.jsonl, tokenizer: t.model}\ninit_from: [{checkpoint: x, "
+                   "components: [vision_model]}]\n"),
+             Catch::Contains("init_from"));
+}

@@ -1,0 +1,141 @@
+#include "trainers/pipeline.h"
+
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <sstream>
+
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "trainers/contrastive.h"
+#include "trainers/vlm.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+namespace {
+
+// {a.b: v} sets a -> b to v, keeping v's file:line for error messages.
+void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& where) {
+  if (sets.is_null()) return;
+  if (!sets.is_map()) throw ConfigError(where + ": 'set' must map dotted keys to values, e.g. {train.steps: 300}");
+  for (const auto& [key, value] : sets.map) {
+    ConfigNode* node = &root;
+    std::stringstream ks(key);
+    std::string part;
+    while (std::getline(ks, part, '.')) {
+      if (!node->is_map() && !node->is_null())
+        throw ConfigError(value.where() + ": set " + key + ": '" + part + "' is inside a value that is not a mapping");
+      node = &node->child(part);
+    }
+    if (node->is_map() && value.is_map()) merge_config(*node, value);
+    else *node = value;
+  }
+}
+
+std::string stage_dir(const PipelineConfig& p, const std::string& stage) { return (fs::path(p.out_dir) / stage).string(); }
+
+}  // namespace
+
+TrainResult train_any(const RunConfig& cfg, const TrainOptions& opt) {
+  return cfg.is_vlm() ? train_vlm(cfg, opt) : train_contrastive(cfg, opt);
+}
+
+PipelinePlan load_pipeline(const std::string& path, const std::vector<std::string>& overrides) {
+  PipelinePlan plan;
+  const ConfigNode tree = load_config_file(path);
+  ConfigErrors errors;
+  read_config(tree, plan.pipeline, errors);
+  errors.throw_if_any("invalid pipeline " + path);
+  const auto& p = plan.pipeline;
+  if (p.stages.empty()) throw ConfigError(path + ": 'stages' is empty; list at least one {name, config}");
+  std::vector<std::string> seen;
+  for (size_t i = 0; i < p.stages.size(); ++i) {
+    const auto& s = p.stages[i];
+    const std::string key = path + ": stages[" + std::to_string(i) + "]";
+    if (s.name.empty() || s.config.empty()) throw ConfigError(key + ": each stage needs a name and a config");
+    if (std::find(seen.begin(), seen.end(), s.name) != seen.end())
+      throw ConfigError(key + ": stage name '" + s.name + "' is used twice");
+    for (size_t k = 0; k < s.init_from.size(); ++k) {
+      const auto& init = s.init_from[k];
+      const std::string ik = key + ".init_from[" + std::to_string(k) + "]";
+      if (std::find(seen.begin(), seen.end(), init.stage) == seen.end())
+        throw ConfigError(ik + ".stage: '" + init.stage + "' is not an earlier stage");
+      if (init.components.empty()) throw ConfigError(ik + ".components: missing, e.g. [vision_model]");
+    }
+    seen.push_back(s.name);
+    if (!fs::exists(s.config)) throw ConfigError(key + ".config: '" + s.config + "' does not exist");
+    ConfigNode run = load_config_file(s.config);
+    apply_sets(run, p.set, path);
+    apply_sets(run, s.set, path);
+    for (const auto& o : overrides) apply_override(run, o);
+    run.child("run").child("out_dir") = ConfigNode::make_scalar(stage_dir(p, s.name));
+    run.child("run").child("name") = ConfigNode::make_scalar(s.name);
+    if (!s.init_from.empty()) {
+      // Checkpoints are filled in when the earlier stages have finished.
+      ConfigNode list;
+      list.kind = ConfigNode::Kind::Sequence;
+      for (const auto& init : s.init_from) {
+        ConfigNode entry;
+        entry.child("checkpoint") = ConfigNode::make_scalar(stage_dir(p, init.stage));
+        auto& comps = entry.child("components");
+        comps.kind = ConfigNode::Kind::Sequence;
+        for (const auto& c : init.components) comps.items.push_back(ConfigNode::make_scalar(c));
+        list.items.push_back(entry);
+      }
+      run.child("init_from") = list;
+    }
+    plan.stages.push_back(run_config_from_tree(run, s.config + " (stage " + s.name + " of " + path + ")"));
+  }
+  return plan;
+}
+
+PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
+  const auto& p = plan.pipeline;
+  PipelineResult result;
+  std::map<std::string, std::string> final_checkpoint;
+  for (size_t i = 0; i < p.stages.size(); ++i) {
+    const auto& stage = p.stages[i];
+    RunConfig cfg = plan.stages[i];
+    for (size_t k = 0; k < stage.init_from.size(); ++k)
+      cfg.init_from[k].checkpoint = final_checkpoint.at(stage.init_from[k].stage);
+    const std::string dir = cfg.run.out_dir;
+    const std::string done_file = (fs::path(dir) / "stage_done.json").string();
+    nlohmann::json entry;
+    if (fs::exists(done_file)) {
+      const auto done = nlohmann::json::parse(read_text_file(done_file));
+      if (done.value("config", std::string()) == resolved_yaml(cfg) && fs::exists(done.value("checkpoint", std::string()))) {
+        init_logging();
+        spdlog::info("pipeline {}: stage {} ({}/{}) is complete ({}); skipping", p.name, stage.name, i + 1,
+                     p.stages.size(), done["checkpoint"].get<std::string>());
+        final_checkpoint[stage.name] = done["checkpoint"];
+        entry = {{"checkpoint", done["checkpoint"]}, {"eval", done.value("eval", nlohmann::json())}, {"skipped", true}};
+        result.stages[stage.name] = entry;
+        continue;
+      }
+    }
+    init_logging();
+    spdlog::info("pipeline {}: stage {} ({}/{}), trainer {}, config {}", p.name, stage.name, i + 1, p.stages.size(),
+                 cfg.trainer, stage.config);
+    TrainOptions o = opt;
+    o.resume = "auto";  // continue a stage in progress; a fresh one starts from scratch
+    TrainResult r = train_any(cfg, o);
+    if (r.interrupted) {
+      result.interrupted = true;
+      return result;
+    }
+    final_checkpoint[stage.name] = r.checkpoint;
+    entry = {{"checkpoint", r.checkpoint}, {"eval", r.final_eval}, {"skipped", false}};
+    atomic_write_text(done_file, nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step},
+                                                {"eval", r.final_eval}, {"config", resolved_yaml(cfg)}}
+                                     .dump(2) + "\n");
+    result.stages[stage.name] = entry;
+  }
+  nlohmann::json summary = {{"pipeline", p.name}, {"stages", result.stages}};
+  atomic_write_text((fs::path(p.out_dir) / "pipeline.json").string(), summary.dump(2) + "\n");
+  return result;
+}
+
+}  // namespace trialign

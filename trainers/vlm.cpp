@@ -1,0 +1,386 @@
+#include "trainers/vlm.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cctype>
+#include <cmath>
+#include <filesystem>
+
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "core/safetensors.h"
+#include "data/prefetch_loader.h"
+#include "eval/caption_objects.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok) {
+  auto& llm = cfg.model.llm;
+  if (llm.vocab_size == 0) llm.vocab_size = tok.vocab_size();
+  if (llm.vocab_size < tok.vocab_size())
+    throw ConfigError("model.llm.vocab_size (" + std::to_string(llm.vocab_size) + ") is smaller than the tokenizer's " +
+                      std::to_string(tok.vocab_size()) + " pieces (" + tok.path() + "); set it to 0 to follow the tokenizer");
+  if (tok.image_id() < 0 && !cfg.data.drop_images)
+    throw ConfigError("data.tokenizer '" + tok.path() +
+                      "' has no <image> piece, so images cannot be placed in the text; retrain it with `trialign "
+                      "tokenizer train` (which adds one)");
+  return VlmModel(cfg.model);
+}
+
+std::string init_components(VlmModel& model, const InitFrom& init) {
+  const std::string dir = resolve_checkpoint(init.checkpoint, [](const std::string& w) { spdlog::warn(w); });
+  verify_checkpoint(dir);
+  const std::string file = dir + "/model.safetensors";
+  const auto tensors = load_safetensors(file);
+  std::vector<std::string> problems;
+  int64_t copied = 0;
+  torch::NoGradGuard ng;
+  for (const auto& component : init.components) {
+    const auto prefixes = component_prefixes(component);
+    for (const auto& [name, param] : named_state(*model)) {
+      if (std::none_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) { return name.compare(0, p.size(), p) == 0; }))
+        continue;
+      auto it = tensors.find(name);
+      if (it == tensors.end()) {
+        problems.push_back("missing " + name);
+        continue;
+      }
+      if (it->second.sizes() != param.sizes()) {
+        std::ostringstream msg;
+        msg << name << ": checkpoint " << it->second.sizes() << " vs model " << param.sizes();
+        problems.push_back(msg.str());
+        continue;
+      }
+      param.copy_(it->second);
+      ++copied;
+    }
+  }
+  if (!problems.empty()) {
+    std::string list;
+    for (size_t i = 0; i < problems.size() && i < 12; ++i) list += "\n  " + problems[i];
+    if (problems.size() > 12) list += "\n  ... and " + std::to_string(problems.size() - 12) + " more";
+    throw DataError("init_from: " + file + " does not fit this model (" + std::to_string(problems.size()) +
+                    " problems):" + list + "\ncheck that model.vision / model.llm / model.projector match the earlier stage");
+  }
+  spdlog::info("init_from: {} tensors of [{}] from {}", copied,
+               [&] {
+                 std::string s;
+                 for (const auto& c : init.components) s += (s.empty() ? "" : ", ") + c;
+                 return s;
+               }(),
+               dir);
+  return dir;
+}
+
+LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& b, int accum, int64_t image_id, bool bf16) {
+  const double normaliser = std::max<int64_t>(1, b.target_tokens());
+  const int64_t m = b.size() / accum;
+  LossOutput total;
+  total.loss = torch::zeros({});
+  for (int j = 0; j < accum; ++j) {
+    const auto micro = b.slice(j * m, j + 1 == accum ? b.size() : (j + 1) * m);
+    torch::Tensor logits, targets;
+    {
+      AutocastGuard autocast(bf16);
+      auto in = model->build_inputs(micro.pixels, micro.ids, micro.labels, image_id);
+      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);  // [b, L, H]
+      // Position t predicts token t + 1: keep only the positions whose next label counts.
+      const int64_t L = hidden.size(1);
+      auto next = in.labels.slice(1, 1, L);                  // [b, L-1]
+      auto keep = next.ne(kIgnoreIndex);
+      auto rows = hidden.slice(1, 0, L - 1).index({keep});  // [n, H]
+      targets = next.index({keep});                          // [n]
+      logits = model->llm->logits(rows);                     // [n, V]
+    }
+    auto out = loss.forward({logits.to(torch::kFloat32), targets, normaliser});
+    out.loss.backward();
+    total.loss += out.loss.detach();
+    for (const auto& [k, v] : out.metrics)
+      total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;  // shares of the step add up
+  }
+  total.metrics["tokens"] = torch::tensor(normaliser);
+  return total;
+}
+
+std::string normalise_reply(const std::string& s) {
+  std::string out;
+  for (char c : s) out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  auto strip = [&] {
+    while (!out.empty() && std::isspace(static_cast<unsigned char>(out.back()))) out.pop_back();
+    size_t i = 0;
+    while (i < out.size() && std::isspace(static_cast<unsigned char>(out[i]))) ++i;
+    out.erase(0, i);
+  };
+  strip();
+  if (!out.empty() && out.back() == '.') out.pop_back();
+  strip();
+  return out;
+}
+
+std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
+                                          const std::vector<std::vector<int64_t>>& prompts, const torch::Tensor& pixels,
+                                          const SamplingOptions& opt_in, bool bf16) {
+  torch::NoGradGuard ng;
+  std::vector<std::vector<int64_t>> no_labels;
+  for (const auto& p : prompts) no_labels.emplace_back(p.size(), kIgnoreIndex);
+  AutocastGuard autocast(bf16);
+  auto in = model->build_inputs(pixels, prompts, no_labels, tok.image_id());  // right padded
+  // Generation continues from the last position, so prompts are left padded instead.
+  const int64_t B = in.embeds.size(0), L = in.embeds.size(1);
+  auto embeds = torch::zeros_like(in.embeds);
+  auto mask = torch::zeros_like(in.attention_mask);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = in.attention_mask[b].sum().item<int64_t>();
+    embeds[b].slice(0, L - n, L).copy_(in.embeds[b].slice(0, 0, n));
+    mask[b].slice(0, L - n, L).fill_(1);
+  }
+  SamplingOptions opt = opt_in;
+  opt.eos_id = tok.eos_id();
+  auto g = generate(model->llm, embeds, mask, opt);
+  std::vector<std::string> out;
+  for (auto& t : g.tokens) {
+    if (!t.empty() && t.back() == tok.eos_id()) t.pop_back();
+    out.push_back(tok.decode(std::vector<int>(t.begin(), t.end())));
+  }
+  return out;
+}
+
+nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const ConversationDataset& data, const Tokenizer& tok,
+                            int batch, int max_new_tokens, bool bf16) {
+  const bool was_training = model->is_training();
+  model->eval();
+  torch::NoGradGuard ng;
+  double loss_sum = 0, tokens = 0;
+  std::map<std::string, std::pair<int64_t, int64_t>> exact;  // type -> (right, total)
+  CaptionObjectScore caption;
+  int64_t captions = 0, caption_exact = 0;
+  SamplingOptions sampling;
+  sampling.max_new_tokens = max_new_tokens;
+  for (int64_t start = 0; start < data.size(); start += batch) {
+    const int64_t end = std::min<int64_t>(data.size(), start + batch);
+    const auto b = data.range(start, end);
+    {
+      AutocastGuard autocast(bf16);
+      auto in = model->build_inputs(b.pixels, b.ids, b.labels, tok.image_id());
+      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);
+      const int64_t L = hidden.size(1);
+      auto next = in.labels.slice(1, 1, L);
+      auto keep = next.ne(kIgnoreIndex);
+      auto logits = model->llm->logits(hidden.slice(1, 0, L - 1).index({keep})).to(torch::kFloat32);
+      const double n = static_cast<double>(keep.sum().item<int64_t>());
+      if (n > 0) loss_sum += loss.forward({logits, next.index({keep}), 1.0}).loss.item<double>(), tokens += n;
+    }
+    std::vector<std::vector<int64_t>> prompts;
+    for (int64_t i = start; i < end; ++i) prompts.push_back(prompt_ids(data.sample(i).tokens));
+    const auto replies = generate_replies(model, tok, prompts, b.pixels, sampling, bf16);
+    for (int64_t i = start; i < end; ++i) {
+      const auto& s = data.sample(i);
+      const std::string& reply = replies[static_cast<size_t>(i - start)];
+      const bool right = normalise_reply(reply) == normalise_reply(s.reference);
+      auto add = [&](const std::string& key) {
+        exact[key].first += right;
+        exact[key].second += 1;
+      };
+      add("");
+      if (!s.question_type.empty()) add(s.question_type);
+      if (!s.scene.is_null() && s.question_type.empty()) {  // a caption of a shapes-world scene
+        const auto sc = score_caption_objects(reply, s.scene);
+        caption.mentions += sc.mentions, caption.correct_mentions += sc.correct_mentions;
+        caption.objects += sc.objects, caption.recalled += sc.recalled;
+        ++captions;
+        caption_exact += right;
+      }
+    }
+  }
+  nlohmann::json j;
+  j["records"] = data.size();
+  if (tokens > 0) j["loss"] = loss_sum / tokens;
+  for (const auto& [type, e] : exact)
+    j[type.empty() ? "exact_match" : "exact_match/" + type] = static_cast<double>(e.first) / std::max<int64_t>(1, e.second);
+  if (captions > 0) {
+    j["caption/object_precision"] = caption.mentions ? static_cast<double>(caption.correct_mentions) / caption.mentions : 0.0;
+    j["caption/object_recall"] = caption.objects ? static_cast<double>(caption.recalled) / caption.objects : 0.0;
+    j["caption/exact"] = static_cast<double>(caption_exact) / captions;
+  }
+  if (was_training) model->train();
+  return j;
+}
+
+namespace {
+
+std::string save_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step) {
+  CheckpointWriter w(cfg.run.out_dir, step, cfg.trainer);
+  save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "vlm"}});
+  torch::save(optim, w.path("optimizer.pt"));
+  save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
+  w.add_json("trainer_state.json", {{"trainer", cfg.trainer}, {"step", step}, {"samples_seen", step * cfg.train.batch_size}});
+  w.add_text("config.yaml", resolved_yaml(cfg));
+  return w.commit(cfg.train.keep_last);
+}
+
+int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim) {
+  const int64_t step = check_resume_checkpoint(dir, cfg);
+  load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
+  torch::load(optim, dir + "/optimizer.pt");
+  set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
+  return step;
+}
+
+// Frozen components run in eval mode (no dropout / batch statistics, should a layer have them).
+void set_train_modes(VlmModel& model) {
+  model->train();
+  auto frozen = [](const torch::nn::Module& m) {
+    for (const auto& p : m.parameters())
+      if (p.requires_grad()) return false;
+    return true;
+  };
+  if (frozen(*model->vision_model)) model->vision_model->eval();
+  if (frozen(*model->mm_projector)) model->mm_projector->eval();
+  if (frozen(*model->llm)) model->llm->model->eval();
+}
+
+}  // namespace
+
+TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
+  RunConfig cfg = cfg_in;
+  install_stop_handlers();
+  std::error_code ec;
+  fs::create_directories(cfg.run.out_dir, ec);
+  if (ec || !fs::is_directory(cfg.run.out_dir))
+    throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
+  init_logging((fs::path(cfg.run.out_dir) / "train.log").string());
+  const int threads = setup_threads(cfg.run.threads);
+  const std::string precision = resolve_precision(cfg.run.precision);
+  const bool bf16 = precision == "bf16";
+  torch::manual_seed(cfg.run.seed);
+
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  VlmModel model = build_vlm_model(cfg, tok);
+  auto loss = lm_losses().create_or_throw(cfg.loss);
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (const auto& p : model->named_parameters(true)) named.emplace_back(p.key(), p.value());
+  ParamPlan plan = plan_param_groups(named, cfg.optim);
+  if (cfg.trainer == "adapter")
+    for (const auto& [name, p] : plan.trainable)
+      if (component_of(name) != "mm_projector")
+        throw ConfigError("trainer adapter trains the projector alone, but '" + name +
+                          "' is trainable; freeze vision_model and language_model in optim.param_groups, or use "
+                          "trainer: finetune");
+  std::vector<torch::Tensor> params;
+  int64_t n_trainable = 0, n_frozen = 0;
+  for (const auto& [n, p] : plan.trainable) params.push_back(p), n_trainable += p.numel();
+  for (const auto& p : model->parameters())
+    if (!p.requires_grad()) n_frozen += p.numel();
+  torch::optim::AdamW optimizer(plan.groups);
+
+  const int64_t tpi = model->tokens_per_image();
+  ConversationDataset train(cfg.data.train, cfg.data, tok, tpi, /*train=*/true);
+  std::vector<std::pair<std::string, std::unique_ptr<ConversationDataset>>> evals;
+  if (!cfg.eval.sets.empty()) {
+    for (const auto& s : cfg.eval.sets)
+      evals.emplace_back(s.name, std::make_unique<ConversationDataset>(s.data, cfg.data, tok, tpi, false, s.limit));
+  } else if (!cfg.data.val.empty()) {
+    evals.emplace_back("val", std::make_unique<ConversationDataset>(cfg.data.val, cfg.data, tok, tpi, false, cfg.data.val_limit));
+  }
+  spdlog::info("{} ({}, template {}{}): {} train records{}{}, {:.2f}M trainable / {:.2f}M frozen parameters, {} visual "
+               "tokens per image, {} threads, precision {}",
+               cfg.run.name, cfg.trainer, cfg.data.chat_template, cfg.data.drop_images ? ", text only" : "", train.size(),
+               train.skipped() ? " (" + std::to_string(train.skipped()) + " skipped)" : std::string(),
+               train.truncated() ? " (" + std::to_string(train.truncated()) + " truncated)" : std::string(),
+               n_trainable / 1e6, n_frozen / 1e6, tpi, threads, precision);
+
+  int64_t start = 0;
+  const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
+  if (!resumed_from.empty()) {
+    start = load_checkpoint(resumed_from, cfg, model, optimizer);
+    spdlog::info("resumed from {} at step {}", resumed_from, start);
+    forget_after_step(cfg.run.out_dir, start);
+  } else {
+    for (const auto& init : cfg.init_from) init_components(model, init);
+  }
+  atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
+
+  MetricsLog metrics((fs::path(cfg.run.out_dir) / "metrics.jsonl").string());
+  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size;
+  EpochSampler sampler(cfg.run.seed, train.size());
+  PrefetchLoader<ConversationBatch> loader(
+      [&](int64_t step) { return train.collate(sampler.batch(step, B), cfg.run.seed); }, start, steps, cfg.data.workers,
+      cfg.data.prefetch);
+  Progress progress(start, steps);
+  TrainResult result;
+  const int eval_batch = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
+  auto run_eval = [&](int64_t step) {
+    nlohmann::json all;
+    for (auto& [name, ds] : evals) {
+      auto j = evaluate_vlm(model, *loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16);
+      std::string line;
+      for (const auto& [k, v] : j.items())
+        if (v.is_number_float()) line += fmt::format(" {} {:.3f}", k, v.get<double>());
+      spdlog::info("eval step {} [{}]:{}", step, name, line);
+      all[name] = j;
+    }
+    if (!all.is_null() && step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", all}});
+    return all;
+  };
+
+  set_train_modes(model);
+  int64_t step = start;
+  while (step < steps) {
+    set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
+    const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
+    ConversationBatch batch;
+    try {
+      batch = loader.next();
+    } catch (const DataError& e) {
+      const auto ck = save_checkpoint(cfg, model, optimizer, step);
+      throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
+                      " holds the last good state: fix or remove the record, then --resume auto)");
+    }
+    optimizer.zero_grad();
+    LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16);
+    const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
+    if (!std::isfinite(gnorm)) {
+      const auto ck = save_checkpoint(cfg, model, optimizer, step);
+      throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
+                               std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
+                               " holds the last good state; lower optim.lr, then --resume auto");
+    }
+    optimizer.step();
+    ++step;
+
+    if (step % cfg.train.log_every == 0 || step == steps) {
+      const double l = out.loss.item<double>();
+      result.logged_losses.push_back(l);
+      nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", gnorm}};
+      rec["metrics"] = metrics_json(out.metrics);
+      rec["data_wait_s"] = loader.wait_seconds();
+      metrics.write(rec);
+      if (!opt.quiet)
+        spdlog::info("{} | loss {:.4f} | lr {:.2e} | token acc {:.3f}", progress.line(step, B), l, lr,
+                     rec["metrics"].value("acc/token", 0.0));
+    }
+    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) run_eval(step);
+    if (stop_requested() || step == opt.stop_at_step) {
+      result.checkpoint = save_checkpoint(cfg, model, optimizer, step);
+      spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
+      result.interrupted = true;
+      result.final_step = step;
+      return result;
+    }
+    if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps)
+      result.checkpoint = save_checkpoint(cfg, model, optimizer, step);
+  }
+  result.final_step = step;
+  result.checkpoint = start < steps ? save_checkpoint(cfg, model, optimizer, step) : resumed_from;
+  result.final_eval = run_eval(step);
+  if (!result.final_eval.is_null())
+    atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+  spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, steps - start, format_duration(progress.elapsed()),
+               result.checkpoint);
+  return result;
+}
+
+}  // namespace trialign

@@ -1,0 +1,53 @@
+// Stages 2-3 (and text-only LM pretraining): the vision-language model trained on conversation
+// data with a token-level loss (losses/cross_entropy.h). One loop serves both trainers:
+//   adapter   stage 2, LLaVA "feature alignment": the config freezes vision_model and
+//             language_model, the projector trains (the trainer checks this)
+//   finetune  stage 3: whatever optim.param_groups leaves trainable (projector + LLM, the vision
+//             tower optionally); with data.drop_images it pretrains the LLM on text alone
+// A fresh run may take components from an earlier stage's checkpoint (init_from).
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "core/run_config.h"
+#include "data/conversation_dataset.h"
+#include "data/tokenizer.h"
+#include "losses/loss.h"
+#include "models/generate.h"
+#include "models/vlm.h"
+#include "trainers/common.h"
+
+namespace trialign {
+
+// The model for a config whose llm.vocab_size may come from the tokenizer (cfg is updated).
+VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok);
+
+// Copies the named components from a checkpoint (or a run folder's newest checkpoint) of any
+// trainer whose model.safetensors uses the same names (stage 1's vision_model included). Every
+// parameter of a requested component must be present with the same shape; else DataError
+// listing what is missing or mis-shaped. Returns the checkpoint directory used.
+std::string init_components(VlmModel& model, const InitFrom& init);
+
+// One optimizer step's forward and backward over a batch split into `accum` micro-batches of
+// equal sample count. The loss is normalised by the target tokens of the whole batch, so the
+// accumulated gradient equals the one-big-batch gradient. Returns the batch loss and metrics.
+LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& batch, int accum, int64_t image_id,
+                    bool bf16);
+
+// Greedy replies to each sample's prompt (prompt_ids), decoded and trimmed.
+std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
+                                          const std::vector<std::vector<int64_t>>& prompts, const torch::Tensor& pixels,
+                                          const SamplingOptions& opt, bool bf16);
+
+// Scores a held-out set: "loss" (token CE), "exact_match" of the generated final reply overall
+// and "exact_match/<question_type>", and for records with a scene "caption/object_precision",
+// "caption/object_recall", "caption/exact". `batch` samples per forward.
+nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const ConversationDataset& data, const Tokenizer& tok,
+                            int batch, int max_new_tokens, bool bf16);
+
+TrainResult train_vlm(const RunConfig& cfg, const TrainOptions& opt);
+
+// Lower case, surrounding spaces and a final period removed: how replies are compared.
+std::string normalise_reply(const std::string& s);
+
+}  // namespace trialign
