@@ -8,6 +8,7 @@
 #include "core/rng.h"
 #include "data/image.h"
 #include "data/manifest.h"
+#include "data/shapes_world.h"
 
 namespace fs = std::filesystem;
 
@@ -16,12 +17,16 @@ namespace trialign {
 namespace {
 
 // {"image", "caption"} -> the LLaVA form; conversations as they are otherwise.
-Conversation parse_record(const ManifestRecord& r, const std::string& caption_prompt) {
+Conversation parse_record(const ManifestRecord& r, const std::string& caption_prompt, bool* is_caption) {
+  *is_caption = false;
   if (!r.json.contains("conversations") && r.json.contains("caption")) {
     Conversation c;
+    *is_caption = true;
     c.images.push_back(require_string(r, "image"));
     const std::string caption = require_string(r, "caption");
     if (caption.empty()) throw DataError(r.where + " (id " + r.id + "): empty caption");
+    if (caption.find("<image>") != std::string::npos)
+      throw DataError(r.where + " (id " + r.id + "): <image> inside a caption");
     c.turns.push_back({"user", "<image>\n" + caption_prompt});
     c.turns.push_back({"assistant", caption});
     return c;
@@ -33,7 +38,7 @@ Conversation parse_record(const ManifestRecord& r, const std::string& caption_pr
 void drop_images(Conversation& c) {
   c.images.clear();
   for (auto& t : c.turns) {
-    for (const std::string tag : {"<image>\n", "<image>"})
+    for (const std::string tag : {"<image>\n", "\n<image>", "<image>"})
       for (size_t p = t.text.find(tag); p != std::string::npos; p = t.text.find(tag)) t.text.erase(p, tag.size());
   }
 }
@@ -65,6 +70,7 @@ ConversationBatch ConversationBatch::slice(int64_t from, int64_t to) const {
 
 std::vector<int64_t> prompt_ids(const TokenizedConversation& t) {
   size_t start = t.labels.size();
+  while (start > 0 && t.labels[start - 1] == kIgnoreIndex) --start;  // trailing unlabelled tokens
   while (start > 0 && t.labels[start - 1] != kIgnoreIndex) --start;  // the last labelled run
   return std::vector<int64_t>(t.ids.begin(), t.ids.begin() + static_cast<std::ptrdiff_t>(start));
 }
@@ -74,7 +80,7 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
     : cfg_(cfg), train_(train) {
   const auto records = read_manifest(manifest);
   const fs::path root = cfg.image_root.empty() ? fs::path(manifest).parent_path() : fs::path(cfg.image_root);
-  RecordProblems problems;
+  RecordProblems problems, length_problems;  // length failures always fail: they have their own switch
   int64_t too_long = 0;
   for (const auto& r : records) {
     if (limit > 0 && size() >= limit) break;
@@ -82,7 +88,9 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
     s.where = r.where;
     s.id = r.id;
     try {
-      Conversation c = parse_record(r, cfg.caption_prompt);
+      Conversation c = parse_record(r, cfg.caption_prompt, &s.is_caption);
+      if (c.turns.back().role != "assistant")
+        throw DataError(r.where + " (id " + r.id + "): the conversation must end with the assistant's reply");
       if (cfg.drop_images) drop_images(c);
       for (const auto& image : c.images) {
         const std::string path = (root / image).string();
@@ -95,6 +103,9 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
         s.images.push_back(path);
       }
       s.tokens = tokenize_conversation(c, tok, cfg.chat_template);
+      if (s.tokens.num_images != static_cast<int64_t>(s.images.size()))
+        throw DataError(r.where + " (id " + r.id + "): " + std::to_string(s.tokens.num_images) +
+                        " <image> placeholders after templating but " + std::to_string(s.images.size()) + " images");
       for (const auto& t : c.turns)
         if (t.role == "assistant") s.reference = t.text;
     } catch (const DataError& e) {
@@ -102,7 +113,16 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
       continue;
     }
     if (auto it = r.json.find("question_type"); it != r.json.end() && it->is_string()) s.question_type = *it;
-    if (auto it = r.json.find("scene"); it != r.json.end() && it->is_object()) s.scene = *it;
+    if (auto it = r.json.find("question_type"); it != r.json.end() && *it == "caption") s.is_caption = true;
+    if (auto it = r.json.find("scene"); it != r.json.end()) {
+      try {
+        shapes::scene_from_json(*it);  // validates: caption scoring reads it later
+        s.scene = *it;
+      } catch (const std::exception& e) {
+        problems.add(r, std::string("bad 'scene': ") + e.what());
+        continue;
+      }
+    }
 
     const int64_t len = s.tokens.expanded_length(tokens_per_image);
     if (len > cfg.max_seq_len) {
@@ -110,34 +130,34 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
                                std::to_string(s.tokens.num_images) + " image(s) x " + std::to_string(tokens_per_image) +
                                " visual tokens) exceed data.max_seq_len " + std::to_string(cfg.max_seq_len);
       if (cfg.on_too_long == "fail") {
-        problems.add(r, what + "; raise data.max_seq_len, or set data.on_too_long to skip or truncate");
+        length_problems.add(r, what);
         continue;
       }
       // Truncation keeps every image and cuts text at the end; it needs a labelled token left.
       size_t keep = 0;
       int64_t expanded = 0;
-      size_t last_image_end = 0;
       for (size_t t = 0; t < s.tokens.ids.size(); ++t) {
         const int64_t w = s.tokens.ids[t] == tok.image_id() && s.tokens.num_images > 0 ? tokens_per_image : 1;
         if (expanded + w > cfg.max_seq_len) break;
         expanded += w;
         keep = t + 1;
-        if (w > 1) last_image_end = keep;
       }
       bool kept_labels = false;
       for (size_t t = 1; t < keep; ++t) kept_labels = kept_labels || s.tokens.labels[t] != kIgnoreIndex;
       int64_t images_kept = 0;
       for (size_t t = 0; t < keep; ++t) images_kept += s.tokens.ids[t] == tok.image_id();
-      if (cfg.on_too_long == "skip" || !kept_labels || images_kept != s.tokens.num_images || last_image_end > keep) {
+      if (cfg.on_too_long == "skip" || !kept_labels || images_kept != s.tokens.num_images) {
         ++too_long;
         continue;
       }
       s.tokens.ids.resize(keep);
       s.tokens.labels.resize(keep);
+      s.truncated = true;  // its final reply is gone: not scored by generation
       ++truncated_;
     }
     samples_.push_back(std::move(s));
   }
+  length_problems.finish(manifest, "fail", "raise data.max_seq_len, or set data.on_too_long: skip | truncate");
   problems.finish(manifest, cfg.on_bad_record);
   skipped_ = static_cast<int64_t>(problems.messages.size()) + too_long;
   if (samples_.empty())

@@ -25,6 +25,8 @@ struct ConversationSample {
   std::string reference;            // the final assistant reply (what generation is scored against)
   std::string question_type;        // the record's "question_type", "" when absent
   nlohmann::json scene;             // shapes-world scene graph when the record has one
+  bool is_caption = false;          // an {"image","caption"} record or question_type "caption"
+  bool truncated = false;           // cut to data.max_seq_len (its final reply is incomplete)
 };
 
 struct ConversationBatch {

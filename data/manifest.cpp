@@ -81,11 +81,10 @@ std::string require_string(const ManifestRecord& r, const char* field) {
   return it->get<std::string>();
 }
 
-void RecordProblems::finish(const std::string& manifest, const std::string& policy) const {
+void RecordProblems::finish(const std::string& manifest, const std::string& policy, const std::string& hint) const {
   if (messages.empty() || policy == "skip") return;
   std::string all = manifest + ": " + std::to_string(messages.size()) + " bad record" +
-                    (messages.size() == 1 ? "" : "s") +
-                    " (fix them, or set data.on_bad_record: skip to skip and count them)";
+                    (messages.size() == 1 ? "" : "s") + " (" + hint + ")";
   for (size_t i = 0; i < messages.size() && i < 20; ++i) all += "\n  " + messages[i];
   if (messages.size() > 20) all += "\n  ... and " + std::to_string(messages.size() - 20) + " more";
   throw DataError(all);

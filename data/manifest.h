@@ -29,7 +29,8 @@ struct RecordProblems {
   int64_t skipped = 0;
   void add(const ManifestRecord& r, const std::string& what) { messages.push_back(r.where + " (id " + r.id + "): " + what); }
   // policy "fail": throws DataError listing up to 20 problems; "skip": returns the count.
-  void finish(const std::string& manifest, const std::string& policy) const;
+  void finish(const std::string& manifest, const std::string& policy,
+              const std::string& hint = "fix them, or set data.on_bad_record: skip to skip and count them") const;
 };
 
 }  // namespace trialign

@@ -61,7 +61,9 @@ struct LoadedVlm {
   VlmModel model{nullptr};
 };
 LoadedVlm load_vlm(const std::string& dir) {
-  LoadedVlm v{checkpoint_config(dir), Tokenizer::load(checkpoint_config(dir).data.tokenizer)};
+  LoadedVlm v;
+  v.cfg = checkpoint_config(dir);
+  v.tok = Tokenizer::load(v.cfg.data.tokenizer);
   v.model = build_vlm_model(v.cfg, v.tok);
   load_state(*v.model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   v.model->eval();
@@ -72,7 +74,10 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::str
   auto v = load_vlm(dir);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
   std::vector<EvalSet> sets = v.cfg.eval.sets;
-  if (!data.empty()) sets = {EvalSet{"data", data, 0}};
+  if (!data.empty()) {
+    sets = {EvalSet{"data", data, 0}};
+    v.cfg.data.image_root.clear();  // images of --data resolve against its own folder
+  }
   else if (sets.empty() && !v.cfg.data.val.empty()) sets = {EvalSet{"val", v.cfg.data.val, v.cfg.data.val_limit}};
   if (sets.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no eval.sets or data.val");
   auto loss = lm_losses().create_or_throw(v.cfg.loss);
@@ -126,6 +131,11 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
   if (!checkpoint_config(dir).is_vlm())
     throw ConfigError("generate: '" + dir + "' is a stage-1 (contrastive) checkpoint; it has no language model");
   auto v = load_vlm(dir);
+  if (!image.empty() && v.cfg.data.drop_images)
+    throw ConfigError("generate: '" + dir + "' was trained on text alone (data.drop_images); it cannot take --image");
+  if (v.cfg.data.chat_template == "plain")
+    spdlog::warn("generate: this checkpoint uses the plain template (image, then caption): --prompt is ignored and the "
+                 "model captions the image");
   // The prompt goes through the training template, so the model sees what it was trained on.
   Conversation c;
   std::string user = prompt;
@@ -133,8 +143,14 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
     c.images.push_back(image);
     if (user.find("<image>") == std::string::npos) user = "<image>\n" + user;
   }
+  size_t tags = 0;
+  for (size_t p = user.find("<image>"); p != std::string::npos; p = user.find("<image>", p + 1)) ++tags;
+  if (tags != c.images.size())
+    throw ConfigError("generate: the prompt has " + std::to_string(tags) + " <image> placeholder(s) but " +
+                      std::to_string(c.images.size()) + " --image; give one --image per placeholder");
   c.turns = {{"user", user}, {"assistant", "x"}};
   auto ids = prompt_ids(tokenize_conversation(c, v.tok, v.cfg.data.chat_template));
+  if (ids.empty()) ids.push_back(v.tok.pad_id());
   torch::Tensor pixels;
   if (!image.empty()) pixels = image_transform(load_image_rgb(image), v.cfg.data, false, 0).unsqueeze(0);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";

@@ -92,7 +92,7 @@ TEST_CASE("checkpoint commit: manifest with checksums, latest, pruning", "[check
   CHECK(crc32_bytes("123456789", 9) == 0xCBF43926u);  // the standard CRC-32 check value
 }
 
-TEST_CASE("pruning never removes the checkpoint just written nor later ones; a re-save replaces in place", "[checkpoint]") {
+TEST_CASE("pruning never removes the checkpoint just written nor later ones, and a re-save replaces in place", "[checkpoint]") {
   TempDir d("ckpt");
   auto save = [&](int64_t step, const std::string& text, int keep) {
     CheckpointWriter w(d.path.string(), step, "contrastive");

@@ -44,7 +44,7 @@ TEST_CASE("wrong types and out-of-range values are all reported together", "[con
   CHECK_THAT(msg, Catch::Contains("a.yaml:10:9: schedule.type: unknown value 'wavy'; choose one of: cosine, linear, constant"));
 }
 
-TEST_CASE("include composes files and the including file wins; errors point into the included file", "[config]") {
+TEST_CASE("include composes files and the including file wins, and errors point into the included file", "[config]") {
   TempDir d("cfg");
   write_file(d.file("base/model.yaml"), "model:\n  projection_dim: 64\n  vision:\n    hidden_size: 96\n    num_attention_heads: 4\n");
   write_file(d.file("run.yaml"), std::string("include: base/model.yaml\n") + kMinimal + "model:\n  projection_dim: 32\n");
@@ -56,7 +56,7 @@ TEST_CASE("include composes files and the including file wins; errors point into
   write_file(d.file("base/bad.yaml"), "model:\n  vision:\n    hiden_size: 96\n");
   write_file(d.file("run2.yaml"), std::string("include: [base/bad.yaml]\n") + kMinimal);
   CHECK_THAT(error_of([&] { load_run_config(d.file("run2.yaml")); }),
-             Catch::Contains(d.file("base/bad.yaml") + ":3:5: model.vision.hiden_size: unknown key"));
+             Catch::Contains(d.file("base/bad.yaml") + ":3:17: model.vision.hiden_size: unknown key"));
 }
 
 TEST_CASE("a missing include and an include cycle are errors naming the including line", "[config]") {
@@ -105,7 +105,7 @@ TEST_CASE("cross-field checks name the key to fix", "[config]") {
   CHECK_THAT(msg, Catch::Contains("model.vision.patch_size: image_size 64 is not a multiple of patch_size 7"));
 }
 
-TEST_CASE("registry: unknown loss type lists the registered names; bad options are errors", "[config][registry]") {
+TEST_CASE("registry: unknown loss type lists the registered names, and bad options are errors", "[config][registry]") {
   TempDir d("cfg");
   write_file(d.file("a.yaml"), std::string(kMinimal) + "loss:\n  type: infonse\n");
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml")); }),

@@ -88,7 +88,7 @@ TEST_CASE("chat template: ids in order, loss only on the assistant reply and its
   CHECK(plain.labels.back() == t.tok.eos_id());
 }
 
-TEST_CASE("image placeholders expand to the projected tokens with -100 labels; padding is masked", "[conversation][vlm]") {
+TEST_CASE("image placeholders expand to the projected tokens with -100 labels, and padding is masked", "[conversation][vlm]") {
   const int64_t IMG = 9;
   // Embedding table: id -> [id, 10 * id]; image tokens: distinct constants.
   auto embed = [](const torch::Tensor& ids) { return torch::stack({ids, ids * 10}, 1).to(torch::kFloat32); };

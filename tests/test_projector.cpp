@@ -33,7 +33,7 @@ TEST_CASE("projectors are registered by name with LLaVA parameter names", "[proj
   CHECK_THROWS_WITH(make("resampler", "num_querys: 3"), Catch::Contains("did you mean 'num_queries'"));
 }
 
-TEST_CASE("linear and mlp2x_gelu map each patch; values by hand", "[projector]") {
+TEST_CASE("linear and mlp2x_gelu map each patch: values by hand", "[projector]") {
   auto lin = make("linear");
   {
     torch::NoGradGuard ng;

@@ -232,7 +232,7 @@ TEST_CASE("shapes_questions: existence is balanced and its negatives are adversa
   CHECK(yes <= 130);  // 65% of 200
 }
 
-TEST_CASE("shapes_questions: relations agree with scene.relations; yes and no both occur",
+TEST_CASE("shapes_questions: relations agree with scene.relations, and yes and no both occur",
           "[shapes_questions]") {
   const GeneratorOptions opts;
   const Scene s = two_objects();
@@ -322,7 +322,7 @@ TEST_CASE("shapes_questions: every question on sampled scenes matches the oracle
   for (const auto& t : question_types()) CHECK(per_type[t] > 0);
 }
 
-TEST_CASE("shapes_questions: same seed, same output; records have the documented fields",
+TEST_CASE("shapes_questions: same seed, same output, and records have the documented fields",
           "[shapes_questions]") {
   const GeneratorOptions opts;
   const Scene s = scene_of({obj("circle", "red", "large", 16, 20), obj("square", "blue", "small", 48, 30),

@@ -103,7 +103,7 @@ Scene make_scene(std::vector<Object> objects) {
 
 }  // namespace
 
-TEST_CASE("shapes_world: same options give byte-identical datasets; seeds and splits differ",
+TEST_CASE("shapes_world: same options give byte-identical datasets, and seeds and splits differ",
           "[shapes_world]") {
   GeneratorOptions opts;
   opts.seed = 1234;

@@ -103,15 +103,39 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
       cfg.init_from[k].checkpoint = final_checkpoint.at(stage.init_from[k].stage);
     const std::string dir = cfg.run.out_dir;
     const std::string done_file = (fs::path(dir) / "stage_done.json").string();
+    // Fingerprints of the checkpoints this stage starts from: a finished stage is only reused
+    // if it was trained from the very same upstream weights.
+    nlohmann::json upstream = nlohmann::json::array();
+    for (const auto& init : cfg.init_from) upstream.push_back(crc32_file(init.checkpoint + "/MANIFEST.json"));
     nlohmann::json entry;
     if (fs::exists(done_file)) {
-      const auto done = nlohmann::json::parse(read_text_file(done_file));
-      if (done.value("config", std::string()) == resolved_yaml(cfg) && fs::exists(done.value("checkpoint", std::string()))) {
+      nlohmann::json done;
+      try {
+        done = nlohmann::json::parse(read_text_file(done_file));
+      } catch (const nlohmann::json::exception& e) {
+        throw DataError(done_file + ": unreadable (" + e.what() + "); delete it to redo stage " + stage.name);
+      }
+      const auto diff = diff_for_resume(done.value("config", std::string()), resolved_yaml(cfg));
+      const bool steps_changed =
+          std::find(diff.safe.begin(), diff.safe.end(), "train.steps") != diff.safe.end();
+      if (!diff.unsafe.empty() || steps_changed) {
+        std::string keys;
+        for (const auto& k : diff.unsafe) keys += "\n  " + k;
+        if (steps_changed) keys += "\n  train.steps";
+        throw ConfigError("pipeline " + p.name + ": stage " + stage.name + " finished with another config; changed:" +
+                          keys + "\nrestore them, or remove " + dir + " to train the stage again");
+      }
+      if (done.value("upstream", nlohmann::json::array()) != upstream)
+        throw ConfigError("pipeline " + p.name + ": stage " + stage.name +
+                          " was trained from other checkpoints of its init_from stages than the current ones; remove " +
+                          dir + " to train it again from them");
+      const std::string ck = done.value("checkpoint", std::string());
+      if (fs::exists(ck)) {
         init_logging();
         spdlog::info("pipeline {}: stage {} ({}/{}) is complete ({}); skipping", p.name, stage.name, i + 1,
-                     p.stages.size(), done["checkpoint"].get<std::string>());
-        final_checkpoint[stage.name] = done["checkpoint"];
-        entry = {{"checkpoint", done["checkpoint"]}, {"eval", done.value("eval", nlohmann::json())}, {"skipped", true}};
+                     p.stages.size(), ck);
+        final_checkpoint[stage.name] = ck;
+        entry = {{"checkpoint", ck}, {"eval", done.value("eval", nlohmann::json())}, {"skipped", true}};
         result.stages[stage.name] = entry;
         continue;
       }
@@ -129,7 +153,8 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
     final_checkpoint[stage.name] = r.checkpoint;
     entry = {{"checkpoint", r.checkpoint}, {"eval", r.final_eval}, {"skipped", false}};
     atomic_write_text(done_file, nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step},
-                                                {"eval", r.final_eval}, {"config", resolved_yaml(cfg)}}
+                                                {"eval", r.final_eval}, {"config", resolved_yaml(cfg)},
+                                                {"upstream", upstream}}
                                      .dump(2) + "\n");
     result.stages[stage.name] = entry;
   }

@@ -12,9 +12,10 @@
 //       init_from: [{stage: stage1, components: [vision_model]}, {stage: lm, components: [language_model]}]
 //
 // Every stage config is loaded and validated before the first stage starts. A stage that
-// finished (OUT/<stage>/stage_done.json) with the same resolved config is skipped; an
-// unfinished one resumes from its newest checkpoint; a finished one whose config changed is
-// refused with the differing keys (start it afresh by removing its folder).
+// finished (OUT/<stage>/stage_done.json) is skipped when its config differs at most in keys that
+// do not change what is computed (threads, logging) and it was trained from the same upstream
+// checkpoints; a finished stage whose config or upstream changed is refused with the reason
+// (remove its folder to train it again). An unfinished stage resumes from its newest checkpoint.
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>

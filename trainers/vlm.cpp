@@ -138,11 +138,11 @@ std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
     mask[b].slice(0, L - n, L).fill_(1);
   }
   SamplingOptions opt = opt_in;
-  opt.eos_id = tok.eos_id();
+  opt.eos_id = tok.eos_id() >= 0 ? tok.eos_id() : tok.pad_id();  // what the templates end replies with
   auto g = generate(model->llm, embeds, mask, opt);
   std::vector<std::string> out;
   for (auto& t : g.tokens) {
-    if (!t.empty() && t.back() == tok.eos_id()) t.pop_back();
+    if (!t.empty() && t.back() == opt.eos_id) t.pop_back();
     out.push_back(tok.decode(std::vector<int>(t.begin(), t.end())));
   }
   return out;
@@ -153,7 +153,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard ng;
-  double loss_sum = 0, tokens = 0;
+  double loss_sum = 0, tokens = 0, shuffled_sum = 0, shuffled_tokens = 0;
   std::map<std::string, std::pair<int64_t, int64_t>> exact;  // type -> (right, total)
   CaptionObjectScore caption;
   int64_t captions = 0, caption_exact = 0;
@@ -162,22 +162,36 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   for (int64_t start = 0; start < data.size(); start += batch) {
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
-    {
+    // Token loss with the right images, and with every image moved to the next sample: the gap
+    // says how much the model reads the image (no gap = it answers from the text alone).
+    auto token_loss = [&](const torch::Tensor& pixels) -> std::pair<double, double> {
       AutocastGuard autocast(bf16);
-      auto in = model->build_inputs(b.pixels, b.ids, b.labels, tok.image_id());
+      auto in = model->build_inputs(pixels, b.ids, b.labels, tok.image_id());
       auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);
       const int64_t L = hidden.size(1);
       auto next = in.labels.slice(1, 1, L);
       auto keep = next.ne(kIgnoreIndex);
-      auto logits = model->llm->logits(hidden.slice(1, 0, L - 1).index({keep})).to(torch::kFloat32);
       const double n = static_cast<double>(keep.sum().item<int64_t>());
-      if (n > 0) loss_sum += loss.forward({logits, next.index({keep}), 1.0}).loss.item<double>(), tokens += n;
+      if (n == 0) return {0.0, 0.0};
+      auto logits = model->llm->logits(hidden.slice(1, 0, L - 1).index({keep})).to(torch::kFloat32);
+      return {loss.forward({logits, next.index({keep}), 1.0}).loss.item<double>(), n};
+    };
+    const auto [l, n] = token_loss(b.pixels);
+    loss_sum += l, tokens += n;
+    if (b.pixels.defined() && b.pixels.size(0) >= 2) {
+      // Half a batch away: consecutive records may ask about the same image.
+      const auto [ls, ns] = token_loss(b.pixels.roll(std::max<int64_t>(1, b.pixels.size(0) / 2), 0));
+      shuffled_sum += ls, shuffled_tokens += ns;
     }
     std::vector<std::vector<int64_t>> prompts;
-    for (int64_t i = start; i < end; ++i) prompts.push_back(prompt_ids(data.sample(i).tokens));
+    for (int64_t i = start; i < end; ++i) {
+      prompts.push_back(prompt_ids(data.sample(i).tokens));
+      if (prompts.back().empty()) prompts.back().push_back(tok.pad_id());  // a tokenizer without bos
+    }
     const auto replies = generate_replies(model, tok, prompts, b.pixels, sampling, bf16);
     for (int64_t i = start; i < end; ++i) {
       const auto& s = data.sample(i);
+      if (s.truncated) continue;  // its reference reply was cut off
       const std::string& reply = replies[static_cast<size_t>(i - start)];
       const bool right = normalise_reply(reply) == normalise_reply(s.reference);
       auto add = [&](const std::string& key) {
@@ -186,7 +200,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       };
       add("");
       if (!s.question_type.empty()) add(s.question_type);
-      if (!s.scene.is_null() && s.question_type.empty()) {  // a caption of a shapes-world scene
+      if (!s.scene.is_null() && s.is_caption) {  // a caption of a shapes-world scene
         const auto sc = score_caption_objects(reply, s.scene);
         caption.mentions += sc.mentions, caption.correct_mentions += sc.correct_mentions;
         caption.objects += sc.objects, caption.recalled += sc.recalled;
@@ -198,6 +212,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   nlohmann::json j;
   j["records"] = data.size();
   if (tokens > 0) j["loss"] = loss_sum / tokens;
+  if (shuffled_tokens > 0) j["loss_shuffled_images"] = shuffled_sum / shuffled_tokens;
   for (const auto& [type, e] : exact)
     j[type.empty() ? "exact_match" : "exact_match/" + type] = static_cast<double>(e.first) / std::max<int64_t>(1, e.second);
   if (captions > 0) {
@@ -362,7 +377,10 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
         spdlog::info("{} | loss {:.4f} | lr {:.2e} | token acc {:.3f}", progress.line(step, B), l, lr,
                      rec["metrics"].value("acc/token", 0.0));
     }
-    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) run_eval(step);
+    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) {
+      run_eval(step);
+      set_train_modes(model);  // evaluation left every module in train mode
+    }
     if (stop_requested() || step == opt.stop_at_step) {
       result.checkpoint = save_checkpoint(cfg, model, optimizer, step);
       spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);

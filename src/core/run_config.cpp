@@ -125,8 +125,11 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
 RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label) {
   RunConfig cfg;
   ConfigErrors errors;
+  // The loss's default type depends on the trainer, so `loss: {option: v}` without `type:`
+  // (or `--set loss.option=v`) means the trainer's default loss with that option.
+  if (const ConfigNode* t = tree.find("trainer"); t && t->kind == ConfigNode::Kind::Scalar) cfg.trainer = t->scalar;
+  cfg.loss.type = cfg.is_vlm() ? "cross_entropy" : "infonce";
   read_config(tree, cfg, errors);
-  if (cfg.loss.type.empty()) cfg.loss.type = cfg.is_vlm() ? "cross_entropy" : "infonce";
   if (cfg.loss.options.kind != ConfigNode::Kind::Map) cfg.loss.options.kind = ConfigNode::Kind::Map;
   if (errors.empty()) {
     cross_checks(cfg, tree, errors);

@@ -41,10 +41,14 @@ ClipVisionEmbeddingsImpl::ClipVisionEmbeddingsImpl(const VisionConfig& c) {
 
 torch::Tensor ClipVisionEmbeddingsImpl::forward(const torch::Tensor& pixels) {
   const auto B = pixels.size(0);
-  auto patches = patch_embedding(pixels).flatten(2).transpose(1, 2);           // [B, P, D]
-  auto cls = class_embedding.view({1, 1, -1}).expand({B, 1, class_embedding.size(0)});
-  auto x = torch::cat({cls, patches}, 1);                                        // [B, 1 + P, D]
-  return x + position_embedding->weight.unsqueeze(0);
+  const auto& pos = position_embedding->weight;                                  // [1 + P, D]
+  auto patches = patch_embedding(pixels).flatten(2).transpose(1, 2) + pos.slice(0, 1);  // [B, P, D]
+  // Positions are added to the CLS token and the patches separately, not to their concatenation:
+  // with B = 1, `cat(...) + pos` would hand class_embedding and position_embedding gradients that
+  // are views of one buffer, and LibTorch's gradient accumulation, which adopts such a gradient
+  // as .grad on the first backward, then adds each one's next micro-batch into the other's too.
+  auto cls = (class_embedding + pos[0]).view({1, 1, -1}).expand({B, 1, pos.size(1)});  // [B, 1, D]
+  return torch::cat({cls, patches}, 1);                                           // [B, 1 + P, D]
 }
 
 ClipVisionTransformerImpl::ClipVisionTransformerImpl(const VisionConfig& c) {

@@ -19,13 +19,20 @@ void check_llama_config(const LlamaConfig& c, const std::string& path) {
   if (c.head_dim() % 2 != 0) fail("hidden_size", "head dimension must be even for rotary embeddings");
 }
 
+namespace {
+// fp32 (or wider) for reductions that bf16 would spoil; a double model stays double.
+torch::Tensor at_least_fp32(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat32);
+}
+}  // namespace
+
 RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   // fp32 statistics even under bf16 autocast: the mean square of a bf16 row loses too much.
-  auto xf = x.to(torch::kFloat32);
+  auto xf = at_least_fp32(x);
   auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps_);
   return (normed * weight).to(x.scalar_type());
 }
@@ -79,7 +86,7 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
   }
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   scores = scores + mask.to(scores.scalar_type());                        // [B, Hq, T, T_past + T]
-  auto attn = torch::softmax(scores.to(torch::kFloat32), -1).to(v.scalar_type());
+  auto attn = torch::softmax(at_least_fp32(scores), -1).to(v.scalar_type());
   auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj(out);
 }

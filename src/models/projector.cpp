@@ -11,23 +11,22 @@ ProjectorRegistry& projectors() {
   return registry;
 }
 
-int64_t pooled_tokens(int64_t patches, int k) {
+int64_t merged_tokens(int64_t patches, int k) {
   const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(patches))));
   if (side * side != patches || side % k != 0)
-    throw ConfigError("model.projector.spatial_pool: " + std::to_string(k) + " does not divide the " +
+    throw ConfigError("model.projector.spatial_merge: " + std::to_string(k) + " does not divide the " +
                       std::to_string(side) + " x " + std::to_string(side) + " patch grid (" + std::to_string(patches) +
                       " patches)");
   return (side / k) * (side / k);
 }
 
-torch::Tensor pool_patches(const torch::Tensor& f, int k) {
+torch::Tensor merge_patches(const torch::Tensor& f, int k) {
   if (k == 1) return f;
   const int64_t B = f.size(0), P = f.size(1), D = f.size(2);
-  const int64_t side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(P))));
-  pooled_tokens(P, k);  // validates
-  auto grid = f.transpose(1, 2).reshape({B, D, side, side});             // [B, D, s, s]
-  auto pooled = torch::avg_pool2d(grid, {k, k});                          // [B, D, s/k, s/k]
-  return pooled.flatten(2).transpose(1, 2);                               // [B, (s/k)^2, D]
+  merged_tokens(P, k);  // validates
+  const int64_t side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(P)))), n = side / k;
+  // [B, n, k, n, k, D] (row block, row in block, column block, column in block) -> blocks first.
+  return f.reshape({B, n, k, n, k, D}).permute({0, 1, 3, 2, 4, 5}).reshape({B, n * n, k * k * D});
 }
 
 namespace {
@@ -35,35 +34,35 @@ namespace {
 // LLaVA-1: one Linear, Dv -> H per patch.
 class LinearProjectorImpl : public ProjectorImpl {
  public:
-  LinearProjectorImpl(const ProjectorDims& d, const PerPatchOptions& o) : pool_(o.spatial_pool) {
+  LinearProjectorImpl(const ProjectorDims& d, const PerPatchOptions& o) : k_(o.spatial_merge) {
     // Registered as this module's own weight/bias so the names are `mm_projector.weight`.
-    torch::nn::Linear lin(d.vision_hidden, d.llm_hidden);
+    torch::nn::Linear lin(d.vision_hidden * o.spatial_merge * o.spatial_merge, d.llm_hidden);
     weight = register_parameter("weight", lin->weight.detach().clone());
     bias = register_parameter("bias", lin->bias.detach().clone());
   }
   torch::Tensor forward(const torch::Tensor& f) override {
-    return torch::nn::functional::linear(pool_patches(f, pool_), weight, bias);
+    return torch::nn::functional::linear(merge_patches(f, k_), weight, bias);
   }
-  int64_t num_tokens(int64_t patches) const override { return pooled_tokens(patches, pool_); }
+  int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::Tensor weight, bias;
 
  private:
-  int pool_;
+  int k_;
 };
 
 // LLaVA-1.5: Linear(Dv, H), GELU, Linear(H, H); children "0" and "2" as in nn.Sequential.
 class Mlp2xGeluImpl : public ProjectorImpl {
  public:
-  Mlp2xGeluImpl(const ProjectorDims& d, const PerPatchOptions& o) : pool_(o.spatial_pool) {
-    fc0 = register_module("0", torch::nn::Linear(d.vision_hidden, d.llm_hidden));
+  Mlp2xGeluImpl(const ProjectorDims& d, const PerPatchOptions& o) : k_(o.spatial_merge) {
+    fc0 = register_module("0", torch::nn::Linear(d.vision_hidden * o.spatial_merge * o.spatial_merge, d.llm_hidden));
     fc2 = register_module("2", torch::nn::Linear(d.llm_hidden, d.llm_hidden));
   }
-  torch::Tensor forward(const torch::Tensor& f) override { return fc2(torch::gelu(fc0(pool_patches(f, pool_)))); }
-  int64_t num_tokens(int64_t patches) const override { return pooled_tokens(patches, pool_); }
+  torch::Tensor forward(const torch::Tensor& f) override { return fc2(torch::gelu(fc0(merge_patches(f, k_)))); }
+  int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::nn::Linear fc0{nullptr}, fc2{nullptr};
 
  private:
-  int pool_;
+  int k_;
 };
 
 TRIALIGN_REGISTER(projectors(), "linear", "one Linear per patch (LLaVA-1)",

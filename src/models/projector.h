@@ -1,8 +1,10 @@
 // Vision-to-language projectors (stage 2 trains only these, LLaVA's "feature alignment").
 // Registered by `type:` in `model.projector`:
 //   linear      one Linear, LLaVA-1 (Liu et al. 2023)          names: weight, bias
-//               (linear and mlp2x_gelu take `spatial_pool: k`: k x k average pooling of the
-//               patch grid first, k^2 times fewer visual tokens for the language model)
+//               (linear and mlp2x_gelu take `spatial_merge: k`: each k x k block of the patch
+//               grid is concatenated into one token of width k^2 * Dv first, "pixel shuffle" as
+//               in InternVL (Chen et al. 2024): k^2 times fewer visual tokens, nothing averaged
+//               away, so shapes spread over neighbouring patches survive)
 //   mlp2x_gelu  Linear, GELU, Linear, LLaVA-1.5                 names: 0.weight, 0.bias, 2.weight, 2.bias
 //   resampler   learned queries with cross-attention (Perceiver Resampler, Alayrac et al. 2022;
 //               Q-Former-style): a fixed number of visual tokens whatever the patch count.
@@ -28,14 +30,15 @@ class ProjectorImpl : public torch::nn::Module {
 };
 
 struct PerPatchOptions {
-  int spatial_pool = 1;  // average-pool the patch grid by this factor before projecting
-  template <class V> void fields(V& v) { v("spatial_pool", spatial_pool, at_least(1)); }
+  int spatial_merge = 1;  // concatenate k x k neighbouring patches into one token
+  template <class V> void fields(V& v) { v("spatial_merge", spatial_merge, at_least(1)); }
 };
 
-// [B, P, D] features of a square s x s patch grid -> [B, (s/k)^2, D], k x k average pooling.
+// [B, P, D] features of a square s x s patch grid (row-major) -> [B, (s/k)^2, k^2 * D]: token
+// (r, c) holds patches (k r + i, k c + j), i, j < k, in row-major order, concatenated.
 // Throws ConfigError when P is not a square or s is not a multiple of k.
-torch::Tensor pool_patches(const torch::Tensor& features, int k);
-int64_t pooled_tokens(int64_t patches, int k);
+torch::Tensor merge_patches(const torch::Tensor& features, int k);
+int64_t merged_tokens(int64_t patches, int k);
 
 using ProjectorRegistry = Registry<ProjectorImpl, ProjectorDims>;
 ProjectorRegistry& projectors();
