@@ -3,6 +3,8 @@
 #include <opencv2/imgcodecs.hpp>
 
 #include <filesystem>
+#include <numeric>
+#include <tuple>
 
 #include "core/errors.h"
 #include "core/rng.h"
@@ -43,10 +45,38 @@ CaptionDataset::CaptionDataset(const std::string& manifest, const DataConfig& cf
       problems.add(r, "image '" + path + "' is empty or not an image format OpenCV can decode");
       continue;
     }
+    std::vector<CaptionNegative> negatives;
+    if (auto it = r.json.find("negatives"); it != r.json.end()) {
+      std::string bad;
+      if (!it->is_array()) bad = "'negatives' must be a list of captions";
+      for (size_t k = 0; bad.empty() && k < it->size(); ++k) {
+        const auto& n = (*it)[k];
+        CaptionNegative neg;
+        std::string text;
+        if (n.is_string()) {
+          text = n.get<std::string>();
+        } else if (n.is_object() && n.contains("caption") && n["caption"].is_string() &&
+                   (!n.contains("kind") || n["kind"].is_string())) {
+          text = n["caption"].get<std::string>();
+          neg.kind = n.value("kind", std::string());
+        } else {
+          bad = "negatives[" + std::to_string(k) + "] must be a caption or {\"caption\": ..., \"kind\": ...}";
+        }
+        if (bad.empty() && (text.empty() || text == caption))
+          bad = "negatives[" + std::to_string(k) + "] is empty or equals the caption";
+        neg.tokens = encode_for_text_encoder(tok, text, cfg.max_text_len);
+        negatives.push_back(std::move(neg));
+      }
+      if (!bad.empty()) {
+        problems.add(r, bad);
+        continue;
+      }
+    }
     images_.push_back(path);
     captions_.push_back(caption);
     where_.push_back(r.where);
     tokens_.push_back(encode_for_text_encoder(tok, caption, cfg.max_text_len));
+    negatives_.push_back(std::move(negatives));
   }
   problems.finish(manifest, cfg.on_bad_record);
   skipped_ = static_cast<int64_t>(problems.messages.size());
@@ -57,32 +87,61 @@ CaptionBatch CaptionDataset::collate(const std::vector<SampleRef>& refs, uint64_
   return build(refs, seed, train_);
 }
 
+std::pair<int64_t, int64_t> CaptionBatch::neg_rows(int64_t from, int64_t to) const {
+  int64_t first = 0, count = 0;
+  for (int64_t i = 0; i < to && i < static_cast<int64_t>(neg_counts.size()); ++i)
+    (i < from ? first : count) += neg_counts[static_cast<size_t>(i)];
+  return {first, count};
+}
+
+std::pair<torch::Tensor, torch::Tensor> CaptionDataset::pad(const std::vector<const std::vector<int64_t>*>& texts) const {
+  const auto n = static_cast<int64_t>(texts.size());
+  int64_t T = 0;
+  for (const auto* t : texts) T = std::max<int64_t>(T, static_cast<int64_t>(t->size()));
+  auto ids = torch::full({n, T}, pad_id_, torch::kLong);
+  auto lengths = torch::empty({n}, torch::kLong);
+  auto a = ids.accessor<int64_t, 2>();
+  auto l = lengths.accessor<int64_t, 1>();
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& t = *texts[static_cast<size_t>(i)];
+    for (size_t k = 0; k < t.size(); ++k) a[i][static_cast<int64_t>(k)] = t[k];
+    l[i] = static_cast<int64_t>(t.size());
+  }
+  return {ids, lengths};
+}
+
 CaptionBatch CaptionDataset::build(const std::vector<SampleRef>& refs, uint64_t seed, bool augment) const {
   const int64_t B = static_cast<int64_t>(refs.size());
-  int64_t T = 0;
-  for (const auto& r : refs) T = std::max<int64_t>(T, static_cast<int64_t>(tokens_[r.index].size()));
   CaptionBatch b;
   b.pixels = torch::empty({B, 3, cfg_.image_size, cfg_.image_size});
-  b.ids = torch::full({B, T}, pad_id_, torch::kLong);
-  b.lengths = torch::empty({B}, torch::kLong);
-  auto ids = b.ids.accessor<int64_t, 2>();
-  auto lens = b.lengths.accessor<int64_t, 1>();
+  std::vector<const std::vector<int64_t>*> texts, negs;
   for (int64_t i = 0; i < B; ++i) {
     const auto& ref = refs[static_cast<size_t>(i)];
-    const auto& path = images_[static_cast<size_t>(ref.index)];
+    const auto idx = static_cast<size_t>(ref.index);
     cv::Mat rgb;
     try {
-      rgb = load_image_rgb(path);
+      rgb = load_image_rgb(images_[idx]);
     } catch (const DataError& e) {
-      throw DataError(where_[static_cast<size_t>(ref.index)] + ": " + e.what());
+      throw DataError(where_[idx] + ": " + e.what());
     }
     const uint64_t aug_seed = mix_seed({seed, static_cast<uint64_t>(ref.epoch), static_cast<uint64_t>(ref.index)});
     b.pixels[i].copy_(image_transform(rgb, cfg_, augment, aug_seed));
-    const auto& tok = tokens_[static_cast<size_t>(ref.index)];
-    for (size_t t = 0; t < tok.size(); ++t) ids[i][static_cast<int64_t>(t)] = tok[t];
-    lens[i] = static_cast<int64_t>(tok.size());
+    texts.push_back(&tokens_[idx]);
     b.indices.push_back(ref.index);
+    if (train_ && cfg_.hard_negatives > 0) {
+      // Up to k of the record's negatives: all of them, or k drawn without replacement.
+      const auto& all = negatives_[idx];
+      std::vector<size_t> pick(all.size());
+      std::iota(pick.begin(), pick.end(), size_t{0});
+      const auto k = std::min(pick.size(), static_cast<size_t>(cfg_.hard_negatives));
+      Rng rng(mix_seed({seed, static_cast<uint64_t>(ref.epoch), static_cast<uint64_t>(ref.index), 0x4E4547ull}));
+      for (size_t j = 0; j < k && k < pick.size(); ++j) std::swap(pick[j], pick[j + rng.below(pick.size() - j)]);
+      for (size_t j = 0; j < k; ++j) negs.push_back(&all[pick[j]].tokens);
+      b.neg_counts.push_back(static_cast<int64_t>(k));
+    }
   }
+  std::tie(b.ids, b.lengths) = pad(texts);
+  if (!negs.empty()) std::tie(b.neg_ids, b.neg_lengths) = pad(negs);
   return b;
 }
 

@@ -1,6 +1,8 @@
-// Image-caption pairs for contrastive pretraining: records {"image": path, "caption": text}
-// (extra fields such as the shapes-world scene graph are ignored). Records are validated once
-// at load (missing fields, missing image files); bad ones fail the run with file:line, or are
+// Image-caption pairs for contrastive pretraining: records {"image": path, "caption": text},
+// optionally "negatives": hard-negative captions of the same image, each a string or
+// {"caption": text, "kind": name} (shapes world writes one per kind: shape, colour, size,
+// relation). Other fields are ignored. Records are validated once at load (missing fields,
+// missing image files, mistyped negatives); bad ones fail the run with file:line, or are
 // skipped and counted when data.on_bad_record is "skip".
 #pragma once
 #include <torch/torch.h>
@@ -19,6 +21,18 @@ struct CaptionBatch {
   torch::Tensor ids;      // [B, T] int64, padded with pad_id
   torch::Tensor lengths;  // [B] int64, tokens incl. bos/eos
   std::vector<int64_t> indices;  // dataset indices of the rows
+  // Hard negatives of the training rows (data.hard_negatives > 0), row by row: row i owns
+  // neg_counts[i] consecutive rows of neg_ids. Undefined when the batch has none.
+  torch::Tensor neg_ids;          // [M, Tn] int64, padded with pad_id
+  torch::Tensor neg_lengths;      // [M] int64
+  std::vector<int64_t> neg_counts;
+  // Rows of neg_ids owned by rows [from, to): [first, first + count).
+  std::pair<int64_t, int64_t> neg_rows(int64_t from, int64_t to) const;
+};
+
+struct CaptionNegative {
+  std::string kind;  // "" when the record gave a plain string
+  std::vector<int64_t> tokens;
 };
 
 class CaptionDataset {
@@ -31,6 +45,9 @@ class CaptionDataset {
   const std::string& caption(int64_t i) const { return captions_[static_cast<size_t>(i)]; }
   const std::string& image_path(int64_t i) const { return images_[static_cast<size_t>(i)]; }
   const std::string& where(int64_t i) const { return where_[static_cast<size_t>(i)]; }
+  const std::vector<CaptionNegative>& negatives(int64_t i) const { return negatives_[static_cast<size_t>(i)]; }
+  // Token ids of a list of tokenised texts as one padded batch: ([n, T] ids, [n] lengths).
+  std::pair<torch::Tensor, torch::Tensor> pad(const std::vector<const std::vector<int64_t>*>& texts) const;
 
   // Rows in the given order; augmentation seeded by (seed, epoch, index).
   CaptionBatch collate(const std::vector<SampleRef>& refs, uint64_t seed) const;
@@ -44,6 +61,7 @@ class CaptionDataset {
   int pad_id_;
   std::vector<std::string> images_, captions_, where_;
   std::vector<std::vector<int64_t>> tokens_;  // tokenised once at load
+  std::vector<std::vector<CaptionNegative>> negatives_;
   int64_t skipped_ = 0;
 };
 

@@ -1,4 +1,5 @@
 #include "data/shapes_world.h"
+#include "data/shapes_negatives.h"
 
 #include <algorithm>
 #include <cmath>
@@ -672,6 +673,7 @@ WriteSummary write_dataset(const std::string& out_dir, int64_t n_train, int64_t 
       const json record = {{"id", scene.id},
                            {"image", "images/" + split + "/" + name},
                            {"caption", caption(scene)},
+                           {"negatives", to_json(hard_negatives(scene, opts, negatives_seed(opts.seed, split, i)))},
                            {"scene", to_json(scene)}};
       out << record.dump() << '\n';
       if (!out) throw std::runtime_error("write_dataset: cannot write '" + manifest.string() + "'");

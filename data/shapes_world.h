@@ -170,7 +170,8 @@ struct WriteSummary {
 
 // Writes OUT/images/{train,val}/{index:06d}.png and OUT/train.jsonl, OUT/val.jsonl; one JSON
 // object per line: {"caption":"...","id":"train-000012","image":"images/train/000012.png",
-// "scene":{...}} (keys sorted). Image paths are relative to OUT (the manifest's directory).
+// "negatives":[{"caption":"...","kind":"shape"},...],"scene":{...}} (keys sorted; negatives
+// from data/shapes_negatives.h with negatives_seed(opts.seed, split, index)). Image paths are relative to OUT (the manifest's directory).
 // Also writes OUT/shapes_world.json with the options used, the counts and the colour table.
 // Creates directories as needed (existing files are overwritten, stale extra PNGs are left);
 // throws std::invalid_argument for bad options or negative counts, and std::runtime_error

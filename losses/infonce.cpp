@@ -14,15 +14,17 @@ LossOutput InfoNceLossImpl::forward(const ContrastiveInputs& in) {
   TORCH_CHECK(in.text_embeds.size(0) == N, "infonce: ", N, " image embeddings but ", in.text_embeds.size(0),
               " text embeddings");
   auto scale = logit_scale.exp();
-  auto logits = scale * torch::matmul(in.image_embeds, in.text_embeds.t());  // [N, N], row = image
+  const auto texts = in.has_negatives() ? torch::cat({in.text_embeds, in.negative_text_embeds}) : in.text_embeds;
+  auto logits_i2t = scale * torch::matmul(in.image_embeds, texts.t());  // [N, N + M], row = image
+  auto logits = logits_i2t.slice(1, 0, N);                              // [N, N]
   auto labels = torch::arange(N, torch::TensorOptions().dtype(torch::kLong).device(logits.device()));
-  auto loss_i2t = torch::nn::functional::cross_entropy(logits, labels);
+  auto loss_i2t = torch::nn::functional::cross_entropy(logits_i2t, labels);
   auto loss_t2i = torch::nn::functional::cross_entropy(logits.t(), labels);
   LossOutput out;
   out.loss = (loss_i2t + loss_t2i) / 2;
   torch::NoGradGuard ng;
   out.metrics["logit_scale"] = scale.detach();
-  out.metrics["acc/i2t"] = (logits.argmax(1) == labels).to(torch::kFloat32).mean();
+  out.metrics["acc/i2t"] = (logits_i2t.argmax(1) == labels).to(torch::kFloat32).mean();
   out.metrics["acc/t2i"] = (logits.argmax(0) == labels).to(torch::kFloat32).mean();
   return out;
 }

@@ -4,6 +4,10 @@
 //   logits = exp(s) * I T^T                      I, T: [N, E] unit-norm embeddings, s learnable
 //   loss   = ( CE(logits, arange N) + CE(logits^T, arange N) ) / 2
 //
+// With hard negatives H [M, E] (NegCLIP, Yuksekgonul et al. 2023) the image->text term ranks
+// each image's caption among all N captions and the M negatives, CE(exp(s) I [T; H]^T, arange N);
+// the text->image term is unchanged (a negative caption has no image of its own).
+//
 // s starts at ln(1/0.07) = 2.6593 and is clamped to [0, ln 100] after every optimizer step
 // (post_step), as in the paper. Metrics: logit_scale (= exp s), acc/i2t, acc/t2i.
 #pragma once

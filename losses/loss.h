@@ -22,6 +22,10 @@ struct LossOutput {
 struct ContrastiveInputs {
   torch::Tensor image_embeds;  // [N, E], L2-normalised
   torch::Tensor text_embeds;   // [N, E], L2-normalised
+  // Hard-negative captions (data.hard_negatives): extra texts that match no image, L2-normalised
+  // [M, E]; undefined or M = 0 when the batch has none. They only ever count as negatives.
+  torch::Tensor negative_text_embeds;
+  bool has_negatives() const { return negative_text_embeds.defined() && negative_text_embeds.size(0) > 0; }
 };
 
 class ContrastiveLossImpl : public torch::nn::Module {

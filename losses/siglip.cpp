@@ -19,6 +19,10 @@ LossOutput SiglipLossImpl::forward(const ContrastiveInputs& in) {
   auto z = 2 * torch::eye(N, logits.options()) - 1;                                                 // +1 diag, -1 off
   LossOutput out;
   out.loss = -torch::log_sigmoid(z * logits).sum() / N;
+  if (in.has_negatives()) {  // every (image, hard negative) pair is one more negative pair
+    auto neg = logit_scale.exp() * torch::matmul(in.image_embeds, in.negative_text_embeds.t()) + logit_bias;  // [N, M]
+    out.loss = out.loss - torch::log_sigmoid(-neg).sum() / N;
+  }
   torch::NoGradGuard ng;
   auto labels = torch::arange(N, torch::TensorOptions().dtype(torch::kLong).device(logits.device()));
   out.metrics["logit_scale"] = logit_scale.exp().detach();

@@ -3,6 +3,7 @@
 //   logits_ij = exp(t) * x_i . y_j + b           x, y: [N, E] unit-norm embeddings
 //   loss      = -(1/N) sum_ij log sigmoid(z_ij logits_ij),  z_ij = +1 if i == j else -1
 //
+// Hard-negative captions H [M, E] add the N*M pairs (x_i, h_m), all with z = -1, to the sum.
 // t starts at ln 10 and b at -10 (the paper's values, which offset the N^2 - N negatives).
 // Metrics: logit_scale (= exp t), logit_bias, acc/i2t, acc/t2i.
 #pragma once

@@ -190,3 +190,55 @@ TEST_CASE("caption dataset: bad records fail with their location, or are skipped
   CHECK(b.lengths[0].item<int64_t>() == static_cast<int64_t>(tok.encode("a red square").size()) + 2);
   CHECK(torch::equal(b.pixels[0], b.pixels[1]));  // no augmentation configured
 }
+
+TEST_CASE("caption dataset: hard negatives are read, validated, and k of them drawn per row", "[data][negatives]") {
+  TempDir d("negs");
+  write_png(d.file("img/a.png"), {255, 0, 0});
+  write_file(d.file("m.jsonl"),
+             "{\"id\": \"three\", \"image\": \"img/a.png\", \"caption\": \"a red square\", \"negatives\": "
+             "[\"a blue square\", {\"caption\": \"a red circle\", \"kind\": \"shape\"}, {\"caption\": \"a green square\"}]}\n"
+             "{\"id\": \"none\", \"image\": \"img/a.png\", \"caption\": \"a red circle\"}\n"
+             "{\"id\": \"badtype\", \"image\": \"img/a.png\", \"caption\": \"x\", \"negatives\": [3]}\n"
+             "{\"id\": \"same\", \"image\": \"img/a.png\", \"caption\": \"a red square\", \"negatives\": [\"a red square\"]}\n");
+  std::string lines;
+  for (int i = 0; i < 50; ++i) lines += "{\"caption\": \"a red square blue circle green\"}\n";
+  write_file(d.file("tok.jsonl"), lines);
+  trialign::test::train_test_tokenizer(d.file("tok.jsonl"), d.file("tok"), 24);
+  auto tok = Tokenizer::load(d.file("tok.model"));
+  DataConfig cfg;
+  cfg.image_size = 8;
+  const std::string msg = data_error([&] { CaptionDataset(d.file("m.jsonl"), cfg, tok, true); });
+  CHECK_THAT(msg, Catch::Contains(":3 (id badtype): negatives[0] must be a caption or {\"caption\": ..., \"kind\": ...}"));
+  CHECK_THAT(msg, Catch::Contains(":4 (id same): negatives[0] is empty or equals the caption"));
+  cfg.on_bad_record = "skip";
+  {
+    CaptionDataset ds(d.file("m.jsonl"), cfg, tok, true);
+    REQUIRE(ds.size() == 2);
+    REQUIRE(ds.negatives(0).size() == 3);
+    CHECK(ds.negatives(0)[0].kind.empty());
+    CHECK(ds.negatives(0)[1].kind == "shape");
+    CHECK(ds.negatives(1).empty());
+    CHECK_FALSE(ds.collate({{0, 0}}, 0).neg_ids.defined());  // data.hard_negatives 0: none in batches
+  }
+  cfg.hard_negatives = 2;
+  CaptionDataset ds(d.file("m.jsonl"), cfg, tok, true);
+  auto b = ds.collate({{0, 0}, {0, 1}, {0, 0}}, 7);
+  CHECK(b.neg_counts == std::vector<int64_t>{2, 0, 2});  // a row gives what it has, up to k
+  REQUIRE(b.neg_ids.size(0) == 4);
+  CHECK(b.neg_rows(1, 3) == std::make_pair<int64_t, int64_t>(2, 2));
+  // The two drawn for a row are distinct negatives of that row, and the draw is a pure
+  // function of (seed, epoch, index): the same row in the same batch gets the same pair.
+  CHECK_FALSE(torch::equal(b.neg_ids[0], b.neg_ids[1]));
+  CHECK(torch::equal(b.neg_ids.slice(0, 0, 2), b.neg_ids.slice(0, 2, 4)));
+  std::set<std::string> drawn;
+  for (uint64_t seed = 0; seed < 30; ++seed) {
+    auto c = ds.collate({{static_cast<int64_t>(seed), 0}}, 1);
+    for (int64_t r = 0; r < 2; ++r) {
+      const auto n = c.neg_lengths[r].item<int64_t>();
+      std::vector<int> ids;
+      for (int64_t t = 1; t + 1 < n; ++t) ids.push_back(static_cast<int>(c.neg_ids[r][t].item<int64_t>()));
+      drawn.insert(tok.decode(ids));
+    }
+  }
+  CHECK(drawn == std::set<std::string>{"a blue square", "a red circle", "a green square"});  // all three get drawn
+}

@@ -71,6 +71,31 @@ TEST_CASE("SigLIP matches hand-worked values", "[loss]") {
   CHECK(out.metrics.at("logit_bias").item<double>() == Approx(-10.0));
 }
 
+TEST_CASE("hard-negative captions join the image->text side of InfoNCE and SigLIP only", "[loss]") {
+  // One negative H = [0, 1]: img . H = [0, 1]. Scale 1 (s = 0, b = 0).
+  // InfoNCE i2t rows: CE([1, .6, 0], 0) = 0.712067, CE([0, .8, 1], 1) = 0.982352; t2i as without
+  // negatives: (0.313262 + 0.598139) / 2. loss = ((0.712067 + 0.982352) / 2 + 0.455701) / 2 = 0.651455
+  auto in = two_pairs();
+  in.negative_text_embeds = torch::tensor({{0.f, 1.f}});
+  InfoNceOptions o;
+  o.init_logit_scale = 0.0;
+  InfoNceLossImpl infonce(o);
+  auto out = infonce.forward(in);
+  CHECK(out.loss.item<double>() == Approx(0.651455).epsilon(1e-5));
+  CHECK(out.metrics.at("acc/i2t").item<double>() == Approx(0.5));  // image 1 prefers the negative
+  CHECK(out.metrics.at("acc/t2i").item<double>() == Approx(1.0));
+  // SigLIP: the two (image, negative) pairs are negatives: + [softplus(0) + softplus(1)] / 2
+  //       = 1.207499 + (0.693147 + 1.313262) / 2 = 2.210703
+  SiglipOptions so;
+  so.init_logit_scale = 0.0;
+  so.init_logit_bias = 0.0;
+  SiglipLossImpl siglip(so);
+  CHECK(siglip.forward(in).loss.item<double>() == Approx(2.210703).epsilon(1e-5));
+  // An empty negative set is the same as none.
+  in.negative_text_embeds = torch::zeros({0, 2});
+  CHECK(infonce.forward(in).loss.item<double>() == Approx(0.448879).epsilon(1e-5));
+}
+
 TEST_CASE("losses are built from the registry with their own validated options", "[loss][registry]") {
   CHECK(contrastive_losses().names() == std::vector<std::string>{"infonce", "siglip"});
   TypedSpec spec{"infonce", parse_config_string("init_logit_scale: 0.5\nlearnable: false\n", "inline"), "loss"};

@@ -109,33 +109,44 @@ TEST_CASE("stop at step k + resume equals an uninterrupted run, bit for bit", "[
 
 TEST_CASE("gradient accumulation keeps full-batch negatives: same gradients as one big batch", "[train][accum]") {
   TinyCorpus c;
-  RunConfig cfg = c.config("unused", 4);
-  torch::manual_seed(0);
-  auto tok = Tokenizer::load(cfg.data.tokenizer);
-  ClipModel model = build_clip_model(cfg, tok);
-  auto loss = contrastive_losses().create_or_throw(cfg.loss);
-  CaptionDataset ds(cfg.data.train, cfg.data, tok, true);
-  EpochSampler sampler(1, ds.size());
-  auto batch = ds.collate(sampler.batch(0, 16), 1);
+  for (const int hard : {0, 2}) {  // also with each row's hard-negative captions in the batch
+    INFO("data.hard_negatives " << hard);
+    RunConfig cfg = c.config("unused", 4, {"data.hard_negatives=" + std::to_string(hard)});
+    torch::manual_seed(0);
+    auto tok = Tokenizer::load(cfg.data.tokenizer);
+    ClipModel model = build_clip_model(cfg, tok);
+    auto loss = contrastive_losses().create_or_throw(cfg.loss);
+    CaptionDataset ds(cfg.data.train, cfg.data, tok, true);
+    EpochSampler sampler(1, ds.size());
+    auto batch = ds.collate(sampler.batch(0, 16), 1);
+    if (hard > 0) {
+      REQUIRE(batch.neg_counts.size() == 16);
+      // Shapes world writes shape, colour, size (and, with two objects, relation) negatives.
+      for (auto n : batch.neg_counts) CHECK(n == 2);
+      REQUIRE(batch.neg_ids.size(0) == 32);
+    } else {
+      CHECK_FALSE(batch.neg_ids.defined());
+    }
 
-  auto grads = [&](int accum) {
-    model->zero_grad();
-    loss->zero_grad();
-    auto out = contrastive_step(model, *loss, batch, accum);
-    std::vector<torch::Tensor> g;
-    for (const auto& p : model->parameters()) g.push_back(p.grad().clone());
-    g.push_back(loss->parameters()[0].grad().clone());
-    return std::make_pair(out.loss.item<double>(), g);
-  };
-  auto [l1, g1] = grads(1);
-  auto [l4, g4] = grads(4);
-  CHECK(l4 == Approx(l1).epsilon(1e-6));
-  REQUIRE(g1.size() == g4.size());
-  for (size_t i = 0; i < g1.size(); ++i) {
-    INFO("parameter " << i);
-    CHECK(torch::allclose(g1[i], g4[i], 1e-4, 1e-6));
+    auto grads = [&](int accum) {
+      model->zero_grad();
+      loss->zero_grad();
+      auto out = contrastive_step(model, *loss, batch, accum);
+      std::vector<torch::Tensor> g;
+      for (const auto& p : model->parameters()) g.push_back(p.grad().clone());
+      g.push_back(loss->parameters()[0].grad().clone());
+      return std::make_pair(out.loss.item<double>(), g);
+    };
+    auto [l1, g1] = grads(1);
+    auto [l4, g4] = grads(4);
+    CHECK(l4 == Approx(l1).epsilon(1e-6));
+    REQUIRE(g1.size() == g4.size());
+    for (size_t i = 0; i < g1.size(); ++i) {
+      INFO("parameter " << i);
+      CHECK(torch::allclose(g1[i], g4[i], 1e-4, 1e-6));
+    }
+    // Independent micro-batches (each with only its own negatives) would give a different loss:
+    // the 16-way contrastive problem starts near ln 16, a 4-way one near ln 4.
+    CHECK(l1 > std::log(8.0));
   }
-  // Independent micro-batches (each with only its own negatives) would give a different loss:
-  // the 16-way contrastive problem starts near ln 16, a 4-way one near ln 4.
-  CHECK(l1 > std::log(8.0));
 }

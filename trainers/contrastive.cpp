@@ -35,35 +35,54 @@ std::vector<std::pair<std::string, torch::Tensor>> trainable_params(ClipModel& m
 }  // namespace
 
 LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& b, int accum, bool bf16) {
+  const bool negatives = b.neg_ids.defined() && b.neg_ids.size(0) > 0;
+  // Embeddings of rows [from, to) and of the hard negatives those rows own; each [m, E] fp32.
   auto encode = [&](int64_t from, int64_t to) {
     AutocastGuard autocast(bf16);
-    return std::make_pair(model->encode_image(b.pixels.slice(0, from, to)),
-                          model->encode_text(b.ids.slice(0, from, to), b.lengths.slice(0, from, to)));  // [m, E] fp32
+    ContrastiveInputs in{model->encode_image(b.pixels.slice(0, from, to)),
+                         model->encode_text(b.ids.slice(0, from, to), b.lengths.slice(0, from, to)), {}};
+    if (negatives) {
+      const auto [first, count] = b.neg_rows(from, to);
+      if (count > 0)
+        in.negative_text_embeds = model->encode_text(b.neg_ids.slice(0, first, first + count),
+                                                     b.neg_lengths.slice(0, first, first + count));
+    }
+    return in;
   };
   if (accum == 1) {
-    auto [img, txt] = encode(0, b.pixels.size(0));
-    auto out = loss.forward({img, txt});
+    auto out = loss.forward(encode(0, b.pixels.size(0)));
     out.loss.backward();
     return out;
   }
+  // Gradient cache (Gao et al. 2021): embeddings of every micro-batch without a graph, the loss
+  // over the whole batch differentiated with respect to them, then each micro-batch re-encoded
+  // with a graph and back-propagated with its slice of that gradient.
   const int64_t B = b.pixels.size(0), m = B / accum;
-  std::vector<torch::Tensor> imgs, txts;
+  std::vector<torch::Tensor> imgs, txts, negs;
   {
     torch::NoGradGuard ng;
     for (int j = 0; j < accum; ++j) {
-      auto [img, txt] = encode(j * m, (j + 1) * m);
-      imgs.push_back(img);
-      txts.push_back(txt);
+      auto in = encode(j * m, (j + 1) * m);
+      imgs.push_back(in.image_embeds);
+      txts.push_back(in.text_embeds);
+      if (in.has_negatives()) negs.push_back(in.negative_text_embeds);
     }
   }
-  auto all_img = torch::cat(imgs).requires_grad_(true);  // [B, E] leaves: d loss / d embedding
-  auto all_txt = torch::cat(txts).requires_grad_(true);
-  auto out = loss.forward({all_img, all_txt});
+  ContrastiveInputs all{torch::cat(imgs).requires_grad_(true), torch::cat(txts).requires_grad_(true), {}};  // leaves
+  if (!negs.empty()) all.negative_text_embeds = torch::cat(negs).requires_grad_(true);
+  auto out = loss.forward(all);
   out.loss.backward();  // also the loss's own parameters' gradients, exactly once
-  const auto g_img = all_img.grad(), g_txt = all_txt.grad();
+  const auto g_img = all.image_embeds.grad(), g_txt = all.text_embeds.grad();
   for (int j = 0; j < accum; ++j) {
-    auto [img, txt] = encode(j * m, (j + 1) * m);
-    torch::autograd::backward({img, txt}, {g_img.slice(0, j * m, (j + 1) * m), g_txt.slice(0, j * m, (j + 1) * m)});
+    auto in = encode(j * m, (j + 1) * m);
+    std::vector<torch::Tensor> outputs = {in.image_embeds, in.text_embeds};
+    std::vector<torch::Tensor> grads = {g_img.slice(0, j * m, (j + 1) * m), g_txt.slice(0, j * m, (j + 1) * m)};
+    if (in.has_negatives()) {
+      const auto [first, count] = b.neg_rows(j * m, (j + 1) * m);
+      outputs.push_back(in.negative_text_embeds);
+      grads.push_back(all.negative_text_embeds.grad().slice(0, first, first + count));
+    }
+    torch::autograd::backward(outputs, grads);
   }
   out.loss = out.loss.detach();
   return out;
@@ -122,6 +141,22 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   auto I = torch::cat(imgs), T = torch::cat(txts);  // [N, E]
   nlohmann::json j;
   for (const auto& [k, v] : retrieval_recall(I, T, captions, eval.recall_at)) j[k] = v;
+  // Records with hard-negative captions: is the true caption ranked above each of them?
+  std::vector<const std::vector<int64_t>*> neg_tokens;
+  std::vector<int64_t> owner;
+  std::vector<std::string> kinds;
+  for (int64_t i = 0; i < data.size(); ++i)
+    for (const auto& n : data.negatives(i)) neg_tokens.push_back(&n.tokens), owner.push_back(i), kinds.push_back(n.kind);
+  if (!neg_tokens.empty()) {
+    std::vector<torch::Tensor> negs;
+    for (size_t b = 0; b < neg_tokens.size(); b += static_cast<size_t>(eval.batch_size)) {
+      const auto end = std::min(neg_tokens.size(), b + static_cast<size_t>(eval.batch_size));
+      const auto [ids, lengths] = data.pad({neg_tokens.begin() + b, neg_tokens.begin() + end});
+      AutocastGuard autocast(bf16);
+      negs.push_back(model->encode_text(ids, lengths));
+    }
+    for (const auto& [k, v] : hard_negative_accuracy(I, T, torch::cat(negs), owner, kinds)) j[k] = v;
+  }
   j["pairs"] = I.size(0);
   if (was_training) model->train();
   return j;
@@ -181,6 +216,12 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f}",
                  step, j.value("i2t/R@1", 0.0), j.value("i2t/R@5", 0.0), j.value("t2i/R@1", 0.0),
                  j.value("t2i/R@5", 0.0), j["cosine/matched"].get<double>(), j["cosine/mismatched"].get<double>());
+    if (j.contains("negatives/all")) {
+      std::string line;
+      for (const auto& [k, v] : j.items())
+        if (k.rfind("negatives/", 0) == 0) line += fmt::format(" {} {:.3f}", k.substr(10), v.get<double>());
+      spdlog::info("eval step {}: true caption above its hard negative:{}", step, line);
+    }
     if (step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", j}});  // not again for a finished run
     return j;
   };

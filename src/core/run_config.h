@@ -53,6 +53,9 @@ struct DataConfig {
   int workers = 2;              // background loader threads
   int prefetch = 4;             // batches prepared ahead
   int64_t val_limit = 0;        // first N validation records only; 0 = all
+  // Stage 1: up to this many of each record's "negatives" (captions with one error) join the
+  // text side of the batch as extra negatives (NegCLIP); 0 = off. Drawn per (seed, epoch, index).
+  int hard_negatives = 0;
   AugmentConfig augment;
   // Stages 2-3 (conversation data):
   std::string chat_template = "chat";  // chat | plain (image then caption; LLaVA feature alignment)
@@ -71,6 +74,7 @@ struct DataConfig {
     v("workers", workers, at_least(1));
     v("prefetch", prefetch, at_least(1));
     v("val_limit", val_limit, at_least(0));
+    v("hard_negatives", hard_negatives, at_least(0));
     v("augment", augment);
     v("template", chat_template, one_of({"chat", "plain"}));
     v("max_seq_len", max_seq_len, at_least(4));

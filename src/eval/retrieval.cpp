@@ -52,4 +52,32 @@ std::map<std::string, double> retrieval_recall(const torch::Tensor& image_embeds
   return out;
 }
 
+std::map<std::string, double> hard_negative_accuracy(const torch::Tensor& image_embeds, const torch::Tensor& text_embeds,
+                                                     const torch::Tensor& negative_embeds,
+                                                     const std::vector<int64_t>& owner,
+                                                     const std::vector<std::string>& kinds) {
+  TORCH_CHECK(negative_embeds.size(0) == static_cast<int64_t>(owner.size()) && owner.size() == kinds.size(),
+              "hard_negative_accuracy: ", negative_embeds.size(0), " negatives, ", owner.size(), " owners, ",
+              kinds.size(), " kinds");
+  std::map<std::string, double> out;
+  if (owner.empty()) return out;
+  auto idx = torch::tensor(owner, torch::kLong);
+  auto img = image_embeds.index_select(0, idx).to(torch::kFloat32);                         // [M, E]
+  auto pos = (img * text_embeds.index_select(0, idx).to(torch::kFloat32)).sum(1);          // [M]
+  auto neg = (img * negative_embeds.to(torch::kFloat32)).sum(1);                          // [M]
+  const auto wins = (pos > neg).to(torch::kLong);
+  const auto w = wins.accessor<int64_t, 1>();
+  std::map<std::string, std::pair<int64_t, int64_t>> counts;  // kind -> (wins, total)
+  for (size_t m = 0; m < owner.size(); ++m) {
+    for (const std::string& key : {std::string("all"), kinds[m]}) {
+      if (key.empty()) continue;
+      counts[key].first += w[static_cast<int64_t>(m)];
+      counts[key].second += 1;
+    }
+  }
+  for (const auto& [kind, c] : counts) out["negatives/" + kind] = static_cast<double>(c.first) / c.second;
+  return out;
+}
+
 }  // namespace trialign
+

@@ -19,4 +19,14 @@ std::map<std::string, double> retrieval_recall(const torch::Tensor& image_embeds
                                                const std::vector<std::string>& captions,
                                                const std::vector<int64_t>& ks);
 
+// Hard-negative accuracy: for each negative caption m of image owner[m], whether the image's
+// own caption scores strictly higher than the negative (cosine similarity). Returns
+// "negatives/all" and "negatives/{kind}" for every kind present (kinds[m], "" counted in all
+// only): the share of negatives ranked below the true caption. Chance is 0.5.
+// image_embeds, text_embeds: [N, E]; negative_embeds: [M, E]; owner, kinds: M entries.
+std::map<std::string, double> hard_negative_accuracy(const torch::Tensor& image_embeds, const torch::Tensor& text_embeds,
+                                                     const torch::Tensor& negative_embeds,
+                                                     const std::vector<int64_t>& owner,
+                                                     const std::vector<std::string>& kinds);
+
 }  // namespace trialign
