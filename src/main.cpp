@@ -163,7 +163,7 @@ int cmd_run(const std::string& pipeline, const std::vector<std::string>& sets) {
   TrainOptions opt;
   auto r = run_pipeline(plan, opt);
   if (r.interrupted) return kExitInterrupted;
-  std::cout << nlohmann::json{{"pipeline", plan.pipeline.name}, {"stages", r.stages}}.dump(2) << std::endl;
+  std::cout << pipeline_summary(plan, r) << std::flush;
   return kExitOk;
 }
 

@@ -369,3 +369,32 @@ TEST_CASE("config: stage 2-3 mistakes are reported with their keys", "[vlm][conf
                    "components: [vision_model]}]\n"),
              Catch::Contains("init_from"));
 }
+
+TEST_CASE("pipeline summary: one readable line per stage from the stages' held-out results", "[vlm][pipeline]") {
+  PipelinePlan plan;
+  plan.pipeline.name = "demo";
+  plan.pipeline.out_dir = "runs/demo";
+  for (const auto& [name, trainer] : std::vector<std::pair<std::string, std::string>>{
+           {"s1", "contrastive"}, {"s3", "finetune"}, {"lm", "finetune"}, {"s4", "finetune"}}) {
+    PipelineStage st;
+    st.name = name;
+    plan.pipeline.stages.push_back(st);
+    RunConfig cfg;
+    cfg.trainer = trainer;
+    plan.stages.push_back(cfg);
+  }
+  PipelineResult r;
+  r.stages["s1"]["eval"] = {{"i2t/R@1", 0.5}, {"i2t/R@5", 0.9}, {"t2i/R@1", 0.25}, {"t2i/R@5", 0.875},
+                            {"negatives/all", 0.8}, {"negatives/shape", 0.7}};
+  r.stages["s3"]["eval"]["vqa"] = {{"exact_match", 0.75}, {"exact_match/colour", 1.0}, {"exact_match/count", 0.5},
+                                   {"loss", 0.4}, {"loss_shuffled_images", 0.8}, {"records", 8}};
+  r.stages["lm"]["eval"] = nlohmann::json();
+  const std::string s = pipeline_summary(plan, r);
+  CHECK_THAT(s, Catch::StartsWith("pipeline demo (runs/demo/pipeline.json), held-out results:\n"));
+  CHECK_THAT(s, Catch::Contains("  s1       contrastive  retrieval i2t R@1 0.500 R@5 0.900, t2i R@1 0.250 R@5 0.875; "
+                                "true caption above a hard negative: shape 0.700\n"));
+  CHECK_THAT(s, Catch::Contains("  s3       finetune     vqa: exact match 0.750 (colour 1.000, count 0.500); token loss "
+                                "0.400 (0.800 with other images)\n"));
+  CHECK_THAT(s, Catch::Contains("  lm       finetune     no held-out set configured\n"));
+  CHECK_THAT(s, Catch::Contains("  s4       finetune     not run\n"));
+}

@@ -163,4 +163,62 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
   return result;
 }
 
+namespace {
+
+std::string fmt3(const nlohmann::json& v) { return v.is_number() ? fmt::format("{:.3f}", v.get<double>()) : "-"; }
+
+// "exact match 0.912 (colour 0.95, shape 0.90, ...)" and the rest of one VLM eval set.
+std::string vlm_set_line(const nlohmann::json& e) {
+  std::string line;
+  if (e.contains("exact_match")) {
+    line += "exact match " + fmt3(e["exact_match"]);
+    std::string types;
+    for (const auto& [k, v] : e.items())
+      if (k.rfind("exact_match/", 0) == 0) types += (types.empty() ? "" : ", ") + k.substr(12) + " " + fmt3(v);
+    if (!types.empty()) line += " (" + types + ")";
+  }
+  if (e.contains("caption/object_precision"))
+    line += "; caption objects: precision " + fmt3(e["caption/object_precision"]) + ", recall " +
+            fmt3(e["caption/object_recall"]);
+  if (e.contains("loss"))
+    line += "; token loss " + fmt3(e["loss"]) +
+            (e.contains("loss_shuffled_images") ? " (" + fmt3(e["loss_shuffled_images"]) + " with other images)" : "");
+  return line;
+}
+
+}  // namespace
+
+std::string pipeline_summary(const PipelinePlan& plan, const PipelineResult& result) {
+  std::string out = "pipeline " + plan.pipeline.name + " (" + (fs::path(plan.pipeline.out_dir) / "pipeline.json").string() +
+                    "), held-out results:\n";
+  for (size_t i = 0; i < plan.stages.size(); ++i) {
+    const auto& name = plan.pipeline.stages[i].name;
+    const auto& cfg = plan.stages[i];
+    const nlohmann::json e = result.stages.contains(name) ? result.stages[name].value("eval", nlohmann::json())
+                                                           : nlohmann::json();
+    std::string head = fmt::format("  {:<8} {:<12} ", name, cfg.trainer);
+    if (!result.stages.contains(name)) {
+      out += head + "not run\n";
+    } else if (e.is_null() || e.empty()) {
+      out += head + "no held-out set configured\n";
+    } else if (e.contains("i2t/R@1")) {
+      std::string line = "retrieval i2t R@1 " + fmt3(e["i2t/R@1"]) + " R@5 " + fmt3(e.value("i2t/R@5", nlohmann::json())) +
+                         ", t2i R@1 " + fmt3(e["t2i/R@1"]) + " R@5 " + fmt3(e.value("t2i/R@5", nlohmann::json()));
+      std::string negs;
+      for (const auto& [k, v] : e.items())
+        if (k.rfind("negatives/", 0) == 0 && k != "negatives/all") negs += (negs.empty() ? "" : ", ") + k.substr(10) + " " + fmt3(v);
+      if (!negs.empty()) line += "; true caption above a hard negative: " + negs;
+      out += head + line + "\n";
+    } else {
+      bool first = true;
+      for (const auto& [set, v] : e.items()) {
+        out += (first ? head : std::string(head.size(), ' ')) + set + ": " + vlm_set_line(v) + "\n";
+        first = false;
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace trialign
+

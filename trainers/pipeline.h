@@ -77,6 +77,11 @@ struct PipelineResult {
 // checkpoint and evaluation.
 PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt);
 
+// One line per stage with its held-out results (retrieval and hard-negative accuracy for
+// stage 1, exact match per question type, caption object precision / recall and the token
+// loss with and without the right images for stages 2-3), for people to read.
+std::string pipeline_summary(const PipelinePlan& plan, const PipelineResult& result);
+
 // Dispatches a run config to its trainer.
 TrainResult train_any(const RunConfig& cfg, const TrainOptions& opt);
 
