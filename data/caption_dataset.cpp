@@ -35,14 +35,11 @@ CaptionDataset::CaptionDataset(const std::string& manifest, const DataConfig& cf
       problems.add(r, "empty caption");
       continue;
     }
-    const std::string path = (root / image).string();
-    std::error_code ec;
-    if (!fs::is_regular_file(path, ec)) {
-      problems.add(r, "image '" + path + "' does not exist (check data.image_root)");
-      continue;
-    }
-    if (fs::file_size(path, ec) == 0 || !cv::haveImageReader(path)) {  // reads the header only
-      problems.add(r, "image '" + path + "' is empty or not an image format OpenCV can decode");
+    std::string path;
+    try {
+      path = checked_image_path(root.string(), image, r.where + " (id " + r.id + "): ");
+    } catch (const DataError& e) {
+      problems.messages.push_back(e.what());
       continue;
     }
     std::vector<CaptionNegative> negatives;
@@ -118,14 +115,8 @@ CaptionBatch CaptionDataset::build(const std::vector<SampleRef>& refs, uint64_t 
   for (int64_t i = 0; i < B; ++i) {
     const auto& ref = refs[static_cast<size_t>(i)];
     const auto idx = static_cast<size_t>(ref.index);
-    cv::Mat rgb;
-    try {
-      rgb = load_image_rgb(images_[idx]);
-    } catch (const DataError& e) {
-      throw DataError(where_[idx] + ": " + e.what());
-    }
     const uint64_t aug_seed = mix_seed({seed, static_cast<uint64_t>(ref.epoch), static_cast<uint64_t>(ref.index)});
-    b.pixels[i].copy_(image_transform(rgb, cfg_, augment, aug_seed));
+    b.pixels[i].copy_(load_sample_image(images_[idx], cfg_, augment, aug_seed, where_[idx] + ": "));
     texts.push_back(&tokens_[idx]);
     b.indices.push_back(ref.index);
     if (train_ && cfg_.hard_negatives > 0) {

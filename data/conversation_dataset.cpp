@@ -1,7 +1,5 @@
 #include "data/conversation_dataset.h"
 
-#include <opencv2/imgcodecs.hpp>
-
 #include <filesystem>
 
 #include "core/errors.h"
@@ -92,16 +90,7 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
       if (c.turns.back().role != "assistant")
         throw DataError(r.where + " (id " + r.id + "): the conversation must end with the assistant's reply");
       if (cfg.drop_images) drop_images(c);
-      for (const auto& image : c.images) {
-        const std::string path = (root / image).string();
-        std::error_code ec;
-        if (!fs::is_regular_file(path, ec))
-          throw DataError(r.where + " (id " + r.id + "): image '" + path + "' does not exist (check data.image_root)");
-        if (fs::file_size(path, ec) == 0 || !cv::haveImageReader(path))
-          throw DataError(r.where + " (id " + r.id + "): image '" + path +
-                          "' is empty or not an image format OpenCV can decode");
-        s.images.push_back(path);
-      }
+      for (const auto& image : c.images) s.images.push_back(checked_image_path(root.string(), image, r.where + " (id " + r.id + "): "));
       s.tokens = tokenize_conversation(c, tok, cfg.chat_template);
       if (s.tokens.num_images != static_cast<int64_t>(s.images.size()))
         throw DataError(r.where + " (id " + r.id + "): " + std::to_string(s.tokens.num_images) +
@@ -187,14 +176,8 @@ ConversationBatch ConversationDataset::build(const std::vector<SampleRef>& refs,
     b.images_per_sample.push_back(static_cast<int64_t>(s.images.size()));
     b.indices.push_back(ref.index);
     for (size_t k = 0; k < s.images.size(); ++k) {
-      cv::Mat rgb;
-      try {
-        rgb = load_image_rgb(s.images[k]);
-      } catch (const DataError& e) {
-        throw DataError(s.where + " (id " + s.id + "): " + e.what());
-      }
       const uint64_t aug_seed = mix_seed({seed, static_cast<uint64_t>(ref.epoch), static_cast<uint64_t>(ref.index), k});
-      pixels.push_back(image_transform(rgb, cfg_, augment, aug_seed));
+      pixels.push_back(load_sample_image(s.images[k], cfg_, augment, aug_seed, s.where + " (id " + s.id + "): "));
     }
   }
   if (!pixels.empty()) b.pixels = torch::stack(pixels);

@@ -83,4 +83,25 @@ torch::Tensor image_transform(const cv::Mat& rgb, const DataConfig& cfg, bool tr
   return to_clip_tensor(resize_center_crop(rgb, cfg.image_size));
 }
 
+std::string checked_image_path(const std::string& root, const std::string& image, const std::string& at) {
+  const std::string path = (std::filesystem::path(root) / image).string();
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw DataError(at + "image '" + path + "' does not exist (check data.image_root)");
+  if (std::filesystem::file_size(path, ec) == 0 || !cv::haveImageReader(path))
+    throw DataError(at + "image '" + path + "' is empty or not an image format OpenCV can decode");
+  return path;
+}
+
+torch::Tensor load_sample_image(const std::string& path, const DataConfig& cfg, bool augment, uint64_t seed,
+                                const std::string& at) {
+  cv::Mat rgb;
+  try {
+    rgb = load_image_rgb(path);
+  } catch (const DataError& e) {
+    throw DataError(at + e.what());
+  }
+  return image_transform(rgb, cfg, augment, seed);
+}
+
 }  // namespace trialign

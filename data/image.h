@@ -31,4 +31,13 @@ torch::Tensor to_clip_tensor(const cv::Mat& rgb);
 // The whole transform: augment when `train` and enabled, else resize + centre crop.
 torch::Tensor image_transform(const cv::Mat& rgb, const DataConfig& cfg, bool train, uint64_t seed);
 
+// `image` resolved against `root`; throws DataError "{at}image '...' does not exist (check
+// data.image_root)" or "... is empty or not an image format OpenCV can decode". `at` names the
+// record, e.g. "train.jsonl:3 (id x): ". Used when a dataset is built, so bad paths fail early.
+std::string checked_image_path(const std::string& root, const std::string& image, const std::string& at);
+
+// load_image_rgb + image_transform for a dataset sample; a decode failure names the record (`at`).
+torch::Tensor load_sample_image(const std::string& path, const DataConfig& cfg, bool augment, uint64_t seed,
+                                const std::string& at);
+
 }  // namespace trialign

@@ -279,6 +279,34 @@ std::string scene_image_path(const std::string& split, int64_t index) {
   return "images/" + split + "/" + buf + ".png";
 }
 
+int64_t write_jsonl_records(const std::string& path, int64_t count, const std::string& who,
+                            const std::function<std::vector<json>(int64_t)>& records) {
+  const std::string tmp = path + ".tmp";
+  auto fail = [&](const std::string& p, const std::string& why) {
+    std::error_code ec;
+    fs::remove(tmp, ec);  // leave no half-written file behind
+    throw std::runtime_error(who + ": cannot write '" + p + "'" + (why.empty() ? "" : ": " + why));
+  };
+  int64_t lines = 0;
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) fail(tmp, "cannot open");
+    for (int64_t i = 0; i < count; ++i) {
+      for (const json& r : records(i)) {
+        out << r.dump() << '\n';
+        ++lines;
+      }
+      if (!out) fail(tmp, "");
+    }
+    out.close();
+    if (!out) fail(tmp, "");
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) fail(path, ec.message());
+  return lines;
+}
+
 InstructionSummary write_instruction_data(const std::string& out_dir, int64_t n_train,
                                           int64_t n_val, const GeneratorOptions& opts) {
   validate(opts);
@@ -294,45 +322,16 @@ InstructionSummary write_instruction_data(const std::string& out_dir, int64_t n_
                                root.string() + "': " + (ec ? ec.message() : "not a directory"));
   }
 
-  // Writes `count` scenes' records to `name` via a .tmp file; returns the number of lines.
-  auto write_split = [&](const std::string& split, int64_t count, const std::string& name,
-                         bool instruct, std::string& manifest) {
-    const fs::path path = root / name;
-    fs::path tmp = path;
-    tmp += ".tmp";
-    manifest = path.string();
-    auto fail = [&](const fs::path& p, const std::string& why) {
-      std::error_code ec;
-      fs::remove(tmp, ec);  // leave no half-written file behind
-      throw std::runtime_error("write_instruction_data: cannot write '" + p.string() + "'" +
-                               (why.empty() ? "" : ": " + why));
-    };
-    int64_t lines = 0;
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      if (!out) fail(tmp, "cannot open");
-      for (int64_t i = 0; i < count; ++i) {
-        const Scene scene = sample_scene(opts, split, i);
-        const std::string image = scene_image_path(split, i);
-        const uint64_t qseed = question_seed(opts.seed, split, i);
-        if (instruct) {
-          out << instruction_record(scene, image, opts, qseed).dump() << '\n';
-          ++lines;
-        } else {
-          for (const json& r : vqa_records(scene, image, opts, qseed)) {
-            out << r.dump() << '\n';
-            ++lines;
-          }
-        }
-        if (!out) fail(tmp, "");
-      }
-      out.close();
-      if (!out) fail(tmp, "");
-    }
-    std::error_code ec;
-    fs::rename(tmp, path, ec);
-    if (ec) fail(path, ec.message());
-    return lines;
+  auto write_split = [&](const std::string& split, int64_t count, const std::string& name, bool instruct,
+                         std::string& manifest) {
+    manifest = (root / name).string();
+    return write_jsonl_records(manifest, count, "write_instruction_data", [&](int64_t i) {
+      const Scene scene = sample_scene(opts, split, i);
+      const std::string image = scene_image_path(split, i);
+      const uint64_t qseed = question_seed(opts.seed, split, i);
+      if (instruct) return std::vector<json>{instruction_record(scene, image, opts, qseed)};
+      return vqa_records(scene, image, opts, qseed);
+    });
   };
 
   InstructionSummary s;

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
@@ -74,6 +75,12 @@ uint64_t question_seed(uint64_t seed, const std::string& split, int64_t index);
 // Image path of a scene relative to the dataset folder, as write_dataset's manifests store it:
 // "images/{split}/{index:06d}.png".
 std::string scene_image_path(const std::string& split, int64_t index);
+
+// Writes the records(i) of i = 0..count-1 as JSONL to "{path}.tmp", then renames it to `path`,
+// so a reader never sees a half-written manifest. Returns the number of lines. Throws
+// std::runtime_error "{who}: cannot write '...'" on failure (the .tmp file removed).
+int64_t write_jsonl_records(const std::string& path, int64_t count, const std::string& who,
+                            const std::function<std::vector<nlohmann::json>(int64_t)>& records);
 
 struct InstructionSummary {
   int64_t train_records = 0, val_records = 0;  // lines written per file

@@ -2,7 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <cctype>
 #include <cmath>
 #include <filesystem>
 
@@ -11,6 +10,7 @@
 #include "core/logging.h"
 #include "core/safetensors.h"
 #include "data/prefetch_loader.h"
+#include "eval/answers.h"
 #include "eval/caption_objects.h"
 
 namespace fs = std::filesystem;
@@ -105,24 +105,9 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
   return total;
 }
 
-std::string normalise_reply(const std::string& s) {
-  std::string out;
-  for (char c : s) out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  auto strip = [&] {
-    while (!out.empty() && std::isspace(static_cast<unsigned char>(out.back()))) out.pop_back();
-    size_t i = 0;
-    while (i < out.size() && std::isspace(static_cast<unsigned char>(out[i]))) ++i;
-    out.erase(0, i);
-  };
-  strip();
-  if (!out.empty() && out.back() == '.') out.pop_back();
-  strip();
-  return out;
-}
-
-std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
-                                          const std::vector<std::vector<int64_t>>& prompts, const torch::Tensor& pixels,
-                                          const SamplingOptions& opt_in, bool bf16) {
+std::vector<std::vector<int64_t>> generate_tokens(VlmModel& model, const Tokenizer& tok,
+                                                  const std::vector<std::vector<int64_t>>& prompts,
+                                                  const torch::Tensor& pixels, const SamplingOptions& opt_in, bool bf16) {
   torch::NoGradGuard ng;
   std::vector<std::vector<int64_t>> no_labels;
   for (const auto& p : prompts) no_labels.emplace_back(p.size(), kIgnoreIndex);
@@ -138,11 +123,21 @@ std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
     mask[b].slice(0, L - n, L).fill_(1);
   }
   SamplingOptions opt = opt_in;
-  opt.eos_id = tok.eos_id() >= 0 ? tok.eos_id() : tok.pad_id();  // what the templates end replies with
-  auto g = generate(model->llm, embeds, mask, opt);
+  opt.eos_id = reply_end_id(tok);
+  if (tok.image_id() >= 0) opt.banned_ids.push_back(tok.image_id());
+  if (tok.bos_id() >= 0 && tok.bos_id() != opt.eos_id) opt.banned_ids.push_back(tok.bos_id());
+  return generate(model->llm, embeds, mask, opt).tokens;
+}
+
+int64_t reply_end_id(const Tokenizer& tok) { return tok.eos_id() >= 0 ? tok.eos_id() : tok.pad_id(); }
+
+std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
+                                          const std::vector<std::vector<int64_t>>& prompts, const torch::Tensor& pixels,
+                                          const SamplingOptions& opt, bool bf16) {
   std::vector<std::string> out;
-  for (auto& t : g.tokens) {
-    if (!t.empty() && t.back() == opt.eos_id) t.pop_back();
+  const int64_t eos = reply_end_id(tok);
+  for (auto& t : generate_tokens(model, tok, prompts, pixels, opt, bf16)) {
+    if (!t.empty() && t.back() == eos) t.pop_back();
     out.push_back(tok.decode(std::vector<int>(t.begin(), t.end())));
   }
   return out;
@@ -224,9 +219,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   return j;
 }
 
-namespace {
-
-std::string save_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step) {
+std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step) {
   CheckpointWriter w(cfg.run.out_dir, step, cfg.trainer);
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "vlm"}});
   torch::save(optim, w.path("optimizer.pt"));
@@ -236,7 +229,7 @@ std::string save_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim:
   return w.commit(cfg.train.keep_last);
 }
 
-int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim) {
+int64_t load_vlm_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim) {
   const int64_t step = check_resume_checkpoint(dir, cfg);
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   torch::load(optim, dir + "/optimizer.pt");
@@ -244,8 +237,7 @@ int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& 
   return step;
 }
 
-// Frozen components run in eval mode (no dropout / batch statistics, should a layer have them).
-void set_train_modes(VlmModel& model) {
+void set_vlm_train_modes(VlmModel& model) {
   model->train();
   auto frozen = [](const torch::nn::Module& m) {
     for (const auto& p : m.parameters())
@@ -257,7 +249,6 @@ void set_train_modes(VlmModel& model) {
   if (frozen(*model->llm)) model->llm->model->eval();
 }
 
-}  // namespace
 
 TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
@@ -310,7 +301,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
   if (!resumed_from.empty()) {
-    start = load_checkpoint(resumed_from, cfg, model, optimizer);
+    start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
     forget_after_step(cfg.run.out_dir, start);
   } else {
@@ -341,7 +332,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     return all;
   };
 
-  set_train_modes(model);
+  set_vlm_train_modes(model);
   int64_t step = start;
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
@@ -350,7 +341,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     try {
       batch = loader.next();
     } catch (const DataError& e) {
-      const auto ck = save_checkpoint(cfg, model, optimizer, step);
+      const auto ck = save_vlm_checkpoint(cfg, model, optimizer, step);
       throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
                       " holds the last good state: fix or remove the record, then --resume auto)");
     }
@@ -358,7 +349,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {
-      const auto ck = save_checkpoint(cfg, model, optimizer, step);
+      const auto ck = save_vlm_checkpoint(cfg, model, optimizer, step);
       throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
                                std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
                                " holds the last good state; lower optim.lr, then --resume auto");
@@ -379,20 +370,20 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     }
     if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) {
       run_eval(step);
-      set_train_modes(model);  // evaluation left every module in train mode
+      set_vlm_train_modes(model);  // evaluation left every module in train mode
     }
     if (stop_requested() || step == opt.stop_at_step) {
-      result.checkpoint = save_checkpoint(cfg, model, optimizer, step);
+      result.checkpoint = save_vlm_checkpoint(cfg, model, optimizer, step);
       spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
       result.interrupted = true;
       result.final_step = step;
       return result;
     }
     if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps)
-      result.checkpoint = save_checkpoint(cfg, model, optimizer, step);
+      result.checkpoint = save_vlm_checkpoint(cfg, model, optimizer, step);
   }
   result.final_step = step;
-  result.checkpoint = start < steps ? save_checkpoint(cfg, model, optimizer, step) : resumed_from;
+  result.checkpoint = start < steps ? save_vlm_checkpoint(cfg, model, optimizer, step) : resumed_from;
   result.final_eval = run_eval(step);
   if (!result.final_eval.is_null())
     atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");

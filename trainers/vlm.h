@@ -12,6 +12,7 @@
 #include "core/run_config.h"
 #include "data/conversation_dataset.h"
 #include "data/tokenizer.h"
+#include "eval/answers.h"
 #include "losses/loss.h"
 #include "models/generate.h"
 #include "models/vlm.h"
@@ -34,6 +35,16 @@ std::string init_components(VlmModel& model, const InitFrom& init);
 LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& batch, int accum, int64_t image_id,
                     bool bf16);
 
+// The token that ends a reply in the chat template: eos, or pad for a tokenizer without eos.
+int64_t reply_end_id(const Tokenizer& tok);
+
+// Sampled (or greedy) continuations of each prompt with the KV cache; each ends with
+// reply_end_id(tok) unless cut at opt.max_new_tokens. opt.eos_id is set here, and the image
+// placeholder and bos are never emitted.
+std::vector<std::vector<int64_t>> generate_tokens(VlmModel& model, const Tokenizer& tok,
+                                                  const std::vector<std::vector<int64_t>>& prompts,
+                                                  const torch::Tensor& pixels, const SamplingOptions& opt, bool bf16);
+
 // Greedy replies to each sample's prompt (prompt_ids), decoded and trimmed.
 std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
                                           const std::vector<std::vector<int64_t>>& prompts, const torch::Tensor& pixels,
@@ -47,7 +58,13 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
 
 TrainResult train_vlm(const RunConfig& cfg, const TrainOptions& opt);
 
-// Lower case, surrounding spaces and a final period removed: how replies are compared.
-std::string normalise_reply(const std::string& s);
+// Checkpoint of a VLM trainer (adapter, finetune, preference): model.safetensors (every
+// parameter, Hugging Face names), optimizer.pt, rng.safetensors, trainer_state.json, config.yaml.
+std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step);
+// Restores what save_vlm_checkpoint wrote after check_resume_checkpoint; returns the step.
+int64_t load_vlm_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim);
+// Train mode, except components with no trainable parameter (eval mode: no dropout or batch
+// statistics, should a layer have them).
+void set_vlm_train_modes(VlmModel& model);
 
 }  // namespace trialign

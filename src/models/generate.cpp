@@ -42,7 +42,10 @@ Generation generate(LlamaForCausalLM& model, const torch::Tensor& prompt_embeds,
   g.tokens.assign(static_cast<size_t>(B), {});
   g.logprobs = torch::zeros({B, opt.max_new_tokens});
   std::vector<bool> done(static_cast<size_t>(B), false);
+  torch::Tensor banned;
+  if (!opt.banned_ids.empty()) banned = torch::tensor(opt.banned_ids, torch::kLong).to(dev);
   for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
+    if (banned.defined()) next_logits.index_fill_(1, banned, -std::numeric_limits<float>::infinity());
     torch::Tensor chosen, logp;
     if (opt.temperature <= 0) {
       chosen = next_logits.argmax(-1);

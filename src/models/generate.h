@@ -18,6 +18,8 @@ struct SamplingOptions {
   double top_p = 1.0;        // 1 = off
   int64_t eos_id = -1;       // stop a sequence after it emits this id; -1 = never
   uint64_t seed = 0;         // sampling generator seed (results are reproducible)
+  // Never emitted (e.g. the image placeholder: a sampled one would ask for an image that is not there).
+  std::vector<int64_t> banned_ids;
 };
 
 // Sets the logits of tokens outside the top-k and outside the smallest set whose probability
