@@ -18,6 +18,7 @@
 #include "data/caption_dataset.h"
 #include "data/conversation_dataset.h"
 #include "data/image.h"
+#include "data/shapes_preference.h"
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
 #include "data/tokenizer.h"
@@ -183,6 +184,10 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   const auto qa = shapes::write_instruction_data(out, n_train, n_val, opt);
   spdlog::info("wrote {} instruction conversations ({}) and {} held-out questions ({})", qa.train_records,
                qa.train_manifest, qa.val_records, qa.val_manifest);
+  const auto pref = shapes::write_preference_data(out, n_train, n_val, opt);
+  spdlog::info("wrote {} train and {} val preference pairs (train_pref.jsonl, val_pref.jsonl) and {} GRPO prompts "
+               "(train_grpo.jsonl)",
+               pref.train_pairs, pref.val_pairs, pref.train_prompts);
   return kExitOk;
 }
 

@@ -9,6 +9,7 @@
 #include "core/errors.h"
 #include "core/logging.h"
 #include "trainers/contrastive.h"
+#include "trainers/preference.h"
 #include "trainers/vlm.h"
 
 namespace fs = std::filesystem;
@@ -40,6 +41,7 @@ std::string stage_dir(const PipelineConfig& p, const std::string& stage) { retur
 }  // namespace
 
 TrainResult train_any(const RunConfig& cfg, const TrainOptions& opt) {
+  if (cfg.trainer == "preference") return train_preference(cfg, opt);
   return cfg.is_vlm() ? train_vlm(cfg, opt) : train_contrastive(cfg, opt);
 }
 

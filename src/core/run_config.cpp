@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "losses/loss.h"
+#include "losses/preference.h"
 #include "models/projector.h"
 
 namespace trialign {
@@ -128,14 +129,25 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
   // The loss's default type depends on the trainer, so `loss: {option: v}` without `type:`
   // (or `--set loss.option=v`) means the trainer's default loss with that option.
   if (const ConfigNode* t = tree.find("trainer"); t && t->kind == ConfigNode::Kind::Scalar) cfg.trainer = t->scalar;
-  cfg.loss.type = cfg.is_vlm() ? "cross_entropy" : "infonce";
+  cfg.loss.type = cfg.trainer == "preference" ? "dpo" : cfg.is_vlm() ? "cross_entropy" : "infonce";
   read_config(tree, cfg, errors);
   if (cfg.loss.options.kind != ConfigNode::Kind::Map) cfg.loss.options.kind = ConfigNode::Kind::Map;
   if (errors.empty()) {
     cross_checks(cfg, tree, errors);
     // Validates the `type:` components' own options.
+    if (cfg.trainer == "preference") {
+      auto loss = preference_losses().create(cfg.loss, errors);
+      for (auto& r : cfg.rewards) {
+        if (r.options.kind != ConfigNode::Kind::Map) r.options.kind = ConfigNode::Kind::Map;
+        reward_functions().create(r, errors);
+      }
+      if (loss && !loss->sampling() && !cfg.rewards.empty())
+        errors.add(tree.find("rewards"), "rewards",
+                   "loss '" + cfg.loss.type + "' trains on chosen/rejected pairs and uses no reward functions; remove "
+                   "rewards or use a loss that samples completions (grpo)");
+    }
     if (cfg.is_vlm()) {
-      lm_losses().create(cfg.loss, errors);
+      if (cfg.trainer != "preference") lm_losses().create(cfg.loss, errors);
       auto proj = projectors().create(cfg.model.projector, errors,
                                       ProjectorDims{cfg.model.vision.hidden_size, cfg.model.llm.hidden_size});
       const int64_t side = cfg.model.vision.image_size / cfg.model.vision.patch_size;

@@ -275,12 +275,16 @@ struct EvalSection {
 
 struct RunConfig {
   // contrastive (stage 1) | adapter (stage 2: projector only) | finetune (stage 3 and LM
-  // pretraining: whatever optim.param_groups leaves trainable)
+  // pretraining: whatever optim.param_groups leaves trainable) | preference (DPO, mDPO, GRPO:
+  // the loss decides; see losses/preference.h)
   std::string trainer = "contrastive";
   RunSection run;
   DataConfig data;
   ModelConfig model;
-  TypedSpec loss{"", {}, "loss"};  // default: infonce (contrastive), cross_entropy (adapter, finetune)
+  TypedSpec loss{"", {}, "loss"};  // default: infonce (contrastive), cross_entropy (adapter, finetune), dpo (preference)
+  // Reward functions of losses that sample completions (GRPO), each {type, weight, options};
+  // empty = [{type: exact_match}].
+  std::vector<TypedSpec> rewards;
   std::vector<InitFrom> init_from;  // fresh runs only: components from earlier checkpoints
   OptimConfig optim;
   ScheduleConfig schedule;
@@ -290,7 +294,7 @@ struct RunConfig {
   std::string source;  // the file it came from (not a YAML key)
 
   template <class V> void fields(V& v) {
-    v("trainer", trainer, one_of({"contrastive", "adapter", "finetune"}));
+    v("trainer", trainer, one_of({"contrastive", "adapter", "finetune", "preference"}));
     v("run", run);
     v("data", data);
     v("model", model);
@@ -300,6 +304,7 @@ struct RunConfig {
     v("train", train);
     v("eval", eval);
     v("init_from", init_from);
+    v("rewards", rewards);
   }
   bool is_vlm() const { return trainer != "contrastive"; }
 };

@@ -1,0 +1,86 @@
+#include "data/shapes_preference.h"
+
+#include <filesystem>
+#include <stdexcept>
+
+#include "core/rng.h"
+#include "data/shapes_negatives.h"
+#include "data/shapes_questions.h"
+
+namespace trialign::shapes {
+
+using json = nlohmann::json;
+
+std::string hallucination_level(const std::string& kind) {
+  if (kind == "shape") return "object";
+  if (kind == "colour" || kind == "size") return "attribute";
+  if (kind == "relation") return "relation";
+  throw std::invalid_argument("hallucination_level: unknown negative kind '" + kind + "'");
+}
+
+std::vector<json> preference_records(const Scene& scene, const std::string& image, const GeneratorOptions& opts,
+                                     uint64_t seed) {
+  std::vector<json> out;
+  const std::string chosen = caption(scene);
+  for (const auto& n : hard_negatives(scene, opts, seed)) {
+    json r = json::object();
+    r["id"] = scene.id + "-" + n.kind;
+    r["image"] = image;
+    r["prompt"] = "<image>\nDescribe the image.";
+    r["chosen"] = chosen;
+    r["rejected"] = n.caption;
+    r["level"] = hallucination_level(n.kind);
+    r["kind"] = n.kind;
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+std::vector<json> grpo_prompt_records(const Scene& scene, const std::string& image, const GeneratorOptions& opts,
+                                      uint64_t seed) {
+  std::vector<json> out;
+  for (const auto& qa : make_questions(scene, opts, seed)) {
+    if (qa.type != "count" && qa.type != "colour" && qa.type != "existence" && qa.type != "relation") continue;
+    json r = json::object();
+    r["id"] = scene.id + "-" + qa.type;
+    r["image"] = image;
+    r["prompt"] = "<image>\n" + qa.question;
+    r["answer"] = qa.answer;
+    r["question_type"] = qa.type;
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+uint64_t preference_seed(uint64_t seed, const std::string& split, int64_t index) {
+  return ::trialign::mix_seed({seed, fnv1a64("preference"), fnv1a64(split), static_cast<uint64_t>(index)});
+}
+
+uint64_t grpo_seed(uint64_t seed, const std::string& split, int64_t index) {
+  return ::trialign::mix_seed({seed, fnv1a64("grpo"), fnv1a64(split), static_cast<uint64_t>(index)});
+}
+
+PreferenceSummary write_preference_data(const std::string& out_dir, int64_t n_train, int64_t n_val,
+                                        const GeneratorOptions& opts) {
+  validate(opts);
+  if (n_train < 0 || n_val < 0) throw std::invalid_argument("write_preference_data: scene counts must be >= 0");
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  const std::filesystem::path root(out_dir);
+  auto pairs = [&](const std::string& split) {
+    return [&opts, split](int64_t i) {
+      return preference_records(sample_scene(opts, split, i), scene_image_path(split, i), opts,
+                                preference_seed(opts.seed, split, i));
+    };
+  };
+  PreferenceSummary s;
+  s.train_pairs = write_jsonl_records((root / "train_pref.jsonl").string(), n_train, "write_preference_data", pairs("train"));
+  s.val_pairs = write_jsonl_records((root / "val_pref.jsonl").string(), n_val, "write_preference_data", pairs("val"));
+  s.train_prompts = write_jsonl_records((root / "train_grpo.jsonl").string(), n_train, "write_preference_data", [&](int64_t i) {
+    return grpo_prompt_records(sample_scene(opts, "train", i), scene_image_path("train", i), opts,
+                               grpo_seed(opts.seed, "train", i));
+  });
+  return s;
+}
+
+}  // namespace trialign::shapes

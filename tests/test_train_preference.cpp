@@ -1,0 +1,324 @@
+// The preference trainer on tiny shapes-world data: shapes-world pairs and prompts, data checks,
+// response log-probs against a full forward, accumulation equivalence, the first-step loss where
+// the policy still equals its reference (DPO ln 2, mDPO 3 ln 2), reference left untouched, and
+// exact resume for DPO and GRPO.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <fstream>
+
+#include "core/config_tree.h"
+#include "core/errors.h"
+#include "core/checkpoint.h"
+#include "core/safetensors.h"
+#include "data/manifest.h"
+#include "data/preference_dataset.h"
+#include "data/shapes_preference.h"
+#include "data/shapes_questions.h"
+#include "data/shapes_world.h"
+#include "test_helpers.h"
+#include "trainers/preference.h"
+#include "trainers/vlm.h"
+
+using namespace trialign;
+using Catch::Matchers::WithinAbs;
+using trialign::test::message_of;
+using trialign::test::TempDir;
+
+namespace {
+
+struct TinyPreferenceCorpus {
+  TempDir dir{"pref"};
+  TinyPreferenceCorpus() {
+    shapes::GeneratorOptions g;
+    g.image_size = 32;
+    g.max_objects = 2;
+    g.seed = 4;
+    shapes::write_dataset(dir.file("data"), 16, 6, g);
+    shapes::write_instruction_data(dir.file("data"), 16, 6, g);
+    shapes::write_preference_data(dir.file("data"), 16, 6, g);
+    TokenizerTrainOptions o;
+    o.manifests = {dir.file("data/train.jsonl"), dir.file("data/train_instruct.jsonl")};
+    o.fields = {"caption", "conversations"};
+    o.out_prefix = dir.file("data/tok");
+    o.vocab_size = 64;
+    train_tokenizer(o);
+    test::write_file(dir.file("base.yaml"), R"(
+trainer: preference
+run: {threads: 1, seed: 5, precision: fp32}
+data: {image_size: 32, max_seq_len: 128, workers: 1, tokenizer: )" + dir.file("data/tok.model") + R"(}
+model:
+  vision: {image_size: 32, patch_size: 8, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2}
+  projector: {type: mlp2x_gelu, spatial_merge: 2}
+  llm: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, max_position_embeddings: 128}
+optim: {lr: 1.0e-2, param_groups: [{match: vision_model, freeze: true}]}
+train: {batch_size: 4, log_every: 1, steps: 4}
+schedule: {warmup_steps: 0}
+eval: {max_new_tokens: 4}
+)");
+  }
+  RunConfig config(const std::string& out, const std::string& extra) const {
+    const std::string path = dir.file(out + ".yaml");
+    test::write_file(path, "include: base.yaml\nrun: {out_dir: " + dir.file(out) + "}\n" + extra);
+    return load_run_config(path);
+  }
+  std::string pairs() const { return dir.file("data/train_pref.jsonl"); }
+};
+
+TrainOptions quiet() {
+  TrainOptions o;
+  o.quiet = true;
+  return o;
+}
+
+std::map<std::string, torch::Tensor> weights(const TrainResult& r) {
+  return load_safetensors(r.checkpoint + "/model.safetensors");
+}
+
+}  // namespace
+
+TEST_CASE("shapes preference data: chosen is the caption, rejected has one tagged hallucination", "[preference][data]") {
+  shapes::GeneratorOptions g;
+  g.max_objects = 3;
+  int64_t checked = 0;
+  std::set<std::string> levels;
+  for (int64_t i = 0; i < 20; ++i) {
+    const auto scene = shapes::sample_scene(g, "train", i);
+    for (const auto& r : shapes::preference_records(scene, "x.png", g, shapes::preference_seed(0, "train", i))) {
+      CHECK(r["chosen"] == shapes::caption(scene));
+      CHECK(r["rejected"] != r["chosen"]);
+      CHECK(r["prompt"] == "<image>\nDescribe the image.");
+      CHECK(r["level"] == shapes::hallucination_level(r["kind"]));
+      levels.insert(r["level"]);
+      ++checked;
+    }
+    for (const auto& r : shapes::grpo_prompt_records(scene, "x.png", g, shapes::grpo_seed(0, "train", i))) {
+      const std::string t = r["question_type"];
+      CHECK((t == "count" || t == "colour" || t == "existence" || t == "relation"));
+      CHECK(r["prompt"].get<std::string>().rfind("<image>\n", 0) == 0);
+    }
+  }
+  CHECK(checked > 20);
+  CHECK(levels == std::set<std::string>{"attribute", "object", "relation"});
+  CHECK(shapes::hallucination_level("size") == "attribute");
+}
+
+TEST_CASE("preference data: only the response is labelled, the LLaVA form, bad records named", "[preference][data]") {
+  TinyPreferenceCorpus c;
+  const auto cfg = c.config("data", "data: {train: " + c.pairs() + "}\n");
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  const std::string img = "images/train/000000.png";
+  const std::string m = c.dir.file("data/mixed.jsonl");
+  test::write_file(m, R"({"id": "a", "image": ")" + img + R"(", "prompt": "<image>\nDescribe the image.", "chosen": "a red star", "rejected": "a blue star"}
+{"id": "b", "image": ")" + img + R"(", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}, {"from": "human", "value": "Describe the image."}], "chosen": "a red star", "rejected": "a red circle"}
+)");
+  PreferenceDataset d(m, cfg.data, tok, 4, PreferenceDataset::Kind::Pairs, false);
+  REQUIRE(d.size() == 2);
+  for (int64_t i = 0; i < 2; ++i) {
+    const auto& s = d.sample(i);
+    // Labels start exactly where the prompt ends and cover the reply and its eos.
+    const auto reply = tok.encode("a red star");
+    CHECK(response_tokens(s.chosen.labels) == static_cast<int64_t>(reply.size()) + 1);
+    CHECK(std::vector<int64_t>(s.chosen.ids.begin(), s.chosen.ids.begin() + s.prompt.size()) == s.prompt);
+    for (size_t t = 0; t < s.prompt.size(); ++t) CHECK(s.chosen.labels[t] == kIgnoreIndex);
+  }
+  // Record b's earlier assistant turn ("red") is prompt, not response.
+  CHECK(response_tokens(d.sample(1).chosen.labels) == response_tokens(d.sample(0).chosen.labels));
+
+  const std::string bad = c.dir.file("data/bad.jsonl");
+  test::write_file(bad, R"({"id": "same", "image": ")" + img + R"(", "prompt": "<image>\nx", "chosen": "a", "rejected": "a"}
+{"id": "ends", "image": ")" + img + R"(", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}], "chosen": "a", "rejected": "b"}
+{"id": "noimg", "image": "missing.png", "prompt": "<image>\nx", "chosen": "a", "rejected": "b"}
+)");
+  const auto msg = message_of<DataError>([&] { PreferenceDataset(bad, cfg.data, tok, 4, PreferenceDataset::Kind::Pairs, false); });
+  CHECK_THAT(msg, Catch::Contains("bad.jsonl:1 (id same): 'chosen' and 'rejected' are the same reply"));
+  CHECK_THAT(msg, Catch::Contains("bad.jsonl:2 (id ends): 'conversations' must end with the user's turn"));
+  CHECK_THAT(msg, Catch::Contains("bad.jsonl:3 (id noimg): image"));
+
+  // Prompts: a VQA record serves as it is, its final reply being the answer.
+  PreferenceDataset vqa(c.dir.file("data/val_vqa.jsonl"), cfg.data, tok, 4, PreferenceDataset::Kind::Prompts, false, 3, 4);
+  CHECK(vqa.size() == 3);
+  CHECK_FALSE(vqa.sample(0).answer.empty());
+  CHECK(vqa.sample(0).prompt_text.find("<image>") == std::string::npos);
+}
+
+TEST_CASE("response log-probs equal log-softmax sums of a full forward, accumulation equals one batch",
+          "[preference][accum]") {
+  TinyPreferenceCorpus c;
+  auto cfg = c.config("acc", "data: {train: " + c.pairs() + "}\n");
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  torch::manual_seed(3);
+  VlmModel policy = build_vlm_model(cfg, tok);
+  torch::manual_seed(4);
+  VlmModel reference = build_vlm_model(cfg, tok);  // differs from the policy: a real log-ratio
+  PreferenceDataset data(cfg.data.train, cfg.data, tok, policy->tokens_per_image(), PreferenceDataset::Kind::Pairs, false);
+  const auto batch = data.range(0, 4);
+
+  // Full forward, log-softmax over every position, summed by hand over the chosen reply.
+  std::vector<std::vector<int64_t>> ids, labels;
+  for (auto i : batch.indices) ids.push_back(data.sample(i).chosen.ids), labels.push_back(data.sample(i).chosen.labels);
+  const auto lp = response_logps(policy, ids, labels, batch.pixels, tok.image_id(), false);
+  {
+    torch::NoGradGuard ng;
+    auto in = policy->build_inputs(batch.pixels, ids, labels, tok.image_id());
+    auto logp = torch::log_softmax(policy->llm->logits(policy->llm->forward_hidden(in.embeds, in.attention_mask)), -1);
+    for (int64_t b = 0; b < 4; ++b) {
+      double sum = 0;
+      int64_t n = 0;
+      for (int64_t t = 0; t + 1 < in.labels.size(1); ++t) {
+        const int64_t y = in.labels[b][t + 1].item<int64_t>();
+        if (y == kIgnoreIndex) continue;
+        sum += logp[b][t][y].item<double>();
+        ++n;
+      }
+      CHECK_THAT(lp.sum()[b].item<double>(), WithinAbs(sum, 1e-4));
+      CHECK(lp.count()[b].item<double>() == n);
+    }
+  }
+
+  // DPO gradient over 4 pairs at once == the sum over two micro-batches of 2 with share 1/2.
+  TypedSpec spec{"dpo", {}, "loss"};
+  spec.options.kind = ConfigNode::Kind::Map;
+  auto loss = preference_losses().create_or_throw(spec);
+  auto grads = [&](int accum) {
+    policy->zero_grad();
+    double total = 0;
+    for (int j = 0; j < accum; ++j) {
+      const int64_t m = 4 / accum;
+      auto in = pair_passes(*loss, policy, &reference, data, batch.slice(j * m, (j + 1) * m), tok.image_id(), false, 1);
+      in.share = 1.0 / accum;
+      auto o = loss->forward(in);
+      o.loss.backward();
+      total += o.loss.item<double>();
+    }
+    std::vector<torch::Tensor> g;
+    for (const auto& p : policy->parameters())
+      if (p.grad().defined()) g.push_back(p.grad().clone());
+    return std::make_pair(total, g);
+  };
+  const auto [l1, g1] = grads(1);
+  const auto [l2, g2] = grads(2);
+  CHECK_THAT(l1, WithinAbs(l2, 1e-5));
+  REQUIRE(g1.size() == g2.size());
+  REQUIRE_FALSE(g1.empty());
+  for (size_t k = 0; k < g1.size(); ++k) CHECK(torch::allclose(g1[k], g2[k], 1e-4, 1e-6));
+}
+
+TEST_CASE("dpo trainer: first loss ln 2 (policy = reference), reward accuracy per level, exact resume",
+          "[preference][train][slow]") {
+  TinyPreferenceCorpus c;
+  const std::string data = "data: {train: " + c.pairs() + ", val: " + c.dir.file("data/val_pref.jsonl") + "}\n";
+  auto r = train_preference(c.config("dpo", data + "train: {grad_accum: 2}\n"), quiet());
+  REQUIRE(r.logged_losses.size() == 4);
+  CHECK_THAT(r.logged_losses[0], WithinAbs(std::log(2.0), 1e-6));
+  {
+    // The trained policy prefers the chosen replies of the pairs it saw more than its reference
+    // (the seeded initial model) did: their DPO loss fell below ln 2.
+    auto cfg = c.config("dpo-check", data);
+    const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+    torch::manual_seed(cfg.run.seed);
+    VlmModel reference = build_vlm_model(cfg, tok);
+    VlmModel policy = build_vlm_model(cfg, tok);
+    load_state(*policy, weights(r), "", true, "final");
+    PreferenceDataset pairs(cfg.data.train, cfg.data, tok, policy->tokens_per_image(), PreferenceDataset::Kind::Pairs, false);
+    EpochSampler order(cfg.run.seed, pairs.size());
+    std::vector<SampleRef> seen;
+    for (int64_t s = 0; s < 4; ++s)
+      for (const auto& ref : order.batch(s, 4)) seen.push_back(ref);
+    TypedSpec spec{"dpo", {}, "loss"};
+    spec.options.kind = ConfigNode::Kind::Map;
+    auto loss = preference_losses().create_or_throw(spec);
+    policy->eval();
+    torch::NoGradGuard ng;
+    auto in = pair_passes(*loss, policy, &reference, pairs, pairs.collate(seen, 0), tok.image_id(), false, 1);
+    CHECK(loss->forward(in).loss.item<double>() < std::log(2.0));
+  }
+  const auto& e = r.final_eval["val"];
+  for (const char* k : {"preference_accuracy", "preference_accuracy/object", "preference_accuracy/attribute",
+                        "preference_accuracy/relation", "rewards/accuracies", "rewards/margins", "loss"})
+    CHECK(e.contains(k));
+
+  // 2 steps, stop, resume for 2 more: bit-identical weights and logged losses.
+  TrainOptions stop = quiet();
+  stop.stop_at_step = 2;
+  auto cut = train_preference(c.config("dpo-cut", data + "train: {grad_accum: 2}\n"), stop);
+  REQUIRE(cut.interrupted);
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  auto rest = train_preference(c.config("dpo-cut", data + "train: {grad_accum: 2}\n"), resume);
+  const auto a = weights(r), b = weights(rest);
+  for (const auto& [name, t] : a) {
+    INFO(name);
+    CHECK(torch::equal(t, b.at(name)));
+  }
+  CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 2, r.logged_losses.end()));
+}
+
+TEST_CASE("mdpo trainer: first loss 3 ln 2 and the frozen vision tower unchanged", "[preference][train][slow]") {
+  TinyPreferenceCorpus c;
+  auto r = train_preference(c.config("mdpo", "data: {train: " + c.pairs() + "}\nloss: {type: mdpo}\ntrain: {steps: 2}\n"), quiet());
+  CHECK_THAT(r.logged_losses[0], WithinAbs(3 * std::log(2.0), 1e-6));
+  // Seeded initialisation: a fresh model with the same seed is the reference the run started from.
+  auto cfg = c.config("mdpo-ref", "data: {train: " + c.pairs() + "}\n");
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  torch::manual_seed(cfg.run.seed);
+  VlmModel init = build_vlm_model(cfg, tok);
+  const auto w = weights(r);
+  int64_t frozen_same = 0, trained_changed = 0, frozen = 0;
+  for (const auto& p : init->named_parameters(true)) {
+    const bool is_frozen = component_of(p.key()) == "vision_model";
+    frozen += is_frozen;
+    if (is_frozen) frozen_same += torch::equal(p.value(), w.at(p.key()));
+    else trained_changed += !torch::equal(p.value(), w.at(p.key()));
+  }
+  CHECK(frozen_same == frozen);
+  CHECK(trained_changed > 0);
+}
+
+TEST_CASE("grpo trainer: rewards from sampled completions, exact resume", "[preference][train][slow]") {
+  TinyPreferenceCorpus c;
+  const std::string cfg = "data: {train: " + c.dir.file("data/train_grpo.jsonl") + ", val: " +
+                          c.dir.file("data/val_vqa.jsonl") + ", val_limit: 6}\n" +
+                          "loss: {type: grpo, group_size: 4, max_new_tokens: 4, beta: 0.04, temperature: 1.0}\n"
+                          "rewards: [{type: exact_match}, {type: format, weight: 0.5, max_words: 1}]\n"
+                          "train: {batch_size: 2, steps: 3}\n";
+  auto r = train_preference(c.config("grpo", cfg), quiet());
+  REQUIRE(r.logged_losses.size() == 3);
+  CHECK(r.final_eval["val"]["records"] == 6);
+  CHECK(r.final_eval["val"].contains("exact_match"));
+  // The metrics of the last step are in metrics.jsonl with the reward functions' means.
+  std::ifstream f(c.dir.file("grpo/metrics.jsonl"));
+  std::string line, last_train;
+  while (std::getline(f, line))
+    if (line.find("\"train\"") != std::string::npos) last_train = line;
+  const auto j = nlohmann::json::parse(last_train)["metrics"];
+  for (const char* k : {"reward/mean", "reward/std", "reward/exact_match", "reward/format", "kl", "clip_ratio",
+                        "completion_length"})
+    CHECK(j.contains(k));
+  CHECK(j["completion_length"].get<double>() >= 1.0);
+  CHECK(j["completion_length"].get<double>() <= 4.0);
+
+  TrainOptions stop = quiet();
+  stop.stop_at_step = 1;
+  REQUIRE(train_preference(c.config("grpo-cut", cfg), stop).interrupted);
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  auto rest = train_preference(c.config("grpo-cut", cfg), resume);
+  const auto a = weights(r), b = weights(rest);
+  for (const auto& [name, t] : a) {
+    INFO(name);
+    CHECK(torch::equal(t, b.at(name)));
+  }
+}
+
+TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward types", "[preference][config]") {
+  TinyPreferenceCorpus c;
+  CHECK_THAT(message_of<ConfigError>([&] { c.config("x1", "data: {train: a}\nrewards: [exact_match]\n"); }),
+             Catch::Contains("trains on chosen/rejected pairs and uses no reward functions"));
+  CHECK_THAT(message_of<ConfigError>([&] { c.config("x2", "data: {train: a}\nloss: {type: dop}\n"); }),
+             Catch::Contains("unknown preference loss type 'dop'; registered: dpo, grpo, mdpo"));
+  CHECK_THAT(message_of<ConfigError>([&] { c.config("x3", "data: {train: a}\nloss: {type: grpo}\nrewards: [{type: exact}]\n"); }),
+             Catch::Contains("unknown reward function type 'exact'"));
+  CHECK_THAT(message_of<ConfigError>([&] { c.config("x4", "data: {train: a}\nloss: {type: dpo, betta: 0.1}\n"); }),
+             Catch::Contains("betta"));
+}

@@ -1,0 +1,503 @@
+#include "trainers/preference.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "core/rng.h"
+#include "data/prefetch_loader.h"
+#include "losses/cross_entropy.h"
+#include "trainers/vlm.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+SequenceLogps response_logps(VlmModel& model, const std::vector<std::vector<int64_t>>& ids,
+                             const std::vector<std::vector<int64_t>>& labels, const torch::Tensor& pixels,
+                             int64_t image_id, bool bf16, double temperature) {
+  torch::Tensor hidden, next;
+  {
+    AutocastGuard autocast(bf16);
+    auto in = model->build_inputs(pixels, ids, labels, image_id);
+    hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);  // [N, L, H]
+    next = in.labels.slice(1, 1, hidden.size(1));                       // [N, L-1]: position t predicts t+1
+  }
+  const int64_t N = hidden.size(0);
+  const auto keep = next.ne(kIgnoreIndex);                               // [N, L-1]
+  torch::Tensor logits;
+  {
+    AutocastGuard autocast(bf16);
+    logits = model->llm->logits(hidden.slice(1, 0, hidden.size(1) - 1).index({keep}));  // [n, V]
+  }
+  logits = logits.to(torch::kFloat32);
+  if (temperature != 1.0) logits = logits / temperature;
+  const auto lp = torch::log_softmax(logits, -1).gather(1, next.index({keep}).unsqueeze(1)).squeeze(1);  // [n]
+  // Left-align each sequence's response tokens: column = rank of the position among its row's.
+  const auto rows = keep.nonzero().select(1, 0);
+  const auto cols = (keep.to(torch::kLong).cumsum(1) - 1).index({keep});
+  const int64_t T = std::max<int64_t>(1, N > 0 ? keep.sum(1).max().item<int64_t>() : 1);
+  SequenceLogps out;
+  out.token_logps = torch::zeros({N, T}, torch::kFloat32).index_put({rows, cols}, lp);
+  out.mask = torch::zeros({N, T}, torch::kFloat32).index_put_({rows, cols}, torch::ones_like(lp.detach()));
+  return out;
+}
+
+SequenceLogps slice_rows(const SequenceLogps& s, int64_t from, int64_t to) {
+  return {s.token_logps.slice(0, from, to), s.mask.slice(0, from, to)};
+}
+
+namespace {
+
+// Images of rows `rows` of a batch whose sample i owns images_per_sample[i] consecutive images.
+torch::Tensor gather_images(const torch::Tensor& pixels, const std::vector<int64_t>& images_per_sample,
+                            const std::vector<int64_t>& rows) {
+  if (!pixels.defined()) return {};
+  std::vector<int64_t> first(images_per_sample.size(), 0);
+  for (size_t i = 1; i < first.size(); ++i) first[i] = first[i - 1] + images_per_sample[i - 1];
+  std::vector<int64_t> index;
+  for (auto r : rows)
+    for (int64_t k = 0; k < images_per_sample[static_cast<size_t>(r)]; ++k) index.push_back(first[static_cast<size_t>(r)] + k);
+  if (index.empty()) return {};
+  return pixels.index_select(0, torch::tensor(index, torch::kLong));
+}
+
+// One forward of `model` over the given passes' sequences; fills in.logps.
+void run_passes(VlmModel& model, bool with_grad, const std::vector<ResponsePass>& passes,
+                const std::function<void(const ResponsePass&, std::vector<std::vector<int64_t>>&,
+                                         std::vector<std::vector<int64_t>>&, std::vector<torch::Tensor>&)>& sequences,
+                int64_t image_id, bool bf16, double temperature, PreferenceInputs& in) {
+  if (passes.empty()) return;
+  std::vector<std::vector<int64_t>> ids, labels;
+  std::vector<torch::Tensor> pixels;
+  std::vector<int64_t> bounds = {0};
+  for (const auto& p : passes) {
+    sequences(p, ids, labels, pixels);
+    bounds.push_back(static_cast<int64_t>(ids.size()));
+  }
+  torch::Tensor all_pixels;
+  std::vector<torch::Tensor> defined;
+  for (const auto& t : pixels)
+    if (t.defined() && t.size(0) > 0) defined.push_back(t);
+  if (!defined.empty()) all_pixels = torch::cat(defined);
+  torch::AutoGradMode grad(with_grad && torch::GradMode::is_enabled());
+  const auto lp = response_logps(model, ids, labels, all_pixels, image_id, bf16, temperature);
+  for (size_t k = 0; k < passes.size(); ++k) {
+    auto s = slice_rows(lp, bounds[k], bounds[k + 1]);
+    if (!with_grad) s.token_logps = s.token_logps.detach();
+    in.logps[passes[k].key()] = s;
+  }
+}
+
+void split_by_model(const std::vector<ResponsePass>& passes, std::vector<ResponsePass>& policy,
+                    std::vector<ResponsePass>& reference) {
+  for (const auto& p : passes) (p.model == "reference" ? reference : policy).push_back(p);
+}
+
+}  // namespace
+
+PreferenceInputs pair_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
+                             const PreferenceDataset& data, const PreferenceBatch& batch, int64_t image_id, bool bf16,
+                             uint64_t corrupt_seed) {
+  std::vector<ResponsePass> pol, ref;
+  split_by_model(loss.passes(), pol, ref);
+  torch::Tensor corrupted;
+  auto sequences = [&](const ResponsePass& p, std::vector<std::vector<int64_t>>& ids,
+                       std::vector<std::vector<int64_t>>& labels, std::vector<torch::Tensor>& pixels) {
+    if (p.response != "chosen" && p.response != "rejected")
+      throw std::invalid_argument("preference loss asks for '" + p.key() +
+                                  "' but the data are chosen/rejected pairs (responses: chosen, rejected)");
+    for (auto i : batch.indices) {
+      const auto& s = data.sample(i);
+      const auto& t = p.response == "chosen" ? s.chosen : s.rejected;
+      ids.push_back(t.ids);
+      labels.push_back(t.labels);
+    }
+    if (p.corrupted_image && batch.pixels.defined() && !corrupted.defined())
+      corrupted = loss.corrupt_images(batch.pixels, corrupt_seed);  // one draw, shared by both models
+    pixels.push_back(p.corrupted_image ? corrupted : batch.pixels);
+  };
+  PreferenceInputs in;
+  run_passes(policy, true, pol, sequences, image_id, bf16, 1.0, in);
+  if (!ref.empty()) {
+    if (!reference) throw std::logic_error("preference: the loss needs the reference model but none was built");
+    torch::NoGradGuard ng;
+    run_passes(*reference, false, ref, sequences, image_id, bf16, 1.0, in);
+  }
+  return in;
+}
+
+namespace {
+
+// The completions of prompts `batch` (G per prompt, contiguous), scored by the reward functions.
+CompletionBatch sample_completions(VlmModel& policy, const Tokenizer& tok, const PreferenceDataset& data,
+                                   const PreferenceBatch& batch, const CompletionSampling& sampling,
+                                   const std::vector<std::pair<std::string, std::shared_ptr<RewardFnImpl>>>& rewards,
+                                   uint64_t seed, bool bf16) {
+  const int64_t G = sampling.group_size;
+  std::vector<std::vector<int64_t>> prompts;
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < batch.size(); ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      prompts.push_back(data.sample(batch.indices[static_cast<size_t>(i)]).prompt);
+      rows.push_back(i);
+    }
+  CompletionBatch c;
+  c.pixels = gather_images(batch.pixels, batch.images_per_sample, rows);
+  for (auto r : rows) c.images_per_sequence.push_back(batch.images_per_sample[static_cast<size_t>(r)]);
+  SamplingOptions opt;
+  opt.max_new_tokens = sampling.max_new_tokens;
+  opt.temperature = sampling.temperature;
+  opt.top_k = sampling.top_k;
+  opt.top_p = sampling.top_p;
+  opt.seed = seed;
+  const bool was_training = policy->is_training();
+  policy->eval();
+  const auto completions = generate_tokens(policy, tok, prompts, c.pixels, opt, bf16);
+  if (was_training) set_vlm_train_modes(policy);
+  const int64_t eos = reply_end_id(tok);
+  std::vector<RewardInput> inputs;
+  for (size_t k = 0; k < completions.size(); ++k) {
+    const auto& s = data.sample(batch.indices[static_cast<size_t>(rows[k])]);
+    std::vector<int64_t> body = completions[k];
+    const bool finished = !body.empty() && body.back() == eos;
+    if (finished) body.pop_back();
+    const std::string text = tok.decode(std::vector<int>(body.begin(), body.end()));
+    inputs.push_back({s.prompt_text, text, finished, s.answer, s.question_type});
+    c.texts.push_back(text);
+    auto ids = s.prompt;
+    ids.insert(ids.end(), completions[k].begin(), completions[k].end());
+    std::vector<int64_t> labels(s.prompt.size(), kIgnoreIndex);
+    labels.insert(labels.end(), completions[k].begin(), completions[k].end());
+    c.ids.push_back(std::move(ids));
+    c.labels.push_back(std::move(labels));
+  }
+  const auto total = total_rewards(rewards, inputs, &c.reward_means);
+  c.rewards = torch::tensor(std::vector<float>(total.begin(), total.end()), torch::kFloat32);
+  return c;
+}
+
+PreferenceInputs completion_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
+                                   const CompletionBatch& c, int64_t from, int64_t to, int64_t image_id, bool bf16) {
+  std::vector<ResponsePass> pol, ref;
+  split_by_model(loss.passes(), pol, ref);
+  std::vector<int64_t> rows;
+  for (int64_t i = from; i < to; ++i) rows.push_back(i);
+  const auto pixels = gather_images(c.pixels, c.images_per_sequence, rows);
+  auto sequences = [&](const ResponsePass& p, std::vector<std::vector<int64_t>>& ids,
+                       std::vector<std::vector<int64_t>>& labels, std::vector<torch::Tensor>& px) {
+    if (p.response != "completion" || p.corrupted_image)
+      throw std::invalid_argument("preference loss asks for '" + p.key() +
+                                  "' but it samples completions (responses: completion, clean images)");
+    ids.insert(ids.end(), c.ids.begin() + from, c.ids.begin() + to);
+    labels.insert(labels.end(), c.labels.begin() + from, c.labels.begin() + to);
+    px.push_back(pixels);
+  };
+  const double temperature = loss.sampling()->temperature;
+  PreferenceInputs in;
+  run_passes(policy, true, pol, sequences, image_id, bf16, temperature, in);
+  if (!ref.empty()) {
+    if (!reference) throw std::logic_error("preference: the loss needs the reference model but none was built");
+    torch::NoGradGuard ng;
+    run_passes(*reference, false, ref, sequences, image_id, bf16, temperature, in);
+  }
+  return in;
+}
+
+void add_metrics(LossOutput& total, const LossOutput& out) {
+  total.loss += out.loss.detach();
+  for (const auto& [k, v] : out.metrics) total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;
+}
+
+// Held-out pairs: the loss and its metrics (means over pairs), and per hallucination level the
+// share of pairs whose implicit reward prefers the chosen reply:
+// (p(y+) - r(y+)) > (p(y-) - r(y-)), reference terms 0 for a reference-free loss.
+nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
+                              const PreferenceDataset& data, int batch, int64_t image_id, bool bf16, uint64_t seed) {
+  torch::NoGradGuard ng;
+  const bool was_training = policy->is_training();
+  policy->eval();
+  LossOutput total;
+  total.loss = torch::zeros({});
+  std::map<std::string, std::pair<int64_t, int64_t>> right;  // level -> (preferred chosen, pairs)
+  for (int64_t start = 0; start < data.size(); start += batch) {
+    const int64_t end = std::min<int64_t>(data.size(), start + batch);
+    const auto b = data.range(start, end);
+    auto in = pair_passes(loss, policy, reference, data, b, image_id, bf16, mix_seed({seed, static_cast<uint64_t>(start)}));
+    in.share = static_cast<double>(end - start) / static_cast<double>(data.size());
+    in.step_response_tokens = 0;
+    for (auto i : b.indices) in.step_response_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
+    in.step_response_tokens = std::max(1.0, in.step_response_tokens * data.size() / static_cast<double>(end - start));
+    add_metrics(total, loss.forward(in));
+    auto margin = in.at("policy/chosen").sum() - in.at("policy/rejected").sum();
+    if (in.logps.count("reference/chosen") && in.logps.count("reference/rejected"))
+      margin = margin - (in.at("reference/chosen").sum() - in.at("reference/rejected").sum());
+    const auto m = margin.contiguous();
+    for (int64_t k = 0; k < m.size(0); ++k) {
+      const bool ok = m[k].item<double>() > 0;
+      const auto& level = data.sample(b.indices[static_cast<size_t>(k)]).level;
+      right[""].first += ok, right[""].second += 1;
+      if (!level.empty()) right[level].first += ok, right[level].second += 1;
+    }
+  }
+  nlohmann::json j;
+  j["pairs"] = data.size();
+  j["loss"] = total.loss.item<double>();
+  for (const auto& [k, v] : total.metrics) j[k] = v.item<double>();
+  for (const auto& [level, c] : right)
+    j[level.empty() ? "preference_accuracy" : "preference_accuracy/" + level] =
+        static_cast<double>(c.first) / static_cast<double>(std::max<int64_t>(1, c.second));
+  if (was_training) set_vlm_train_modes(policy);
+  return j;
+}
+
+// Held-out prompts: greedy completions scored by the reward functions, and exact match overall
+// and per question type.
+nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const PreferenceDataset& data,
+                                const std::vector<std::pair<std::string, std::shared_ptr<RewardFnImpl>>>& rewards,
+                                int batch, int64_t max_new_tokens, bool bf16) {
+  CompletionSampling greedy;
+  greedy.group_size = 1;
+  greedy.temperature = 0.0;
+  greedy.max_new_tokens = max_new_tokens;
+  ExactMatchRewardImpl exact;
+  double reward_sum = 0;
+  std::map<std::string, std::pair<int64_t, int64_t>> right;
+  for (int64_t start = 0; start < data.size(); start += batch) {
+    const int64_t end = std::min<int64_t>(data.size(), start + batch);
+    const auto b = data.range(start, end);
+    const auto c = sample_completions(policy, tok, data, b, greedy, rewards, 0, bf16);
+    for (int64_t k = 0; k < b.size(); ++k) {
+      const auto& s = data.sample(b.indices[static_cast<size_t>(k)]);
+      reward_sum += c.rewards[k].item<double>();
+      const bool ok = exact.score({{s.prompt_text, c.texts[static_cast<size_t>(k)], true, s.answer, s.question_type}})[0] > 0;
+      right[""].first += ok, right[""].second += 1;
+      if (!s.question_type.empty()) right[s.question_type].first += ok, right[s.question_type].second += 1;
+    }
+  }
+  nlohmann::json j;
+  j["records"] = data.size();
+  j["reward"] = reward_sum / static_cast<double>(data.size());
+  for (const auto& [type, c] : right)
+    j[type.empty() ? "exact_match" : "exact_match/" + type] = static_cast<double>(c.first) / static_cast<double>(c.second);
+  return j;
+}
+
+}  // namespace
+
+TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
+  RunConfig cfg = cfg_in;
+  install_stop_handlers();
+  std::error_code ec;
+  fs::create_directories(cfg.run.out_dir, ec);
+  if (ec || !fs::is_directory(cfg.run.out_dir))
+    throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
+  init_logging((fs::path(cfg.run.out_dir) / "train.log").string());
+  const int threads = setup_threads(cfg.run.threads);
+  const bool bf16 = resolve_precision(cfg.run.precision) == "bf16";
+
+  const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  auto loss = preference_losses().create_or_throw(cfg.loss);
+  const CompletionSampling* sampling = loss->sampling();
+  std::vector<std::pair<std::string, std::shared_ptr<RewardFnImpl>>> rewards;
+  if (sampling) {
+    auto specs = cfg.rewards;
+    if (specs.empty()) {
+      TypedSpec exact{"exact_match", {}, "rewards[0]"};
+      exact.options.kind = ConfigNode::Kind::Map;
+      specs.push_back(exact);
+    }
+    for (const auto& s : specs) rewards.emplace_back(s.type, reward_functions().create_or_throw(s));
+  }
+
+  // The policy and (when a pass needs it) the reference both start from the same weights: the
+  // seeded initialisation, then init_from. The reference is a separate frozen model.
+  auto initial_model = [&] {
+    torch::manual_seed(cfg.run.seed);
+    VlmModel m = build_vlm_model(cfg, tok);
+    for (const auto& init : cfg.init_from) init_components(m, init);
+    return m;
+  };
+  if (cfg.init_from.empty())
+    spdlog::warn("{}: no init_from: preference training starts from random weights (usually it starts from stage 3)",
+                 cfg.run.name);
+  VlmModel model = initial_model();
+  VlmModel reference{nullptr};
+  if (loss->needs_reference()) {
+    reference = initial_model();
+    for (auto& p : reference->parameters()) p.requires_grad_(false);
+    reference->eval();
+  }
+  torch::manual_seed(cfg.run.seed);
+
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (const auto& p : model->named_parameters(true)) named.emplace_back(p.key(), p.value());
+  ParamPlan plan = plan_param_groups(named, cfg.optim);
+  std::vector<torch::Tensor> params;
+  int64_t n_trainable = 0;
+  for (const auto& [n, p] : plan.trainable) params.push_back(p), n_trainable += p.numel();
+  torch::optim::AdamW optimizer(plan.groups);
+
+  const int64_t tpi = model->tokens_per_image();
+  const auto kind = sampling ? PreferenceDataset::Kind::Prompts : PreferenceDataset::Kind::Pairs;
+  const int64_t reserve = sampling ? sampling->max_new_tokens : 0;
+  PreferenceDataset train(cfg.data.train, cfg.data, tok, tpi, kind, /*train=*/true, 0, reserve);
+  std::unique_ptr<PreferenceDataset> val;
+  if (!cfg.data.val.empty())
+    val = std::make_unique<PreferenceDataset>(cfg.data.val, cfg.data, tok, tpi, kind, false, cfg.data.val_limit, reserve);
+  std::vector<std::pair<std::string, std::unique_ptr<ConversationDataset>>> sets;
+  for (const auto& s : cfg.eval.sets)
+    sets.emplace_back(s.name, std::make_unique<ConversationDataset>(s.data, cfg.data, tok, tpi, false, s.limit));
+  CrossEntropyLossImpl token_loss{CrossEntropyOptions{}};
+  if (cfg.train.batch_size % cfg.train.grad_accum != 0)
+    throw ConfigError("train.batch_size must be a multiple of train.grad_accum");
+
+  std::string passes;
+  for (const auto& p : loss->passes()) passes += (passes.empty() ? "" : ", ") + p.key();
+  spdlog::info("{} (preference, loss {}): {} train {}{}, passes [{}]{}, {:.2f}M trainable parameters, {} threads, precision {}",
+               cfg.run.name, cfg.loss.type, train.size(), sampling ? "prompts" : "pairs",
+               train.skipped() ? " (" + std::to_string(train.skipped()) + " skipped)" : std::string(), passes,
+               sampling ? fmt::format(", {} completions per prompt", sampling->group_size) : std::string(),
+               n_trainable / 1e6, threads, bf16 ? "bf16" : "fp32");
+
+  int64_t start = 0;
+  const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
+  if (!resumed_from.empty()) {
+    start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
+    spdlog::info("resumed from {} at step {}", resumed_from, start);
+    forget_after_step(cfg.run.out_dir, start);
+  }
+  atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
+
+  MetricsLog metrics((fs::path(cfg.run.out_dir) / "metrics.jsonl").string());
+  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size, accum = cfg.train.grad_accum;
+  EpochSampler sampler(cfg.run.seed, train.size());
+  PrefetchLoader<PreferenceBatch> loader([&](int64_t step) { return train.collate(sampler.batch(step, B), cfg.run.seed); },
+                                         start, steps, cfg.data.workers, cfg.data.prefetch);
+  Progress progress(start, steps);
+  TrainResult result;
+  const int eval_batch = std::max<int>(1, cfg.train.batch_size / cfg.train.grad_accum);
+  VlmModel* ref = reference ? &reference : nullptr;
+  auto run_eval = [&](int64_t step) {
+    nlohmann::json all;
+    if (val)
+      all["val"] = sampling ? evaluate_prompts(model, tok, *val, rewards, eval_batch, sampling->max_new_tokens, bf16)
+                            : evaluate_pairs(*loss, model, ref, *val, eval_batch, tok.image_id(), bf16, cfg.run.seed);
+    for (auto& [name, ds] : sets)
+      all[name] = evaluate_vlm(model, token_loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16);
+    for (const auto& [name, j] : all.items()) {
+      std::string line;
+      for (const auto& [k, v] : j.items())
+        if (v.is_number_float()) line += fmt::format(" {} {:.3f}", k, v.get<double>());
+      spdlog::info("eval step {} [{}]:{}", step, name, line);
+    }
+    if (!all.is_null() && step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", all}});
+    set_vlm_train_modes(model);
+    return all;
+  };
+
+  set_vlm_train_modes(model);
+  int64_t step = start;
+  while (step < steps) {
+    set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
+    const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
+    PreferenceBatch batch;
+    try {
+      batch = loader.next();
+    } catch (const DataError& e) {
+      const auto ck = save_vlm_checkpoint(cfg, model, optimizer, step);
+      throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
+                      " holds the last good state: fix or remove the record, then --resume auto)");
+    }
+    optimizer.zero_grad();
+    LossOutput out;
+    out.loss = torch::zeros({});
+    const uint64_t step_seed = mix_seed({cfg.run.seed, fnv1a64("preference-step"), static_cast<uint64_t>(step)});
+    const int64_t m = B / accum;
+    try {
+      if (!sampling) {
+        double chosen_tokens = 0;
+        for (auto i : batch.indices) chosen_tokens += static_cast<double>(response_tokens(train.sample(i).chosen.labels));
+        for (int64_t j = 0; j < accum; ++j) {
+          const auto micro = batch.slice(j * m, (j + 1) * m);
+          auto in = pair_passes(*loss, model, ref, train, micro, tok.image_id(), bf16,
+                                mix_seed({step_seed, static_cast<uint64_t>(j)}));
+          in.share = static_cast<double>(m) / static_cast<double>(B);
+          in.step_response_tokens = std::max(1.0, chosen_tokens);
+          auto o = loss->forward(in);
+          o.loss.backward();
+          add_metrics(out, o);
+        }
+      } else {
+        const auto c = sample_completions(model, tok, train, batch, *sampling, rewards, step_seed, bf16);
+        const int64_t G = sampling->group_size, S = B * G;
+        double tokens = 0;
+        for (const auto& l : c.labels) tokens += static_cast<double>(response_tokens(l));
+        for (int64_t j = 0; j < accum; ++j) {
+          auto in = completion_passes(*loss, model, ref, c, j * m * G, (j + 1) * m * G, tok.image_id(), bf16);
+          in.share = static_cast<double>(m * G) / static_cast<double>(S);
+          in.step_response_tokens = std::max(1.0, tokens);
+          in.rewards = c.rewards;
+          in.group_size = G;
+          in.row_begin = j * m * G;
+          auto o = loss->forward(in);
+          o.loss.backward();
+          add_metrics(out, o);
+        }
+        for (const auto& [name, v] : c.reward_means) out.metrics["reward/" + name] = torch::tensor(v);
+      }
+    } catch (const std::invalid_argument& e) {
+      throw ConfigError("loss '" + cfg.loss.type + "' at step " + std::to_string(step + 1) + ": " + e.what());
+    }
+    const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
+    if (!std::isfinite(gnorm)) {
+      const auto ck = save_vlm_checkpoint(cfg, model, optimizer, step);
+      throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
+                               std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
+                               " holds the last good state; lower optim.lr, then --resume auto");
+    }
+    optimizer.step();
+    ++step;
+
+    if (step % cfg.train.log_every == 0 || step == steps) {
+      const double l = out.loss.item<double>();
+      result.logged_losses.push_back(l);
+      nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", gnorm}};
+      rec["metrics"] = metrics_json(out.metrics);
+      rec["data_wait_s"] = loader.wait_seconds();
+      metrics.write(rec);
+      if (!opt.quiet) {
+        const auto& mj = rec["metrics"];
+        const std::string extra =
+            sampling ? fmt::format("reward {:.3f} | length {:.1f}", mj.value("reward/mean", 0.0), mj.value("completion_length", 0.0))
+                     : fmt::format("reward acc {:.3f} | margin {:.3f}", mj.value("rewards/accuracies", 0.0),
+                                   mj.value("rewards/margins", 0.0));
+        spdlog::info("{} | loss {:.4f} | lr {:.2e} | {}", progress.line(step, B), l, lr, extra);
+      }
+    }
+    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) run_eval(step);
+    if (stop_requested() || step == opt.stop_at_step) {
+      result.checkpoint = save_vlm_checkpoint(cfg, model, optimizer, step);
+      spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
+      result.interrupted = true;
+      result.final_step = step;
+      return result;
+    }
+    if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps)
+      result.checkpoint = save_vlm_checkpoint(cfg, model, optimizer, step);
+  }
+  result.final_step = step;
+  result.checkpoint = start < steps ? save_vlm_checkpoint(cfg, model, optimizer, step) : resumed_from;
+  result.final_eval = run_eval(step);
+  if (!result.final_eval.is_null())
+    atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+  spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, steps - start, format_duration(progress.elapsed()),
+               result.checkpoint);
+  return result;
+}
+
+}  // namespace trialign
