@@ -9,6 +9,7 @@
 #include "core/run_config.h"
 #include "losses/loss.h"
 #include "test_helpers.h"
+#include "trainers/common.h"
 #include "trainers/pipeline.h"
 
 using namespace trialign;
@@ -150,4 +151,24 @@ TEST_CASE("every shipped config validates", "[config]") {
     ++checked;
   }
   CHECK(checked >= 6);
+}
+
+TEST_CASE("resume config diff: a key added later with its default, or a number spelled differently, is no change",
+          "[config][resume]") {
+  const RunConfig cfg = load_run_config(test::source_dir() + "/configs/stage3_finetune.yaml");
+  std::string saved = resolved_yaml(cfg);
+  // As a checkpoint written before `rewards` existed would hold it, with lr spelled another way.
+  const auto at = saved.find("rewards: []\n");
+  REQUIRE(at != std::string::npos);
+  saved.erase(at, std::string("rewards: []\n").size());
+  const auto lr = saved.find("lr: 0.001\n");
+  REQUIRE(lr != std::string::npos);
+  saved.replace(lr, std::string("lr: 0.001\n").size(), "lr: 1.0e-3\n");
+  const auto same = diff_for_resume(saved, resolved_yaml(cfg));
+  CHECK(same.safe.empty());
+  CHECK(same.unsafe.empty());
+  // A real change is still one.
+  RunConfig other = cfg;
+  other.optim.weight_decay = 0.5;
+  CHECK(diff_for_resume(saved, resolved_yaml(other)).unsafe == std::vector<std::string>{"optim.weight_decay"});
 }

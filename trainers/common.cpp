@@ -228,9 +228,19 @@ extern "C" void on_stop_signal(int sig) {
 }  // namespace
 
 ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& current_yaml) {
+  // Both sides through the typed config and back, so a key that a newer version added (written
+  // out with its default) or a value spelled differently (1e-3 vs 0.001) is not a change. Text
+  // that is not a valid run config is compared as it is.
+  auto normalised = [](const std::string& yaml, const std::string& label) {
+    try {
+      return resolved_yaml(run_config_from_tree(parse_config_string(yaml, label), label));
+    } catch (const std::exception&) {
+      return yaml;
+    }
+  };
   std::map<std::string, std::string> a, b;
-  flatten(parse_config_string(saved_yaml, "checkpoint config"), "", a);
-  flatten(parse_config_string(current_yaml, "current config"), "", b);
+  flatten(parse_config_string(normalised(saved_yaml, "checkpoint config"), "checkpoint config"), "", a);
+  flatten(parse_config_string(normalised(current_yaml, "current config"), "current config"), "", b);
   ConfigDiff d;
   auto record = [&](const std::string& k) { (safe_to_change(k) ? d.safe : d.unsafe).push_back(k); };
   for (const auto& [k, v] : a) {
