@@ -238,6 +238,18 @@ TEST_CASE("dpo trainer: first loss ln 2 (policy = reference), reward accuracy pe
                         "preference_accuracy/relation", "rewards/accuracies", "rewards/margins", "loss"})
     CHECK(e.contains(k));
 
+  // Reference log-probs cached once before the first step: the same run, to float tolerance (the
+  // reference forwards batch the pairs differently), and the reference model released.
+  auto cached = train_preference(
+      c.config("dpo-cached", data + "train: {grad_accum: 2}\npreference: {cache_reference: true}\n"), quiet());
+  REQUIRE(cached.logged_losses.size() == 4);
+  for (size_t k = 0; k < 4; ++k) CHECK_THAT(cached.logged_losses[k], WithinAbs(r.logged_losses[k], 1e-5));
+  CHECK_THAT(cached.final_eval["val"]["loss"].get<double>(), WithinAbs(r.final_eval["val"]["loss"].get<double>(), 1e-4));
+  for (const auto& [name, t] : weights(cached)) {
+    INFO(name);
+    CHECK(torch::allclose(t, weights(r).at(name), 1e-3, 1e-4));
+  }
+
   // 2 steps, stop, resume for 2 more: bit-identical weights and logged losses.
   TrainOptions stop = quiet();
   stop.stop_at_step = 2;
@@ -321,4 +333,10 @@ TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward 
              Catch::Contains("unknown reward function type 'exact'"));
   CHECK_THAT(message_of<ConfigError>([&] { c.config("x4", "data: {train: a}\nloss: {type: dpo, betta: 0.1}\n"); }),
              Catch::Contains("betta"));
+  CHECK_THAT(message_of<ConfigError>([&] {
+               train_preference(c.config("x5", "data: {train: " + c.dir.file("data/train_grpo.jsonl") +
+                                                   "}\nloss: {type: grpo, beta: 0.1}\npreference: {cache_reference: true}\n"),
+                                quiet());
+             }),
+             Catch::Contains("samples new completions every step; there is nothing fixed to cache"));
 }

@@ -100,14 +100,19 @@ void split_by_model(const std::vector<ResponsePass>& passes, std::vector<Respons
 
 }  // namespace
 
-PreferenceInputs pair_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
-                             const PreferenceDataset& data, const PreferenceBatch& batch, int64_t image_id, bool bf16,
-                             uint64_t corrupt_seed) {
-  std::vector<ResponsePass> pol, ref;
-  split_by_model(loss.passes(), pol, ref);
-  torch::Tensor corrupted;
-  auto sequences = [&](const ResponsePass& p, std::vector<std::vector<int64_t>>& ids,
-                       std::vector<std::vector<int64_t>>& labels, std::vector<torch::Tensor>& pixels) {
+namespace {
+
+using SequenceFn = std::function<void(const ResponsePass&, std::vector<std::vector<int64_t>>&,
+                                      std::vector<std::vector<int64_t>>&, std::vector<torch::Tensor>&)>;
+
+// Chosen or rejected sequences of `batch`, with its images or the loss's corruption of them
+// (drawn once per call, so the policy and reference passes see the same corrupted images).
+SequenceFn pair_sequences(PreferenceLossImpl& loss, const PreferenceDataset& data, const PreferenceBatch& batch,
+                          uint64_t corrupt_seed) {
+  auto corrupted = std::make_shared<torch::Tensor>();
+  return [&loss, &data, &batch, corrupt_seed, corrupted](const ResponsePass& p, std::vector<std::vector<int64_t>>& ids,
+                                                       std::vector<std::vector<int64_t>>& labels,
+                                                       std::vector<torch::Tensor>& pixels) {
     if (p.response != "chosen" && p.response != "rejected")
       throw std::invalid_argument("preference loss asks for '" + p.key() +
                                   "' but the data are chosen/rejected pairs (responses: chosen, rejected)");
@@ -117,11 +122,68 @@ PreferenceInputs pair_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmMode
       ids.push_back(t.ids);
       labels.push_back(t.labels);
     }
-    if (p.corrupted_image && batch.pixels.defined() && !corrupted.defined())
-      corrupted = loss.corrupt_images(batch.pixels, corrupt_seed);  // one draw, shared by both models
-    pixels.push_back(p.corrupted_image ? corrupted : batch.pixels);
+    if (p.corrupted_image && batch.pixels.defined() && !corrupted->defined())
+      *corrupted = loss.corrupt_images(batch.pixels, corrupt_seed);
+    pixels.push_back(p.corrupted_image ? *corrupted : batch.pixels);
   };
+}
+
+}  // namespace
+
+SequenceLogps ReferenceCache::rows(const std::string& key, const std::vector<int64_t>& indices) const {
+  const auto& all = logps.at(key);
+  size_t T = 1;
+  for (auto i : indices) T = std::max(T, all.at(static_cast<size_t>(i)).size());
+  auto lp = torch::zeros({static_cast<int64_t>(indices.size()), static_cast<int64_t>(T)});
+  auto mask = torch::zeros_like(lp);
+  for (size_t k = 0; k < indices.size(); ++k) {
+    const auto& v = all.at(static_cast<size_t>(indices[k]));
+    const auto n = static_cast<int64_t>(v.size());
+    if (n == 0) continue;
+    lp[static_cast<int64_t>(k)].slice(0, 0, n).copy_(torch::tensor(v));
+    mask[static_cast<int64_t>(k)].slice(0, 0, n).fill_(1);
+  }
+  return {lp, mask};
+}
+
+ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& reference, const PreferenceDataset& data,
+                                     int batch, int64_t image_id, bool bf16) {
+  std::vector<ResponsePass> cacheable;
+  for (const auto& p : loss.passes())
+    if (p.model == "reference" && !p.corrupted_image) cacheable.push_back(p);
+  ReferenceCache cache;
+  for (const auto& p : cacheable) cache.logps[p.key()].resize(static_cast<size_t>(data.size()));
+  torch::NoGradGuard ng;
+  for (int64_t start = 0; start < data.size(); start += batch) {
+    const int64_t end = std::min<int64_t>(data.size(), start + batch);
+    const auto b = data.range(start, end);
+    PreferenceInputs in;
+    run_passes(reference, false, cacheable, pair_sequences(loss, data, b, 0), image_id, bf16, 1.0, in);
+    for (const auto& p : cacheable) {
+      const auto& s = in.logps.at(p.key());
+      const auto counts = s.count();
+      for (int64_t k = 0; k < b.size(); ++k) {
+        const auto n = static_cast<int64_t>(counts[k].item<float>());
+        auto row = s.token_logps[k].slice(0, 0, n).contiguous();
+        cache.logps[p.key()][static_cast<size_t>(b.indices[static_cast<size_t>(k)])] =
+            std::vector<float>(row.data_ptr<float>(), row.data_ptr<float>() + n);
+      }
+    }
+  }
+  return cache;
+}
+
+PreferenceInputs pair_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
+                             const PreferenceDataset& data, const PreferenceBatch& batch, int64_t image_id, bool bf16,
+                             uint64_t corrupt_seed, const ReferenceCache* cache) {
+  std::vector<ResponsePass> pol, ref_all, ref;
+  split_by_model(loss.passes(), pol, ref_all);
   PreferenceInputs in;
+  for (const auto& p : ref_all) {
+    if (cache && cache->covers(p)) in.logps[p.key()] = cache->rows(p.key(), batch.indices);
+    else ref.push_back(p);
+  }
+  const auto sequences = pair_sequences(loss, data, batch, corrupt_seed);
   run_passes(policy, true, pol, sequences, image_id, bf16, 1.0, in);
   if (!ref.empty()) {
     if (!reference) throw std::logic_error("preference: the loss needs the reference model but none was built");
@@ -217,7 +279,8 @@ void add_metrics(LossOutput& total, const LossOutput& out) {
 // share of pairs whose implicit reward prefers the chosen reply:
 // (p(y+) - r(y+)) > (p(y-) - r(y-)), reference terms 0 for a reference-free loss.
 nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
-                              const PreferenceDataset& data, int batch, int64_t image_id, bool bf16, uint64_t seed) {
+                              const PreferenceDataset& data, int batch, int64_t image_id, bool bf16, uint64_t seed,
+                              const ReferenceCache* cache) {
   torch::NoGradGuard ng;
   const bool was_training = policy->is_training();
   policy->eval();
@@ -227,7 +290,8 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
   for (int64_t start = 0; start < data.size(); start += batch) {
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
-    auto in = pair_passes(loss, policy, reference, data, b, image_id, bf16, mix_seed({seed, static_cast<uint64_t>(start)}));
+    auto in = pair_passes(loss, policy, reference, data, b, image_id, bf16, mix_seed({seed, static_cast<uint64_t>(start)}),
+                          cache);
     in.share = static_cast<double>(end - start) / static_cast<double>(data.size());
     in.step_response_tokens = 0;
     for (auto i : b.indices) in.step_response_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
@@ -356,6 +420,25 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   if (cfg.train.batch_size % cfg.train.grad_accum != 0)
     throw ConfigError("train.batch_size must be a multiple of train.grad_accum");
 
+  std::unique_ptr<ReferenceCache> cache, val_cache;
+  if (cfg.preference.cache_reference && reference) {
+    if (sampling)
+      throw ConfigError("preference.cache_reference: loss '" + cfg.loss.type +
+                        "' samples new completions every step; there is nothing fixed to cache");
+    if (cfg.data.augment.random_resized_crop)
+      throw ConfigError("preference.cache_reference: data.augment.random_resized_crop changes the images every epoch, so "
+                        "cached reference log-probs would not match them; turn one of them off");
+    Progress timer(0, 1);
+    const int b = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
+    cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, train, b, tok.image_id(), bf16));
+    if (val) val_cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, *val, b, tok.image_id(), bf16));
+    bool still_needed = false;
+    for (const auto& p : loss->passes()) still_needed = still_needed || (p.model == "reference" && !cache->covers(p));
+    spdlog::info("reference log-probs of {} pairs cached in {}{}", train.size(), format_duration(timer.elapsed()),
+                 still_needed ? "" : "; the reference model is released");
+    if (!still_needed) reference = VlmModel{nullptr};
+  }
+
   std::string passes;
   for (const auto& p : loss->passes()) passes += (passes.empty() ? "" : ", ") + p.key();
   spdlog::info("{} (preference, loss {}): {} train {}{}, passes [{}]{}, {:.2f}M trainable parameters, {} threads, precision {}",
@@ -386,7 +469,8 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     nlohmann::json all;
     if (val)
       all["val"] = sampling ? evaluate_prompts(model, tok, *val, rewards, eval_batch, sampling->max_new_tokens, bf16)
-                            : evaluate_pairs(*loss, model, ref, *val, eval_batch, tok.image_id(), bf16, cfg.run.seed);
+                            : evaluate_pairs(*loss, model, ref, *val, eval_batch, tok.image_id(), bf16, cfg.run.seed,
+                                             val_cache.get());
     for (auto& [name, ds] : sets)
       all[name] = evaluate_vlm(model, token_loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16);
     for (const auto& [name, j] : all.items()) {
@@ -425,7 +509,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
         for (int64_t j = 0; j < accum; ++j) {
           const auto micro = batch.slice(j * m, (j + 1) * m);
           auto in = pair_passes(*loss, model, ref, train, micro, tok.image_id(), bf16,
-                                mix_seed({step_seed, static_cast<uint64_t>(j)}));
+                                mix_seed({step_seed, static_cast<uint64_t>(j)}), cache.get());
           in.share = static_cast<double>(m) / static_cast<double>(B);
           in.step_response_tokens = std::max(1.0, chosen_tokens);
           auto o = loss->forward(in);

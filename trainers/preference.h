@@ -41,11 +41,23 @@ struct CompletionBatch {
   std::map<std::string, double> reward_means;  // per reward function
 };
 
+// Reference log-probs of every pair of a dataset for the loss's clean-image reference passes,
+// computed once (preference.cache_reference): pass key -> dataset index -> token log-probs.
+struct ReferenceCache {
+  std::map<std::string, std::vector<std::vector<float>>> logps;
+  bool covers(const ResponsePass& p) const { return logps.count(p.key()) > 0; }
+  // The cached rows of `indices`, left-aligned like response_logps.
+  SequenceLogps rows(const std::string& key, const std::vector<int64_t>& indices) const;
+};
+ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& reference, const PreferenceDataset& data,
+                                     int batch, int64_t image_id, bool bf16);
+
 // The passes a loss asked for over pairs [chosen; rejected] of `batch`, one forward per model.
 // `corrupt_seed` seeds the loss's image corruption (shared by the policy and reference passes).
+// Reference passes found in `cache` are read from it instead of run.
 PreferenceInputs pair_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmModel* reference,
                              const PreferenceDataset& data, const PreferenceBatch& batch, int64_t image_id, bool bf16,
-                             uint64_t corrupt_seed);
+                             uint64_t corrupt_seed, const ReferenceCache* cache = nullptr);
 
 TrainResult train_preference(const RunConfig& cfg, const TrainOptions& opt);
 

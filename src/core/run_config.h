@@ -273,6 +273,15 @@ struct EvalSection {
   }
 };
 
+// The preference trainer's own switches (the loss's options live under loss:).
+struct PreferenceSection {
+  // Compute the reference model's log-probs of every training pair once, before the first step,
+  // and drop the reference model when no other pass needs it (mDPO's corrupted-image passes do).
+  // Needs deterministic inputs: refused with data.augment.random_resized_crop.
+  bool cache_reference = false;
+  template <class V> void fields(V& v) { v("cache_reference", cache_reference); }
+};
+
 struct RunConfig {
   // contrastive (stage 1) | adapter (stage 2: projector only) | finetune (stage 3 and LM
   // pretraining: whatever optim.param_groups leaves trainable) | preference (DPO, mDPO, GRPO:
@@ -285,6 +294,7 @@ struct RunConfig {
   // Reward functions of losses that sample completions (GRPO), each {type, weight, options};
   // empty = [{type: exact_match}].
   std::vector<TypedSpec> rewards;
+  PreferenceSection preference;
   std::vector<InitFrom> init_from;  // fresh runs only: components from earlier checkpoints
   OptimConfig optim;
   ScheduleConfig schedule;
@@ -305,6 +315,7 @@ struct RunConfig {
     v("eval", eval);
     v("init_from", init_from);
     v("rewards", rewards);
+    v("preference", preference);
   }
   bool is_vlm() const { return trainer != "contrastive"; }
 };
