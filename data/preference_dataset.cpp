@@ -24,6 +24,8 @@ Conversation prompt_of(const ManifestRecord& r, PreferenceDataset::Kind kind, st
     j["conversations"] = nlohmann::json::array({{{"from", "human"}, {"value", require_string(r, "prompt")}}});
   } else if (!j.contains("conversations")) {
     throw DataError(r.where + " (id " + r.id + "): missing field 'prompt' (or a LLaVA 'conversations' list)");
+  } else if (!j["conversations"].is_array() || j["conversations"].empty()) {
+    throw DataError(r.where + " (id " + r.id + "): 'conversations' must be a non-empty list of turns");
   }
   // Validate with the LLaVA parser (roles, placeholders vs images), which wants a final reply.
   bool ends_with_reply = false;

@@ -33,7 +33,9 @@ struct GrpoOptions {
     v("group_size", sampling.group_size, at_least(2));
     v("temperature", sampling.temperature, positive());
     v("top_k", sampling.top_k, at_least(0));
-    v("top_p", sampling.top_p, in_range(0.0, 1.0));
+    v("top_p", sampling.top_p, Check<double>([](const double& p) {
+        return p > 0 && p <= 1 ? "" : "must be in (0, 1]: the nucleus must keep at least the most probable token";
+      }));
     v("max_new_tokens", sampling.max_new_tokens, at_least(1));
   }
 };

@@ -23,6 +23,7 @@
 #include "data/shapes_world.h"
 #include "data/tokenizer.h"
 #include "losses/loss.h"
+#include "losses/preference.h"
 #include "trainers/common.h"
 #include "trainers/contrastive.h"
 #include "trainers/pipeline.h"
@@ -79,9 +80,16 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::str
     sets = {EvalSet{"data", data, 0}};
     v.cfg.data.image_root.clear();  // images of --data resolve against its own folder
   }
-  else if (sets.empty() && !v.cfg.data.val.empty()) sets = {EvalSet{"val", v.cfg.data.val, v.cfg.data.val_limit}};
+  // A preference run's data.val holds pairs or prompts, not conversations: only eval.sets apply.
+  else if (sets.empty() && !v.cfg.data.val.empty() && v.cfg.trainer != "preference")
+    sets = {EvalSet{"val", v.cfg.data.val, v.cfg.data.val_limit}};
   if (sets.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no eval.sets or data.val");
-  auto loss = lm_losses().create_or_throw(v.cfg.loss);
+  TypedSpec token_loss = v.cfg.loss;
+  if (v.cfg.trainer == "preference") {  // scored with the token loss of stage 3
+    token_loss = TypedSpec{"cross_entropy", {}, "loss"};
+    token_loss.options.kind = ConfigNode::Kind::Map;
+  }
+  auto loss = lm_losses().create_or_throw(token_loss);
   nlohmann::json j;
   for (const auto& s : sets) {
     ConversationDataset ds(s.data, v.cfg.data, v.tok, v.model->tokens_per_image(), false, s.limit);
@@ -311,6 +319,10 @@ int main(int argc, char** argv) {
         std::cout << n << "\tcontrastive (stage 1)\t" << contrastive_losses().help(n) << "\n";
       for (const auto& n : lm_losses().names())
         std::cout << n << "\tlanguage model (stages 2-3)\t" << lm_losses().help(n) << "\n";
+      for (const auto& n : preference_losses().names())
+        std::cout << n << "\tpreference\t" << preference_losses().help(n) << "\n";
+      for (const auto& n : reward_functions().names())
+        std::cout << n << "\treward function (rewards:)\t" << reward_functions().help(n) << "\n";
       return kExitOk;
     }
   } catch (const ConfigError& e) {

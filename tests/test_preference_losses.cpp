@@ -94,7 +94,7 @@ TEST_CASE("dpo: ipo on per-token means, reference-free, and the SFT term", "[pre
   only_policy.logps["policy/rejected"] = sums({-12});
   CHECK_THAT(value(free->forward(only_policy)), WithinAbs(0.598139, 1e-6));
 
-  // SFT: chosen sum -4 over the step's 2 chosen tokens -> NLL 2, weight 0.5 adds 1.
+  // SFT: chosen sum -10 over the step's 2 chosen tokens -> NLL 5, weight 0.5 adds 2.5.
   auto sft_in = worked_pair();
   sft_in.logps["policy/chosen"] = tokens({{-4, -6}});  // sum -10 as before
   sft_in.step_response_tokens = 2;
@@ -130,17 +130,26 @@ TEST_CASE("mdpo: DPO + conditional + anchor on the worked check is 1.863493", "[
 }
 
 TEST_CASE("mdpo: the corrupted image keeps 1-20% of the area and is reproducible", "[preference][losses]") {
-  // A 20x20 image whose pixel value is its column index: a crop of width w spans w columns.
-  auto cols = torch::arange(20, torch::kFloat32).view({1, 1, 1, 20}).expand({3, 3, 20, 20}).contiguous();
+  // A 20x20 image whose pixel value is 100 * row + column: the resized crop's extreme values give
+  // the rows and columns it spans.
+  auto rows = torch::arange(20, torch::kFloat32).view({20, 1}) * 100;
+  auto grid = (rows + torch::arange(20, torch::kFloat32).view({1, 20})).view({1, 1, 20, 20}).expand({8, 3, 20, 20}).contiguous();
   auto loss = make("mdpo", "");
-  const auto a = loss->corrupt_images(cols, 7), b = loss->corrupt_images(cols, 7), c = loss->corrupt_images(cols, 8);
-  CHECK(a.sizes() == cols.sizes());
+  const auto a = loss->corrupt_images(grid, 7), b = loss->corrupt_images(grid, 7), c = loss->corrupt_images(grid, 8);
+  CHECK(a.sizes() == grid.sizes());
   CHECK(torch::equal(a, b));
   CHECK_FALSE(torch::equal(a, c));
-  for (int64_t i = 0; i < 3; ++i) {
-    // The visible column range is at most sqrt(0.2 * 400 * 4/3) ~ 10.3 columns wide, at least 1.
-    const double span = (a[i][0].max() - a[i][0].min()).item<double>();
-    CHECK(span <= 10.5);
+  for (int64_t i = 0; i < 8; ++i) {
+    const auto img = a[i][0];
+    const double lo = img.min().item<double>(), hi = img.max().item<double>();
+    const int64_t h = static_cast<int64_t>(std::lround(std::floor(hi / 100) - std::floor(lo / 100))) + 1;
+    const int64_t w = static_cast<int64_t>(std::lround(std::fmod(hi, 100.0) - std::fmod(lo, 100.0))) + 1;
+    INFO("crop " << i << ": " << h << " x " << w);
+    // 1%..20% of 400 pixels is 4..80, with rounding of each side to whole pixels.
+    CHECK(h * w >= 2);
+    CHECK(h * w <= 90);
+    CHECK(h <= 11);  // aspect 3/4..4/3 at 80 pixels: sides at most sqrt(80 * 4/3) ~ 10.3
+    CHECK(w <= 11);
   }
 }
 

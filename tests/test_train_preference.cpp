@@ -154,25 +154,28 @@ TEST_CASE("response log-probs equal log-softmax sums of a full forward, accumula
   PreferenceDataset data(cfg.data.train, cfg.data, tok, policy->tokens_per_image(), PreferenceDataset::Kind::Pairs, false);
   const auto batch = data.range(0, 4);
 
-  // Full forward, log-softmax over every position, summed by hand over the chosen reply.
+  // Full forward, log-softmax over every position (on logits / temperature), read off by hand
+  // token by token over the chosen reply: each token in its left-aligned column.
   std::vector<std::vector<int64_t>> ids, labels;
   for (auto i : batch.indices) ids.push_back(data.sample(i).chosen.ids), labels.push_back(data.sample(i).chosen.labels);
-  const auto lp = response_logps(policy, ids, labels, batch.pixels, tok.image_id(), false);
-  {
+  for (double temperature : {1.0, 2.0}) {
+    INFO("temperature " << temperature);
+    const auto lp = response_logps(policy, ids, labels, batch.pixels, tok.image_id(), false, temperature);
     torch::NoGradGuard ng;
     auto in = policy->build_inputs(batch.pixels, ids, labels, tok.image_id());
-    auto logp = torch::log_softmax(policy->llm->logits(policy->llm->forward_hidden(in.embeds, in.attention_mask)), -1);
+    auto logits = policy->llm->logits(policy->llm->forward_hidden(in.embeds, in.attention_mask));
+    auto logp = torch::log_softmax(logits / temperature, -1);
     for (int64_t b = 0; b < 4; ++b) {
-      double sum = 0;
       int64_t n = 0;
       for (int64_t t = 0; t + 1 < in.labels.size(1); ++t) {
         const int64_t y = in.labels[b][t + 1].item<int64_t>();
         if (y == kIgnoreIndex) continue;
-        sum += logp[b][t][y].item<double>();
+        CHECK_THAT(lp.token_logps[b][n].item<double>(), WithinAbs(logp[b][t][y].item<double>(), 1e-5));
+        CHECK(lp.mask[b][n].item<float>() == 1);
         ++n;
       }
-      CHECK_THAT(lp.sum()[b].item<double>(), WithinAbs(sum, 1e-4));
       CHECK(lp.count()[b].item<double>() == n);
+      if (n < lp.mask.size(1)) CHECK(lp.mask[b][n].item<float>() == 0);
     }
   }
 
@@ -316,6 +319,7 @@ TEST_CASE("grpo trainer: rewards from sampled completions, exact resume", "[pref
   TrainOptions resume = quiet();
   resume.resume = "auto";
   auto rest = train_preference(c.config("grpo-cut", cfg), resume);
+  CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 1, r.logged_losses.end()));
   const auto a = weights(r), b = weights(rest);
   for (const auto& [name, t] : a) {
     INFO(name);

@@ -51,6 +51,11 @@ SequenceLogps slice_rows(const SequenceLogps& s, int64_t from, int64_t to) {
   return {s.token_logps.slice(0, from, to), s.mask.slice(0, from, to)};
 }
 
+SequenceLogps trim_columns(const SequenceLogps& s) {
+  const int64_t T = s.mask.size(0) > 0 ? std::max<int64_t>(1, static_cast<int64_t>(s.mask.sum(1).max().item<float>())) : 1;
+  return {s.token_logps.slice(1, 0, T), s.mask.slice(1, 0, T)};
+}
+
 namespace {
 
 // Images of rows `rows` of a batch whose sample i owns images_per_sample[i] consecutive images.
@@ -87,7 +92,7 @@ void run_passes(VlmModel& model, bool with_grad, const std::vector<ResponsePass>
   torch::AutoGradMode grad(with_grad && torch::GradMode::is_enabled());
   const auto lp = response_logps(model, ids, labels, all_pixels, image_id, bf16, temperature);
   for (size_t k = 0; k < passes.size(); ++k) {
-    auto s = slice_rows(lp, bounds[k], bounds[k + 1]);
+    auto s = trim_columns(slice_rows(lp, bounds[k], bounds[k + 1]));
     if (!with_grad) s.token_logps = s.token_logps.detach();
     in.logps[passes[k].key()] = s;
   }
@@ -375,21 +380,45 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       exact.options.kind = ConfigNode::Kind::Map;
       specs.push_back(exact);
     }
-    for (const auto& s : specs) rewards.emplace_back(s.type, reward_functions().create_or_throw(s));
+    for (size_t k = 0; k < specs.size(); ++k) {
+      std::string name = specs[k].type;  // logged as reward/<name>; a second one of a type gets its index
+      for (const auto& [n, f] : rewards)
+        if (n == name) name = specs[k].type + "_" + std::to_string(k);
+      rewards.emplace_back(name, reward_functions().create_or_throw(specs[k]));
+    }
   }
 
   // The policy and (when a pass needs it) the reference both start from the same weights: the
   // seeded initialisation, then init_from. The reference is a separate frozen model.
+  // The reference must be the same model after a resume, even if init_from names a run folder
+  // whose newest checkpoint has changed since: a fresh run records the checkpoints it resolved,
+  // a resumed one reads them back.
+  const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
+  const std::string init_record = (fs::path(cfg.run.out_dir) / "init_from.json").string();
+  std::vector<InitFrom> inits = cfg.init_from;
+  if (!resumed_from.empty() && fs::exists(init_record)) {
+    inits.clear();
+    try {
+      for (const auto& e : nlohmann::json::parse(read_text_file(init_record)))
+        inits.push_back({e.at("checkpoint").get<std::string>(), e.at("components").get<std::vector<std::string>>()});
+    } catch (const nlohmann::json::exception& e) {
+      throw DataError(init_record + ": unreadable (" + e.what() + "); it names the checkpoints the run started from");
+    }
+  }
+  nlohmann::json resolved_inits = nlohmann::json::array();
   auto initial_model = [&] {
     torch::manual_seed(cfg.run.seed);
     VlmModel m = build_vlm_model(cfg, tok);
-    for (const auto& init : cfg.init_from) init_components(m, init);
+    resolved_inits = nlohmann::json::array();
+    for (const auto& init : inits)
+      resolved_inits.push_back({{"checkpoint", init_components(m, init)}, {"components", init.components}});
     return m;
   };
   if (cfg.init_from.empty())
     spdlog::warn("{}: no init_from: preference training starts from random weights (usually it starts from stage 3)",
                  cfg.run.name);
   VlmModel model = initial_model();
+  if (resumed_from.empty()) atomic_write_text(init_record, resolved_inits.dump(2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {
     reference = initial_model();
@@ -421,6 +450,8 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     throw ConfigError("train.batch_size must be a multiple of train.grad_accum");
 
   std::unique_ptr<ReferenceCache> cache, val_cache;
+  if (cfg.preference.cache_reference && !reference)
+    spdlog::info("preference.cache_reference: loss '{}' builds no reference model; nothing to cache", cfg.loss.type);
   if (cfg.preference.cache_reference && reference) {
     if (sampling)
       throw ConfigError("preference.cache_reference: loss '" + cfg.loss.type +
@@ -448,7 +479,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
                n_trainable / 1e6, threads, bf16 ? "bf16" : "fp32");
 
   int64_t start = 0;
-  const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
   if (!resumed_from.empty()) {
     start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
@@ -535,7 +565,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
         for (const auto& [name, v] : c.reward_means) out.metrics["reward/" + name] = torch::tensor(v);
       }
     } catch (const std::invalid_argument& e) {
-      throw ConfigError("loss '" + cfg.loss.type + "' at step " + std::to_string(step + 1) + ": " + e.what());
+      throw ConfigError("step " + std::to_string(step + 1) + " (loss '" + cfg.loss.type + "'): " + e.what());
     }
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {

@@ -29,6 +29,9 @@ SequenceLogps response_logps(VlmModel& model, const std::vector<std::vector<int6
 
 // Rows [from, to) of a SequenceLogps.
 SequenceLogps slice_rows(const SequenceLogps& s, int64_t from, int64_t to);
+// The same rows with T cut to their longest response, so every pass of one response has the same
+// width whichever forward (or the reference cache) it came from: per-token losses can combine them.
+SequenceLogps trim_columns(const SequenceLogps& s);
 
 // Sampled completions of a micro-batch or step: sequences (prompt + completion, labels on the
 // completion), the pixels repeated per completion, and their rewards.

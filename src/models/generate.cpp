@@ -19,6 +19,7 @@ torch::Tensor filter_logits(const torch::Tensor& logits, int64_t top_k, double t
     auto probs = sorted.softmax(-1);
     // Drop a token when the tokens before it already reach top_p (so the first always stays).
     auto drop_sorted = (probs.cumsum(-1) - probs) >= top_p;
+    drop_sorted.select(-1, 0).fill_(false);  // top_p <= 0 would drop everything
     auto drop = torch::zeros_like(drop_sorted).scatter(-1, idx, drop_sorted);
     out = out.masked_fill(drop, neg);
   }
