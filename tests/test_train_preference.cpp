@@ -211,8 +211,13 @@ TEST_CASE("dpo trainer: first loss ln 2 (policy = reference), reward accuracy pe
           "[preference][train][slow]") {
   TinyPreferenceCorpus c;
   const std::string data = "data: {train: " + c.pairs() + ", val: " + c.dir.file("data/val_pref.jsonl") + "}\n";
-  auto r = train_preference(c.config("dpo", data + "train: {grad_accum: 2}\n"), quiet());
+  auto r = train_preference(c.config("dpo", data + "train: {grad_accum: 2}\neval: {at_start: true}\n"), quiet());
   REQUIRE(r.logged_losses.size() == 4);
+  // Before the first step the policy is its reference: every implicit reward margin is exactly 0.
+  CHECK(r.start_eval["val"]["preference_accuracy"].get<double>() == 0.0);
+  CHECK(r.start_eval["val"]["rewards/margins"].get<double>() == 0.0);
+  CHECK_THAT(r.start_eval["val"]["loss"].get<double>(), WithinAbs(std::log(2.0), 1e-6));
+  CHECK(r.start_eval["val"].contains("likelihood_accuracy/relation"));
   CHECK_THAT(r.logged_losses[0], WithinAbs(std::log(2.0), 1e-6));
   {
     // The trained policy prefers the chosen replies of the pairs it saw more than its reference

@@ -20,6 +20,7 @@ struct TrainResult {
   bool interrupted = false;           // stopped by a signal after checkpointing
   std::string checkpoint;             // last checkpoint written
   nlohmann::json final_eval;          // held-out metrics (empty without validation data)
+  nlohmann::json start_eval;          // the same before the first step (eval.at_start), else null
   std::vector<double> logged_losses;  // training loss at every log step, in order
 };
 

@@ -292,6 +292,7 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
   LossOutput total;
   total.loss = torch::zeros({});
   std::map<std::string, std::pair<int64_t, int64_t>> right;  // level -> (preferred chosen, pairs)
+  std::map<std::string, int64_t> likelier;                   // level -> pairs with p(y+) > p(y-)
   for (int64_t start = 0; start < data.size(); start += batch) {
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
@@ -302,24 +303,28 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
     for (auto i : b.indices) in.step_response_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
     in.step_response_tokens = std::max(1.0, in.step_response_tokens * data.size() / static_cast<double>(end - start));
     add_metrics(total, loss.forward(in));
-    auto margin = in.at("policy/chosen").sum() - in.at("policy/rejected").sum();
+    const auto policy_margin = (in.at("policy/chosen").sum() - in.at("policy/rejected").sum()).contiguous();
+    auto margin = policy_margin;
     if (in.logps.count("reference/chosen") && in.logps.count("reference/rejected"))
       margin = margin - (in.at("reference/chosen").sum() - in.at("reference/rejected").sum());
     const auto m = margin.contiguous();
     for (int64_t k = 0; k < m.size(0); ++k) {
-      const bool ok = m[k].item<double>() > 0;
+      const bool ok = m[k].item<double>() > 0, likely = policy_margin[k].item<double>() > 0;
       const auto& level = data.sample(b.indices[static_cast<size_t>(k)]).level;
-      right[""].first += ok, right[""].second += 1;
-      if (!level.empty()) right[level].first += ok, right[level].second += 1;
+      right[""].first += ok, right[""].second += 1, likelier[""] += likely;
+      if (!level.empty()) right[level].first += ok, right[level].second += 1, likelier[level] += likely;
     }
   }
   nlohmann::json j;
   j["pairs"] = data.size();
   j["loss"] = total.loss.item<double>();
   for (const auto& [k, v] : total.metrics) j[k] = v.item<double>();
-  for (const auto& [level, c] : right)
-    j[level.empty() ? "preference_accuracy" : "preference_accuracy/" + level] =
-        static_cast<double>(c.first) / static_cast<double>(std::max<int64_t>(1, c.second));
+  for (const auto& [level, c] : right) {
+    const double n = static_cast<double>(std::max<int64_t>(1, c.second));
+    const std::string suffix = level.empty() ? "" : "/" + level;
+    j["preference_accuracy" + suffix] = static_cast<double>(c.first) / n;
+    j["likelihood_accuracy" + suffix] = static_cast<double>(likelier[level]) / n;
+  }
   if (was_training) set_vlm_train_modes(policy);
   return j;
 }
@@ -514,6 +519,11 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     return all;
   };
 
+  if (cfg.eval.at_start && start == 0) {
+    const auto before = run_eval(0);
+    if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
+    result.start_eval = before;
+  }
   set_vlm_train_modes(model);
   int64_t step = start;
   while (step < steps) {
