@@ -201,6 +201,28 @@ TEST_CASE("response log-probs equal log-softmax sums of a full forward, accumula
   };
   const auto [l1, g1] = grads(1);
   const auto [l2, g2] = grads(2);
+
+  // One small gradient step on the DPO loss raises every pair's margin of chosen over rejected
+  // (relative to the reference), and leaves the reference model untouched.
+  std::map<std::string, torch::Tensor> ref_before;
+  for (const auto& p : reference->named_parameters()) ref_before[p.key()] = p.value().detach().clone();
+  auto margins = [&] {
+    torch::NoGradGuard ng;
+    auto in = pair_passes(*loss, policy, &reference, data, batch, tok.image_id(), false, 1);
+    return ((in.at("policy/chosen").sum() - in.at("policy/rejected").sum()) -
+            (in.at("reference/chosen").sum() - in.at("reference/rejected").sum()));
+  };
+  const auto before = margins();
+  grads(1);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : policy->parameters())
+      if (p.grad().defined()) p.sub_(1e-2 * p.grad());
+  }
+  const auto after = margins();
+  INFO("margins before " << before << " after " << after);
+  CHECK(after.sum().item<double>() > before.sum().item<double>());
+  for (const auto& p : reference->named_parameters()) CHECK(torch::equal(p.value(), ref_before.at(p.key())));
   CHECK_THAT(l1, WithinAbs(l2, 1e-5));
   REQUIRE(g1.size() == g2.size());
   REQUIRE_FALSE(g1.empty());

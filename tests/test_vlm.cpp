@@ -375,7 +375,7 @@ TEST_CASE("pipeline summary: one readable line per stage from the stages' held-o
   plan.pipeline.name = "demo";
   plan.pipeline.out_dir = "runs/demo";
   for (const auto& [name, trainer] : std::vector<std::pair<std::string, std::string>>{
-           {"s1", "contrastive"}, {"s3", "finetune"}, {"lm", "finetune"}, {"s4", "finetune"}}) {
+           {"s1", "contrastive"}, {"s3", "finetune"}, {"lm", "finetune"}, {"s4", "preference"}, {"s5", "finetune"}}) {
     PipelineStage st;
     st.name = name;
     plan.pipeline.stages.push_back(st);
@@ -389,6 +389,8 @@ TEST_CASE("pipeline summary: one readable line per stage from the stages' held-o
   r.stages["s3"]["eval"]["vqa"] = {{"exact_match", 0.75}, {"exact_match/colour", 1.0}, {"exact_match/count", 0.5},
                                    {"loss", 0.4}, {"loss_shuffled_images", 0.8}, {"records", 8}};
   r.stages["lm"]["eval"] = nlohmann::json();
+  r.stages["s4"]["eval"]["val"] = {{"likelihood_accuracy", 0.75}, {"likelihood_accuracy/object", 0.5},
+                                   {"likelihood_accuracy/relation", 1.0}, {"preference_accuracy", 0.625}};
   const std::string s = pipeline_summary(plan, r);
   CHECK_THAT(s, Catch::StartsWith("pipeline demo (runs/demo/pipeline.json), held-out results:\n"));
   CHECK_THAT(s, Catch::Contains("  s1       contrastive  retrieval i2t R@1 0.500 R@5 0.900, t2i R@1 0.250 R@5 0.875; "
@@ -396,5 +398,7 @@ TEST_CASE("pipeline summary: one readable line per stage from the stages' held-o
   CHECK_THAT(s, Catch::Contains("  s3       finetune     vqa: exact match 0.750 (colour 1.000, count 0.500); token loss "
                                 "0.400 (0.800 with other images)\n"));
   CHECK_THAT(s, Catch::Contains("  lm       finetune     no held-out set configured\n"));
-  CHECK_THAT(s, Catch::Contains("  s4       finetune     not run\n"));
+  CHECK_THAT(s, Catch::Contains("  s5       finetune     not run\n"));
+  CHECK_THAT(s, Catch::Contains("  s4       preference   val: true caption likelier than its hallucinated twin 0.750 "
+                                "(object 0.500, relation 1.000); implicit reward prefers it 0.625\n"));
 }

@@ -172,6 +172,17 @@ std::string fmt3(const nlohmann::json& v) { return v.is_number() ? fmt::format("
 // "exact match 0.912 (colour 0.95, shape 0.90, ...)" and the rest of one VLM eval set.
 std::string vlm_set_line(const nlohmann::json& e) {
   std::string line;
+  if (e.contains("likelihood_accuracy")) {  // preference pairs
+    auto levels = [&](const std::string& key) {
+      std::string out;
+      for (const char* level : {"object", "attribute", "relation"})
+        if (e.contains(key + "/" + level)) out += (out.empty() ? "" : ", ") + std::string(level) + " " + fmt3(e[key + "/" + level]);
+      return out.empty() ? out : " (" + out + ")";
+    };
+    line += "true caption likelier than its hallucinated twin " + fmt3(e["likelihood_accuracy"]) +
+            levels("likelihood_accuracy") + "; implicit reward prefers it " + fmt3(e["preference_accuracy"]);
+    return line;
+  }
   if (e.contains("exact_match")) {
     line += "exact match " + fmt3(e["exact_match"]);
     std::string types;
