@@ -76,10 +76,14 @@ PreferenceSummary write_preference_data(const std::string& out_dir, int64_t n_tr
   PreferenceSummary s;
   s.train_pairs = write_jsonl_records((root / "train_pref.jsonl").string(), n_train, "write_preference_data", pairs("train"));
   s.val_pairs = write_jsonl_records((root / "val_pref.jsonl").string(), n_val, "write_preference_data", pairs("val"));
-  s.train_prompts = write_jsonl_records((root / "train_grpo.jsonl").string(), n_train, "write_preference_data", [&](int64_t i) {
-    return grpo_prompt_records(sample_scene(opts, "train", i), scene_image_path("train", i), opts,
-                               grpo_seed(opts.seed, "train", i));
-  });
+  auto prompts = [&](const std::string& split) {
+    return [&opts, split](int64_t i) {
+      return grpo_prompt_records(sample_scene(opts, split, i), scene_image_path(split, i), opts,
+                                 grpo_seed(opts.seed, split, i));
+    };
+  };
+  s.train_prompts = write_jsonl_records((root / "train_grpo.jsonl").string(), n_train, "write_preference_data", prompts("train"));
+  s.val_prompts = write_jsonl_records((root / "val_grpo.jsonl").string(), n_val, "write_preference_data", prompts("val"));
   return s;
 }
 

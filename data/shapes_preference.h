@@ -39,10 +39,10 @@ uint64_t preference_seed(uint64_t seed, const std::string& split, int64_t index)
 uint64_t grpo_seed(uint64_t seed, const std::string& split, int64_t index);
 
 struct PreferenceSummary {
-  int64_t train_pairs = 0, val_pairs = 0, train_prompts = 0;
+  int64_t train_pairs = 0, val_pairs = 0, train_prompts = 0, val_prompts = 0;
 };
 
-// Writes OUT/train_pref.jsonl, OUT/val_pref.jsonl (pairs) and OUT/train_grpo.jsonl (prompts)
+// Writes OUT/train_pref.jsonl, OUT/val_pref.jsonl (pairs), OUT/train_grpo.jsonl, OUT/val_grpo.jsonl (prompts)
 // for the scenes write_dataset writes with the same options; atomic like the other manifests.
 PreferenceSummary write_preference_data(const std::string& out_dir, int64_t n_train, int64_t n_val,
                                         const GeneratorOptions& opts);

@@ -2,8 +2,9 @@
 # From a fresh machine to a vision-language model trained on the embedded shapes-world data:
 # installs what is missing, builds, generates the data and a tokenizer, then runs the
 # quickstart pipeline (configs/pipeline/quickstart.yaml): language-model pretraining, stage 1
-# (contrastive encoders), stage 2 (projector, frozen LLM), stage 3 (projector + LLM), and
-# prints what each stage reached on held-out data (all of it also in runs/quickstart/pipeline.json).
+# (contrastive encoders), stage 2 (projector, frozen LLM), stage 3 (projector + LLM), mDPO
+# preference alignment against hallucinated captions, and prints what each stage reached on
+# held-out data (all of it also in runs/quickstart/pipeline.json).
 # Re-running skips what is done: finished stages are not trained again, an interrupted stage
 # resumes from its newest checkpoint.
 set -euo pipefail

@@ -193,9 +193,9 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   spdlog::info("wrote {} instruction conversations ({}) and {} held-out questions ({})", qa.train_records,
                qa.train_manifest, qa.val_records, qa.val_manifest);
   const auto pref = shapes::write_preference_data(out, n_train, n_val, opt);
-  spdlog::info("wrote {} train and {} val preference pairs (train_pref.jsonl, val_pref.jsonl) and {} GRPO prompts "
-               "(train_grpo.jsonl)",
-               pref.train_pairs, pref.val_pairs, pref.train_prompts);
+  spdlog::info("wrote {} train and {} val preference pairs (train_pref.jsonl, val_pref.jsonl) and {} train and {} val "
+               "GRPO prompts (train_grpo.jsonl, val_grpo.jsonl)",
+               pref.train_pairs, pref.val_pairs, pref.train_prompts, pref.val_prompts);
   return kExitOk;
 }
 
