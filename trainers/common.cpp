@@ -45,6 +45,16 @@ int setup_threads(int requested) {
   return n;
 }
 
+int prepare_run(const RunConfig& cfg) {
+  install_stop_handlers();
+  std::error_code ec;
+  std::filesystem::create_directories(cfg.run.out_dir, ec);
+  if (ec || !std::filesystem::is_directory(cfg.run.out_dir))
+    throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
+  init_logging((std::filesystem::path(cfg.run.out_dir) / "train.log").string());
+  return setup_threads(cfg.run.threads);
+}
+
 bool cpu_has_bf16() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;

@@ -36,6 +36,10 @@ struct TrainOptions {
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
 int setup_threads(int requested);
 
+// What every trainer does first: stop handlers (SIGTERM/SIGINT), run.out_dir created (a clear
+// ConfigError when it cannot be), logging to RUN/train.log, threads. Returns the thread count.
+int prepare_run(const RunConfig& cfg);
+
 // "auto" -> "bf16" when the CPU has native bf16 dot products (avx512_bf16 / AMX), else "fp32".
 std::string resolve_precision(const std::string& requested);
 

@@ -164,13 +164,7 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
 
 ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
-  install_stop_handlers();
-  std::error_code ec;
-  fs::create_directories(cfg.run.out_dir, ec);
-  if (ec || !fs::is_directory(cfg.run.out_dir))
-    throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
-  init_logging((fs::path(cfg.run.out_dir) / "train.log").string());
-  const int threads = setup_threads(cfg.run.threads);
+  const int threads = prepare_run(cfg);
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";
   torch::manual_seed(cfg.run.seed);
