@@ -9,6 +9,7 @@
 #include "core/errors.h"
 #include "core/logging.h"
 #include "core/rng.h"
+#include "core/safetensors.h"
 #include "data/prefetch_loader.h"
 #include "losses/cross_entropy.h"
 #include "trainers/vlm.h"
@@ -131,11 +132,10 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     }
   }
 
-  // The policy and (when a pass needs it) the reference both start from the same weights: the
-  // seeded initialisation, then init_from. The reference is a separate frozen model.
-  // The reference must be the same model after a resume, even if init_from names a run folder
-  // whose newest checkpoint has changed since: a fresh run records the checkpoints it resolved,
-  // a resumed one reads them back.
+  // The policy and (when a pass needs it) the reference, a separate frozen model, both start from
+  // the seeded initialisation plus init_from. After a resume the reference must be the same
+  // model even if init_from names a run folder whose newest checkpoint has changed since: a fresh
+  // run records the checkpoints it resolved, a resumed one reads them back.
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
   const std::string init_record = (fs::path(cfg.run.out_dir) / "init_from.json").string();
   std::vector<InitFrom> inits = cfg.init_from;
@@ -148,23 +148,21 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       throw DataError(init_record + ": unreadable (" + e.what() + "); it names the checkpoints the run started from");
     }
   }
-  nlohmann::json resolved_inits = nlohmann::json::array();
-  auto initial_model = [&] {
-    torch::manual_seed(cfg.run.seed);
-    VlmModel m = build_vlm_model(cfg, tok);
-    resolved_inits = nlohmann::json::array();
-    for (const auto& init : inits)
-      resolved_inits.push_back({{"checkpoint", init_components(m, init)}, {"components", init.components}});
-    return m;
-  };
   if (cfg.init_from.empty())
     spdlog::warn("{}: no init_from: preference training starts from random weights (usually it starts from stage 3)",
                  cfg.run.name);
-  VlmModel model = initial_model();
+  torch::manual_seed(cfg.run.seed);
+  VlmModel model = build_vlm_model(cfg, tok);
+  nlohmann::json resolved_inits = nlohmann::json::array();
+  for (const auto& init : inits)
+    resolved_inits.push_back({{"checkpoint", init_components(model, init)}, {"components", init.components}});
   if (resumed_from.empty()) atomic_write_text(init_record, resolved_inits.dump(2) + "\n");
   VlmModel reference{nullptr};
-  if (loss->needs_reference()) {
-    reference = initial_model();
+  if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)
+    reference = build_vlm_model(cfg, tok);
+    std::map<std::string, torch::Tensor> initial;
+    for (const auto& [name, t] : named_state(*model)) initial[name] = t.detach().clone();
+    load_state(*reference, initial, "", true, "the initial policy");
     for (auto& p : reference->parameters()) p.requires_grad_(false);
     reference->eval();
   }
@@ -189,8 +187,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   for (const auto& s : cfg.eval.sets)
     sets.emplace_back(s.name, std::make_unique<ConversationDataset>(s.data, cfg.data, tok, tpi, false, s.limit));
   CrossEntropyLossImpl token_loss{CrossEntropyOptions{}};
-  if (cfg.train.batch_size % cfg.train.grad_accum != 0)
-    throw ConfigError("train.batch_size must be a multiple of train.grad_accum");
 
   std::unique_ptr<ReferenceCache> cache, val_cache;
   if (cfg.preference.cache_reference && !reference)
