@@ -364,6 +364,8 @@ TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward 
              Catch::Contains("unknown reward function type 'exact'"));
   CHECK_THAT(message_of<ConfigError>([&] { c.config("x4", "data: {train: a}\nloss: {type: dpo, betta: 0.1}\n"); }),
              Catch::Contains("betta"));
+  CHECK_THAT(message_of<ConfigError>([&] { c.config("x6", "data: {train: a, template: plain}\n"); }),
+             Catch::Contains("data.template: the preference trainer renders prompts and replies with the chat template"));
   CHECK_THAT(message_of<ConfigError>([&] {
                train_preference(c.config("x5", "data: {train: " + c.dir.file("data/train_grpo.jsonl") +
                                                    "}\nloss: {type: grpo, beta: 0.1}\npreference: {cache_reference: true}\n"),

@@ -75,6 +75,14 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     return;
   }
   // ---- stages 2-3 ----
+  if (c.trainer == "preference") {
+    if (c.data.chat_template != "chat")
+      errors.add(at("data.template"), "data.template",
+                 "the preference trainer renders prompts and replies with the chat template; use chat");
+    if (c.data.drop_images)
+      errors.add(at("data.drop_images"), "data.drop_images",
+                 "is not supported by the preference trainer (its images are part of what is compared)");
+  }
   const auto& l = c.model.llm;
   if (l.hidden_size % l.num_attention_heads != 0)
     errors.add(at("model.llm.num_attention_heads"), "model.llm.num_attention_heads",
