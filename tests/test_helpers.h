@@ -6,6 +6,14 @@
 #include <random>
 #include <string>
 
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <map>
+
+#include "data/shapes_preference.h"
+#include "data/shapes_questions.h"
+#include "data/shapes_world.h"
 #include "data/tokenizer.h"
 
 namespace trialign::test {
@@ -40,6 +48,34 @@ inline int64_t train_test_tokenizer(const std::string& manifest, const std::stri
   o.out_prefix = prefix;
   o.vocab_size = vocab_size;
   return train_tokenizer(o);
+}
+
+// A tiny shapes world in DIR: 32x32 scenes of at most two objects (seed 4), their caption,
+// instruction, VQA, preference and GRPO manifests, and a 64-piece tokenizer DIR/tok.model over
+// the captions and conversations.
+inline void write_tiny_shapes_corpus(const std::string& dir, int64_t n_train, int64_t n_val) {
+  shapes::GeneratorOptions g;
+  g.image_size = 32;
+  g.max_objects = 2;
+  g.seed = 4;
+  shapes::write_dataset(dir, n_train, n_val, g);
+  shapes::write_instruction_data(dir, n_train, n_val, g);
+  shapes::write_preference_data(dir, n_train, n_val, g);
+  TokenizerTrainOptions o;
+  o.manifests = {dir + "/train.jsonl", dir + "/train_instruct.jsonl"};
+  o.fields = {"caption", "conversations"};
+  o.out_prefix = dir + "/tok";
+  o.vocab_size = 64;
+  train_tokenizer(o);
+}
+
+// Every tensor of `a` equals (bit for bit) the tensor of the same name in `b`.
+inline void check_same_tensors(const std::map<std::string, torch::Tensor>& a, const std::map<std::string, torch::Tensor>& b) {
+  for (const auto& [name, t] : a) {
+    INFO(name);
+    REQUIRE(b.count(name));
+    CHECK(torch::equal(t, b.at(name)));
+  }
 }
 
 // The message of the E that f throws, or "" when it throws none.

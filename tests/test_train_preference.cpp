@@ -30,19 +30,7 @@ namespace {
 struct TinyPreferenceCorpus {
   TempDir dir{"pref"};
   TinyPreferenceCorpus() {
-    shapes::GeneratorOptions g;
-    g.image_size = 32;
-    g.max_objects = 2;
-    g.seed = 4;
-    shapes::write_dataset(dir.file("data"), 16, 6, g);
-    shapes::write_instruction_data(dir.file("data"), 16, 6, g);
-    shapes::write_preference_data(dir.file("data"), 16, 6, g);
-    TokenizerTrainOptions o;
-    o.manifests = {dir.file("data/train.jsonl"), dir.file("data/train_instruct.jsonl")};
-    o.fields = {"caption", "conversations"};
-    o.out_prefix = dir.file("data/tok");
-    o.vocab_size = 64;
-    train_tokenizer(o);
+    test::write_tiny_shapes_corpus(dir.file("data"), 16, 6);
     test::write_file(dir.file("base.yaml"), R"(
 trainer: preference
 run: {threads: 1, seed: 5, precision: fp32}
@@ -288,11 +276,7 @@ TEST_CASE("dpo trainer: first loss ln 2 (policy = reference), reward accuracy pe
   TrainOptions resume = quiet();
   resume.resume = "auto";
   auto rest = train_preference(c.config("dpo-cut", data + "train: {grad_accum: 2}\n"), resume);
-  const auto a = weights(r), b = weights(rest);
-  for (const auto& [name, t] : a) {
-    INFO(name);
-    CHECK(torch::equal(t, b.at(name)));
-  }
+  test::check_same_tensors(weights(r), weights(rest));
   CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 2, r.logged_losses.end()));
 }
 
@@ -326,11 +310,7 @@ TEST_CASE("mdpo trainer: first loss 3 ln 2, the frozen vision tower unchanged, e
   resume.resume = "auto";
   auto rest = train_preference(c.config("mdpo-cut", cfg_text), resume);
   CHECK(rest.logged_losses == std::vector<double>{r.logged_losses[1]});
-  const auto b = weights(rest);
-  for (const auto& [name, t] : w) {
-    INFO(name);
-    CHECK(torch::equal(t, b.at(name)));
-  }
+  test::check_same_tensors(w, weights(rest));
 }
 
 TEST_CASE("grpo trainer: rewards from sampled completions, exact resume", "[preference][train][slow]") {
@@ -363,11 +343,7 @@ TEST_CASE("grpo trainer: rewards from sampled completions, exact resume", "[pref
   resume.resume = "auto";
   auto rest = train_preference(c.config("grpo-cut", cfg), resume);
   CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 1, r.logged_losses.end()));
-  const auto a = weights(r), b = weights(rest);
-  for (const auto& [name, t] : a) {
-    INFO(name);
-    CHECK(torch::equal(t, b.at(name)));
-  }
+  test::check_same_tensors(weights(r), weights(rest));
 }
 
 TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward types", "[preference][config]") {

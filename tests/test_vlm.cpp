@@ -221,18 +221,7 @@ namespace {
 struct TinyVlmCorpus {
   TempDir dir{"vlm"};
   TinyVlmCorpus() {
-    shapes::GeneratorOptions g;
-    g.image_size = 32;
-    g.max_objects = 2;
-    g.seed = 4;
-    shapes::write_dataset(dir.file("data"), 24, 8, g);
-    shapes::write_instruction_data(dir.file("data"), 24, 8, g);
-    TokenizerTrainOptions o;
-    o.manifests = {dir.file("data/train.jsonl"), dir.file("data/train_instruct.jsonl")};
-    o.fields = {"caption", "conversations"};
-    o.out_prefix = dir.file("data/tok");
-    o.vocab_size = 64;
-    train_tokenizer(o);
+    test::write_tiny_shapes_corpus(dir.file("data"), 24, 8);
     // Shared by both stage configs: 32px images, 16 patches merged into 4 tokens.
     test::write_file(dir.file("base.yaml"), R"(
 run: {threads: 1, seed: 5, precision: fp32}
@@ -309,11 +298,7 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   REQUIRE(cut.interrupted);
   auto resumed = run_pipeline(load_pipeline(c.pipeline("cut")), quiet);
   REQUIRE_FALSE(resumed.interrupted);
-  const auto s3b = final_weights(resumed.stages, "s3");
-  for (const auto& [name, t] : s3) {
-    INFO(name);
-    CHECK(torch::equal(t, s3b.at(name)));
-  }
+  test::check_same_tensors(s3, final_weights(resumed.stages, "s3"));
 }
 
 TEST_CASE("conversation data: sequences too long after image expansion are caught at load", "[vlm][data]") {

@@ -307,6 +307,45 @@ void forget_after_step(const std::string& run_dir, int64_t step) {
   truncate_metrics_after((std::filesystem::path(run_dir) / "metrics.jsonl").string(), step);
 }
 
+nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t step, const torch::Tensor& loss,
+                                 const std::map<std::string, torch::Tensor>& metrics, double lr, double grad_norm,
+                                 double data_wait_s) {
+  const double l = loss.item<double>();
+  result.logged_losses.push_back(l);
+  nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", grad_norm}};
+  rec["metrics"] = metrics_json(metrics);
+  rec["data_wait_s"] = data_wait_s;
+  log.write(rec);
+  return rec;
+}
+
+bool after_step(const RunConfig& cfg, const TrainOptions& opt, int64_t step, TrainResult& result,
+                const std::function<std::string()>& save, const std::function<void()>& eval) {
+  const int64_t steps = cfg.train.steps;
+  if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) eval();
+  if (stop_requested() || step == opt.stop_at_step) {
+    result.checkpoint = save();
+    spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
+    result.interrupted = true;
+    result.final_step = step;
+    return true;
+  }
+  if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps) result.checkpoint = save();
+  return false;
+}
+
+void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::string& resumed_from, double elapsed_s,
+                TrainResult& result, const std::function<std::string()>& save,
+                const std::function<nlohmann::json()>& eval) {
+  result.final_step = step;
+  result.checkpoint = start < step ? save() : resumed_from;  // a resumed finished run: nothing new to save
+  result.final_eval = eval();
+  if (!result.final_eval.is_null())
+    atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+  spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, step - start, format_duration(elapsed_s),
+               result.checkpoint);
+}
+
 void install_stop_handlers() {
   g_stop.store(false);
   std::signal(SIGTERM, on_stop_signal);

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -111,6 +112,25 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
 // After loading the checkpoint of `step`: sets later checkpoints aside and drops their records
 // from RUN/metrics.jsonl, so the run reads as one uninterrupted run.
 void forget_after_step(const std::string& run_dir, int64_t step);
+
+// The step loop's bookkeeping, the same in every trainer.
+class MetricsLog;
+// A log step: appends {"step", "split": "train", "loss", "lr", "grad_norm", "metrics",
+// "data_wait_s"} to the metrics log and the loss to result.logged_losses; returns the record
+// (its "metrics" feed the progress line).
+nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t step, const torch::Tensor& loss,
+                                 const std::map<std::string, torch::Tensor>& metrics, double lr, double grad_norm,
+                                 double data_wait_s);
+// After optimizer step `step`: evaluation at train.eval_every, then on a stop request (signal or
+// opt.stop_at_step) a checkpoint, `result` marked interrupted and true (the trainer returns it),
+// else a checkpoint at train.save_every. `save` writes a checkpoint and returns its folder.
+bool after_step(const RunConfig& cfg, const TrainOptions& opt, int64_t step, TrainResult& result,
+                const std::function<std::string()>& save, const std::function<void()>& eval);
+// The end of a run: the final checkpoint (a resumed, already finished run keeps `resumed_from`),
+// the final evaluation into result.final_eval and RUN/eval.json, and the "done" line.
+void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::string& resumed_from, double elapsed_s,
+                TrainResult& result, const std::function<std::string()>& save,
+                const std::function<nlohmann::json()>& eval);
 
 // SIGTERM/SIGINT set this flag; trainers finish the step, checkpoint and exit with
 // kExitInterrupted.

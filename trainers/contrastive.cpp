@@ -222,6 +222,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
 
   model->train();
   int64_t step = start;
+  auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step); };
   while (step < steps) {
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
     set_lr(optimizer, lr);
@@ -229,7 +230,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     try {
       batch = loader.next();
     } catch (const DataError& e) {
-      const auto ck = save_checkpoint(cfg, model, *loss, optimizer, step);
+      const auto ck = save();
       throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
                       " holds the last good state: fix or remove the record, then --resume auto)");
     }
@@ -237,7 +238,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {  // never apply (or checkpoint) a NaN/inf update
-      const auto ck = save_checkpoint(cfg, model, *loss, optimizer, step);
+      const auto ck = save();
       throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
                                std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
                                " holds the last good state; lower optim.lr or check the loss options, then --resume auto");
@@ -248,35 +249,14 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
 
     // ---- diagnostics: log, eval, save ----
     if (step % cfg.train.log_every == 0 || step == steps) {
-      const double l = out.loss.item<double>();
-      result.logged_losses.push_back(l);
-      nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", gnorm}};
-      rec["metrics"] = metrics_json(out.metrics);
-      rec["data_wait_s"] = loader.wait_seconds();
-      metrics.write(rec);
+      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm, loader.wait_seconds());
       if (!opt.quiet)
-        spdlog::info("{} | loss {:.4f} | lr {:.2e} | acc i2t {:.2f}", progress.line(step, B), l, lr,
+        spdlog::info("{} | loss {:.4f} | lr {:.2e} | acc i2t {:.2f}", progress.line(step, B), rec["loss"].get<double>(), lr,
                      rec["metrics"].value("acc/i2t", 0.0));
     }
-    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) run_eval(step);
-    if (stop_requested() || step == opt.stop_at_step) {
-      result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
-      spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
-      result.interrupted = true;
-      result.final_step = step;
-      return result;
-    }
-    if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps)
-      result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
+    if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;
   }
-  result.final_step = step;
-  if (start < steps) result.checkpoint = save_checkpoint(cfg, model, *loss, optimizer, step);
-  else result.checkpoint = resumed_from;  // resumed a finished run: nothing new to save
-  result.final_eval = run_eval(step);
-  if (!result.final_eval.is_null())
-    atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
-  spdlog::info("stage 1 done: {} steps in {}, checkpoint {}", steps - start, format_duration(progress.elapsed()),
-               result.checkpoint);
+  finish_run(cfg, start, step, resumed_from, progress.elapsed(), result, save, [&] { return run_eval(step); });
   return result;
 }
 

@@ -260,6 +260,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   }
   set_vlm_train_modes(model);
   int64_t step = start;
+  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step); };
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
@@ -267,7 +268,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     try {
       batch = loader.next();
     } catch (const DataError& e) {
-      const auto ck = save_vlm_checkpoint(cfg, model, optimizer, step);
+      const auto ck = save();
       throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
                       " holds the last good state: fix or remove the record, then --resume auto)");
     }
@@ -313,7 +314,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     }
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {
-      const auto ck = save_vlm_checkpoint(cfg, model, optimizer, step);
+      const auto ck = save();
       throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
                                std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
                                " holds the last good state; lower optim.lr, then --resume auto");
@@ -322,39 +323,19 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     ++step;
 
     if (step % cfg.train.log_every == 0 || step == steps) {
-      const double l = out.loss.item<double>();
-      result.logged_losses.push_back(l);
-      nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", gnorm}};
-      rec["metrics"] = metrics_json(out.metrics);
-      rec["data_wait_s"] = loader.wait_seconds();
-      metrics.write(rec);
+      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm, loader.wait_seconds());
       if (!opt.quiet) {
         const auto& mj = rec["metrics"];
         const std::string extra =
             sampling ? fmt::format("reward {:.3f} | length {:.1f}", mj.value("reward/mean", 0.0), mj.value("completion_length", 0.0))
                      : fmt::format("reward acc {:.3f} | margin {:.3f}", mj.value("rewards/accuracies", 0.0),
                                    mj.value("rewards/margins", 0.0));
-        spdlog::info("{} | loss {:.4f} | lr {:.2e} | {}", progress.line(step, B), l, lr, extra);
+        spdlog::info("{} | loss {:.4f} | lr {:.2e} | {}", progress.line(step, B), rec["loss"].get<double>(), lr, extra);
       }
     }
-    if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) run_eval(step);
-    if (stop_requested() || step == opt.stop_at_step) {
-      result.checkpoint = save_vlm_checkpoint(cfg, model, optimizer, step);
-      spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
-      result.interrupted = true;
-      result.final_step = step;
-      return result;
-    }
-    if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps)
-      result.checkpoint = save_vlm_checkpoint(cfg, model, optimizer, step);
+    if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;
   }
-  result.final_step = step;
-  result.checkpoint = start < steps ? save_vlm_checkpoint(cfg, model, optimizer, step) : resumed_from;
-  result.final_eval = run_eval(step);
-  if (!result.final_eval.is_null())
-    atomic_write_text((fs::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
-  spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, steps - start, format_duration(progress.elapsed()),
-               result.checkpoint);
+  finish_run(cfg, start, step, resumed_from, progress.elapsed(), result, save, [&] { return run_eval(step); });
   return result;
 }
 
