@@ -2,9 +2,17 @@
 // directories with checksums, and partial saves that must never be resumed from.
 #include <catch2/catch.hpp>
 
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "core/checkpoint.h"
 #include "core/errors.h"
@@ -163,4 +171,135 @@ TEST_CASE("a damaged or partial checkpoint is detected, named, and skipped by re
   fs::create_directories(d.path / "checkpoints" / "step_00000004");
   write_file((d.path / "checkpoints" / "step_00000004" / "weights.bin").string(), "x");
   CHECK(find_latest_checkpoint(d.path.string()) == (d.path / "checkpoints" / "step_00000001").string());
+}
+
+TEST_CASE("keep_every: milestones survive pruning and do not count against keep_last", "[checkpoint]") {
+  TempDir d("ckpt");
+  for (int64_t step = 1; step <= 7; ++step) {
+    CheckpointWriter w(d.path.string(), step, "contrastive");
+    w.add_text("payload.txt", std::to_string(step));
+    w.commit(/*keep_last=*/2, /*keep_every=*/3);
+  }
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(d.path / "checkpoints"))
+    if (e.is_directory()) left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  CHECK(left == std::vector<std::string>{"step_00000003", "step_00000006", "step_00000007"});
+}
+
+namespace {
+
+// Saves checkpoints step, step+1, ... of two 256 KiB files each in a child process, which a
+// fault hook or the parent kills. Only the filesystem is touched in the child (no LibTorch).
+pid_t spawn_writer(const std::string& run_dir, int64_t first_step, const char* kill_at, int kill_hit) {
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  int hits = 0;
+  if (kill_at)
+    set_checkpoint_fault_hook([&](const char* point) {
+      if (std::strcmp(point, kill_at) == 0 && ++hits == kill_hit) ::raise(SIGKILL);
+    });
+  for (int64_t step = first_step; step < first_step + 200; ++step) {
+    CheckpointWriter w(run_dir, step, "contrastive");
+    w.add_text("a.bin", std::string(256 << 10, static_cast<char>('a' + step % 26)));
+    w.add_text("b.bin", std::string(256 << 10, static_cast<char>('A' + step % 26)));
+    w.commit(2);
+  }
+  ::_exit(0);
+}
+
+// After a kill: `latest` names a complete checkpoint, resume auto finds one at least as new,
+// and a resumed writer tidies what the dead one left.
+int64_t check_after_kill(const std::string& run_dir) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  recover_checkpoints(run_dir);  // what a resuming trainer does first
+  std::ifstream latest(root / "latest");
+  std::string name;
+  latest >> name;
+  REQUIRE_FALSE(name.empty());
+  const auto named = verify_checkpoint((root / name).string());  // throws if damaged
+  const std::string found = find_latest_checkpoint(run_dir);
+  REQUIRE_FALSE(found.empty());
+  const auto info = verify_checkpoint(found);
+  CHECK(info.step >= named.step);
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string n = e.path().filename().string();
+    INFO(n);
+    CHECK((n == "latest" || n.rfind("step_", 0) == 0));
+  }
+  return info.step;
+}
+
+}  // namespace
+
+TEST_CASE("a writer killed at every point of a save leaves the previous checkpoint loadable", "[checkpoint][crash]") {
+  TempDir d("kill");
+  {
+    CheckpointWriter w(d.path.string(), 1, "contrastive");
+    w.add_text("a.bin", "first");
+    w.commit(2);
+  }
+  int64_t newest = 1;
+  // Deterministic points: mid-files, checksummed, manifest written, renamed, latest moved, pruned,
+  // each in a new step's save and in a re-save of an existing step (which first moves it aside).
+  for (const char* point : {"file", "checksummed", "manifest", "aside", "renamed", "latest", "pruned"}) {
+    for (const int64_t first : {newest + 1, newest}) {
+      if (std::strcmp(point, "aside") == 0 && first != newest) continue;  // only re-saves move one aside
+      INFO(point << " first step " << first);
+      const pid_t pid = spawn_writer(d.path.string(), first, point, first == newest ? 1 : 2);
+      int status = 0;
+      ::waitpid(pid, &status, 0);
+      CHECK(WIFSIGNALED(status));
+      newest = check_after_kill(d.path.string());
+    }
+  }
+  // Random points: kill from outside after a random delay, 20 times.
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 20; ++trial) {
+    const pid_t pid = spawn_writer(d.path.string(), newest + 1, nullptr, 0);
+    ::usleep(std::uniform_int_distribution<int>(0, 40000)(rng));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    INFO("trial " << trial);
+    newest = check_after_kill(d.path.string());
+  }
+  CHECK(newest > 1);  // the writers did get checkpoints through
+}
+
+TEST_CASE("disk full or an output folder that cannot be made: a clear error, the last checkpoint intact", "[checkpoint][crash]") {
+  TempDir d("full");
+  {
+    CheckpointWriter w(d.path.string(), 1, "contrastive");
+    w.add_text("a.bin", "good");
+    w.commit(2);
+  }
+  // A file-size limit makes writes fail as on a full disk (EFBIG instead of ENOSPC).
+  struct rlimit old {};
+  ::getrlimit(RLIMIT_FSIZE, &old);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old;
+  small.rlim_cur = 64 << 10;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  std::string error;
+  try {
+    CheckpointWriter w(d.path.string(), 2, "contrastive");
+    w.add_text("a.bin", std::string(1 << 20, 'x'));
+    w.commit(2);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  CHECK_THAT(error, Catch::Contains("a.bin") && Catch::Contains("disk full?"));
+  CHECK(find_latest_checkpoint(d.path.string()) == (d.path / "checkpoints" / "step_00000001").string());
+  CHECK_FALSE(fs::exists(d.path / "checkpoints" / "step_00000002"));
+  int hidden = 0;
+  for (const auto& e : fs::directory_iterator(d.path / "checkpoints")) hidden += e.path().filename().string()[0] == '.';
+  CHECK(hidden == 0);  // the failed save's temporary folder is gone
+
+  // A run folder under a regular file cannot be created, whoever runs the test (root included).
+  write_file(d.file("plainfile"), "x");
+  CHECK_THROWS_WITH(CheckpointWriter(d.file("plainfile/run"), 1, "contrastive"),
+                    Catch::Contains("cannot create checkpoint folder") && Catch::Contains("plainfile/run"));
 }

@@ -301,6 +301,45 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   test::check_same_tensors(s3, final_weights(resumed.stages, "s3"));
 }
 
+TEST_CASE("adapter and finetune: stop at step k + resume equals an uninterrupted run, losses and weights bit for bit",
+          "[vlm][resume][slow]") {
+  TinyVlmCorpus c;
+  // Stage 3 here trains everything, with augmentation and accumulation, so every RNG and the
+  // optimizer state of all three components take part.
+  const std::vector<std::pair<std::string, std::vector<std::string>>> runs = {
+      {"stage2.yaml", {"train.steps=5"}},
+      {"stage3.yaml",
+       {"train.steps=5", "train.grad_accum=2", "data.augment.random_resized_crop=true", "optim.param_groups=[]",
+        "schedule.warmup_steps=2"}}};
+  for (const auto& [file, sets] : runs) {
+    INFO(file);
+    auto config = [&](const std::string& out) {
+      auto s = sets;
+      s.push_back("run.out_dir=" + c.dir.file(file + "-" + out));
+      return load_run_config(c.dir.file(file), s);
+    };
+    TrainOptions quiet;
+    quiet.quiet = true;
+    const auto full = train_vlm(config("full"), quiet);
+    TrainOptions stop = quiet;
+    stop.stop_at_step = 2;
+    const auto part1 = train_vlm(config("split"), stop);
+    REQUIRE(part1.interrupted);
+    TrainOptions resume = quiet;
+    resume.resume = "auto";
+    const auto part2 = train_vlm(config("split"), resume);
+    REQUIRE_FALSE(part2.interrupted);
+    std::vector<double> joined = part1.logged_losses;
+    joined.insert(joined.end(), part2.logged_losses.begin(), part2.logged_losses.end());
+    REQUIRE(full.logged_losses.size() == 5);
+    CHECK(joined == full.logged_losses);
+    const auto a = load_safetensors(full.checkpoint + "/model.safetensors");
+    const auto b = load_safetensors(part2.checkpoint + "/model.safetensors");
+    CHECK(a.size() == b.size());
+    test::check_same_tensors(a, b);
+  }
+}
+
 TEST_CASE("conversation data: sequences too long after image expansion are caught at load", "[vlm][data]") {
   TinyVlmCorpus c;
   const auto tok = Tokenizer::load(c.dir.file("data/tok.model"));

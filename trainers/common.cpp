@@ -216,7 +216,7 @@ void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::strin
 
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
-                               "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
+                               "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
                                "data.workers", "data.prefetch", "data.val", "data.val_limit", "eval."};
   for (const char* s : safe) {
     const std::string p(s);
@@ -270,6 +270,7 @@ std::string select_resume_checkpoint(const std::string& run_dir, const std::stri
     return "";
   }
   auto warn = [](const std::string& w) { spdlog::warn(w); };
+  for (const auto& line : recover_checkpoints(run_dir)) warn(line);
   if (resume != "auto") return resolve_checkpoint(resume, warn);
   const std::string dir = find_latest_checkpoint(run_dir, warn);
   if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);

@@ -101,7 +101,7 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
                                     {"step", step},
                                     {"samples_seen", step * cfg.train.batch_size}});
   w.add_text("config.yaml", resolved_yaml(cfg));
-  return w.commit(cfg.train.keep_last);
+  return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
 
 int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,

@@ -226,7 +226,7 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
   save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
   w.add_json("trainer_state.json", {{"trainer", cfg.trainer}, {"step", step}, {"samples_seen", step * cfg.train.batch_size}});
   w.add_text("config.yaml", resolved_yaml(cfg));
-  return w.commit(cfg.train.keep_last);
+  return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
 
 int64_t load_vlm_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim) {

@@ -1,9 +1,11 @@
 #include "core/checkpoint.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -37,6 +39,26 @@ void fsync_path(const std::string& path, bool directory) {
   ::fsync(fd);
   ::close(fd);
 }
+
+std::function<void(const char*)>& fault_hook() {
+  static std::function<void(const char*)> hook;
+  return hook;
+}
+void fault_point(const char* point) {
+  if (fault_hook()) fault_hook()(point);
+}
+
+// ".tmp-step_00000002-1234" or "latest.tmp.1234" -> 1234; -1 when the name has no pid.
+long pid_of(const std::string& name) {
+  const auto dash = name.find_last_of("-.");
+  if (dash == std::string::npos) return -1;
+  try {
+    return std::stol(name.substr(dash + 1));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+bool process_alive(long pid) { return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM); }
 
 std::string step_name(int64_t step) {
   char buf[32];
@@ -90,8 +112,39 @@ std::string read_text_file(const std::string& path) {
   return ss.str();
 }
 
+void set_checkpoint_fault_hook(std::function<void(const char* point)> hook) { fault_hook() = std::move(hook); }
+
+std::vector<std::string> recover_checkpoints(const std::string& run_dir) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::vector<std::string> done;
+  std::error_code ec;
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(root, ec)) entries.push_back(e.path());
+  for (const auto& p : entries) {
+    const std::string name = p.filename().string();
+    const bool tmp = name.rfind(".tmp-", 0) == 0 || name.rfind("latest.tmp.", 0) == 0;
+    const bool old = name.rfind(".old-", 0) == 0;
+    if (!(tmp || old) || process_alive(pid_of(name))) continue;
+    if (old) {
+      // ".old-step_00000002-1234": the complete previous save of that step.
+      const std::string step = name.substr(5, name.rfind('-') - 5);
+      if (!fs::exists(root / step)) {
+        fs::rename(p, root / step, ec);
+        if (!ec) {
+          done.push_back("restored " + (root / step).string() + " (a re-save of that step was interrupted)");
+          continue;
+        }
+      }
+    }
+    fs::remove_all(p, ec);
+    if (!ec) done.push_back("removed " + p.string() + " (left by an interrupted save)");
+  }
+  return done;
+}
+
 CheckpointWriter::CheckpointWriter(const std::string& run_dir, int64_t step, std::string trainer)
     : root_((fs::path(run_dir) / "checkpoints").string()), trainer_(std::move(trainer)), step_(step) {
+  recover_checkpoints(run_dir);
   final_ = (fs::path(root_) / step_name(step)).string();
   tmp_ = (fs::path(root_) / (".tmp-" + step_name(step) + "-" + std::to_string(::getpid()))).string();
   std::error_code ec;
@@ -118,9 +171,10 @@ void CheckpointWriter::add_text(const std::string& name, const std::string& text
   out << text;
   out.flush();
   if (!out) throw std::runtime_error("cannot write '" + path(name) + "' (disk full?)");
+  fault_point("file");
 }
 
-std::string CheckpointWriter::commit(int keep_last) {
+std::string CheckpointWriter::commit(int keep_last, int64_t keep_every) {
   nlohmann::json manifest;
   manifest["format_version"] = kCheckpointFormatVersion;
   manifest["trainer"] = trainer_;
@@ -135,8 +189,10 @@ std::string CheckpointWriter::commit(int keep_last) {
     files[p.filename().string()] = {{"bytes", fs::file_size(p)}, {"crc32", crc32_file(p.string())}};
   }
   manifest["files"] = files;
+  fault_point("checksummed");
   atomic_write_text(path("MANIFEST.json"), manifest.dump(2) + "\n");
   fsync_path(tmp_, true);
+  fault_point("manifest");
 
   std::error_code ec;
   // A re-save of the same step: move the old one aside first, so a kill at any point leaves a
@@ -146,23 +202,37 @@ std::string CheckpointWriter::commit(int keep_last) {
   if (replacing) {
     fs::rename(final_, old, ec);
     if (ec) throw std::runtime_error("cannot move the previous '" + final_ + "' aside: " + ec.message());
+    fault_point("aside");
   }
   fs::rename(tmp_, final_, ec);
   if (ec) throw std::runtime_error("cannot move checkpoint into place at '" + final_ + "': " + ec.message());
   fsync_path(root_, true);
   committed_ = true;
+  fault_point("renamed");
   atomic_write_text((fs::path(root_) / "latest").string(), fs::path(final_).filename().string() + "\n");
+  fault_point("latest");
   if (replacing) fs::remove_all(old, ec);
 
-  // Prune: of the checkpoints up to this step, keep the newest keep_last (this one included).
-  std::vector<std::string> steps;
+  // Prune: of the checkpoints up to this step keep the newest keep_last (this one included), and
+  // every milestone (step a multiple of keep_every) for good.
+  std::vector<std::pair<std::string, int64_t>> steps;
   for (const auto& e : fs::directory_iterator(root_)) {
     const std::string name = e.path().filename().string();
-    if (e.is_directory() && name.rfind("step_", 0) == 0 && name <= step_name(step_)) steps.push_back(e.path().string());
+    if (!e.is_directory() || name.rfind("step_", 0) != 0 || name > step_name(step_)) continue;
+    int64_t s = -1;
+    try {
+      s = std::stoll(name.substr(5));
+    } catch (const std::exception&) {
+    }
+    steps.emplace_back(e.path().string(), s);
   }
   std::sort(steps.begin(), steps.end());
-  for (size_t i = 0; i + static_cast<size_t>(std::max(1, keep_last)) < steps.size(); ++i)
-    if (steps[i] != final_) fs::remove_all(steps[i], ec);
+  for (size_t i = 0; i + static_cast<size_t>(std::max(1, keep_last)) < steps.size(); ++i) {
+    const auto& [dir, s] = steps[i];
+    const bool milestone = keep_every > 0 && s > 0 && s % keep_every == 0;
+    if (dir != final_ && !milestone) fs::remove_all(dir, ec);
+  }
+  fault_point("pruned");
   return final_;
 }
 

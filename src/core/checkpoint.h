@@ -42,8 +42,9 @@ class CheckpointWriter {
   void add_text(const std::string& name, const std::string& text);
 
   // Checksums, fsyncs, renames into place, updates `latest`, deletes old checkpoints beyond
-  // keep_last. Returns the final directory.
-  std::string commit(int keep_last);
+  // keep_last, except those whose step is a multiple of keep_every (> 0), which stay for good.
+  // Returns the final directory.
+  std::string commit(int keep_last, int64_t keep_every = 0);
 
  private:
   std::string root_, tmp_, final_, trainer_;
@@ -71,6 +72,18 @@ bool has_checkpoints(const std::string& run_dir);
 // Resuming from `step` abandons later checkpoints: renames them to `abandoned-step_...`, so that
 // neither `--resume auto` nor pruning takes them for the run's future. Returns the renamed names.
 std::vector<std::string> set_aside_checkpoints_after(const std::string& run_dir, int64_t step);
+
+// Tidies RUN/checkpoints after a process died mid-save: removes temporary folders of processes
+// that no longer run, and puts back a complete checkpoint that a re-save of the same step had
+// moved aside (`.old-step_N-PID`) when no `step_N` took its place. Called by every writer and by
+// the trainers before choosing a checkpoint to resume (the run's owner; readers such as eval
+// never change a run folder). Returns what it did, one line each.
+std::vector<std::string> recover_checkpoints(const std::string& run_dir);
+
+// Fault injection for crash-safety tests: called with the name of each point a save passes
+// ("file", "checksummed", "manifest", "aside" (re-saves only), "renamed", "latest", "pruned"); a test kills its process
+// there. Empty by default.
+void set_checkpoint_fault_hook(std::function<void(const char* point)> hook);
 
 // The newest complete, verified checkpoint under RUN/checkpoints, or "" when there is none.
 // Damaged or partial directories are skipped with a warning through `warn`.

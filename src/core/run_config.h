@@ -235,6 +235,7 @@ struct TrainSection {
   int64_t eval_every = 0;       // 0 = only at the end
   int64_t save_every = 0;       // 0 = only at the end
   int keep_last = 3;            // checkpoints kept (older ones deleted)
+  int64_t keep_every = 0;       // also keep every checkpoint whose step is a multiple of this; 0 = none
   template <class V> void fields(V& v) {
     v("steps", steps, at_least(1));
     v("batch_size", batch_size, at_least(1));
@@ -243,6 +244,7 @@ struct TrainSection {
     v("eval_every", eval_every, at_least(0));
     v("save_every", save_every, at_least(0));
     v("keep_last", keep_last, at_least(1));
+    v("keep_every", keep_every, at_least(0));
   }
 };
 
