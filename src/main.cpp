@@ -28,6 +28,7 @@
 #include "trainers/contrastive.h"
 #include "trainers/pipeline.h"
 #include "trainers/vlm.h"
+#include "tools/interop.h"
 
 namespace fs = std::filesystem;
 using namespace trialign;
@@ -50,11 +51,6 @@ int cmd_config_check(const std::string& config, const std::vector<std::string>& 
   return kExitOk;
 }
 
-// A checkpoint's own resolved config.
-RunConfig checkpoint_config(const std::string& dir) {
-  return run_config_from_tree(parse_config_string(read_text_file(dir + "/config.yaml"), dir + "/config.yaml"),
-                              dir + "/config.yaml");
-}
 
 // A VLM checkpoint with its tokenizer, ready for evaluation or generation.
 struct LoadedVlm {
@@ -64,7 +60,7 @@ struct LoadedVlm {
 };
 LoadedVlm load_vlm(const std::string& dir) {
   LoadedVlm v;
-  v.cfg = checkpoint_config(dir);
+  v.cfg = checkpoint_config_of(dir);
   v.tok = Tokenizer::load(v.cfg.data.tokenizer);
   v.model = build_vlm_model(v.cfg, v.tok);
   load_state(*v.model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
@@ -109,7 +105,7 @@ int cmd_eval(const std::string& target, const std::string& data, const std::stri
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
-  RunConfig cfg = checkpoint_config(dir);
+  RunConfig cfg = checkpoint_config_of(dir);
   if (cfg.is_vlm()) {
     if (suite != "auto" && suite != "vqa")
       throw ConfigError("--suite '" + suite + "': a " + cfg.trainer + " checkpoint is scored with the vqa suite");
@@ -137,7 +133,7 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
-  if (!checkpoint_config(dir).is_vlm())
+  if (!checkpoint_config_of(dir).is_vlm())
     throw ConfigError("generate: '" + dir + "' is a stage-1 (contrastive) checkpoint; it has no language model");
   auto v = load_vlm(dir);
   if (!image.empty() && v.cfg.data.drop_images)
@@ -173,6 +169,60 @@ int cmd_run(const std::string& pipeline, const std::vector<std::string>& sets) {
   auto r = run_pipeline(plan, opt);
   if (r.interrupted) return kExitInterrupted;
   std::cout << pipeline_summary(plan, r) << std::flush;
+  return kExitOk;
+}
+
+int cmd_inspect(const std::string& path, bool tensors, bool verify, bool json) {
+  init_logging();
+  const auto j = inspect_weights(path, tensors, verify);
+  std::cout << (json ? j.dump(2) + "\n" : inspect_text(j)) << std::flush;
+  return kExitOk;
+}
+
+int cmd_export(const std::string& checkpoint, const std::string& out, const std::string& dtype, double shard_mb) {
+  init_logging();
+  const auto files = export_checkpoint(checkpoint, out, dtype, static_cast<uint64_t>(shard_mb * (1 << 20)));
+  for (const auto& f : files) std::cout << f << "\n";
+  spdlog::info("exported {} files to {}", files.size(), out);
+  return kExitOk;
+}
+
+std::vector<WeightSource> weight_sources(const std::vector<std::string>& args) {
+  std::vector<WeightSource> out;
+  for (const auto& a : args) out.push_back(parse_weight_source(a));
+  return out;
+}
+
+int cmd_import(const std::string& config, const std::vector<std::string>& sets, const std::vector<std::string>& weights,
+               const std::string& out) {
+  init_logging();
+  RunConfig cfg = load_run_config(config, sets);
+  setup_threads(cfg.run.threads);
+  const std::string dir = import_weights(cfg, weight_sources(weights), out);
+  spdlog::info("imported into {} (use it as init_from: [{{checkpoint: {}, components: [...]}}])", dir, out);
+  std::cout << dir << std::endl;
+  return kExitOk;
+}
+
+int cmd_forward(const std::string& target, const std::string& config, const std::vector<std::string>& sets,
+                const std::vector<std::string>& weights, const ForwardInputs& in, const std::string& out) {
+  init_logging();
+  if (target.empty() == config.empty())
+    throw ConfigError("forward: give a checkpoint, or --config with --weights, not both");
+  RunConfig cfg;
+  std::shared_ptr<torch::nn::Module> model;
+  if (!target.empty()) {
+    if (!weights.empty()) throw ConfigError("forward: --weights goes with --config, not with a checkpoint");
+    model = load_checkpoint_model(target, &cfg);
+  } else {
+    cfg = load_run_config(config, sets);
+    model = build_model_with_weights(cfg, weight_sources(weights));
+  }
+  setup_threads(cfg.run.threads);
+  const auto outputs = forward_outputs(*model, cfg, in);
+  NamedTensors named(outputs.begin(), outputs.end());
+  save_safetensors(out, named, {{"format", "pt"}});
+  for (const auto& [name, t] : outputs) std::cout << name << " " << t.sizes() << "\n";
   return kExitOk;
 }
 
@@ -290,6 +340,41 @@ int main(int argc, char** argv) {
   tok_train->add_option("--model-type", tok_opt.model_type, "unigram | bpe | word | char")
       ->check(CLI::IsMember({"unigram", "bpe", "word", "char"}));
 
+  // inspect, export, import, forward: checkpoints and Hugging Face weights
+  std::string io_path, io_out, io_config, export_dtype = "fp32";
+  bool show_tensors = false, verify = false, as_json = false;
+  double shard_mb = 0;
+  std::vector<std::string> io_weights;
+  auto* inspect = app.add_subcommand("inspect", "What a checkpoint or Hugging Face weights hold (headers only)");
+  inspect->add_option("path", io_path, "Checkpoint, run folder, .safetensors, index .json or weights folder")->required();
+  inspect->add_flag("--tensors", show_tensors, "List every tensor with dtype and shape");
+  inspect->add_flag("--verify", verify, "Check every file's checksum");
+  inspect->add_flag("--json", as_json, "Print JSON");
+  auto* export_cmd = app.add_subcommand("export", "Write a checkpoint's components as Hugging Face safetensors + config.json");
+  export_cmd->add_option("checkpoint", io_path, "Checkpoint or run folder")->required();
+  export_cmd->add_option("--out", io_out, "New output folder")->required();
+  export_cmd->add_option("--format", io_config, "safetensors (the only format)")->check(CLI::IsMember({"safetensors"}));
+  export_cmd->add_option("--dtype", export_dtype, "fp32 | bf16 | fp16")->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  export_cmd->add_option("--max-shard-mb", shard_mb, "Shard components larger than this (0 = one file)")
+      ->check(CLI::NonNegativeNumber);
+  auto* import_cmd = app.add_subcommand("import", "Build a config's model from Hugging Face weights into a checkpoint");
+  import_cmd->add_option("config", io_config, "Run config (YAML) describing the model")->required()->check(CLI::ExistingFile);
+  import_cmd->add_option("--weights", io_weights, "COMPONENT=PATH (repeatable): file, index .json, folder or checkpoint")
+      ->required();
+  import_cmd->add_option("--out", io_out, "Run folder to write the checkpoint into")->required();
+  import_cmd->add_option("--set", sets, "Override a config key (repeatable)");
+  ForwardInputs fwd;
+  std::string fwd_config;
+  auto* forward = app.add_subcommand("forward", "Write a model's outputs for given inputs to a safetensors file");
+  forward->add_option("checkpoint", io_path, "Checkpoint or run folder (or use --config with --weights)");
+  forward->add_option("--config", fwd_config, "Run config describing the model")->check(CLI::ExistingFile);
+  forward->add_option("--weights", io_weights, "COMPONENT=PATH (repeatable), with --config");
+  forward->add_option("--set", sets, "Override a config key (repeatable), with --config");
+  forward->add_option("--tokens", fwd.tokens, "Token ids, comma-separated")->delimiter(',');
+  forward->add_option("--text", fwd.text, "Text, tokenised as in training");
+  forward->add_option("--image", fwd.image, "Image file")->check(CLI::ExistingFile);
+  forward->add_option("--out", io_out, "Output .safetensors file")->required();
+
   // losses list
   auto* losses = app.add_subcommand("losses", "List the registered loss types");
 
@@ -314,6 +399,10 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(target, eval_data, suite, eval_out, eval_threads);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
     if (*tok_train) return cmd_tokenizer_train(tok_opt);
+    if (*inspect) return cmd_inspect(io_path, show_tensors, verify, as_json);
+    if (*export_cmd) return cmd_export(io_path, io_out, export_dtype, shard_mb);
+    if (*import_cmd) return cmd_import(io_config, sets, io_weights, io_out);
+    if (*forward) return cmd_forward(io_path, fwd_config, sets, io_weights, fwd, io_out);
     if (*losses) {
       for (const auto& n : contrastive_losses().names())
         std::cout << n << "\tcontrastive (stage 1)\t" << contrastive_losses().help(n) << "\n";

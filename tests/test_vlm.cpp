@@ -390,8 +390,9 @@ TEST_CASE("config: stage 2-3 mistakes are reported with their keys", "[vlm][conf
              Catch::Contains("data.max_seq_len"));
   CHECK_THAT(check(base + "model: {projector: {type: qformer}}\n"), Catch::Contains("unknown projector type 'qformer'"));
   CHECK_THAT(check("trainer: contrastive\ndata: {train: t.jsonl, tokenizer: t.model}\ninit_from: [{checkpoint: x, "
-                   "components: [vision_model]}]\n"),
-             Catch::Contains("init_from"));
+                   "components: [vision_model, mm_projector]}]\n"),
+             Catch::Contains("init_from[0].components[1]") &&
+                 Catch::Contains("unknown component 'mm_projector' for the contrastive trainer"));
 }
 
 TEST_CASE("pipeline summary: one readable line per stage from the stages' held-out results", "[vlm][pipeline]") {

@@ -16,6 +16,7 @@
 #include "data/sampler.h"
 #include "eval/retrieval.h"
 #include "losses/loss.h"
+#include "models/hf_interop.h"
 
 namespace fs = std::filesystem;
 
@@ -194,6 +195,8 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     start = load_checkpoint(resumed_from, cfg, model, *loss, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
     forget_after_step(cfg.run.out_dir, start);
+  } else {
+    for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model);
   }
   atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
 

@@ -13,6 +13,7 @@
 #include "data/prefetch_loader.h"
 #include "losses/cross_entropy.h"
 #include "trainers/vlm.h"
+#include "models/hf_interop.h"
 
 namespace fs = std::filesystem;
 
@@ -155,7 +156,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   VlmModel model = build_vlm_model(cfg, tok);
   nlohmann::json resolved_inits = nlohmann::json::array();
   for (const auto& init : inits)
-    resolved_inits.push_back({{"checkpoint", init_components(model, init)}, {"components", init.components}});
+    resolved_inits.push_back({{"checkpoint", init_components(*model, init, cfg.model)}, {"components", init.components}});
   if (resumed_from.empty()) atomic_write_text(init_record, resolved_inits.dump(2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)

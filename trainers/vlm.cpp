@@ -12,6 +12,7 @@
 #include "data/prefetch_loader.h"
 #include "eval/answers.h"
 #include "eval/caption_objects.h"
+#include "models/hf_interop.h"
 
 namespace fs = std::filesystem;
 
@@ -30,50 +31,6 @@ VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok) {
   return VlmModel(cfg.model);
 }
 
-std::string init_components(VlmModel& model, const InitFrom& init) {
-  const std::string dir = resolve_checkpoint(init.checkpoint, [](const std::string& w) { spdlog::warn(w); });
-  verify_checkpoint(dir);
-  const std::string file = dir + "/model.safetensors";
-  const auto tensors = load_safetensors(file);
-  std::vector<std::string> problems;
-  int64_t copied = 0;
-  torch::NoGradGuard ng;
-  for (const auto& component : init.components) {
-    const auto prefixes = component_prefixes(component);
-    for (const auto& [name, param] : named_state(*model)) {
-      if (std::none_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) { return name.compare(0, p.size(), p) == 0; }))
-        continue;
-      auto it = tensors.find(name);
-      if (it == tensors.end()) {
-        problems.push_back("missing " + name);
-        continue;
-      }
-      if (it->second.sizes() != param.sizes()) {
-        std::ostringstream msg;
-        msg << name << ": checkpoint " << it->second.sizes() << " vs model " << param.sizes();
-        problems.push_back(msg.str());
-        continue;
-      }
-      param.copy_(it->second);
-      ++copied;
-    }
-  }
-  if (!problems.empty()) {
-    std::string list;
-    for (size_t i = 0; i < problems.size() && i < 12; ++i) list += "\n  " + problems[i];
-    if (problems.size() > 12) list += "\n  ... and " + std::to_string(problems.size() - 12) + " more";
-    throw DataError("init_from: " + file + " does not fit this model (" + std::to_string(problems.size()) +
-                    " problems):" + list + "\ncheck that model.vision / model.llm / model.projector match the earlier stage");
-  }
-  spdlog::info("init_from: {} tensors of [{}] from {}", copied,
-               [&] {
-                 std::string s;
-                 for (const auto& c : init.components) s += (s.empty() ? "" : ", ") + c;
-                 return s;
-               }(),
-               dir);
-  return dir;
-}
 
 LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& b, int accum, int64_t image_id, bool bf16) {
   const double normaliser = std::max<int64_t>(1, b.target_tokens());
@@ -249,7 +206,6 @@ void set_vlm_train_modes(VlmModel& model) {
   if (frozen(*model->llm)) model->llm->model->eval();
 }
 
-
 TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
   const int threads = prepare_run(cfg);
@@ -299,7 +255,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     spdlog::info("resumed from {} at step {}", resumed_from, start);
     forget_after_step(cfg.run.out_dir, start);
   } else {
-    for (const auto& init : cfg.init_from) init_components(model, init);
+    for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model);
   }
   atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
 

@@ -23,11 +23,6 @@ namespace trialign {
 // The model for a config whose llm.vocab_size may come from the tokenizer (cfg is updated).
 VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok);
 
-// Copies the named components from a checkpoint (or a run folder's newest checkpoint) of any
-// trainer whose model.safetensors uses the same names (stage 1's vision_model included). Every
-// parameter of a requested component must be present with the same shape; else DataError
-// listing what is missing or mis-shaped. Returns the checkpoint directory used.
-std::string init_components(VlmModel& model, const InitFrom& init);
 
 // One optimizer step's forward and backward over a batch split into `accum` micro-batches of
 // equal sample count. The loss is normalised by the target tokens of the whole batch, so the

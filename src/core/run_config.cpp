@@ -69,11 +69,26 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
   if (c.data.tokenizer.empty())
     errors.add(at("data"), "data.tokenizer",
                "missing: a sentencepiece .model (make one with `trialign tokenizer train`)");
-  if (!c.is_vlm()) {
-    if (!c.init_from.empty())
-      errors.add(at("init_from"), "init_from", "is used by the adapter and finetune trainers; stage 1 starts fresh");
-    return;
+  // Components by model: stage 1's CLIPModel or the VLM of stages 2-3 (models/hf_interop.h).
+  const std::vector<std::string> known =
+      c.is_vlm() ? std::vector<std::string>{"vision_model", "mm_projector", "language_model"}
+                 : std::vector<std::string>{"vision_model", "text_model", "visual_projection", "text_projection"};
+  std::string known_list;
+  for (const auto& k : known) known_list += (known_list.empty() ? "" : ", ") + k;
+  for (size_t k = 0; k < c.init_from.size(); ++k) {
+    const auto& init = c.init_from[k];
+    const std::string key = "init_from[" + std::to_string(k) + "]";
+    for (size_t i = 0; i < init.components.size(); ++i)
+      if (std::find(known.begin(), known.end(), init.components[i]) == known.end())
+        errors.add(at("init_from"), key + ".components[" + std::to_string(i) + "]",
+                   "unknown component '" + init.components[i] + "' for the " + c.trainer + " trainer; use " + known_list);
+    if (init.checkpoint.empty())
+      errors.add(at("init_from"), key + ".checkpoint",
+                 "missing: a checkpoint or run folder, or Hugging Face safetensors (file, index .json or folder)");
+    if (init.components.empty())
+      errors.add(at("init_from"), key + ".components", "missing: which components to take, e.g. [" + known_list + "]");
   }
+  if (!c.is_vlm()) return;
   // ---- stages 2-3 ----
   if (c.trainer == "preference") {
     if (c.data.chat_template != "chat")
@@ -104,20 +119,6 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     errors.add(at("model.vision_feature_layer"), "model.vision_feature_layer",
                "must be in [" + std::to_string(-states) + ", " + std::to_string(states - 1) +
                    "] (Python-style index into the " + std::to_string(states) + " hidden states; -2 = second to last)");
-  const std::vector<std::string> known = {"vision_model", "mm_projector", "language_model"};
-  for (size_t k = 0; k < c.init_from.size(); ++k) {
-    const auto& init = c.init_from[k];
-    const std::string key = "init_from[" + std::to_string(k) + "]";
-    for (size_t i = 0; i < init.components.size(); ++i)
-      if (std::find(known.begin(), known.end(), init.components[i]) == known.end())
-        errors.add(at("init_from"), key + ".components[" + std::to_string(i) + "]",
-                   "unknown component '" + init.components[i] + "'; use vision_model, mm_projector or language_model");
-    if (init.checkpoint.empty())
-      errors.add(at("init_from"), key + ".checkpoint", "missing: the checkpoint (or run folder) to take components from");
-    if (init.components.empty())
-      errors.add(at("init_from"), key + ".components",
-                 "missing: which components to take, e.g. [vision_model] or [vision_model, mm_projector, language_model]");
-  }
   for (size_t i = 0; i < c.optim.param_groups.size(); ++i)
     if (c.optim.param_groups[i].match.empty())
       errors.add(at("optim.param_groups"), "optim.param_groups[" + std::to_string(i) + "].match",

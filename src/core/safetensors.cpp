@@ -58,8 +58,7 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   if (!out) throw std::runtime_error("write failed for '" + path + "' (disk full?)");
 }
 
-std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,
-                                                      std::map<std::string, std::string>* metadata) {
+SafetensorsHeader read_safetensors_header(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw DataError("cannot open safetensors file '" + path + "'");
   const uint64_t size = static_cast<uint64_t>(in.tellg());
@@ -73,6 +72,7 @@ std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,
     throw DataError(path + ": safetensors header length " + std::to_string(n) + " exceeds the file size");
   std::string h(n, '\0');
   in.read(h.data(), static_cast<std::streamsize>(n));
+  if (!in) throw DataError(path + ": read failed (truncated file?)");
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(h);
@@ -80,17 +80,14 @@ std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,
     throw DataError(path + ": safetensors header is not valid JSON: " + e.what());
   }
   if (!header.is_object()) throw DataError(path + ": safetensors header must be a JSON object");
-  const uint64_t data_size = size - 8 - n;
-  std::vector<char> data(data_size);
-  in.read(data.data(), static_cast<std::streamsize>(data_size));
-  if (!in) throw DataError(path + ": read failed (truncated file?)");
-
-  std::map<std::string, torch::Tensor> out;
+  SafetensorsHeader out;
+  out.data_start = 8 + n;
+  out.data_size = size - 8 - n;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
-      if (metadata && it.value().is_object())
+      if (it.value().is_object())
         for (auto m = it.value().begin(); m != it.value().end(); ++m)
-          if (m.value().is_string()) (*metadata)[m.key()] = m.value().get<std::string>();
+          if (m.value().is_string()) out.metadata[m.key()] = m.value().get<std::string>();
       continue;
     }
     const auto& e = it.value();
@@ -98,38 +95,60 @@ std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,
     if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets"))
       throw DataError(where + ": entry needs dtype, shape and data_offsets");
     if (!e["dtype"].is_string()) throw DataError(where + ": dtype must be a string");
-    const std::string dt = e["dtype"].get<std::string>();
+    TensorEntry t;
+    t.name = it.key();
+    t.dtype = e["dtype"].get<std::string>();
     const DtypeInfo* info = nullptr;
     for (const auto& d : kDtypes)
-      if (dt == d.name) info = &d;
-    if (!info) throw DataError(where + ": unsupported dtype '" + dt + "'");
-    std::vector<int64_t> shape;
+      if (t.dtype == d.name) info = &d;
+    if (!info) throw DataError(where + ": unsupported dtype '" + t.dtype + "'");
+    t.type = info->type;
     uint64_t numel = 1;
     if (!e["shape"].is_array()) throw DataError(where + ": shape must be a list");
     for (const auto& d : e["shape"]) {
       if (!d.is_number_unsigned()) throw DataError(where + ": shape entries must be non-negative integers");
       const uint64_t v = d.get<uint64_t>();
       if (v > (1ull << 40) || (v && numel > (1ull << 62) / v)) throw DataError(where + ": shape too large");
-      shape.push_back(static_cast<int64_t>(v));
+      t.shape.push_back(static_cast<int64_t>(v));
       numel *= v;
     }
     const auto& off = e["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
       throw DataError(where + ": data_offsets must be [begin, end]");
-    const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
+    t.begin = off[0].get<uint64_t>();
+    t.end = off[1].get<uint64_t>();
     const uint64_t elem = torch::elementSize(info->type);
-    if (numel > data_size / elem)
+    if (numel > out.data_size / elem)
       throw DataError(where + ": shape needs " + std::to_string(numel) + " elements, more than the " +
-                      std::to_string(data_size) + "-byte data section holds");
-    if (b > en || en > data_size)
-      throw DataError(where + ": data_offsets [" + std::to_string(b) + ", " + std::to_string(en) +
-                      "] outside the " + std::to_string(data_size) + "-byte data section (truncated file?)");
-    if (en - b != numel * elem)
-      throw DataError(where + ": " + std::to_string(en - b) + " bytes do not match shape and dtype (" +
+                      std::to_string(out.data_size) + "-byte data section holds");
+    if (t.begin > t.end || t.end > out.data_size)
+      throw DataError(where + ": data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                      "] outside the " + std::to_string(out.data_size) + "-byte data section (truncated file?)");
+    if (t.end - t.begin != numel * elem)
+      throw DataError(where + ": " + std::to_string(t.end - t.begin) + " bytes do not match shape and dtype (" +
                       std::to_string(numel * elem) + " expected)");
-    auto t = torch::empty(shape, torch::TensorOptions().dtype(info->type));
-    if (numel) std::memcpy(t.data_ptr(), data.data() + b, en - b);
-    out.emplace(it.key(), t);
+    out.tensors.push_back(std::move(t));
+  }
+  return out;
+}
+
+std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,
+                                                      std::map<std::string, std::string>* metadata) {
+  const SafetensorsHeader header = read_safetensors_header(path);
+  if (metadata)
+    for (const auto& [k, v] : header.metadata) (*metadata)[k] = v;
+  // Each tensor is read straight into its own storage: no second copy of the file in memory.
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw DataError("cannot open safetensors file '" + path + "'");
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& e : header.tensors) {
+    auto t = torch::empty(e.shape, torch::TensorOptions().dtype(e.type));
+    if (e.end > e.begin) {
+      in.seekg(static_cast<std::streamoff>(header.data_start + e.begin));
+      in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(e.end - e.begin));
+      if (!in) throw DataError(path + ": tensor '" + e.name + "': read failed (truncated file?)");
+    }
+    out.emplace(e.name, t);
   }
   return out;
 }

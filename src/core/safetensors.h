@@ -18,6 +18,21 @@ using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// The header alone (names, dtypes, shapes, offsets), validated as load_safetensors does: what a
+// file holds without reading its tensors.
+struct TensorEntry {
+  std::string name, dtype;  // dtype as the file spells it: F32, BF16, ...
+  torch::ScalarType type = torch::kFloat32;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;  // byte offsets inside the data section
+};
+struct SafetensorsHeader {
+  std::vector<TensorEntry> tensors;  // by name
+  std::map<std::string, std::string> metadata;
+  uint64_t data_start = 0, data_size = 0;
+};
+SafetensorsHeader read_safetensors_header(const std::string& path);
+
 // Reads every tensor. Throws DataError naming the path and the offending entry for a truncated
 // file, a header that is not valid JSON, unknown dtypes, or offsets outside the file.
 std::map<std::string, torch::Tensor> load_safetensors(const std::string& path,

@@ -8,7 +8,13 @@ std::vector<std::string> component_prefixes(const std::string& component) {
   if (component == "vision_model") return {"vision_model."};
   if (component == "mm_projector") return {"mm_projector."};
   if (component == "language_model") return {"model.", "lm_head."};
-  throw ConfigError("unknown component '" + component + "'; use vision_model, mm_projector or language_model");
+  // Stage 1's CLIPModel.
+  if (component == "text_model") return {"text_model."};
+  if (component == "visual_projection") return {"visual_projection."};
+  if (component == "text_projection") return {"text_projection."};
+  throw ConfigError("unknown component '" + component +
+                    "'; use vision_model, mm_projector or language_model (stages 2-3), or vision_model, text_model, "
+                    "visual_projection, text_projection (stage 1)");
 }
 
 std::string component_of(const std::string& name) {

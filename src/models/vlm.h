@@ -18,8 +18,8 @@
 
 namespace trialign {
 
-// Parameter-name prefixes of a component: vision_model, mm_projector, language_model.
-// Throws ConfigError for another name.
+// Parameter-name prefixes of a component: vision_model, mm_projector, language_model (stages
+// 2-3), text_model, visual_projection, text_projection (stage 1). Throws ConfigError for another.
 std::vector<std::string> component_prefixes(const std::string& component);
 // The component a parameter belongs to ("" for none).
 std::string component_of(const std::string& param_name);

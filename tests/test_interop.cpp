@@ -1,0 +1,353 @@
+// Weights in and out: export -> import round trips, Hugging Face files written by hand (sharded,
+// LLaVA names, fp16) landing in the right parameters, `inspect` and `forward` through the command
+// line, and SIGTERM through the command line (checkpoint, exit 75, resume).
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "core/weight_files.h"
+#include "models/hf_interop.h"
+#include "test_helpers.h"
+#include "tools/interop.h"
+#include "trainers/contrastive.h"
+#include "trainers/vlm.h"
+
+using namespace trialign;
+using trialign::test::TempDir;
+using trialign::test::write_file;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Tiny shapes world with YAML configs for a stage-1 and a stage-3 model.
+struct Corpus {
+  TempDir dir{"interop"};
+  Corpus() {
+    test::write_tiny_shapes_corpus(dir.file("data"), 16, 4);
+    write_file(dir.file("vlm.yaml"), R"(
+trainer: finetune
+run: {threads: 1, seed: 5, precision: fp32}
+data: {image_size: 32, max_seq_len: 320, on_too_long: truncate, workers: 1, tokenizer: )" + dir.file("data/tok.model") +
+                                         ", train: " + dir.file("data/train_instruct.jsonl") + R"(}
+model:
+  vision: {image_size: 32, patch_size: 8, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2}
+  projector: {type: mlp2x_gelu, spatial_merge: 2}
+  llm: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 320}
+train: {batch_size: 4, log_every: 1, steps: 2}
+optim: {lr: 1.0e-2}
+schedule: {warmup_steps: 0}
+)");
+    write_file(dir.file("clip.yaml"), R"(
+trainer: contrastive
+run: {threads: 1, seed: 5, precision: fp32}
+data: {image_size: 32, max_text_len: 24, workers: 1, tokenizer: )" + dir.file("data/tok.model") +
+                                          ", train: " + dir.file("data/train.jsonl") + R"(}
+model:
+  vision: {image_size: 32, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2}
+  text: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, max_position_embeddings: 24}
+  projection_dim: 8
+train: {batch_size: 8, log_every: 1, steps: 2}
+eval: {recall_at: [1]}
+)");
+  }
+  RunConfig config(const std::string& file, const std::string& out, std::vector<std::string> sets = {}) const {
+    sets.push_back("run.out_dir=" + dir.file(out));
+    return load_run_config(dir.file(file), sets);
+  }
+};
+
+TrainOptions quiet() {
+  TrainOptions o;
+  o.quiet = true;
+  return o;
+}
+
+// Runs the trialign binary; returns its exit code, output (stdout + stderr) in `out`.
+int run_cli(const std::string& args, std::string* out = nullptr) {
+  const std::string cmd = std::string(TRIALIGN_BINARY) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p);
+  std::string text;
+  char buf[4096];
+  while (size_t n = std::fread(buf, 1, sizeof buf, p)) text.append(buf, n);
+  const int status = ::pclose(p);
+  if (out) *out = text;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+TEST_CASE("export -> import: every tensor comes back identical, sharded or not, stage 1 and stages 2-3",
+          "[interop][slow]") {
+  Corpus c;
+  SECTION("stages 2-3: three component folders, the language model sharded") {
+    const auto trained = train_vlm(c.config("vlm.yaml", "run"), quiet());
+    const std::string exp = c.dir.file("exported");
+    const auto files = export_checkpoint(c.dir.file("run"), exp, "fp32", /*max_shard_bytes=*/4096);
+    CHECK(fs::exists(exp + "/language_model/model.safetensors.index.json"));
+    CHECK(weight_files(exp + "/language_model").size() >= 2);  // shards
+    CHECK(fs::exists(exp + "/vision_model/config.json"));
+    CHECK(fs::exists(exp + "/language_model/tokenizer.model"));
+    const auto cfgjson = nlohmann::json::parse(read_text_file(exp + "/language_model/config.json"));
+    CHECK(cfgjson["architectures"][0] == "LlamaForCausalLM");
+    CHECK(cfgjson["num_key_value_heads"] == 1);
+    CHECK(cfgjson["vocab_size"] > 0);
+
+    // Imported with another seed: only loaded weights can make the tensors equal.
+    const std::string ckpt = import_weights(c.config("vlm.yaml", "unused", {"run.seed=77"}),
+                                            {{"vision_model", exp + "/vision_model"},
+                                             {"mm_projector", exp + "/mm_projector"},
+                                             {"language_model", exp + "/language_model/model.safetensors.index.json"}},
+                                            c.dir.file("imported"));
+    const auto a = load_safetensors(trained.checkpoint + "/model.safetensors");
+    const auto b = load_safetensors(ckpt + "/model.safetensors");
+    CHECK(a.size() == b.size());
+    test::check_same_tensors(a, b);
+
+    // The same outputs through `trialign forward`, from the checkpoint and from config + weights.
+    const std::string image = c.dir.file("data/images/val/000000.png");
+    std::string log;
+    REQUIRE(run_cli("forward " + trained.checkpoint + " --tokens 2,5,4,7 --image " + image + " --out " +
+                        c.dir.file("f1.safetensors"),
+                    &log) == 0);
+    REQUIRE(run_cli("forward --config " + c.dir.file("vlm.yaml") + " --weights vision_model=" + exp +
+                        "/vision_model --weights mm_projector=" + exp + "/mm_projector --weights language_model=" + exp +
+                        "/language_model --tokens 2,5,4,7 --image " + image + " --out " + c.dir.file("f2.safetensors"),
+                    &log) == 0);
+    const auto f1 = load_safetensors(c.dir.file("f1.safetensors")), f2 = load_safetensors(c.dir.file("f2.safetensors"));
+    test::check_same_tensors(f1, f2);
+    // Token 4 is <image> in the test tokenizer: it expands to the image's 4 visual tokens.
+    CHECK(f1.at("logits").sizes() == torch::IntArrayRef({1, 7, cfgjson["vocab_size"].get<int64_t>()}));
+    CHECK(f1.at("image_tokens").sizes() == torch::IntArrayRef({1, 4, 16}));
+    CHECK(f1.at("image_features").sizes() == torch::IntArrayRef({1, 16, 16}));
+  }
+  SECTION("stage 1: one CLIPModel folder with logit_scale, in bf16 and fp32") {
+    const auto trained = train_contrastive(c.config("clip.yaml", "run"), quiet());
+    const std::string exp = c.dir.file("exported");
+    export_checkpoint(trained.checkpoint, exp, "fp32", 0);
+    const auto cfgjson = nlohmann::json::parse(read_text_file(exp + "/config.json"));
+    CHECK(cfgjson["architectures"][0] == "CLIPModel");
+    CHECK(cfgjson["vision_config"]["patch_size"] == 8);
+    const auto file = load_safetensors(exp + "/model.safetensors");
+    CHECK(torch::equal(file.at("logit_scale"), load_safetensors(trained.checkpoint + "/loss.safetensors").at("logit_scale")));
+    std::vector<WeightSource> all;
+    for (const auto& comp : model_components(false)) all.push_back({comp, exp});
+    all[0].path = exp + "/model.safetensors";  // a file works as well as its folder
+    const std::string ckpt = import_weights(c.config("clip.yaml", "unused", {"run.seed=77"}), all, c.dir.file("imported"));
+    const auto a = load_safetensors(trained.checkpoint + "/model.safetensors");
+    const auto b = load_safetensors(ckpt + "/model.safetensors");
+    CHECK(a.size() == b.size());
+    test::check_same_tensors(a, b);
+
+    export_checkpoint(trained.checkpoint, c.dir.file("bf16"), "bf16", 0);
+    const auto half = load_safetensors(c.dir.file("bf16/model.safetensors"));
+    const auto& w = a.at("visual_projection.weight");
+    CHECK(half.at("visual_projection.weight").scalar_type() == torch::kBFloat16);
+    CHECK(torch::equal(half.at("visual_projection.weight"), w.to(torch::kBFloat16)));
+    CHECK_THROWS_WITH(export_checkpoint(trained.checkpoint, exp, "fp32", 0), Catch::Contains("is not empty"));
+  }
+}
+
+namespace {
+
+// Safetensors bytes built by hand from (name, dtype, shape, raw bytes), independent of the
+// framework's writer: 8-byte little-endian header length, the JSON header, the data.
+struct HandTensor {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+std::string hand_safetensors(const std::vector<HandTensor>& ts) {
+  std::string header = "{", data;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    std::string shape;
+    for (size_t d = 0; d < ts[i].shape.size(); ++d) shape += (d ? "," : "") + std::to_string(ts[i].shape[d]);
+    header += (i ? "," : "") + std::string("\"") + ts[i].name + "\":{\"dtype\":\"" + ts[i].dtype + "\",\"shape\":[" +
+              shape + "],\"data_offsets\":[" + std::to_string(data.size()) + "," +
+              std::to_string(data.size() + ts[i].bytes.size()) + "]}";
+    data += ts[i].bytes;
+  }
+  header += "}";
+  std::string out;
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((uint64_t(header.size()) >> (8 * i)) & 0xff));
+  return out + header + data;
+}
+
+// Value k + ((i % 7) - 3) / 8 for element i of tensor number k: exact in fp16 and fp32.
+torch::Tensor pattern(const std::vector<int64_t>& shape, int k) {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  auto i = torch::arange(n, torch::kFloat32);
+  return (k + (torch::fmod(i, 7) - 3) / 8).reshape(shape);
+}
+std::string raw_bytes(const torch::Tensor& t) {
+  auto c = t.contiguous();
+  return std::string(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel() * c.element_size()));
+}
+
+}  // namespace
+
+TEST_CASE("Hugging Face weights written by hand: LLaVA names, two shards (fp32 + fp16), an index, into the right parameters",
+          "[interop]") {
+  Corpus c;
+  RunConfig cfg = c.config("vlm.yaml", "unused");
+  const auto tok = Tokenizer::load(cfg.data.tokenizer);
+  VlmModel model = build_vlm_model(cfg, tok);
+  std::vector<std::pair<std::string, std::vector<int64_t>>> lm;  // our name, shape
+  for (const auto& [name, t] : named_state(*model))
+    if (component_of(name) == "language_model") lm.emplace_back(name, t.sizes().vec());
+  REQUIRE(lm.size() == 2 + 2 * 9 + 1);  // embed, norm, lm_head + 9 per layer
+
+  // LLaVA (Hugging Face) names: language_model.model.* / language_model.lm_head.*; the first half
+  // in an F32 shard, the rest in an F16 shard; plus tensors the loader must leave alone.
+  auto write_model = [&](const std::string& folder, const std::string& skip, const std::string& reshape,
+                         const std::string& config_json) {
+    std::vector<HandTensor> s1, s2;
+    std::string map;
+    for (size_t k = 0; k < lm.size(); ++k) {
+      const auto& [name, shape0] = lm[k];
+      if (name == skip) continue;
+      auto shape = shape0;
+      if (name == reshape) shape[0] += 1;
+      const std::string hf = "language_model." + name;
+      const bool first = k < lm.size() / 2;
+      auto t = pattern(shape, static_cast<int>(k));
+      (first ? s1 : s2).push_back({hf, first ? "F32" : "F16", shape, raw_bytes(first ? t : t.to(torch::kHalf))});
+      map += std::string(map.empty() ? "" : ",") + "\"" + hf + "\":\"" + (first ? "a.safetensors" : "b.safetensors") + "\"";
+    }
+    s2.push_back({"language_model.model.layers.0.self_attn.rotary_emb.inv_freq", "F32", {4}, std::string(16, '\0')});
+    s2.push_back({"vision_tower.vision_model.post_layernorm.weight", "F32", {2}, std::string(8, '\0')});
+    map += ",\"language_model.model.layers.0.self_attn.rotary_emb.inv_freq\":\"b.safetensors\"";
+    map += ",\"vision_tower.vision_model.post_layernorm.weight\":\"b.safetensors\"";
+    write_file(folder + "/a.safetensors", hand_safetensors(s1));
+    write_file(folder + "/b.safetensors", hand_safetensors(s2));
+    write_file(folder + "/model.safetensors.index.json", "{\"metadata\": {}, \"weight_map\": {" + map + "}}");
+    if (!config_json.empty()) write_file(folder + "/config.json", config_json);
+  };
+  const std::string llava_config =
+      R"({"model_type": "llava", "text_config": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}})";
+
+  write_model(c.dir.file("hf"), "", "", llava_config);
+  std::string layout;
+  std::vector<std::string> names;
+  for (const auto& [n, t] : named_state(*model)) names.push_back(n);
+  map_hf_names(load_weights(c.dir.file("hf")), "language_model", names, &layout);
+  CHECK_THAT(layout, Catch::Contains("language_model.model.*"));
+  const auto vision_before = model->vision_model->post_layernorm->weight.clone();
+  init_components(*model, InitFrom{c.dir.file("hf"), {"language_model"}}, cfg.model);
+  std::map<std::string, torch::Tensor> state;
+  for (const auto& [n, t] : named_state(*model)) state[n] = t;
+  for (size_t k = 0; k < lm.size(); ++k) {
+    INFO(lm[k].first);
+    CHECK(torch::equal(state.at(lm[k].first), pattern(lm[k].second, static_cast<int>(k))));
+  }
+  // Spot checks with values worked by hand: tensor 0 (registration order) is the embedding, its
+  // element 1 is 0 + (1 - 3) / 8; tensor 20 is lm_head.weight, its element 10 is 20 + (3 - 3) / 8.
+  CHECK(lm[0].first == "model.embed_tokens.weight");
+  CHECK(state.at("model.embed_tokens.weight").flatten()[1].item<float>() == -0.25f);
+  CHECK(lm[20].first == "lm_head.weight");
+  CHECK(state.at("lm_head.weight").flatten()[10].item<float>() == 20.0f);
+  CHECK(torch::equal(model->vision_model->post_layernorm->weight, vision_before));  // other components untouched
+
+  SECTION("what does not fit is named") {
+    write_model(c.dir.file("missing"), "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.k_proj.weight", "");
+    CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("missing"), {"language_model"}}, cfg.model),
+                      Catch::Contains("missing (1): model.layers.1.mlp.up_proj.weight") &&
+                          Catch::Contains("mis-shaped (1): model.layers.0.self_attn.k_proj.weight (file [9, 16], model [8, 16])"));
+    write_model(c.dir.file("theta"), "", "",
+                R"({"model_type": "llama", "hidden_size": 16, "rope_theta": 500000.0, "num_hidden_layers": 3})");
+    CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("theta"), {"language_model"}}, cfg.model),
+                      Catch::Contains("model.llm.rope_theta: config.json has 500000.0, the run config 10000") &&
+                          Catch::Contains("model.llm.num_hidden_layers: config.json has 3"));
+    // An index naming a shard that does not hold the tensor.
+    write_model(c.dir.file("badindex"), "", "", "");
+    std::string idx = read_text_file(c.dir.file("badindex/model.safetensors.index.json"));
+    const auto at = idx.find("a.safetensors");
+    idx.replace(at, 13, "b.safetensors");
+    write_file(c.dir.file("badindex/model.safetensors.index.json"), idx);
+    CHECK_THROWS_WITH(load_weights(c.dir.file("badindex")), Catch::Contains("but that shard does not hold it"));
+  }
+}
+
+TEST_CASE("inspect reads a checkpoint without loading it and names a damaged file", "[interop][cli]") {
+  Corpus c;
+  const auto trained = train_contrastive(c.config("clip.yaml", "run"), quiet());
+  std::string out;
+  REQUIRE(run_cli("inspect " + c.dir.file("run") + " --json --tensors --verify", &out) == 0);
+  const auto j = nlohmann::json::parse(out);
+  CHECK(j["kind"] == "checkpoint");
+  CHECK(j["trainer"] == "contrastive");
+  CHECK(j["step"] == 2);
+  CHECK(j["verified"] == true);
+  const auto weights = load_safetensors(trained.checkpoint + "/model.safetensors");
+  int64_t vision = 0;
+  for (const auto& [n, t] : weights)
+    if (n.rfind("vision_model.", 0) == 0) vision += t.numel();
+  CHECK(j["components"]["vision_model"]["parameters"] == vision);
+  CHECK(j["components"]["logit_scale"]["parameters"] == 1);  // from loss.safetensors
+  CHECK(j["tensors"].size() == weights.size() + 1);
+
+  {  // one flipped byte: named by --verify, exit code 2
+    std::fstream f(trained.checkpoint + "/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  CHECK(run_cli("inspect " + trained.checkpoint + " --verify", &out) == 2);
+  CHECK_THAT(out, Catch::Contains(trained.checkpoint + "/model.safetensors' fails its checksum"));
+}
+
+TEST_CASE("SIGTERM through the command line: the step finishes, a checkpoint is written, exit code 75, resume continues",
+          "[interop][cli][slow]") {
+  Corpus c;
+  const std::string run = c.dir.file("run"), log = c.dir.file("train.out");
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen(log.c_str(), "w", stdout);
+    std::freopen(log.c_str(), "a", stderr);
+    const std::string cfg = c.dir.file("clip.yaml"), out = "run.out_dir=" + run, steps = "train.steps=100000";
+    ::execl(TRIALIGN_BINARY, TRIALIGN_BINARY, "train", cfg.c_str(), "--set", out.c_str(), "--set", steps.c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait for training to be under way (a few logged steps), then ask it to stop.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  int64_t lines = 0;
+  while (std::chrono::steady_clock::now() < deadline && lines < 3) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::ifstream m(run + "/metrics.jsonl");
+    std::string l;
+    lines = 0;
+    while (std::getline(m, l)) ++lines;
+  }
+  REQUIRE(lines >= 3);
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  INFO(read_text_file(log));
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 75);
+  const std::string ckpt = find_latest_checkpoint(run);
+  REQUIRE_FALSE(ckpt.empty());
+  const auto info = verify_checkpoint(ckpt);
+  CHECK(info.step >= 3);
+  CHECK_THAT(read_text_file(log), Catch::Contains("continue with --resume auto"));
+  // Resume to two steps further (a safe change of train.steps).
+  std::string out;
+  CHECK(run_cli("train " + c.dir.file("clip.yaml") + " --set run.out_dir=" + run + " --set train.steps=" +
+                    std::to_string(info.step + 2) + " --resume auto",
+                &out) == 0);
+  CHECK(verify_checkpoint(find_latest_checkpoint(run)).step == info.step + 2);
+}
