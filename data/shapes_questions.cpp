@@ -42,19 +42,6 @@ std::string plural(const std::string& noun) {
   return noun + "s";
 }
 
-// "an orange ...", "a red ...": colour words decide the article.
-std::string article(const std::string& word) {
-  return !word.empty() && std::string("aeiou").find(word[0]) != std::string::npos ? "an" : "a";
-}
-
-std::string opposite(const std::string& predicate) {
-  if (predicate == "left of") return "right of";
-  if (predicate == "right of") return "left of";
-  if (predicate == "above") return "below";
-  if (predicate == "below") return "above";
-  throw std::invalid_argument("make_questions: unknown relation predicate '" + predicate +
-                              "'; known predicates are: left of, right of, above, below");
-}
 
 template <class Key>
 std::map<Key, int> tally(const std::vector<Object>& objects, Key (*key)(const Object&)) {
@@ -130,7 +117,7 @@ bool make_existence(const Scene& s, const GeneratorOptions& opts, Rng rng, QA& q
     if (present.insert(pair_of(o)).second) present_list.push_back(pair_of(o));
 
   auto ask = [&](const Pair& p, const char* answer) {
-    qa = {"existence", "Is there " + article(p.first) + " " + p.first + " " + p.second + "?", answer};
+    qa = {"existence", "Is there " + indefinite_article(p.first) + " " + p.first + " " + p.second + "?", answer};
     return true;
   };
   const bool want_yes = coin(rng);
@@ -164,7 +151,7 @@ bool make_relation(const Scene& s, Rng rng, QA& qa) {
                                   r.predicate + " " + std::to_string(r.object) + "' of scene '" +
                                   s.id + "' does not name two objects of its " +
                                   std::to_string(n));
-    opposite(r.predicate);  // validates the predicate
+    opposite_predicate(r.predicate);  // validates the predicate
   }
   // Only objects a question can name without ambiguity: a unique (colour, shape).
   const auto ident = unique_by(s.objects, pair_of);
@@ -180,7 +167,7 @@ bool make_relation(const Scene& s, Rng rng, QA& qa) {
   const bool yes = coin(rng);
   const Object& a = s.objects[static_cast<size_t>(r.subject)];
   const Object& b = s.objects[static_cast<size_t>(r.object)];
-  const std::string predicate = yes ? r.predicate : opposite(r.predicate);
+  const std::string predicate = yes ? r.predicate : opposite_predicate(r.predicate);
   qa = {"relation",
         "Is the " + a.colour + " " + a.shape + " " + predicate + " the " + b.colour + " " +
             b.shape + "?",
@@ -196,6 +183,20 @@ json turn(const char* from, const std::string& value) {
 }
 
 }  // namespace
+
+// "an orange ...", "a red ...": colour words decide the article.
+std::string indefinite_article(const std::string& word) {
+  return !word.empty() && std::string("aeiou").find(word[0]) != std::string::npos ? "an" : "a";
+}
+
+std::string opposite_predicate(const std::string& predicate) {
+  if (predicate == "left of") return "right of";
+  if (predicate == "right of") return "left of";
+  if (predicate == "above") return "below";
+  if (predicate == "below") return "above";
+  throw std::invalid_argument("make_questions: unknown relation predicate '" + predicate +
+                              "'; known predicates are: left of, right of, above, below");
+}
 
 bool operator==(const QA& a, const QA& b) {
   return a.type == b.type && a.question == b.question && a.answer == b.answer;

@@ -27,6 +27,11 @@ bool operator!=(const QA& a, const QA& b);
 // "[colour] What colour is the circle? -> red" (for test failure messages).
 std::ostream& operator<<(std::ostream& os, const QA& qa);
 
+// "an" before a vowel ("an orange circle"), else "a".
+std::string indefinite_article(const std::string& word);
+// left of <-> right of, above <-> below; std::invalid_argument for another predicate.
+std::string opposite_predicate(const std::string& predicate);
+
 // The question types in the order make_questions returns them:
 // colour, shape, size, count, existence, relation.
 const std::vector<std::string>& question_types();

@@ -16,7 +16,7 @@ scripts/build.sh
 BIN=build/trialign
 DATA=data/shapes
 
-if [ ! -f "$DATA/val_vqa.jsonl" ]; then
+if [ ! -f "$DATA/val_pope.jsonl" ]; then  # the newest file it writes (same seed, same bytes)
   "$BIN" data shapes --out "$DATA" --train 10000 --val 1000 --seed 0
 fi
 if [ ! -f "$DATA/tokenizer.model" ]; then

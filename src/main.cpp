@@ -18,6 +18,7 @@
 #include "data/caption_dataset.h"
 #include "data/conversation_dataset.h"
 #include "data/image.h"
+#include "data/shapes_pope.h"
 #include "data/shapes_preference.h"
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
@@ -27,6 +28,7 @@
 #include "trainers/common.h"
 #include "trainers/contrastive.h"
 #include "trainers/pipeline.h"
+#include "trainers/report.h"
 #include "trainers/vlm.h"
 #include "tools/interop.h"
 
@@ -168,7 +170,8 @@ int cmd_run(const std::string& pipeline, const std::vector<std::string>& sets) {
   TrainOptions opt;
   auto r = run_pipeline(plan, opt);
   if (r.interrupted) return kExitInterrupted;
-  std::cout << pipeline_summary(plan, r) << std::flush;
+  std::cout << pipeline_summary(plan, r);
+  std::cout << "report: " << write_pipeline_report(plan, r) << std::endl;
   return kExitOk;
 }
 
@@ -246,6 +249,7 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   spdlog::info("wrote {} train and {} val preference pairs (train_pref.jsonl, val_pref.jsonl) and {} train and {} val "
                "GRPO prompts (train_grpo.jsonl, val_grpo.jsonl)",
                pref.train_pairs, pref.val_pairs, pref.train_prompts, pref.val_prompts);
+  spdlog::info("wrote {} yes/no hallucination probes (val_pope.jsonl)", shapes::write_pope_data(out, n_val, opt));
   return kExitOk;
 }
 

@@ -11,6 +11,7 @@
 
 #include <map>
 
+#include "data/shapes_pope.h"
 #include "data/shapes_preference.h"
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
@@ -61,6 +62,7 @@ inline void write_tiny_shapes_corpus(const std::string& dir, int64_t n_train, in
   shapes::write_dataset(dir, n_train, n_val, g);
   shapes::write_instruction_data(dir, n_train, n_val, g);
   shapes::write_preference_data(dir, n_train, n_val, g);
+  shapes::write_pope_data(dir, n_val, g);
   TokenizerTrainOptions o;
   o.manifests = {dir + "/train.jsonl", dir + "/train_instruct.jsonl"};
   o.fields = {"caption", "conversations"};

@@ -13,6 +13,7 @@
 #include "data/shapes_world.h"
 #include "eval/caption_objects.h"
 #include "losses/cross_entropy.h"
+#include "pipeline_fixtures.h"
 #include "test_helpers.h"
 #include "trainers/pipeline.h"
 #include "trainers/vlm.h"
@@ -396,31 +397,27 @@ TEST_CASE("config: stage 2-3 mistakes are reported with their keys", "[vlm][conf
 }
 
 TEST_CASE("pipeline summary: one readable line per stage from the stages' held-out results", "[vlm][pipeline]") {
-  PipelinePlan plan;
-  plan.pipeline.name = "demo";
-  plan.pipeline.out_dir = "runs/demo";
-  for (const auto& [name, trainer] : std::vector<std::pair<std::string, std::string>>{
-           {"s1", "contrastive"}, {"s3", "finetune"}, {"lm", "finetune"}, {"s4", "preference"}, {"s5", "finetune"}}) {
-    PipelineStage st;
-    st.name = name;
-    plan.pipeline.stages.push_back(st);
-    RunConfig cfg;
-    cfg.trainer = trainer;
-    plan.stages.push_back(cfg);
-  }
+  const auto plan = test::demo_plan("runs/demo", {{"s1", "contrastive"}, {"s3", "finetune"}, {"lm", "finetune"},
+                                                  {"s4", "preference"}, {"s5", "finetune"}});
   PipelineResult r;
   r.stages["s1"]["eval"] = {{"i2t/R@1", 0.5}, {"i2t/R@5", 0.9}, {"t2i/R@1", 0.25}, {"t2i/R@5", 0.875},
-                            {"negatives/all", 0.8}, {"negatives/shape", 0.7}};
+                            {"negatives/all", 0.8}, {"negatives/shape", 0.7}, {"alignment/mutual_knn@10", 0.3},
+                            {"alignment/cka", 0.625}};
   r.stages["s3"]["eval"]["vqa"] = {{"exact_match", 0.75}, {"exact_match/colour", 1.0}, {"exact_match/count", 0.5},
                                    {"loss", 0.4}, {"loss_shuffled_images", 0.8}, {"records", 8}};
+  r.stages["s3"]["eval"]["probes"] = {{"exact_match", 0.75}, {"pope/accuracy", 0.75}, {"pope/hallucination_rate", 0.25},
+                                    {"pope/yes_ratio", 0.5}, {"pope/object/hallucination_rate", 0.125},
+                                    {"pope/object/random/accuracy", 0.9}, {"pope/relation/hallucination_rate", 0.5}};
   r.stages["lm"]["eval"] = nlohmann::json();
   r.stages["s4"]["eval"]["val"] = {{"likelihood_accuracy", 0.75}, {"likelihood_accuracy/object", 0.5},
                                    {"likelihood_accuracy/relation", 1.0}, {"preference_accuracy", 0.625}};
   const std::string s = pipeline_summary(plan, r);
   CHECK_THAT(s, Catch::StartsWith("pipeline demo (runs/demo/pipeline.json), held-out results:\n"));
   CHECK_THAT(s, Catch::Contains("  s1       contrastive  retrieval i2t R@1 0.500 R@5 0.900, t2i R@1 0.250 R@5 0.875; "
-                                "true caption above a hard negative: shape 0.700\n"));
-  CHECK_THAT(s, Catch::Contains("  s3       finetune     vqa: exact match 0.750 (colour 1.000, count 0.500); token loss "
+                                "true caption above a hard negative: shape 0.700; mutual kNN@10 0.300, CKA 0.625\n"));
+  CHECK_THAT(s, Catch::Contains("  s3       finetune     probes: yes/no accuracy 0.750, says yes to what is not there "
+                                "0.250 (object 0.125, relation 0.500), yes ratio 0.500\n"
+                                "                        vqa: exact match 0.750 (colour 1.000, count 0.500); token loss "
                                 "0.400 (0.800 with other images)\n"));
   CHECK_THAT(s, Catch::Contains("  lm       finetune     no held-out set configured\n"));
   CHECK_THAT(s, Catch::Contains("  s5       finetune     not run\n"));

@@ -14,6 +14,7 @@
 #include "core/safetensors.h"
 #include "data/prefetch_loader.h"
 #include "data/sampler.h"
+#include "eval/representation.h"
 #include "eval/retrieval.h"
 #include "losses/loss.h"
 #include "models/hf_interop.h"
@@ -142,6 +143,9 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   auto I = torch::cat(imgs), T = torch::cat(txts);  // [N, E]
   nlohmann::json j;
   for (const auto& [k, v] : retrieval_recall(I, T, captions, eval.recall_at)) j[k] = v;
+  // Representation-level agreement of the two spaces beyond the matched pairs.
+  if (I.size(0) > 10) j["alignment/mutual_knn@10"] = mutual_knn_alignment(I, T, 10);
+  if (I.size(0) > 1) j["alignment/cka"] = linear_cka(I, T);
   // Records with hard-negative captions: is the true caption ranked above each of them?
   std::vector<const std::vector<int64_t>*> neg_tokens;
   std::vector<int64_t> owner;
@@ -210,9 +214,11 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   auto run_eval = [&](int64_t step) {
     if (!val) return nlohmann::json();
     auto j = evaluate_retrieval(model, *val, cfg.eval, bf16);
-    spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f}",
+    spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f} "
+                 "| mutual kNN@10 {:.3f} CKA {:.3f}",
                  step, j.value("i2t/R@1", 0.0), j.value("i2t/R@5", 0.0), j.value("t2i/R@1", 0.0),
-                 j.value("t2i/R@5", 0.0), j["cosine/matched"].get<double>(), j["cosine/mismatched"].get<double>());
+                 j.value("t2i/R@5", 0.0), j["cosine/matched"].get<double>(), j["cosine/mismatched"].get<double>(),
+                 j.value("alignment/mutual_knn@10", 0.0), j.value("alignment/cka", 0.0));
     if (j.contains("negatives/all")) {
       std::string line;
       for (const auto& [k, v] : j.items())
@@ -223,6 +229,11 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     return j;
   };
 
+  if (cfg.eval.at_start && start == 0) {  // the starting point of the held-out curves
+    const auto before = run_eval(0);
+    if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
+    result.start_eval = before;
+  }
   model->train();
   int64_t step = start;
   auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step); };

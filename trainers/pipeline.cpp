@@ -183,6 +183,16 @@ std::string vlm_set_line(const nlohmann::json& e) {
             levels("likelihood_accuracy") + "; implicit reward prefers it " + fmt3(e["preference_accuracy"]);
     return line;
   }
+  if (e.contains("pope/accuracy")) {  // yes/no hallucination probes (eval/pope.h)
+    std::string levels;
+    for (const char* level : {"object", "attribute", "relation"}) {
+      const std::string k = std::string("pope/") + level + "/hallucination_rate";
+      if (e.contains(k)) levels += (levels.empty() ? "" : ", ") + std::string(level) + " " + fmt3(e[k]);
+    }
+    return "yes/no accuracy " + fmt3(e["pope/accuracy"]) + ", says yes to what is not there " +
+           fmt3(e["pope/hallucination_rate"]) + (levels.empty() ? "" : " (" + levels + ")") + ", yes ratio " +
+           fmt3(e["pope/yes_ratio"]);
+  }
   if (e.contains("exact_match")) {
     line += "exact match " + fmt3(e["exact_match"]);
     std::string types;
@@ -221,6 +231,8 @@ std::string pipeline_summary(const PipelinePlan& plan, const PipelineResult& res
       for (const auto& [k, v] : e.items())
         if (k.rfind("negatives/", 0) == 0 && k != "negatives/all") negs += (negs.empty() ? "" : ", ") + k.substr(10) + " " + fmt3(v);
       if (!negs.empty()) line += "; true caption above a hard negative: " + negs;
+      if (e.contains("alignment/mutual_knn@10"))
+        line += "; mutual kNN@10 " + fmt3(e["alignment/mutual_knn@10"]) + ", CKA " + fmt3(e.value("alignment/cka", nlohmann::json()));
       out += head + line + "\n";
     } else {
       bool first = true;

@@ -12,6 +12,7 @@
 #include "data/prefetch_loader.h"
 #include "eval/answers.h"
 #include "eval/caption_objects.h"
+#include "eval/pope.h"
 #include "models/hf_interop.h"
 
 namespace fs = std::filesystem;
@@ -107,6 +108,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   torch::NoGradGuard ng;
   double loss_sum = 0, tokens = 0, shuffled_sum = 0, shuffled_tokens = 0;
   std::map<std::string, std::pair<int64_t, int64_t>> exact;  // type -> (right, total)
+  std::map<std::string, YesNoCounts> pope;                    // yes/no probes (eval/pope.h)
   CaptionObjectScore caption;
   int64_t captions = 0, caption_exact = 0;
   SamplingOptions sampling;
@@ -151,7 +153,15 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
         exact[key].second += 1;
       };
       add("");
-      if (!s.question_type.empty()) add(s.question_type);
+      if (s.question_type.rfind("pope/", 0) == 0) {
+        // "pope/{level}/{sampling}": yes/no counts per level and sampling, per level, overall.
+        const auto level_end = s.question_type.find('/', 5);
+        const std::string level = s.question_type.substr(5, level_end - 5);
+        for (const auto& key : {s.question_type, "pope/" + level, std::string("pope")})
+          pope[key].add(reply, s.reference);
+      } else if (!s.question_type.empty()) {
+        add(s.question_type);
+      }
       if (!s.scene.is_null() && s.is_caption) {  // a caption of a shapes-world scene
         const auto sc = score_caption_objects(reply, s.scene);
         caption.mentions += sc.mentions, caption.correct_mentions += sc.correct_mentions;
@@ -167,6 +177,14 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   if (shuffled_tokens > 0) j["loss_shuffled_images"] = shuffled_sum / shuffled_tokens;
   for (const auto& [type, e] : exact)
     j[type.empty() ? "exact_match" : "exact_match/" + type] = static_cast<double>(e.first) / std::max<int64_t>(1, e.second);
+  for (const auto& [key, counts] : pope) {
+    // Per level and sampling the headline numbers; per level and overall all of them.
+    const bool detailed = std::count(key.begin(), key.end(), '/') < 2;
+    const nlohmann::json m = counts.metrics();  // named: items() would outlive a temporary
+    for (const auto& [metric, value] : m.items())
+      if (detailed || metric == "accuracy" || metric == "f1" || metric == "yes_ratio" || metric == "hallucination_rate")
+        j[key + "/" + metric] = value;
+  }
   if (captions > 0) {
     j["caption/object_precision"] = caption.mentions ? static_cast<double>(caption.correct_mentions) / caption.mentions : 0.0;
     j["caption/object_recall"] = caption.objects ? static_cast<double>(caption.recalled) / caption.objects : 0.0;
@@ -273,8 +291,9 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     for (auto& [name, ds] : evals) {
       auto j = evaluate_vlm(model, *loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16);
       std::string line;
-      for (const auto& [k, v] : j.items())
-        if (v.is_number_float()) line += fmt::format(" {} {:.3f}", k, v.get<double>());
+      for (const auto& [k, v] : j.items())  // per-sampling probe figures stay in the JSON
+        if (v.is_number_float() && std::count(k.begin(), k.end(), '/') < 3)
+          line += fmt::format(" {} {:.3f}", k, v.get<double>());
       spdlog::info("eval step {} [{}]:{}", step, name, line);
       all[name] = j;
     }
@@ -282,6 +301,11 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     return all;
   };
 
+  if (cfg.eval.at_start && start == 0) {  // the starting point of the held-out curves
+    const auto before = run_eval(0);
+    if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
+    result.start_eval = before;
+  }
   set_vlm_train_modes(model);
   int64_t step = start;
   auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step); };

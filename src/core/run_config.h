@@ -267,7 +267,7 @@ struct EvalSection {
   int batch_size = 256;
   std::vector<EvalSet> sets;    // VLM trainers; empty = data.val (data.val_limit) as "val"
   int max_new_tokens = 32;      // generation length cap for exact match / captions
-  bool at_start = false;        // preference trainer: also score the starting model (step 0) on a fresh run
+  bool at_start = false;        // also score the starting model (step 0) on a fresh run
   template <class V> void fields(V& v) {
     v("recall_at", recall_at);
     v("batch_size", batch_size, at_least(1));

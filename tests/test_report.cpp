@@ -1,0 +1,65 @@
+// The pipeline report: every metric after every stage in one table, plots drawn from the stages'
+// metrics logs.
+#include <catch2/catch.hpp>
+
+#include <opencv2/imgcodecs.hpp>
+
+#include <filesystem>
+
+#include "core/checkpoint.h"
+#include "pipeline_fixtures.h"
+#include "test_helpers.h"
+#include "trainers/report.h"
+
+using namespace trialign;
+using trialign::test::TempDir;
+using trialign::test::write_file;
+namespace fs = std::filesystem;
+
+TEST_CASE("pipeline report: a table of every metric per stage, curves from metrics.jsonl", "[report]") {
+  TempDir d("report");
+  const auto plan = test::demo_plan(d.path.string(), {{"s1", "contrastive"}, {"s3", "finetune"}, {"s4", "preference"}});
+  PipelineResult r;
+  r.stages["s1"]["eval"] = {{"i2t/R@5", 0.9}, {"alignment/mutual_knn@10", 0.25}, {"pairs", 100}};
+  r.stages["s3"]["eval"]["vqa"] = {{"exact_match", 0.75}, {"records", 8}};
+  r.stages["s3"]["eval"]["probes"] = {{"pope/accuracy", 0.5}, {"pope/object/hallucination_rate", 0.5}, {"probes", 16}};
+  r.stages["s4"]["eval"]["vqa"] = {{"exact_match", 0.8}};
+  r.stages["s4"]["eval"]["probes"] = {{"pope/accuracy", 0.625}, {"pope/object/hallucination_rate", 0.25}};
+  // Stage 1's log: three training steps, two evaluations, and a line cut off by a crash.
+  write_file(d.file("s1/metrics.jsonl"),
+             R"({"step": 1, "split": "train", "loss": 2.0}
+{"step": 2, "split": "train", "loss": 1.5}
+{"step": 2, "split": "val", "eval": {"i2t/R@5": 0.5, "alignment/mutual_knn@10": 0.1}}
+{"step": 3, "split": "train", "loss": 1.0}
+{"step": 3, "split": "val", "eval": {"i2t/R@5": 0.9, "alignment/mutual_knn@10": 0.25}}
+{"step": 4, "split": "tra)");
+
+  const std::string path = write_pipeline_report(plan, r);
+  CHECK(path == d.file("report.md"));
+  const std::string md = read_text_file(path);
+  CHECK_THAT(md, Catch::Contains("| metric | s1 (contrastive) | s3 (finetune) | s4 (preference) |\n|---|---:|---:|---:|\n"));
+  CHECK_THAT(md, Catch::Contains("| i2t/R@5 | 0.900 | - | - |\n"));
+  CHECK_THAT(md, Catch::Contains("| alignment/mutual_knn@10 | 0.250 | - | - |\n"));
+  CHECK_THAT(md, Catch::Contains("| vqa/exact_match | - | 0.750 | 0.800 |\n"));
+  CHECK_THAT(md, Catch::Contains("| probes/pope/object/hallucination_rate | - | 0.500 | 0.250 |\n"));
+  CHECK_THAT(md, !Catch::Contains("records") && !Catch::Contains("probes/probes") && !Catch::Contains("| pairs"));
+  CHECK_THAT(md, Catch::Contains("![s1 training loss](report/s1_loss.png)"));
+  CHECK_THAT(md, Catch::Contains("![s1 held-out metrics](report/s1_eval.png)"));
+  CHECK_THAT(md, Catch::Contains("![metrics after each stage](report/stages.png)"));
+
+  for (const char* f : {"report/s1_loss.png", "report/s1_eval.png", "report/stages.png"}) {
+    INFO(f);
+    const cv::Mat img = cv::imread(d.file(f));
+    REQUIRE_FALSE(img.empty());
+    // The first series' colour (BGR 180, 119, 31) is on the canvas: a curve was drawn.
+    int64_t curve = 0;
+    for (int y = 0; y < img.rows; ++y)
+      for (int x = 0; x < img.cols; ++x) curve += img.at<cv::Vec3b>(y, x) == cv::Vec3b(180, 119, 31);
+    CHECK(curve > 50);
+  }
+  CHECK(cv::imread(d.file("report/s1_loss.png")).cols == 760);  // the default width
+  CHECK_FALSE(fs::exists(d.file("report/s3_loss.png")));  // no log for s3 here
+
+  const auto flat = flatten_eval({{"vqa", {{"exact_match", 0.5}, {"records", 3}}}, {"loss", 1.25}});
+  CHECK(flat == std::map<std::string, double>{{"vqa/exact_match", 0.5}, {"loss", 1.25}});
+}

@@ -1,0 +1,238 @@
+#include "trainers/report.h"
+
+#include <fmt/format.h>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/checkpoint.h"
+
+namespace fs = std::filesystem;
+
+namespace trialign {
+
+namespace {
+
+const cv::Scalar kPalette[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44}, {40, 39, 214},
+                               {189, 103, 148}, {75, 86, 140}, {194, 119, 227}, {127, 127, 127}};
+
+std::string tick(double v) {
+  const double a = std::abs(v);
+  if (a != 0 && (a < 0.01 || a >= 1e5)) return fmt::format("{:.1e}", v);
+  return fmt::format("{:.3g}", v);
+}
+
+bool is_count(const std::string& key) {
+  const auto slash = key.rfind('/');
+  const std::string last = slash == std::string::npos ? key : key.substr(slash + 1);
+  return last == "records" || last == "pairs" || last == "probes";
+}
+
+void flatten_into(const nlohmann::json& j, const std::string& prefix, std::map<std::string, double>& out) {
+  for (const auto& [k, v] : j.items()) {
+    const std::string key = prefix.empty() ? k : prefix + "/" + k;
+    if (v.is_object()) flatten_into(v, key, out);
+    else if (v.is_number() && !is_count(key)) out[key] = v.get<double>();
+  }
+}
+
+// The stage's metrics.jsonl: training loss per logged step, and held-out metrics per evaluation.
+struct StageCurves {
+  PlotSeries loss{"training loss", {}, {}};
+  std::map<std::string, PlotSeries> eval;  // flat key -> curve
+};
+StageCurves read_curves(const std::string& metrics_path) {
+  StageCurves c;
+  std::ifstream in(metrics_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    nlohmann::json r;
+    try {
+      r = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception&) {
+      continue;  // a line cut by a crash: the rest of the file still plots
+    }
+    if (!r.is_object() || !r.contains("step") || !r["step"].is_number()) continue;
+    const double step = r["step"].get<double>();
+    if (r.value("split", "") == "train" && r.contains("loss") && r["loss"].is_number()) {
+      c.loss.x.push_back(step);
+      c.loss.y.push_back(r["loss"].get<double>());
+    } else if (r.value("split", "") == "val" && r.contains("eval")) {
+      std::map<std::string, double> flat;
+      flatten_into(r["eval"], "", flat);
+      for (const auto& [k, v] : flat) {
+        auto& s = c.eval[k];
+        s.name = k;
+        s.x.push_back(step);
+        s.y.push_back(v);
+      }
+    }
+  }
+  return c;
+}
+
+// Headline metrics of a stage's evaluation, for the plots (the table has them all).
+bool headline(const std::string& key) {
+  static const char* keys[] = {"i2t/R@1", "i2t/R@5", "t2i/R@5", "alignment/mutual_knn@10", "alignment/cka",
+                               "negatives/all"};
+  for (const char* k : keys)
+    if (key == k) return true;
+  auto ends = [&](const std::string& s) {
+    return key.size() >= s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
+  };
+  return ends("/exact_match") || ends("caption/object_precision") || ends("pope/accuracy") ||
+         ends("pope/object/hallucination_rate") || ends("pope/attribute/hallucination_rate") ||
+         ends("pope/relation/hallucination_rate") || ends("/likelihood_accuracy");
+}
+
+}  // namespace
+
+void draw_line_plot(const std::string& path, const std::string& title, const std::string& x_label,
+                    const std::vector<PlotSeries>& series_in, int width, int height,
+                    const std::vector<std::string>& x_names) {
+  std::vector<PlotSeries> series;
+  for (const auto& s : series_in)
+    if (!s.x.empty() && s.x.size() == s.y.size()) series.push_back(s);
+  cv::Mat img(height, width, CV_8UC3, cv::Scalar(255, 255, 255));
+  const int left = 70, right = 250, top = 40, bottom = 50;
+  const cv::Rect area(left, top, width - left - right, height - top - bottom);
+  const auto font = cv::FONT_HERSHEY_SIMPLEX;
+  cv::putText(img, title, {left, 25}, font, 0.55, {0, 0, 0}, 1, cv::LINE_AA);
+  double x0 = 1e300, x1 = -1e300, y0 = 1e300, y1 = -1e300;
+  for (const auto& s : series)
+    for (size_t i = 0; i < s.x.size(); ++i)
+      if (std::isfinite(s.y[i])) {
+        x0 = std::min(x0, s.x[i]), x1 = std::max(x1, s.x[i]);
+        y0 = std::min(y0, s.y[i]), y1 = std::max(y1, s.y[i]);
+      }
+  cv::rectangle(img, area, {0, 0, 0}, 1);
+  if (x0 > x1) {
+    cv::putText(img, "no data", {area.x + 10, area.y + 30}, font, 0.5, {0, 0, 0}, 1, cv::LINE_AA);
+  } else {
+    if (!x_names.empty()) x0 = -0.25, x1 = static_cast<double>(x_names.size()) - 0.75;
+    if (x1 == x0) x0 -= 0.5, x1 += 0.5;
+    if (y1 == y0) y0 -= 0.5, y1 += 0.5;
+    const double pad = 0.05 * (y1 - y0);
+    y0 -= pad, y1 += pad;
+    auto px = [&](double x, double y) {
+      return cv::Point(area.x + static_cast<int>(std::lround((x - x0) / (x1 - x0) * area.width)),
+                       area.y + area.height - static_cast<int>(std::lround((y - y0) / (y1 - y0) * area.height)));
+    };
+    for (int t = 0; t <= 4; ++t) {  // light grid with value labels
+      const double yv = y0 + (y1 - y0) * t / 4, xv = x0 + (x1 - x0) * t / 4;
+      const auto py = px(x0, yv), pxx = px(xv, y0);
+      cv::line(img, {area.x, py.y}, {area.x + area.width, py.y}, {225, 225, 225}, 1);
+      cv::putText(img, tick(yv), {5, py.y + 4}, font, 0.4, {60, 60, 60}, 1, cv::LINE_AA);
+      if (x_names.empty())
+        cv::putText(img, tick(xv), {pxx.x - 12, area.y + area.height + 16}, font, 0.4, {60, 60, 60}, 1, cv::LINE_AA);
+    }
+    for (size_t i = 0; i < x_names.size(); ++i) {
+      const auto p = px(static_cast<double>(i), y0);
+      cv::line(img, {p.x, area.y}, {p.x, area.y + area.height}, {235, 235, 235}, 1);
+      cv::putText(img, x_names[i], {p.x - 4 * static_cast<int>(x_names[i].size()), area.y + area.height + 16}, font, 0.4,
+                  {60, 60, 60}, 1, cv::LINE_AA);
+    }
+    cv::rectangle(img, area, {0, 0, 0}, 1);
+    for (size_t k = 0; k < series.size(); ++k) {
+      const auto colour = kPalette[k % (sizeof kPalette / sizeof kPalette[0])];
+      const auto& s = series[k];
+      std::vector<cv::Point> pts;
+      for (size_t i = 0; i < s.x.size(); ++i)
+        if (std::isfinite(s.y[i])) pts.push_back(px(s.x[i], s.y[i]));
+      if (pts.size() > 1) cv::polylines(img, pts, false, colour, 2, cv::LINE_AA);
+      if (pts.size() <= 12)
+        for (const auto& p : pts) cv::circle(img, p, 3, colour, cv::FILLED, cv::LINE_AA);
+      const int ly = top + 14 + static_cast<int>(k) * 18;
+      cv::line(img, {width - right + 10, ly - 4}, {width - right + 30, ly - 4}, colour, 2);
+      std::string name = s.name.size() > 36 ? "..." + s.name.substr(s.name.size() - 33) : s.name;
+      cv::putText(img, name, {width - right + 36, ly}, font, 0.38, {0, 0, 0}, 1, cv::LINE_AA);
+    }
+  }
+  cv::putText(img, x_label, {area.x + area.width / 2 - 20, height - 12}, font, 0.45, {0, 0, 0}, 1, cv::LINE_AA);
+  if (!cv::imwrite(path, img)) throw std::runtime_error("cannot write plot '" + path + "'");
+}
+
+std::map<std::string, double> flatten_eval(const nlohmann::json& eval) {
+  std::map<std::string, double> out;
+  if (eval.is_object()) flatten_into(eval, "", out);
+  return out;
+}
+
+std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult& result) {
+  const fs::path root(plan.pipeline.out_dir), pics = root / "report";
+  std::error_code ec;
+  fs::create_directories(pics, ec);
+  std::vector<std::string> names;
+  std::map<std::string, std::map<std::string, double>> finals;  // stage -> metric -> value
+  std::vector<std::string> rows;                                // metric keys in first-seen order
+  for (const auto& st : plan.pipeline.stages) {
+    names.push_back(st.name);
+    if (!result.stages.contains(st.name)) continue;
+    finals[st.name] = flatten_eval(result.stages[st.name].value("eval", nlohmann::json()));
+    for (const auto& [k, v] : finals[st.name])
+      if (std::find(rows.begin(), rows.end(), k) == rows.end()) rows.push_back(k);
+  }
+
+  std::string md = "# Report: pipeline " + plan.pipeline.name + "\n\n";
+  md += "Held-out metrics after every stage (from each stage's final evaluation; `-` = not measured by that "
+        "stage). Written by `trialign run`; the numbers are also in `pipeline.json`.\n\n";
+  md += "| metric |";
+  for (size_t i = 0; i < names.size(); ++i) md += " " + names[i] + " (" + plan.stages[i].trainer + ") |";
+  md += "\n|---|";
+  for (size_t i = 0; i < names.size(); ++i) md += "---:|";
+  md += "\n";
+  for (const auto& r : rows) {
+    md += "| " + r + " |";
+    for (const auto& n : names) {
+      auto it = finals.find(n);
+      md += (it != finals.end() && it->second.count(r)) ? " " + fmt::format("{:.3f}", it->second.at(r)) + " |" : " - |";
+    }
+    md += "\n";
+  }
+
+  // Headline metrics measured by two or more stages, one curve each over the stages' index (a
+  // metric of one stage alone, like stage 1's retrieval, is in that stage's own plot below).
+  std::vector<PlotSeries> across;
+  for (const auto& r : rows) {
+    if (!headline(r)) continue;
+    PlotSeries s{r, {}, {}};
+    for (size_t i = 0; i < names.size(); ++i)
+      if (finals.count(names[i]) && finals[names[i]].count(r)) s.x.push_back(static_cast<double>(i)), s.y.push_back(finals[names[i]][r]);
+    if (s.x.size() >= 2) across.push_back(s);
+  }
+  if (!across.empty()) {
+    draw_line_plot((pics / "stages.png").string(), "held-out metrics after each stage", "stage", across, 900, 460, names);
+    md += "\n## Across stages\n\n![metrics after each stage](report/stages.png)\n\n";
+  }
+
+  md += "## Per stage\n\n";
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto metrics = root / names[i] / "metrics.jsonl";
+    if (!fs::exists(metrics)) continue;
+    const auto curves = read_curves(metrics.string());
+    md += "### " + names[i] + " (" + plan.stages[i].trainer + ")\n\n";
+    if (!curves.loss.x.empty()) {
+      const std::string f = names[i] + "_loss.png";
+      draw_line_plot((pics / f).string(), names[i] + ": training loss", "step", {curves.loss});
+      md += "![" + names[i] + " training loss](report/" + f + ")\n";
+    }
+    std::vector<PlotSeries> held;
+    for (const auto& [k, s] : curves.eval)
+      if (headline(k) && s.x.size() >= 2) held.push_back(s);
+    if (!held.empty()) {
+      const std::string f = names[i] + "_eval.png";
+      draw_line_plot((pics / f).string(), names[i] + ": held-out metrics during training", "step", held);
+      md += "![" + names[i] + " held-out metrics](report/" + f + ")\n";
+    }
+    md += "\n";
+  }
+  const std::string path = (root / "report.md").string();
+  atomic_write_text(path, md);
+  return path;
+}
+
+}  // namespace trialign
