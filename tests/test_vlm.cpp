@@ -216,6 +216,25 @@ TEST_CASE("reply normalisation and caption object scoring against a scene graph"
   CHECK(p.recalled == 0);
 }
 
+TEST_CASE("CHAIR over captions: hallucinated mentions by level and captions with any, worked by hand", "[vlm][eval]") {
+  const nlohmann::json scene = {{"objects",
+                                 {{{"shape", "circle"}, {"colour", "red"}, {"size", "large"}},
+                                  {{"shape", "square"}, {"colour", "blue"}, {"size", "small"}}}}};
+  ChairCounts chair;
+  chair.add(score_caption_objects("a large red circle left of a small blue square", scene));   // 2 mentions, both right
+  chair.add(score_caption_objects("a large red circle left of a small green square", scene));  // the square's colour
+  chair.add(score_caption_objects("a small blue star", scene));                                // no star at all
+  CHECK(chair.total.mentions == 5);
+  CHECK(chair.total.correct_mentions == 3);
+  CHECK(chair.total.attribute_errors == 1);
+  CHECK(chair.total.object_errors == 1);
+  const auto m = chair.metrics();
+  CHECK(m["chair_i"].get<double>() == Approx(2.0 / 5));
+  CHECK(m["chair_i/object"].get<double>() == Approx(1.0 / 5));
+  CHECK(m["chair_i/attribute"].get<double>() == Approx(1.0 / 5));
+  CHECK(m["chair_s"].get<double>() == Approx(2.0 / 3));
+}
+
 namespace {
 
 // A few 32x32 shapes-world scenes, their instruction data and a tokenizer, with tiny configs.

@@ -13,6 +13,7 @@
 #include "eval/answers.h"
 #include "eval/caption_objects.h"
 #include "eval/pope.h"
+#include "eval/representation.h"
 #include "models/hf_interop.h"
 
 namespace fs = std::filesystem;
@@ -109,7 +110,8 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   double loss_sum = 0, tokens = 0, shuffled_sum = 0, shuffled_tokens = 0;
   std::map<std::string, std::pair<int64_t, int64_t>> exact;  // type -> (right, total)
   std::map<std::string, YesNoCounts> pope;                    // yes/no probes (eval/pope.h)
-  CaptionObjectScore caption;
+  ChairCounts chair;  // caption objects: precision, recall, CHAIR
+  std::vector<torch::Tensor> pooled_visual, pooled_text;  // [H] each, caption records
   int64_t captions = 0, caption_exact = 0;
   SamplingOptions sampling;
   sampling.max_new_tokens = max_new_tokens;
@@ -143,6 +145,29 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       if (prompts.back().empty()) prompts.back().push_back(tok.pad_id());  // a tokenizer without bos
     }
     const auto replies = generate_replies(model, tok, prompts, b.pixels, sampling, bf16);
+    // Representation level: for caption records with one image, the image's projected visual
+    // tokens and the caption's LLM input embeddings, each mean-pooled to [H].
+    if (b.pixels.defined()) {
+      torch::Tensor visual;  // [I, N, H]
+      int64_t cursor = 0;
+      for (int64_t i = start; i < end; ++i) {
+        const auto& s = data.sample(i);
+        const int64_t n_img = b.images_per_sample[static_cast<size_t>(i - start)];
+        if (s.is_caption && n_img == 1 && !s.reference.empty()) {
+          if (!visual.defined()) {
+            AutocastGuard autocast(bf16);
+            visual = model->image_tokens(b.pixels).to(torch::kFloat32);
+          }
+          std::vector<int64_t> ids;
+          for (int id : tok.encode(s.reference)) ids.push_back(id);
+          if (!ids.empty()) {
+            pooled_visual.push_back(visual[cursor].mean(0));
+            pooled_text.push_back(model->llm->embed(torch::tensor(ids, torch::kInt64).unsqueeze(0))[0].mean(0).to(torch::kFloat32));
+          }
+        }
+        cursor += n_img;
+      }
+    }
     for (int64_t i = start; i < end; ++i) {
       const auto& s = data.sample(i);
       if (s.truncated) continue;  // its reference reply was cut off
@@ -164,8 +189,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       }
       if (!s.scene.is_null() && s.is_caption) {  // a caption of a shapes-world scene
         const auto sc = score_caption_objects(reply, s.scene);
-        caption.mentions += sc.mentions, caption.correct_mentions += sc.correct_mentions;
-        caption.objects += sc.objects, caption.recalled += sc.recalled;
+        chair.add(sc);
         ++captions;
         caption_exact += right;
       }
@@ -177,6 +201,11 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   if (shuffled_tokens > 0) j["loss_shuffled_images"] = shuffled_sum / shuffled_tokens;
   for (const auto& [type, e] : exact)
     j[type.empty() ? "exact_match" : "exact_match/" + type] = static_cast<double>(e.first) / std::max<int64_t>(1, e.second);
+  if (pooled_visual.size() > 10) {  // do projected images and the LLM's text embeddings agree?
+    const auto v = torch::stack(pooled_visual), t = torch::stack(pooled_text);
+    j["alignment/mutual_knn@10"] = mutual_knn_alignment(v, t, 10);
+    j["alignment/cka"] = linear_cka(v, t);
+  }
   for (const auto& [key, counts] : pope) {
     // Per level and sampling the headline numbers; per level and overall all of them.
     const bool detailed = std::count(key.begin(), key.end(), '/') < 2;
@@ -186,8 +215,11 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
         j[key + "/" + metric] = value;
   }
   if (captions > 0) {
-    j["caption/object_precision"] = caption.mentions ? static_cast<double>(caption.correct_mentions) / caption.mentions : 0.0;
-    j["caption/object_recall"] = caption.objects ? static_cast<double>(caption.recalled) / caption.objects : 0.0;
+    const auto& c = chair.total;
+    j["caption/object_precision"] = c.mentions ? static_cast<double>(c.correct_mentions) / c.mentions : 0.0;
+    j["caption/object_recall"] = c.objects ? static_cast<double>(c.recalled) / c.objects : 0.0;
+    const nlohmann::json ch = chair.metrics();
+    for (const auto& [k, v] : ch.items()) j["caption/" + k] = v;
     j["caption/exact"] = static_cast<double>(caption_exact) / captions;
   }
   if (was_training) model->train();

@@ -65,9 +65,32 @@ CaptionObjectScore score_caption_objects(const std::string& caption, const nlohm
       if (!m.colour.empty() && !m.size.empty()) recalled[k] = true;
     }
     s.correct_mentions += correct;
+    if (!correct) {
+      // Which level the error is at: no object of that shape at all, or the shape with a wrong
+      // colour or size.
+      bool shape_there = false;
+      for (const auto& o : objects) shape_there = shape_there || o.at("shape") == m.shape;
+      ++(shape_there ? s.attribute_errors : s.object_errors);
+    }
   }
   s.recalled = std::count(recalled.begin(), recalled.end(), true);
   return s;
+}
+
+void ChairCounts::add(const CaptionObjectScore& s) {
+  ++captions;
+  hallucinated_captions += s.correct_mentions < s.mentions;
+  total.mentions += s.mentions, total.correct_mentions += s.correct_mentions;
+  total.objects += s.objects, total.recalled += s.recalled;
+  total.object_errors += s.object_errors, total.attribute_errors += s.attribute_errors;
+}
+
+nlohmann::json ChairCounts::metrics() const {
+  auto ratio = [](int64_t a, int64_t b) { return b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0; };
+  return {{"chair_i", ratio(total.mentions - total.correct_mentions, total.mentions)},
+          {"chair_i/object", ratio(total.object_errors, total.mentions)},
+          {"chair_i/attribute", ratio(total.attribute_errors, total.mentions)},
+          {"chair_s", ratio(hallucinated_captions, captions)}};
 }
 
 }  // namespace trialign
