@@ -1,5 +1,8 @@
 // Small helpers shared by the tests: temporary directories and file writing.
 #pragma once
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -40,6 +43,19 @@ inline void write_file(const std::string& path, const std::string& text) {
 }
 
 inline std::string source_dir() { return TRIALIGN_SOURCE_DIR; }
+
+// Runs a shell command; returns its exit code (128 + signal when killed) and, in `out`, what it
+// printed on stdout and stderr.
+inline int run_command(const std::string& cmd, std::string* out = nullptr) {
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  REQUIRE(p);
+  std::string text;
+  char buf[4096];
+  while (size_t n = std::fread(buf, 1, sizeof buf, p)) text.append(buf, n);
+  const int status = ::pclose(p);
+  if (out) *out = text;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
 
 // Trains a small sentencepiece model on a manifest's captions; returns the number of sentences
 // read. Writes `prefix`.model.

@@ -76,15 +76,7 @@ TrainOptions quiet() {
 
 // Runs the trialign binary; returns its exit code, output (stdout + stderr) in `out`.
 int run_cli(const std::string& args, std::string* out = nullptr) {
-  const std::string cmd = std::string(TRIALIGN_BINARY) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p);
-  std::string text;
-  char buf[4096];
-  while (size_t n = std::fread(buf, 1, sizeof buf, p)) text.append(buf, n);
-  const int status = ::pclose(p);
-  if (out) *out = text;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return test::run_command(std::string(TRIALIGN_BINARY) + " " + args, out);
 }
 
 }  // namespace

@@ -278,6 +278,21 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     out.loss = torch::zeros({});
     const uint64_t step_seed = mix_seed({cfg.run.seed, fnv1a64("preference-step"), static_cast<uint64_t>(step)});
     const int64_t m = B / accum;
+    // A failing loss (a plugin's included) is named with the step it failed at.
+    auto run_loss = [&](const PreferenceInputs& in) {
+      const std::string origin = preference_losses().origin(cfg.loss.type);
+      const std::string where = "step " + std::to_string(step + 1) + " (loss '" + cfg.loss.type + "'" +
+                                (origin.empty() ? "" : ", plugin " + origin) + "): ";
+      try {
+        return loss->forward(in);
+      } catch (const std::invalid_argument& e) {
+        throw ConfigError(where + e.what());
+      } catch (const ConfigError&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw std::runtime_error(where + e.what());
+      }
+    };
     try {
       if (!sampling) {
         double chosen_tokens = 0;
@@ -288,7 +303,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
                                 mix_seed({step_seed, static_cast<uint64_t>(j)}), cache.get());
           in.share = static_cast<double>(m) / static_cast<double>(B);
           in.step_response_tokens = std::max(1.0, chosen_tokens);
-          auto o = loss->forward(in);
+          auto o = run_loss(in);
           o.loss.backward();
           add_metrics(out, o);
         }
@@ -304,7 +319,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
           in.rewards = c.rewards;
           in.group_size = G;
           in.row_begin = j * m * G;
-          auto o = loss->forward(in);
+          auto o = run_loss(in);
           o.loss.backward();
           add_metrics(out, o);
         }

@@ -20,6 +20,10 @@
 
 namespace trialign {
 
+// The plugin whose registration function is running ("" outside one): registries record it as
+// the origin of what is registered (core/plugins.h).
+const std::string& registering_plugin();
+
 template <class Base, class... Args>
 class Registry {
  public:
@@ -27,6 +31,7 @@ class Registry {
   struct Entry {
     std::string help;
     Factory make;
+    std::string origin;  // the plugin library that registered it; "" for a built-in
   };
 
   explicit Registry(std::string kind) : kind_(std::move(kind)) {}
@@ -36,7 +41,14 @@ class Registry {
     if (entries_.count(name))
       throw ConfigError("duplicate " + kind_ + " name '" + name +
                         "': another component (built-in or plugin) already registered it; rename one");
-    entries_[name] = Entry{std::move(help), std::move(make)};
+    entries_[name] = Entry{std::move(help), std::move(make), registering_plugin()};
+  }
+
+  // The plugin library a name came from, "" for a built-in or an unknown name.
+  std::string origin(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(name);
+    return it == entries_.end() ? std::string() : it->second.origin;
   }
 
   bool contains(const std::string& name) const {

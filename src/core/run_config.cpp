@@ -1,8 +1,9 @@
 #include "core/run_config.h"
 
-#include "core/errors.h"
 #include <algorithm>
 
+#include "core/errors.h"
+#include "core/plugins.h"
 #include "losses/loss.h"
 #include "losses/preference.h"
 #include "models/projector.h"
@@ -140,6 +141,8 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
   if (const ConfigNode* t = tree.find("trainer"); t && t->kind == ConfigNode::Kind::Scalar) cfg.trainer = t->scalar;
   cfg.loss.type = cfg.trainer == "preference" ? "dpo" : cfg.is_vlm() ? "cross_entropy" : "infonce";
   read_config(tree, cfg, errors);
+  // Plugins first: what they register is then checked like a built-in.
+  if (!cfg.plugins.empty()) load_plugins(cfg.plugins, tree.find("plugins"), errors);
   if (cfg.loss.options.kind != ConfigNode::Kind::Map) cfg.loss.options.kind = ConfigNode::Kind::Map;
   if (errors.empty()) {
     cross_checks(cfg, tree, errors);

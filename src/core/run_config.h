@@ -300,6 +300,7 @@ struct RunConfig {
   std::vector<TypedSpec> rewards;
   PreferenceSection preference;
   std::vector<InitFrom> init_from;  // fresh runs only: components from earlier checkpoints
+  std::vector<std::string> plugins;  // shared libraries to load first (core/plugins.h)
   OptimConfig optim;
   ScheduleConfig schedule;
   TrainSection train;
@@ -309,6 +310,7 @@ struct RunConfig {
 
   template <class V> void fields(V& v) {
     v("trainer", trainer, one_of({"contrastive", "adapter", "finetune", "preference"}));
+    v("plugins", plugins);
     v("run", run);
     v("data", data);
     v("model", model);
