@@ -15,6 +15,7 @@
 #include "core/plugins.h"
 #include "losses/preference.h"
 #include "test_helpers.h"
+#include "trainers/preference.h"
 
 using namespace trialign;
 using trialign::test::TempDir;
@@ -123,6 +124,24 @@ optim: {lr: 1.0e-3}
 
   // The checkpoint's config names the plugin, so eval and resume load it again.
   CHECK_THAT(read_text_file(d.file("run/config.yaml")), Catch::Contains("libsimpo_loss.so"));
+
+  // A loss whose forward throws is named with the step it failed at.
+  if (!preference_losses().contains("fails_in_forward"))
+    preference_losses().add("fails_in_forward", "test", [](ConfigReader&) -> std::shared_ptr<PreferenceLossImpl> {
+      struct Failing : PreferenceLossImpl {
+        std::vector<ResponsePass> passes() const override { return {{"policy", "chosen"}}; }
+        LossOutput forward(const PreferenceInputs&) override { throw std::runtime_error("something inside broke"); }
+      };
+      return std::make_shared<Failing>();
+    });
+  TrainOptions quiet;
+  quiet.quiet = true;
+  std::string yaml = read_text_file(d.file("simpo.yaml"));
+  yaml.replace(yaml.find("loss: {type: simpo, beta: 2.0, gamma: 0.5}"), 42, "loss: {type: fails_in_forward}");
+  write_file(d.file("fail.yaml"), yaml);
+  const RunConfig failing = load_run_config(d.file("fail.yaml"), {"run.out_dir=" + d.file("fail")});
+  CHECK_THROWS_WITH(train_preference(failing, quiet),
+                    Catch::Contains("step 1 (loss 'fails_in_forward'): something inside broke"));
 }
 
 TEST_CASE("plugin errors: missing file, not a plugin, another API version", "[plugin]") {
