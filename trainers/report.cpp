@@ -17,8 +17,9 @@ namespace trialign {
 
 namespace {
 
-const cv::Scalar kPalette[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44}, {40, 39, 214},
-                               {189, 103, 148}, {75, 86, 140}, {194, 119, 227}, {127, 127, 127}};
+const cv::Scalar kPalette[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44},   {40, 39, 214},
+                               {189, 103, 148}, {75, 86, 140},  {194, 119, 227}, {127, 127, 127},
+                               {34, 189, 188},  {207, 190, 23}, {0, 0, 0},       {120, 200, 255}};
 
 std::string tick(double v) {
   const double a = std::abs(v);
@@ -84,7 +85,8 @@ bool headline(const std::string& key) {
   auto ends = [&](const std::string& s) {
     return key.size() >= s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
   };
-  return ends("/exact_match") || ends("caption/object_precision") || ends("pope/accuracy") ||
+  return ends("/exact_match") || ends("caption/object_precision") || ends("pope/accuracy") || ends("caption/chair_i") ||
+         ends("caption/chair_s") ||
          ends("pope/object/hallucination_rate") || ends("pope/attribute/hallucination_rate") ||
          ends("pope/relation/hallucination_rate") || ends("/likelihood_accuracy");
 }
@@ -148,7 +150,7 @@ void draw_line_plot(const std::string& path, const std::string& title, const std
         for (const auto& p : pts) cv::circle(img, p, 3, colour, cv::FILLED, cv::LINE_AA);
       const int ly = top + 14 + static_cast<int>(k) * 18;
       cv::line(img, {width - right + 10, ly - 4}, {width - right + 30, ly - 4}, colour, 2);
-      std::string name = s.name.size() > 36 ? "..." + s.name.substr(s.name.size() - 33) : s.name;
+      std::string name = s.name.size() > 30 ? "..." + s.name.substr(s.name.size() - 27) : s.name;
       cv::putText(img, name, {width - right + 36, ly}, font, 0.38, {0, 0, 0}, 1, cv::LINE_AA);
     }
   }
@@ -199,6 +201,10 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   std::vector<PlotSeries> across;
   for (const auto& r : rows) {
     if (!headline(r)) continue;
+    // A probe set's exact match is its yes/no accuracy: plotted once.
+    const auto slash = r.rfind("/exact_match");
+    if (slash != std::string::npos && std::find(rows.begin(), rows.end(), r.substr(0, slash) + "/pope/accuracy") != rows.end())
+      continue;
     PlotSeries s{r, {}, {}};
     for (size_t i = 0; i < names.size(); ++i)
       if (finals.count(names[i]) && finals[names[i]].count(r)) s.x.push_back(static_cast<double>(i)), s.y.push_back(finals[names[i]][r]);
