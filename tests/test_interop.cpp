@@ -18,6 +18,7 @@
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "core/weight_files.h"
+#include "data/manifest.h"
 #include "models/hf_interop.h"
 #include "test_helpers.h"
 #include "tools/interop.h"
@@ -124,6 +125,26 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     CHECK(f1.at("logits").sizes() == torch::IntArrayRef({1, 7, cfgjson["vocab_size"].get<int64_t>()}));
     CHECK(f1.at("image_tokens").sizes() == torch::IntArrayRef({1, 4, 16}));
     CHECK(f1.at("image_features").sizes() == torch::IntArrayRef({1, 16, 16}));
+
+    // The yes/no probes and captions through `trialign eval`: every probe scored, per level and sampling.
+    REQUIRE(run_cli("eval " + trained.checkpoint + " --data " + c.dir.file("data/val_pope.jsonl") + " --out " +
+                        c.dir.file("pope.json"),
+                    &log) == 0);
+    const auto pope = nlohmann::json::parse(read_text_file(c.dir.file("pope.json")))["data"];
+    int64_t probes = 0;
+    for (const auto& r : read_manifest(c.dir.file("data/val_pope.jsonl"))) probes += r.json.contains("answer");
+    CHECK(probes > 0);
+    CHECK(pope["pope/probes"] == probes);
+    CHECK(pope.contains("pope/object/random/accuracy"));
+    CHECK(pope.contains("pope/relation/hallucination_rate"));
+    const double acc = pope["pope/accuracy"], unparsed = pope["pope/unparsed"];
+    CHECK(acc + unparsed <= 1.0);
+    REQUIRE(run_cli("eval " + trained.checkpoint + " --data " + c.dir.file("data/val.jsonl") + " --out " +
+                        c.dir.file("captions.json"),
+                    &log) == 0);
+    const auto captions = nlohmann::json::parse(read_text_file(c.dir.file("captions.json")))["data"];
+    CHECK(captions.contains("caption/chair_i"));
+    CHECK(captions.contains("caption/chair_s"));
   }
   SECTION("stage 1: one CLIPModel folder with logit_scale, in bf16 and fp32") {
     const auto trained = train_contrastive(c.config("clip.yaml", "run"), quiet());

@@ -110,7 +110,13 @@ nlohmann::json inspect_weights(const std::string& path, bool tensors, bool verif
   if (m.contains("files") && m["files"].is_object())
     for (auto it = m["files"].begin(); it != m["files"].end(); ++it)
       j["files"].push_back({{"name", it.key()}, {"bytes", it.value().value("bytes", uint64_t{0})}});
-  if (fs::exists(dir + "/trainer_state.json")) j["trainer_state"] = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json"));
+  if (fs::exists(dir + "/trainer_state.json")) {
+    try {
+      j["trainer_state"] = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json"));
+    } catch (const nlohmann::json::exception& e) {
+      throw DataError(dir + "/trainer_state.json: not valid JSON (" + e.what() + ")");
+    }
+  }
   if (fs::exists(dir + "/config.yaml")) {
     const RunConfig cfg = checkpoint_config_of(dir);
     j["config"] = {{"trainer", cfg.trainer}, {"run.name", cfg.run.name}, {"data.train", cfg.data.train},
