@@ -7,6 +7,7 @@
 #include "losses/loss.h"
 #include "losses/preference.h"
 #include "models/projector.h"
+#include "models/vlm.h"
 
 namespace trialign {
 
@@ -71,9 +72,7 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     errors.add(at("data"), "data.tokenizer",
                "missing: a sentencepiece .model (make one with `trialign tokenizer train`)");
   // Components by model: stage 1's CLIPModel or the VLM of stages 2-3 (models/hf_interop.h).
-  const std::vector<std::string> known =
-      c.is_vlm() ? std::vector<std::string>{"vision_model", "mm_projector", "language_model"}
-                 : std::vector<std::string>{"vision_model", "text_model", "visual_projection", "text_projection"};
+  const std::vector<std::string> known = model_components(c.is_vlm());
   std::string known_list;
   for (const auto& k : known) known_list += (known_list.empty() ? "" : ", ") + k;
   for (size_t k = 0; k < c.init_from.size(); ++k) {

@@ -85,11 +85,6 @@ std::string config_json_path(const std::string& weights) {
 
 }  // namespace
 
-std::vector<std::string> model_components(bool vlm) {
-  if (vlm) return {"vision_model", "mm_projector", "language_model"};
-  return {"vision_model", "text_model", "visual_projection", "text_projection"};
-}
-
 std::map<std::string, torch::Tensor> map_hf_names(const std::map<std::string, torch::Tensor>& file,
                                                   const std::string& component,
                                                   const std::vector<std::string>& model_names, std::string* layout) {

@@ -1,5 +1,5 @@
 // Weights in and out of the Hugging Face ecosystem, by parameter name. A model is a set of
-// components, each a set of name prefixes (models/vlm.h: component_prefixes):
+// components, each a set of name prefixes (models/vlm.h: model_components, component_prefixes):
 //   stage 1 (CLIPModel):      vision_model, text_model, visual_projection, text_projection
 //   stages 2-3 (LLaVA-style): vision_model, mm_projector, language_model (model.*, lm_head.*)
 // Our names are Hugging Face's, so a CLIPModel / CLIPVisionModel / LlamaForCausalLM file loads
@@ -16,9 +16,6 @@
 #include "core/run_config.h"
 
 namespace trialign {
-
-// The components of a stage-1 (vlm = false) or stage-2/3 model.
-std::vector<std::string> model_components(bool vlm);
 
 // Tensors of `component` renamed into our names. Of the known layouts (ours, LLaVA's, ...), the
 // one that renames the most tensors into names of `model_names` wins; `layout` receives its

@@ -17,10 +17,16 @@ std::vector<std::string> component_prefixes(const std::string& component) {
                     "visual_projection, text_projection (stage 1)");
 }
 
+std::vector<std::string> model_components(bool vlm) {
+  if (vlm) return {"vision_model", "mm_projector", "language_model"};
+  return {"vision_model", "text_model", "visual_projection", "text_projection"};
+}
+
 std::string component_of(const std::string& name) {
-  for (const char* c : {"vision_model", "mm_projector", "language_model"})
-    for (const auto& p : component_prefixes(c))
-      if (name.compare(0, p.size(), p) == 0) return c;
+  for (const bool vlm : {true, false})
+    for (const auto& c : model_components(vlm))
+      for (const auto& p : component_prefixes(c))
+        if (name.compare(0, p.size(), p) == 0) return c;
   return "";
 }
 

@@ -21,7 +21,9 @@ namespace trialign {
 // Parameter-name prefixes of a component: vision_model, mm_projector, language_model (stages
 // 2-3), text_model, visual_projection, text_projection (stage 1). Throws ConfigError for another.
 std::vector<std::string> component_prefixes(const std::string& component);
-// The component a parameter belongs to ("" for none).
+// The components of a stage-1 (vlm = false: CLIPModel) or stage-2/3 model.
+std::vector<std::string> model_components(bool vlm);
+// The component a parameter of either model belongs to ("" for none).
 std::string component_of(const std::string& param_name);
 
 class VlmModelImpl : public torch::nn::Module {

@@ -35,8 +35,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
 std::string group_of(const std::string& name) {
   const std::string c = component_of(name);
   if (!c.empty()) return c;
-  for (const char* p : {"text_model.", "visual_projection.", "text_projection."})
-    if (name.rfind(p, 0) == 0) return std::string(p).substr(0, std::string(p).size() - 1);
   const auto dot = name.find('.');
   return dot == std::string::npos ? name : name.substr(0, dot);
 }
