@@ -14,18 +14,20 @@ LossOutput InfoNceLossImpl::forward(const ContrastiveInputs& in) {
   TORCH_CHECK(in.text_embeds.size(0) == N, "infonce: ", N, " image embeddings but ", in.text_embeds.size(0),
               " text embeddings");
   auto scale = logit_scale.exp();
-  const auto texts = in.has_negatives() ? torch::cat({in.text_embeds, in.negative_text_embeds}) : in.text_embeds;
-  auto logits_i2t = scale * torch::matmul(in.image_embeds, texts.t());  // [N, N + M], row = image
-  auto logits = logits_i2t.slice(1, 0, N);                              // [N, N]
-  auto labels = torch::arange(N, torch::TensorOptions().dtype(torch::kLong).device(logits.device()));
+  // This rank's N rows against every rank's columns (one process: all = local, offset 0).
+  const auto texts = in.has_negatives() ? torch::cat({in.all_texts(), in.all_negatives()}) : in.all_texts();
+  auto logits_i2t = scale * torch::matmul(in.image_embeds, texts.t());           // [N, N_all + M], row = image
+  auto logits_t2i = scale * torch::matmul(in.text_embeds, in.all_images().t());  // [N, N_all], row = text
+  auto labels = torch::arange(in.row_offset, in.row_offset + N,
+                              torch::TensorOptions().dtype(torch::kLong).device(logits_i2t.device()));
   auto loss_i2t = torch::nn::functional::cross_entropy(logits_i2t, labels);
-  auto loss_t2i = torch::nn::functional::cross_entropy(logits.t(), labels);
+  auto loss_t2i = torch::nn::functional::cross_entropy(logits_t2i, labels);
   LossOutput out;
   out.loss = (loss_i2t + loss_t2i) / 2;
   torch::NoGradGuard ng;
   out.metrics["logit_scale"] = scale.detach();
   out.metrics["acc/i2t"] = (logits_i2t.argmax(1) == labels).to(torch::kFloat32).mean();
-  out.metrics["acc/t2i"] = (logits.argmax(0) == labels).to(torch::kFloat32).mean();
+  out.metrics["acc/t2i"] = (logits_t2i.argmax(1) == labels).to(torch::kFloat32).mean();
   return out;
 }
 

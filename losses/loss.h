@@ -25,7 +25,19 @@ struct ContrastiveInputs {
   // Hard-negative captions (data.hard_negatives): extra texts that match no image, L2-normalised
   // [M, E]; undefined or M = 0 when the batch has none. They only ever count as negatives.
   torch::Tensor negative_text_embeds;
-  bool has_negatives() const { return negative_text_embeds.defined() && negative_text_embeds.size(0) > 0; }
+  // Data parallel (core/distributed.h): every rank's rows, gathered with gradients flowing back
+  // to their owner, and where this rank's rows start in them. A loss scores its own rows against
+  // all of them ("local loss": labels are row_offset + arange(N)), so the ranks' mean losses
+  // average to the one-process loss of the global batch. Undefined in one process: use the
+  // accessors, which fall back to the local tensors.
+  torch::Tensor all_image_embeds, all_text_embeds, all_negative_text_embeds;
+  int64_t row_offset = 0;
+  bool has_negatives() const { return all_negatives().defined() && all_negatives().size(0) > 0; }
+  const torch::Tensor& all_images() const { return all_image_embeds.defined() ? all_image_embeds : image_embeds; }
+  const torch::Tensor& all_texts() const { return all_text_embeds.defined() ? all_text_embeds : text_embeds; }
+  const torch::Tensor& all_negatives() const {
+    return all_negative_text_embeds.defined() ? all_negative_text_embeds : negative_text_embeds;
+  }
 };
 
 class ContrastiveLossImpl : public torch::nn::Module {

@@ -9,6 +9,7 @@ PACKAGES=(
   libopenblas0-pthread   # without it LibTorch falls back to the reference BLAS (~12x slower fp32 matmul)
   libopencv-dev libsentencepiece-dev libyaml-cpp-dev libspdlog-dev
   nlohmann-json3-dev libcli11-dev catch2
+  libgloo-dev            # headers of c10d's Gloo process group (data parallel on the CPU)
 )
 
 missing=()

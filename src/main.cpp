@@ -11,6 +11,7 @@
 
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
+#include "core/distributed.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "core/run_config.h"
@@ -43,6 +44,7 @@ int cmd_train(const std::string& config, const std::vector<std::string>& sets, c
   opt.resume = resume;
   auto result = train_any(cfg, opt);
   if (result.interrupted) return kExitInterrupted;
+  if (!dist::is_main()) return kExitOk;
   if (!result.final_eval.is_null()) std::cout << result.final_eval.dump(2) << std::endl;
   return kExitOk;
 }
@@ -170,6 +172,7 @@ int cmd_run(const std::string& pipeline, const std::vector<std::string>& sets) {
   TrainOptions opt;
   auto r = run_pipeline(plan, opt);
   if (r.interrupted) return kExitInterrupted;
+  if (!dist::is_main()) return kExitOk;  // rank 0 reports
   std::cout << pipeline_summary(plan, r);
   std::cout << "report: " << write_pipeline_report(plan, r) << std::endl;
   return kExitOk;
@@ -275,6 +278,11 @@ int main(int argc, char** argv) {
   train->add_option("config", config, "Run config (YAML)")->required()->check(CLI::ExistingFile);
   train->add_option("--set", sets, "Override a config key, e.g. --set optim.lr=2e-4 (repeatable)");
   train->add_option("--resume", resume, "'auto' (newest complete checkpoint of the run) or a checkpoint directory");
+  int nproc = 0;
+  train->add_option("--nproc", nproc,
+                    "Data parallel on this machine: start N ranks (torchrun's variables, Gloo on loopback); "
+                    "train.batch_size is per rank")
+      ->check(CLI::PositiveNumber);
 
   // config check
   auto* config_cmd = app.add_subcommand("config", "Config tools");
@@ -298,6 +306,7 @@ int main(int argc, char** argv) {
   auto* run = app.add_subcommand("run", "Run a pipeline of stages (skips finished stages, resumes the current one)");
   run->add_option("pipeline", pipeline, "Pipeline (YAML)")->required()->check(CLI::ExistingFile);
   run->add_option("--set", sets, "Override a key in every stage's config (repeatable)");
+  run->add_option("--nproc", nproc, "Data parallel on this machine: run every stage on N ranks")->check(CLI::PositiveNumber);
 
   // generate
   std::string gen_image, gen_prompt;
@@ -396,6 +405,20 @@ int main(int argc, char** argv) {
   }
 
   try {
+    if (nproc > 0 && (*train || *run)) {
+      // The same command line without --nproc, once per rank.
+      std::vector<std::string> args;
+      for (int i = 0; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--nproc") {
+          ++i;
+          continue;
+        }
+        if (a.rfind("--nproc=", 0) == 0) continue;
+        args.push_back(a);
+      }
+      return dist::launch_local(nproc, args);
+    }
     if (*train) return cmd_train(config, sets, resume);
     if (*check) return cmd_config_check(config, sets);
     if (*run) return cmd_run(pipeline, sets);

@@ -22,6 +22,7 @@
 
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
+#include "core/distributed.h"
 #include "core/errors.h"
 #include "core/logging.h"
 
@@ -47,12 +48,48 @@ int setup_threads(int requested) {
 
 int prepare_run(const RunConfig& cfg) {
   install_stop_handlers();
+  dist::init(cfg.distributed);
   std::error_code ec;
   std::filesystem::create_directories(cfg.run.out_dir, ec);
   if (ec || !std::filesystem::is_directory(cfg.run.out_dir))
     throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
-  init_logging((std::filesystem::path(cfg.run.out_dir) / "train.log").string());
-  return setup_threads(cfg.run.threads);
+  init_logging((std::filesystem::path(cfg.run.out_dir) / "train.log").string(), dist::rank());
+  // Ranks sharing a machine share its cores: "all cores" means this rank's part of them.
+  int threads = cfg.run.threads;
+  if (threads == 0 && dist::local_world_size() > 1)
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / dist::local_world_size());
+  threads = setup_threads(threads);
+  if (dist::active())
+    spdlog::info("data parallel: {} ranks ({} per machine), backend {}; train.batch_size {} per rank = {} samples per step",
+                 dist::world_size(), dist::local_world_size(), dist::backend(), cfg.train.batch_size,
+                 global_batch(cfg));
+  return threads;
+}
+
+int64_t global_batch(const RunConfig& cfg) { return static_cast<int64_t>(cfg.train.batch_size) * dist::world_size(); }
+
+int world_size() { return dist::world_size(); }
+int rank() { return dist::rank(); }
+
+void sync_across_ranks(const std::vector<torch::Tensor>& tensors) {
+  dist::broadcast(tensors, "broadcast of rank 0's parameters");
+}
+
+void reduce_gradients(const RunConfig& cfg, const std::vector<torch::Tensor>& params) {
+  dist::all_reduce_gradients(params, cfg.distributed.bucket_mb << 20);
+}
+
+double sum_across_ranks(double v, const std::string& what) { return dist::sum(v, what); }
+
+std::string save_on_main(const std::function<std::string()>& save) { return dist::is_main() ? save() : std::string(); }
+
+MetricsLog open_metrics_log(const RunConfig& cfg) {
+  if (!dist::is_main()) return MetricsLog();
+  return MetricsLog((std::filesystem::path(cfg.run.out_dir) / "metrics.jsonl").string());
+}
+
+void write_run_text(const RunConfig& cfg, const std::string& name, const std::string& text) {
+  if (dist::is_main()) atomic_write_text((std::filesystem::path(cfg.run.out_dir) / name).string(), text);
 }
 
 bool cpu_has_bf16() {
@@ -217,7 +254,8 @@ void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::strin
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
                                "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
-                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "eval."};
+                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "eval.",
+                               "distributed."};
   for (const char* s : safe) {
     const std::string p(s);
     if (key == p || (p.back() == '.' && key.compare(0, p.size(), p) == 0)) return true;
@@ -262,7 +300,9 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
   return d;
 }
 
-std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume) {
+namespace {
+
+std::string select_resume_checkpoint_here(const std::string& run_dir, const std::string& resume) {
   if (resume.empty()) {
     if (has_checkpoints(run_dir))
       throw ConfigError("run.out_dir '" + run_dir +
@@ -277,11 +317,32 @@ std::string select_resume_checkpoint(const std::string& run_dir, const std::stri
   return dir;
 }
 
+}  // namespace
+
+std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume) {
+  // Rank 0 alone tidies the run folder and chooses; the others take its choice (resuming needs
+  // the run folder on storage every rank can read).
+  return dist::broadcast_string(dist::is_main() ? select_resume_checkpoint_here(run_dir, resume) : std::string());
+}
+
 int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
   const auto info = verify_checkpoint(dir);
   if (info.trainer != cfg.trainer)
     throw ConfigError("checkpoint '" + dir + "' was written by the '" + info.trainer + "' trainer; this config runs '" +
                       cfg.trainer + "'");
+  // The sample order is a function of the global batch, so it resumes only at the same world size.
+  int saved_world = 1;
+  try {
+    saved_world = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json")).value("world_size", 1);
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(dir + "/trainer_state.json: unreadable (" + e.what() + ")");
+  }
+  if (saved_world != dist::world_size())
+    throw ConfigError("checkpoint '" + dir + "' was written by a run of " + std::to_string(saved_world) +
+                      " rank(s); this run has " + std::to_string(dist::world_size()) +
+                      ". The data order follows the global batch (train.batch_size x ranks), so resume with " +
+                      std::to_string(saved_world) + " rank(s) (--nproc / torchrun --nproc_per_node), or start a new run " +
+                      "with init_from naming this checkpoint");
   const auto diff = diff_for_resume(read_text_file(dir + "/config.yaml"), resolved_yaml(cfg));
   if (!diff.unsafe.empty()) {
     std::string keys;
@@ -303,6 +364,7 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
 }
 
 void forget_after_step(const std::string& run_dir, int64_t step) {
+  if (!dist::is_main()) return;
   for (const auto& name : set_aside_checkpoints_after(run_dir, step))
     spdlog::warn("resume: {} is newer than the resumed step {}; renamed to abandoned-{}", name, step, name);
   truncate_metrics_after((std::filesystem::path(run_dir) / "metrics.jsonl").string(), step);
@@ -311,10 +373,14 @@ void forget_after_step(const std::string& run_dir, int64_t step) {
 nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t step, const torch::Tensor& loss,
                                  const std::map<std::string, torch::Tensor>& metrics, double lr, double grad_norm,
                                  double data_wait_s) {
-  const double l = loss.item<double>();
+  // Every rank's share summed: the global batch's values (a collective: every rank logs here).
+  torch::Tensor total = loss;
+  auto summed = metrics;
+  dist::sum_metrics(total, summed);
+  const double l = total.item<double>();
   result.logged_losses.push_back(l);
   nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", grad_norm}};
-  rec["metrics"] = metrics_json(metrics);
+  rec["metrics"] = metrics_json(summed);
   rec["data_wait_s"] = data_wait_s;
   log.write(rec);
   return rec;
@@ -323,15 +389,17 @@ nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t s
 bool after_step(const RunConfig& cfg, const TrainOptions& opt, int64_t step, TrainResult& result,
                 const std::function<std::string()>& save, const std::function<void()>& eval) {
   const int64_t steps = cfg.train.steps;
-  if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps) eval();
-  if (stop_requested() || step == opt.stop_at_step) {
-    result.checkpoint = save();
+  // Rank 0 evaluates while the others wait at the next step's first collective.
+  if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps && dist::is_main()) eval();
+  // Agreed by every rank, so all of them stop after the same step.
+  if (dist::any(stop_requested() || step == opt.stop_at_step)) {
+    result.checkpoint = dist::broadcast_string(save_on_main(save));
     spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
     result.interrupted = true;
     result.final_step = step;
     return true;
   }
-  if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps) result.checkpoint = save();
+  if (cfg.train.save_every > 0 && step % cfg.train.save_every == 0 && step != steps) result.checkpoint = save_on_main(save);
   return false;
 }
 
@@ -339,10 +407,15 @@ void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::st
                 TrainResult& result, const std::function<std::string()>& save,
                 const std::function<nlohmann::json()>& eval) {
   result.final_step = step;
-  result.checkpoint = start < step ? save() : resumed_from;  // a resumed finished run: nothing new to save
-  result.final_eval = eval();
-  if (!result.final_eval.is_null())
-    atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+  result.checkpoint = start < step ? save_on_main(save) : resumed_from;  // a resumed, finished run: nothing new to save
+  if (dist::is_main()) {
+    result.final_eval = eval();
+    if (!result.final_eval.is_null())
+      atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+  }
+  // The others leave only once rank 0 has written everything: a pipeline's next stage reads it.
+  dist::barrier("waiting for rank 0 to finish the stage (final checkpoint and evaluation)");
+  result.checkpoint = dist::broadcast_string(result.checkpoint);
   spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, step - start, format_duration(elapsed_s),
                result.checkpoint);
 }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/logging.h"
 #include "core/run_config.h"
 
 namespace trialign {
@@ -40,6 +41,22 @@ int setup_threads(int requested);
 // What every trainer does first: stop handlers (SIGTERM/SIGINT), run.out_dir created (a clear
 // ConfigError when it cannot be), logging to RUN/train.log, threads. Returns the thread count.
 int prepare_run(const RunConfig& cfg);
+
+// Data parallel (core/distributed.h), the trainers' side of it. All are no-ops in one process.
+int64_t global_batch(const RunConfig& cfg);  // samples per optimizer step over all ranks
+int world_size();
+int rank();
+// Rank 0's values copied into every rank's tensors (parameters once initialised or resumed).
+void sync_across_ranks(const std::vector<torch::Tensor>& tensors);
+// Gradients summed over ranks (the losses are normalised by the global batch).
+void reduce_gradients(const RunConfig& cfg, const std::vector<torch::Tensor>& params);
+double sum_across_ranks(double v, const std::string& what);
+// Rank 0 runs `save` (a checkpoint) and returns its folder; the other ranks return "".
+std::string save_on_main(const std::function<std::string()>& save);
+// RUN/metrics.jsonl on rank 0; a log that writes nothing on the others.
+MetricsLog open_metrics_log(const RunConfig& cfg);
+// RUN/<name> written atomically, by rank 0 only.
+void write_run_text(const RunConfig& cfg, const std::string& name, const std::string& text);
 
 // "auto" -> "bf16" when the CPU has native bf16 dot products (avx512_bf16 / AMX), else "fp32".
 std::string resolve_precision(const std::string& requested);
@@ -114,7 +131,6 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
 void forget_after_step(const std::string& run_dir, int64_t step);
 
 // The step loop's bookkeeping, the same in every trainer.
-class MetricsLog;
 // A log step: appends {"step", "split": "train", "loss", "lr", "grad_norm", "metrics",
 // "data_wait_s"} to the metrics log and the loss to result.logged_losses; returns the record
 // (its "metrics" feed the progress line).

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/checkpoint.h"
+#include "core/distributed.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "core/safetensors.h"
@@ -51,8 +52,29 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
     }
     return in;
   };
+  // Data parallel: this rank's rows against every rank's (gathered with gradients), its loss and
+  // metrics a 1/W share, so that the ranks' gradients and logged values sum to the global batch's.
+  const double share = 1.0 / dist::world_size();
+  auto score = [&](ContrastiveInputs& in) {
+    if (dist::active()) {
+      in.all_image_embeds = dist::gather_rows(in.image_embeds, &in.row_offset);
+      in.all_text_embeds = dist::gather_rows(in.text_embeds);
+      // Collective: a rank whose batch drew no hard negative still takes part in the gather.
+      if (dist::any(in.negative_text_embeds.defined() && in.negative_text_embeds.size(0) > 0)) {
+        if (!in.negative_text_embeds.defined()) in.negative_text_embeds = torch::zeros({0, in.text_embeds.size(1)});
+        in.all_negative_text_embeds = dist::gather_rows(in.negative_text_embeds);
+      }
+    }
+    auto out = loss.forward(in);
+    if (share != 1.0) {
+      out.loss = out.loss * share;
+      for (auto& [k, v] : out.metrics) v = v * share;
+    }
+    return out;
+  };
   if (accum == 1) {
-    auto out = loss.forward(encode(0, b.pixels.size(0)));
+    auto in = encode(0, b.pixels.size(0));
+    auto out = score(in);
     out.loss.backward();
     return out;
   }
@@ -72,7 +94,7 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
   }
   ContrastiveInputs all{torch::cat(imgs).requires_grad_(true), torch::cat(txts).requires_grad_(true), {}};  // leaves
   if (!negs.empty()) all.negative_text_embeds = torch::cat(negs).requires_grad_(true);
-  auto out = loss.forward(all);
+  auto out = score(all);
   out.loss.backward();  // also the loss's own parameters' gradients, exactly once
   const auto g_img = all.image_embeds.grad(), g_txt = all.text_embeds.grad();
   for (int j = 0; j < accum; ++j) {
@@ -101,7 +123,8 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
   save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
   w.add_json("trainer_state.json", {{"trainer", "contrastive"},
                                     {"step", step},
-                                    {"samples_seen", step * cfg.train.batch_size}});
+                                    {"samples_seen", step * global_batch(cfg)},
+                                    {"world_size", world_size()}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -202,12 +225,18 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   } else {
     for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model);
   }
-  atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
+  {  // every rank starts from rank 0's weights
+    auto all = model->parameters();
+    for (const auto& p : loss->parameters()) all.push_back(p);
+    sync_across_ranks(all);
+  }
+  write_run_text(cfg, "config.yaml", resolved_yaml(cfg));
 
-  MetricsLog metrics((fs::path(cfg.run.out_dir) / "metrics.jsonl").string());
-  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size;
+  MetricsLog metrics = open_metrics_log(cfg);
+  const int64_t steps = cfg.train.steps, B = global_batch(cfg);
   EpochSampler sampler(cfg.run.seed, train.size());
-  PrefetchLoader<CaptionBatch> loader([&](int64_t step) { return train.collate(sampler.batch(step, B), cfg.run.seed); },
+  PrefetchLoader<CaptionBatch> loader(
+      [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); },
                                       start, steps, cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   ContrastiveResult result;
@@ -229,7 +258,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     return j;
   };
 
-  if (cfg.eval.at_start && start == 0) {  // the starting point of the held-out curves
+  if (cfg.eval.at_start && start == 0 && rank() == 0) {  // the starting point of the held-out curves
     const auto before = run_eval(0);
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
@@ -244,15 +273,16 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     try {
       batch = loader.next();
     } catch (const DataError& e) {
-      const auto ck = save();
+      const auto ck = save_on_main(save);
       throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
                       " holds the last good state: fix or remove the record, then --resume auto)");
     }
     optimizer.zero_grad();
     LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
+    reduce_gradients(cfg, params);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {  // never apply (or checkpoint) a NaN/inf update
-      const auto ck = save();
+      const auto ck = save_on_main(save);
       throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
                                std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
                                " holds the last good state; lower optim.lr or check the loss options, then --resume auto");

@@ -133,7 +133,7 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
                           dir + " to train it again from them");
       const std::string ck = done.value("checkpoint", std::string());
       if (fs::exists(ck)) {
-        init_logging();
+        init_logging("", rank());
         spdlog::info("pipeline {}: stage {} ({}/{}) is complete ({}); skipping", p.name, stage.name, i + 1,
                      p.stages.size(), ck);
         final_checkpoint[stage.name] = ck;
@@ -142,7 +142,7 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
         continue;
       }
     }
-    init_logging();
+    init_logging("", rank());
     spdlog::info("pipeline {}: stage {} ({}/{}), trainer {}, config {}", p.name, stage.name, i + 1, p.stages.size(),
                  cfg.trainer, stage.config);
     TrainOptions o = opt;
@@ -154,14 +154,14 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
     }
     final_checkpoint[stage.name] = r.checkpoint;
     entry = {{"checkpoint", r.checkpoint}, {"eval", r.final_eval}, {"skipped", false}};
-    atomic_write_text(done_file, nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step},
-                                                {"eval", r.final_eval}, {"config", resolved_yaml(cfg)},
-                                                {"upstream", upstream}}
-                                     .dump(2) + "\n");
+    write_run_text(cfg, "stage_done.json",
+                   nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step}, {"eval", r.final_eval},
+                                  {"config", resolved_yaml(cfg)}, {"upstream", upstream}}
+                           .dump(2) + "\n");
     result.stages[stage.name] = entry;
   }
   nlohmann::json summary = {{"pipeline", p.name}, {"stages", result.stages}};
-  atomic_write_text((fs::path(p.out_dir) / "pipeline.json").string(), summary.dump(2) + "\n");
+  if (rank() == 0) atomic_write_text((fs::path(p.out_dir) / "pipeline.json").string(), summary.dump(2) + "\n");
   return result;
 }
 

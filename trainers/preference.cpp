@@ -157,7 +157,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   nlohmann::json resolved_inits = nlohmann::json::array();
   for (const auto& init : inits)
     resolved_inits.push_back({{"checkpoint", init_components(*model, init, cfg.model)}, {"components", init.components}});
-  if (resumed_from.empty()) atomic_write_text(init_record, resolved_inits.dump(2) + "\n");
+  if (resumed_from.empty()) write_run_text(cfg, "init_from.json", resolved_inits.dump(2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)
     reference = build_vlm_model(cfg, tok);
@@ -224,13 +224,16 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     spdlog::info("resumed from {} at step {}", resumed_from, start);
     forget_after_step(cfg.run.out_dir, start);
   }
-  atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
+  sync_across_ranks(model->parameters());  // every rank starts from rank 0's weights
+  write_run_text(cfg, "config.yaml", resolved_yaml(cfg));
 
-  MetricsLog metrics((fs::path(cfg.run.out_dir) / "metrics.jsonl").string());
-  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size, accum = cfg.train.grad_accum;
+  MetricsLog metrics = open_metrics_log(cfg);
+  // B: this rank's samples per step; W: ranks. Shares and token counts are of the global batch.
+  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size, accum = cfg.train.grad_accum, W = world_size();
   EpochSampler sampler(cfg.run.seed, train.size());
-  PrefetchLoader<PreferenceBatch> loader([&](int64_t step) { return train.collate(sampler.batch(step, B), cfg.run.seed); },
-                                         start, steps, cfg.data.workers, cfg.data.prefetch);
+  PrefetchLoader<PreferenceBatch> loader(
+      [&](int64_t step) { return train.collate(sampler.batch(step, B * W, rank(), W), cfg.run.seed); }, start, steps,
+      cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   TrainResult result;
   const int eval_batch = std::max<int>(1, cfg.train.batch_size / cfg.train.grad_accum);
@@ -254,7 +257,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     return all;
   };
 
-  if (cfg.eval.at_start && start == 0) {
+  if (cfg.eval.at_start && start == 0 && rank() == 0) {
     const auto before = run_eval(0);
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
@@ -269,14 +272,17 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     try {
       batch = loader.next();
     } catch (const DataError& e) {
-      const auto ck = save();
+      const auto ck = save_on_main(save);
       throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
                       " holds the last good state: fix or remove the record, then --resume auto)");
     }
     optimizer.zero_grad();
     LossOutput out;
     out.loss = torch::zeros({});
-    const uint64_t step_seed = mix_seed({cfg.run.seed, fnv1a64("preference-step"), static_cast<uint64_t>(step)});
+    // Ranks draw their own corrupted images and completions (one process: rank 0, unchanged).
+    const uint64_t step_seed = W == 1 ? mix_seed({cfg.run.seed, fnv1a64("preference-step"), static_cast<uint64_t>(step)})
+                                      : mix_seed({cfg.run.seed, fnv1a64("preference-step"), static_cast<uint64_t>(step),
+                                                  static_cast<uint64_t>(rank())});
     const int64_t m = B / accum;
     // A failing loss (a plugin's included) is named with the step it failed at.
     auto run_loss = [&](const PreferenceInputs& in) {
@@ -297,11 +303,12 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       if (!sampling) {
         double chosen_tokens = 0;
         for (auto i : batch.indices) chosen_tokens += static_cast<double>(response_tokens(train.sample(i).chosen.labels));
+        chosen_tokens = sum_across_ranks(chosen_tokens, "all-reduce of token counts");
         for (int64_t j = 0; j < accum; ++j) {
           const auto micro = batch.slice(j * m, (j + 1) * m);
           auto in = pair_passes(*loss, model, ref, train, micro, tok.image_id(), bf16,
                                 mix_seed({step_seed, static_cast<uint64_t>(j)}), cache.get());
-          in.share = static_cast<double>(m) / static_cast<double>(B);
+          in.share = static_cast<double>(m) / static_cast<double>(B * W);
           in.step_response_tokens = std::max(1.0, chosen_tokens);
           auto o = run_loss(in);
           o.loss.backward();
@@ -312,9 +319,10 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
         const int64_t G = sampling->group_size, S = B * G;
         double tokens = 0;
         for (const auto& l : c.labels) tokens += static_cast<double>(response_tokens(l));
+        tokens = sum_across_ranks(tokens, "all-reduce of token counts");
         for (int64_t j = 0; j < accum; ++j) {
           auto in = completion_passes(*loss, model, ref, c, j * m * G, (j + 1) * m * G, tok.image_id(), bf16);
-          in.share = static_cast<double>(m * G) / static_cast<double>(S);
+          in.share = static_cast<double>(m * G) / static_cast<double>(S * W);
           in.step_response_tokens = std::max(1.0, tokens);
           in.rewards = c.rewards;
           in.group_size = G;
@@ -323,14 +331,15 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
           o.loss.backward();
           add_metrics(out, o);
         }
-        for (const auto& [name, v] : c.reward_means) out.metrics["reward/" + name] = torch::tensor(v);
+        for (const auto& [name, v] : c.reward_means) out.metrics["reward/" + name] = torch::tensor(v / W);
       }
     } catch (const std::invalid_argument& e) {
       throw ConfigError("step " + std::to_string(step + 1) + " (loss '" + cfg.loss.type + "'): " + e.what());
     }
+    reduce_gradients(cfg, params);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {
-      const auto ck = save();
+      const auto ck = save_on_main(save);
       throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
                                std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
                                " holds the last good state; lower optim.lr, then --resume auto");
@@ -346,7 +355,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
             sampling ? fmt::format("reward {:.3f} | length {:.1f}", mj.value("reward/mean", 0.0), mj.value("completion_length", 0.0))
                      : fmt::format("reward acc {:.3f} | margin {:.3f}", mj.value("rewards/accuracies", 0.0),
                                    mj.value("rewards/margins", 0.0));
-        spdlog::info("{} | loss {:.4f} | lr {:.2e} | {}", progress.line(step, B), rec["loss"].get<double>(), lr, extra);
+        spdlog::info("{} | loss {:.4f} | lr {:.2e} | {}", progress.line(step, B * W), rec["loss"].get<double>(), lr, extra);
       }
     }
     if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;

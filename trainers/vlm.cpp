@@ -34,8 +34,9 @@ VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok) {
 }
 
 
-LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& b, int accum, int64_t image_id, bool bf16) {
-  const double normaliser = std::max<int64_t>(1, b.target_tokens());
+LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& b, int accum, int64_t image_id, bool bf16,
+                    double step_tokens) {
+  const double normaliser = std::max(1.0, step_tokens > 0 ? step_tokens : static_cast<double>(b.target_tokens()));
   const int64_t m = b.size() / accum;
   LossOutput total;
   total.loss = torch::zeros({});
@@ -60,7 +61,7 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
     for (const auto& [k, v] : out.metrics)
       total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;  // shares of the step add up
   }
-  total.metrics["tokens"] = torch::tensor(normaliser);
+  total.metrics["tokens"] = torch::tensor(static_cast<double>(b.target_tokens()));  // this rank's; summed when logged
   return total;
 }
 
@@ -231,7 +232,10 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "vlm"}});
   torch::save(optim, w.path("optimizer.pt"));
   save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
-  w.add_json("trainer_state.json", {{"trainer", cfg.trainer}, {"step", step}, {"samples_seen", step * cfg.train.batch_size}});
+  w.add_json("trainer_state.json", {{"trainer", cfg.trainer},
+                                    {"step", step},
+                                    {"samples_seen", step * global_batch(cfg)},
+                                    {"world_size", world_size()}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -307,14 +311,15 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   } else {
     for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model);
   }
-  atomic_write_text((fs::path(cfg.run.out_dir) / "config.yaml").string(), resolved_yaml(cfg));
+  sync_across_ranks(model->parameters());  // every rank starts from rank 0's weights
+  write_run_text(cfg, "config.yaml", resolved_yaml(cfg));
 
-  MetricsLog metrics((fs::path(cfg.run.out_dir) / "metrics.jsonl").string());
-  const int64_t steps = cfg.train.steps, B = cfg.train.batch_size;
+  MetricsLog metrics = open_metrics_log(cfg);
+  const int64_t steps = cfg.train.steps, B = global_batch(cfg);
   EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<ConversationBatch> loader(
-      [&](int64_t step) { return train.collate(sampler.batch(step, B), cfg.run.seed); }, start, steps, cfg.data.workers,
-      cfg.data.prefetch);
+      [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); }, start, steps,
+      cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   TrainResult result;
   const int eval_batch = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
@@ -333,7 +338,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     return all;
   };
 
-  if (cfg.eval.at_start && start == 0) {  // the starting point of the held-out curves
+  if (cfg.eval.at_start && start == 0 && rank() == 0) {  // the starting point of the held-out curves
     const auto before = run_eval(0);
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
@@ -348,15 +353,18 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     try {
       batch = loader.next();
     } catch (const DataError& e) {
-      const auto ck = save();
+      const auto ck = save_on_main(save);
       throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
                       " holds the last good state: fix or remove the record, then --resume auto)");
     }
     optimizer.zero_grad();
-    LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16);
+    // The loss is normalised by the target tokens of the global batch (every rank's).
+    const double step_tokens = sum_across_ranks(static_cast<double>(batch.target_tokens()), "all-reduce of token counts");
+    LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16, step_tokens);
+    reduce_gradients(cfg, params);
     const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
     if (!std::isfinite(gnorm)) {
-      const auto ck = save();
+      const auto ck = save_on_main(save);
       throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
                                std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
                                " holds the last good state; lower optim.lr, then --resume auto");

@@ -26,9 +26,10 @@ VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok);
 
 // One optimizer step's forward and backward over a batch split into `accum` micro-batches of
 // equal sample count. The loss is normalised by the target tokens of the whole batch, so the
-// accumulated gradient equals the one-big-batch gradient. Returns the batch loss and metrics.
+// accumulated gradient equals the one-big-batch gradient. Under data parallel `step_tokens` is
+// the global batch's target tokens (all ranks); 0 = this batch's. Returns the loss and metrics.
 LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& batch, int accum, int64_t image_id,
-                    bool bf16);
+                    bool bf16, double step_tokens = 0);
 
 // The token that ends a reply in the chat template: eos, or pad for a tokenizer without eos.
 int64_t reply_end_id(const Tokenizer& tok);

@@ -64,6 +64,9 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
   if (c.run.device != "cpu")
     errors.add(at("run.device"), "run.device",
                "'" + c.run.device + "' is not available yet: this version trains on the CPU only; use cpu");
+  if (c.distributed.backend == "nccl")
+    errors.add(at("distributed.backend"), "distributed.backend",
+               "nccl needs the model on CUDA, and this version trains on the CPU only; use gloo (or auto)");
   for (auto k : c.eval.recall_at)
     if (k < 1) errors.add(at("eval.recall_at"), "eval.recall_at", "every k must be >= 1");
   if (c.data.train.empty())

@@ -286,6 +286,20 @@ struct PreferenceSection {
   template <class V> void fields(V& v) { v("cache_reference", cache_reference); }
 };
 
+// Multi-process data parallel (core/distributed.h). The process group itself comes from the
+// launcher's environment (torchrun, Slurm or `trialign train --nproc N`); these keys only say how
+// to talk. train.batch_size is per rank: the global batch is batch_size x world size.
+struct DistributedSection {
+  std::string backend = "auto";  // auto (nccl on CUDA, else gloo) | gloo | nccl
+  int64_t timeout_s = 1800;      // a collective that waits longer (a dead or stuck rank) fails the run
+  int64_t bucket_mb = 25;        // gradients are all-reduced in flat buckets of about this size
+  template <class V> void fields(V& v) {
+    v("backend", backend, one_of({"auto", "gloo", "nccl"}));
+    v("timeout_s", timeout_s, at_least(1));
+    v("bucket_mb", bucket_mb, at_least(1));
+  }
+};
+
 struct RunConfig {
   // contrastive (stage 1) | adapter (stage 2: projector only) | finetune (stage 3 and LM
   // pretraining: whatever optim.param_groups leaves trainable) | preference (DPO, mDPO, GRPO:
@@ -299,6 +313,7 @@ struct RunConfig {
   // empty = [{type: exact_match}].
   std::vector<TypedSpec> rewards;
   PreferenceSection preference;
+  DistributedSection distributed;
   std::vector<InitFrom> init_from;  // fresh runs only: components from earlier checkpoints
   std::vector<std::string> plugins;  // shared libraries to load first (core/plugins.h)
   OptimConfig optim;
@@ -322,6 +337,7 @@ struct RunConfig {
     v("init_from", init_from);
     v("rewards", rewards);
     v("preference", preference);
+    v("distributed", distributed);
   }
   bool is_vlm() const { return trainer != "contrastive"; }
 };
