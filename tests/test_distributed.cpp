@@ -203,7 +203,7 @@ TEST_CASE("2 ranks x batch B equal 1 rank x batch 2B: stage 3 (token-normalised 
   SECTION("DPO with its SFT term") { check_two_ranks_equal_one(c, "dpo.yaml"); }
 }
 
-TEST_CASE("2 ranks: resume equals no resume; another world size is refused with the reason", "[distributed][slow]") {
+TEST_CASE("2 ranks: resume equals no resume, and another world size is refused with the reason", "[distributed][slow]") {
   Corpus c;
   const std::string cfg = c.dir.file("vlm.yaml"), straight = c.dir.file("straight"), resumed = c.dir.file("resumed");
   require_cli("train " + cfg + " --nproc 2 --set train.batch_size=4 --set run.out_dir=" + straight);
@@ -271,7 +271,7 @@ TEST_CASE("a killed rank makes the other exit non-zero within the timeout", "[di
   CHECK_THAT(log, Catch::Contains("failed (another rank exited or did not answer"));
 }
 
-TEST_CASE("--nproc: a failing rank stops the others and its exit code is returned", "[distributed]") {
+TEST_CASE("the --nproc launcher: a failing rank stops the others and its exit code is returned", "[distributed]") {
   Corpus c;
   // A fresh run into a folder that holds checkpoints is refused (exit 2) by rank 0.
   require_cli("train " + c.dir.file("clip.yaml") + " --set train.steps=1 --set run.out_dir=" + c.dir.file("r"));

@@ -394,7 +394,8 @@ bool after_step(const RunConfig& cfg, const TrainOptions& opt, int64_t step, Tra
   // Agreed by every rank, so all of them stop after the same step.
   if (dist::any(stop_requested() || step == opt.stop_at_step)) {
     result.checkpoint = dist::broadcast_string(save_on_main(save));
-    spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
+    if (dist::is_main())
+      spdlog::warn("stop requested: checkpoint {} written at step {}; continue with --resume auto", result.checkpoint, step);
     result.interrupted = true;
     result.final_step = step;
     return true;

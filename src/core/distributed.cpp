@@ -5,6 +5,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
 #ifdef TRIALIGN_WITH_NCCL
 #define USE_C10D_NCCL 1
 #include <c10/cuda/CUDAFunctions.h>
@@ -33,14 +34,31 @@ namespace trialign::dist {
 
 namespace {
 
+// LibTorch 1.x: the Gloo and NCCL groups are ProcessGroups; 2.x: Backends under a ProcessGroup
+// facade. Both offer the same collectives, so the concrete group is held through whichever base.
+#if TORCH_VERSION_MAJOR >= 2
+using Group = c10d::Backend;
+#else
+using Group = c10d::ProcessGroup;
+#endif
+
 struct State {
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  c10::intrusive_ptr<Group> pg;
   LaunchInfo info;
   std::string backend = "none";
   int64_t timeout_s = 1800;
 };
 State& state() {
-  static State s;
+  static State s = [] {
+    State st;
+    // Who this process is, known before the group exists (logging starts earlier); a broken
+    // environment is reported by init().
+    try {
+      st.info = launch_info();
+    } catch (const std::exception&) {
+    }
+    return st;
+  }();
   return s;
 }
 
@@ -417,7 +435,7 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       const int code = exit_code_of(status);
       if (code != 0 && first_failure == 0) {
         first_failure = code, failed_rank = r;
-        if (running > 0) {
+        if (running > 0 && code != kExitInterrupted) {
           std::fprintf(stderr, "trialign --nproc: rank %d exited with code %d; stopping the other ranks\n", r, code);
           for (int k = 0; k < nproc; ++k)
             if (!done[static_cast<size_t>(k)]) kill(pids[static_cast<size_t>(k)], SIGTERM);
@@ -433,7 +451,7 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  if (failed_rank >= 0 && nproc > 1)
+  if (failed_rank >= 0 && nproc > 1 && first_failure != kExitInterrupted)
     std::fprintf(stderr, "trialign --nproc: failed (rank %d first, exit code %d)\n", failed_rank, first_failure);
   return first_failure;
 }
