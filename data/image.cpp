@@ -1,5 +1,6 @@
 #include "data/image.h"
 
+#include <opencv2/core/utils/logger.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
@@ -12,6 +13,13 @@
 namespace trialign {
 
 cv::Mat load_image_rgb(const std::string& path) {
+  // A file that fails to decode becomes one DataError naming it; OpenCV's logged warnings about
+  // the same file would only repeat it (some of its decoders still print to stderr themselves).
+  static const bool quiet = [] {
+    cv::utils::logging::setLogLevel(cv::utils::logging::LOG_LEVEL_ERROR);
+    return true;
+  }();
+  (void)quiet;
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec))
     throw DataError("image '" + path + "' does not exist (check data.image_root and the record's image path)");

@@ -26,6 +26,16 @@ size_t line_of(const std::string& text, size_t byte) {
 
 }  // namespace
 
+namespace {
+ProblemCollector* g_collector = nullptr;
+}
+
+ProblemCollector::ProblemCollector() {
+  if (g_collector) throw std::logic_error("one ProblemCollector at a time");
+  g_collector = this;
+}
+ProblemCollector::~ProblemCollector() { g_collector = nullptr; }
+
 std::vector<ManifestRecord> read_manifest(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw DataError("cannot open manifest '" + path + "': check data.train / data.val");
@@ -42,6 +52,8 @@ std::vector<ManifestRecord> read_manifest(const std::string& path) {
       doc = nlohmann::json::parse(text);
     } catch (const nlohmann::json::parse_error& e) {
       throw DataError(path + ":" + std::to_string(line_of(text, e.byte)) + ": malformed JSON: " + e.what());
+    } catch (const nlohmann::json::exception& e) {  // out_of_range: a number such as 1e400
+      throw DataError(path + ": malformed JSON: " + e.what());
     }
     for (size_t i = 0; i < doc.size(); ++i) {
       if (!doc[i].is_object())
@@ -60,13 +72,18 @@ std::vector<ManifestRecord> read_manifest(const std::string& path) {
     ++lineno;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     nlohmann::json j;
+    std::string problem;
     try {
       j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw DataError(path + ":" + std::to_string(lineno) + ": malformed JSON line: " + e.what());
+      if (!j.is_object()) problem = path + ":" + std::to_string(lineno) + ": expected a JSON object, got " + j.type_name();
+    } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for a number such as 1e400
+      problem = path + ":" + std::to_string(lineno) + ": malformed JSON line: " + e.what();
     }
-    if (!j.is_object())
-      throw DataError(path + ":" + std::to_string(lineno) + ": expected a JSON object, got " + j.type_name());
+    if (!problem.empty()) {
+      if (!g_collector) throw DataError(problem);
+      g_collector->problems.push_back({path, problem, "fail"});
+      continue;
+    }
     std::string id = record_id(j, out.size());
     out.push_back({std::move(j), path + ":" + std::to_string(lineno), std::move(id)});
   }
@@ -82,6 +99,10 @@ std::string require_string(const ManifestRecord& r, const char* field) {
 }
 
 void RecordProblems::finish(const std::string& manifest, const std::string& policy, const std::string& hint) const {
+  if (g_collector) {
+    for (const auto& m : messages) g_collector->problems.push_back({manifest, m, policy});
+    return;
+  }
   if (messages.empty() || policy == "skip") return;
   std::string all = manifest + ": " + std::to_string(messages.size()) + " bad record" +
                     (messages.size() == 1 ? "" : "s") + " (" + hint + ")";

@@ -33,4 +33,20 @@ struct RecordProblems {
               const std::string& hint = "fix them, or set data.on_bad_record: skip to skip and count them") const;
 };
 
+// `trialign data check`: while a ProblemCollector exists (one at a time), RecordProblems::finish
+// hands it every problem instead of failing or skipping, and read_manifest records a malformed
+// JSONL line and goes on to the next: one pass over the data lists every problem.
+struct CollectedProblem {
+  std::string manifest, message;
+  std::string policy;  // what a run would do: "fail" or "skip"
+};
+class ProblemCollector {
+ public:
+  ProblemCollector();
+  ~ProblemCollector();
+  ProblemCollector(const ProblemCollector&) = delete;
+  ProblemCollector& operator=(const ProblemCollector&) = delete;
+  std::vector<CollectedProblem> problems;
+};
+
 }  // namespace trialign

@@ -31,6 +31,7 @@
 #include "trainers/pipeline.h"
 #include "trainers/report.h"
 #include "trainers/vlm.h"
+#include "tools/data_check.h"
 #include "tools/interop.h"
 
 namespace fs = std::filesystem;
@@ -256,6 +257,14 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   return kExitOk;
 }
 
+int cmd_data_check(const std::string& config, const std::vector<std::string>& sets, bool images, bool json) {
+  init_logging();
+  const RunConfig cfg = load_run_config(config, sets);
+  const auto r = check_data(cfg, images);
+  std::cout << (json ? r.report.dump(2) + "\n" : data_check_text(r)) << std::flush;
+  return r.would_fail ? kExitConfig : kExitOk;
+}
+
 int cmd_tokenizer_train(const TokenizerTrainOptions& opt) {
   init_logging();
   const int64_t n = train_tokenizer(opt);
@@ -330,6 +339,12 @@ int main(int argc, char** argv) {
   std::string shapes_out;
   int64_t n_train = 10000, n_val = 1000;
   shapes::GeneratorOptions gen;
+  bool no_images = false, check_json = false;
+  auto* data_check = data->add_subcommand("check", "Read every record a config's run would use and list every problem");
+  data_check->add_option("config", config, "Run config (YAML)")->required()->check(CLI::ExistingFile);
+  data_check->add_option("--set", sets, "Override a config key (repeatable)");
+  data_check->add_flag("--no-images", no_images, "Do not decode the images (only their presence and format are checked)");
+  data_check->add_flag("--json", check_json, "Print the report as JSON");
   auto* shapes_cmd = data->add_subcommand("shapes", "Generate the synthetic shapes-world dataset (PNG + JSONL)");
   shapes_cmd->add_option("--out", shapes_out, "Output directory")->required();
   shapes_cmd->add_option("--train", n_train, "Training scenes")->check(CLI::NonNegativeNumber);
@@ -425,6 +440,7 @@ int main(int argc, char** argv) {
     if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
     if (*eval) return cmd_eval(target, eval_data, suite, eval_out, eval_threads);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
+    if (*data_check) return cmd_data_check(config, sets, !no_images, check_json);
     if (*tok_train) return cmd_tokenizer_train(tok_opt);
     if (*inspect) return cmd_inspect(io_path, show_tensors, verify, as_json);
     if (*export_cmd) return cmd_export(io_path, io_out, export_dtype, shard_mb);

@@ -372,7 +372,7 @@ void forget_after_step(const std::string& run_dir, int64_t step) {
 
 nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t step, const torch::Tensor& loss,
                                  const std::map<std::string, torch::Tensor>& metrics, double lr, double grad_norm,
-                                 double data_wait_s) {
+                                 double data_wait_s, int64_t skipped_steps) {
   // Every rank's share summed: the global batch's values (a collective: every rank logs here).
   torch::Tensor total = loss;
   auto summed = metrics;
@@ -382,6 +382,7 @@ nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t s
   nlohmann::json rec = {{"step", step}, {"split", "train"}, {"loss", l}, {"lr", lr}, {"grad_norm", grad_norm}};
   rec["metrics"] = metrics_json(summed);
   rec["data_wait_s"] = data_wait_s;
+  if (skipped_steps > 0) rec["skipped_steps"] = skipped_steps;
   log.write(rec);
   return rec;
 }
@@ -419,6 +420,57 @@ void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::st
   result.checkpoint = dist::broadcast_string(result.checkpoint);
   spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, step - start, format_duration(elapsed_s),
                result.checkpoint);
+}
+
+bool StepGuard::batch_ok(int64_t step, const std::string& error) {
+  if (!dist::any(!error.empty())) return true;
+  const std::string what =
+      error.empty() ? "another rank could not build its part of the batch (its log names the record)" : error;
+  if (!error.empty() && dist::rank() != 0) spdlog::warn("step {}: {}", step, error);  // rank 0 logs the decision
+  if (cfg_.train.on_bad_batch == "skip") {
+    skip(step, "the batch could not be built: " + what);
+    return false;
+  }
+  const auto ck = save_on_main(save_);
+  throw DataError(what + "\n(stopped before step " + std::to_string(step) + "; " +
+                  (ck.empty() ? std::string("rank 0 wrote a checkpoint of") : "checkpoint " + ck + " holds") +
+                  " the last good state: fix or remove the record, or set train.on_bad_batch: skip, then --resume auto)");
+}
+
+std::optional<double> StepGuard::clip(int64_t step, const torch::Tensor& loss, const std::vector<torch::Tensor>& params) {
+  if (opt_.nonfinite_at_step > 0 && step >= opt_.nonfinite_at_step && step < opt_.nonfinite_at_step + opt_.nonfinite_steps)
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().fill_(std::numeric_limits<float>::quiet_NaN());
+  const double gnorm = clip_grad_norm(params, cfg_.optim.grad_clip);  // global: after the all-reduce
+  const double l = loss.item<double>();
+  if (!dist::any(!std::isfinite(gnorm) || !std::isfinite(l))) {
+    in_a_row_ = 0;
+    return gnorm;
+  }
+  const std::string what = "non-finite " + std::string(std::isfinite(l) ? "gradient norm" : "loss") + " (loss " +
+                           std::to_string(l) + ", gradient norm " + std::to_string(gnorm) + ")";
+  if (cfg_.train.on_nonfinite == "skip") {
+    skip(step, what);
+    return std::nullopt;
+  }
+  const auto ck = save_on_main(save_);  // never apply (or checkpoint) a NaN/inf update
+  throw std::runtime_error("step " + std::to_string(step) + ": " + what + "; nothing was applied. " +
+                           (ck.empty() ? std::string("Rank 0's checkpoint") : "Checkpoint " + ck) +
+                           " holds the last good state; lower optim.lr or check the loss options (or set "
+                           "train.on_nonfinite: skip), then --resume auto");
+}
+
+void StepGuard::skip(int64_t step, const std::string& why) {
+  ++skipped_;
+  if (++in_a_row_ > cfg_.train.max_skipped_steps) {
+    const auto ck = save_on_main(save_);
+    throw std::runtime_error("step " + std::to_string(step) + ": " + why + "; " + std::to_string(in_a_row_) +
+                             " steps in a row skipped (train.max_skipped_steps " +
+                             std::to_string(cfg_.train.max_skipped_steps) + "), so the run stops. " +
+                             (ck.empty() ? std::string("Rank 0's checkpoint") : "Checkpoint " + ck) +
+                             " holds the last good state");
+  }
+  if (dist::rank() == 0) spdlog::warn("step {}: {}; update skipped ({} skipped so far)", step, why, skipped_);
 }
 
 void install_stop_handlers() {

@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,10 @@ struct TrainOptions {
   // Behave as if SIGTERM arrived during this step (checkpoint, then return interrupted); -1 = never.
   // Lets tests and preemption drills exercise the signal path deterministically.
   int64_t stop_at_step = -1;
+  // Tests: the gradients of `nonfinite_steps` steps from this one (1-based) are set to NaN after
+  // backward, as a diverging loss would leave them; -1 = never.
+  int64_t nonfinite_at_step = -1;
+  int64_t nonfinite_steps = 1;
 };
 
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
@@ -136,7 +141,7 @@ void forget_after_step(const std::string& run_dir, int64_t step);
 // (its "metrics" feed the progress line).
 nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t step, const torch::Tensor& loss,
                                  const std::map<std::string, torch::Tensor>& metrics, double lr, double grad_norm,
-                                 double data_wait_s);
+                                 double data_wait_s, int64_t skipped_steps = 0);
 // After optimizer step `step`: evaluation at train.eval_every, then on a stop request (signal or
 // opt.stop_at_step) a checkpoint, `result` marked interrupted and true (the trainer returns it),
 // else a checkpoint at train.save_every. `save` writes a checkpoint and returns its folder.
@@ -147,6 +152,39 @@ bool after_step(const RunConfig& cfg, const TrainOptions& opt, int64_t step, Tra
 void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::string& resumed_from, double elapsed_s,
                 TrainResult& result, const std::function<std::string()>& save,
                 const std::function<nlohmann::json()>& eval);
+
+// What a step does when its batch cannot be built or its loss or gradient norm is not finite
+// (train.on_bad_batch, train.on_nonfinite). "stop": a checkpoint of the last good state, then
+// the error; "skip": no update for the step, a warning, and the count in the metrics log.
+// train.max_skipped_steps skips in a row stop the run. Every rank takes the same decision.
+class StepGuard {
+ public:
+  StepGuard(const RunConfig& cfg, const TrainOptions& opt, std::function<std::string()> save)
+      : cfg_(cfg), opt_(opt), save_(std::move(save)) {}
+  // The batch of step `step` (1-based, the step about to run), or false when it is skipped.
+  template <class Loader, class Batch>
+  bool next_batch(Loader& loader, int64_t step, Batch& batch) {
+    std::string error;
+    try {
+      batch = loader.next();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    return batch_ok(step, error);
+  }
+  // After backward and reduce_gradients: clips the gradients and returns their global norm, or
+  // nothing when the step must not be applied (the caller skips optimizer.step()).
+  std::optional<double> clip(int64_t step, const torch::Tensor& loss, const std::vector<torch::Tensor>& params);
+  int64_t skipped() const { return skipped_; }
+
+ private:
+  bool batch_ok(int64_t step, const std::string& error);
+  void skip(int64_t step, const std::string& why);
+  const RunConfig& cfg_;
+  const TrainOptions& opt_;
+  std::function<std::string()> save_;
+  int64_t skipped_ = 0, in_a_row_ = 0;
+};
 
 // SIGTERM/SIGINT set this flag; trainers finish the step, checkpoint and exit with
 // kExitInterrupted.

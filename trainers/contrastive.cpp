@@ -19,6 +19,7 @@
 #include "eval/retrieval.h"
 #include "losses/loss.h"
 #include "models/hf_interop.h"
+#include "trainers/memory_estimate.h"
 
 namespace fs = std::filesystem;
 
@@ -42,8 +43,9 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
   // Embeddings of rows [from, to) and of the hard negatives those rows own; each [m, E] fp32.
   auto encode = [&](int64_t from, int64_t to) {
     AutocastGuard autocast(bf16);
-    ContrastiveInputs in{model->encode_image(b.pixels.slice(0, from, to)),
-                         model->encode_text(b.ids.slice(0, from, to), b.lengths.slice(0, from, to)), {}};
+    ContrastiveInputs in;
+    in.image_embeds = model->encode_image(b.pixels.slice(0, from, to));
+    in.text_embeds = model->encode_text(b.ids.slice(0, from, to), b.lengths.slice(0, from, to));
     if (negatives) {
       const auto [first, count] = b.neg_rows(from, to);
       if (count > 0)
@@ -92,7 +94,9 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
       if (in.has_negatives()) negs.push_back(in.negative_text_embeds);
     }
   }
-  ContrastiveInputs all{torch::cat(imgs).requires_grad_(true), torch::cat(txts).requires_grad_(true), {}};  // leaves
+  ContrastiveInputs all;  // leaves
+  all.image_embeds = torch::cat(imgs).requires_grad_(true);
+  all.text_embeds = torch::cat(txts).requires_grad_(true);
   if (!negs.empty()) all.negative_text_embeds = torch::cat(negs).requires_grad_(true);
   auto out = score(all);
   out.loss.backward();  // also the loss's own parameters' gradients, exactly once
@@ -215,6 +219,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
                train.skipped() ? " (" + std::to_string(train.skipped()) + " bad records skipped)" : std::string(),
                val ? val->size() : 0, n_params / 1e6, threads, precision,
                cfg.run.precision == "auto" ? " (auto: " + std::string(bf16 ? "CPU has native bf16" : "no native bf16 on this CPU") + ")" : "");
+  report_memory(cfg, estimate_memory(cfg, n_params, n_params), available_memory_bytes());
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
@@ -266,34 +271,30 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   model->train();
   int64_t step = start;
   auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step); };
+  StepGuard guard(cfg, opt, save);
   while (step < steps) {
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
     set_lr(optimizer, lr);
     CaptionBatch batch;
-    try {
-      batch = loader.next();
-    } catch (const DataError& e) {
-      const auto ck = save_on_main(save);
-      throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
-                      " holds the last good state: fix or remove the record, then --resume auto)");
+    if (!guard.next_batch(loader, step + 1, batch)) {  // skipped (train.on_bad_batch: skip)
+      ++step;
+      if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;
+      continue;
     }
     optimizer.zero_grad();
     LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
     reduce_gradients(cfg, params);
-    const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
-    if (!std::isfinite(gnorm)) {  // never apply (or checkpoint) a NaN/inf update
-      const auto ck = save_on_main(save);
-      throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
-                               std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
-                               " holds the last good state; lower optim.lr or check the loss options, then --resume auto");
+    const auto gnorm = guard.clip(step + 1, out.loss, params);
+    if (gnorm) {
+      optimizer.step();
+      loss->post_step();
     }
-    optimizer.step();
-    loss->post_step();
     ++step;
 
     // ---- diagnostics: log, eval, save ----
     if (step % cfg.train.log_every == 0 || step == steps) {
-      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm, loader.wait_seconds());
+      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm.value_or(NAN),
+                                         loader.wait_seconds(), guard.skipped());
       if (!opt.quiet)
         spdlog::info("{} | loss {:.4f} | lr {:.2e} | acc i2t {:.2f}", progress.line(step, B), rec["loss"].get<double>(), lr,
                      rec["metrics"].value("acc/i2t", 0.0));

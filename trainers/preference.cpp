@@ -14,6 +14,7 @@
 #include "losses/cross_entropy.h"
 #include "trainers/vlm.h"
 #include "models/hf_interop.h"
+#include "trainers/memory_estimate.h"
 
 namespace fs = std::filesystem;
 
@@ -217,6 +218,12 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
                train.skipped() ? " (" + std::to_string(train.skipped()) + " skipped)" : std::string(), passes,
                sampling ? fmt::format(", {} completions per prompt", sampling->group_size) : std::string(),
                n_trainable / 1e6, threads, bf16 ? "bf16" : "fp32");
+  {
+    int64_t held = 0;  // the policy, and the reference while it is kept
+    for (const auto& p : model->parameters()) held += p.numel();
+    if (reference) held *= 2;
+    report_memory(cfg, estimate_memory(cfg, held, n_trainable), available_memory_bytes());
+  }
 
   int64_t start = 0;
   if (!resumed_from.empty()) {
@@ -265,16 +272,15 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   set_vlm_train_modes(model);
   int64_t step = start;
   auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step); };
+  StepGuard guard(cfg, opt, save);
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
     PreferenceBatch batch;
-    try {
-      batch = loader.next();
-    } catch (const DataError& e) {
-      const auto ck = save_on_main(save);
-      throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
-                      " holds the last good state: fix or remove the record, then --resume auto)");
+    if (!guard.next_batch(loader, step + 1, batch)) {  // skipped (train.on_bad_batch: skip)
+      ++step;
+      if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;
+      continue;
     }
     optimizer.zero_grad();
     LossOutput out;
@@ -337,18 +343,13 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       throw ConfigError("step " + std::to_string(step + 1) + " (loss '" + cfg.loss.type + "'): " + e.what());
     }
     reduce_gradients(cfg, params);
-    const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
-    if (!std::isfinite(gnorm)) {
-      const auto ck = save_on_main(save);
-      throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
-                               std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
-                               " holds the last good state; lower optim.lr, then --resume auto");
-    }
-    optimizer.step();
+    const auto gnorm = guard.clip(step + 1, out.loss, params);
+    if (gnorm) optimizer.step();
     ++step;
 
     if (step % cfg.train.log_every == 0 || step == steps) {
-      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm, loader.wait_seconds());
+      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm.value_or(NAN),
+                                         loader.wait_seconds(), guard.skipped());
       if (!opt.quiet) {
         const auto& mj = rec["metrics"];
         const std::string extra =

@@ -15,6 +15,7 @@
 #include "eval/pope.h"
 #include "eval/representation.h"
 #include "models/hf_interop.h"
+#include "trainers/memory_estimate.h"
 
 namespace fs = std::filesystem;
 
@@ -301,6 +302,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
                train.skipped() ? " (" + std::to_string(train.skipped()) + " skipped)" : std::string(),
                train.truncated() ? " (" + std::to_string(train.truncated()) + " truncated)" : std::string(),
                n_trainable / 1e6, n_frozen / 1e6, tpi, threads, precision);
+  report_memory(cfg, estimate_memory(cfg, n_trainable + n_frozen, n_trainable), available_memory_bytes());
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
@@ -346,42 +348,36 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   set_vlm_train_modes(model);
   int64_t step = start;
   auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step); };
+  StepGuard guard(cfg, opt, save);
+  auto eval_and_resume = [&] {
+    run_eval(step);
+    set_vlm_train_modes(model);  // evaluation left every module in train mode
+  };
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
     ConversationBatch batch;
-    try {
-      batch = loader.next();
-    } catch (const DataError& e) {
-      const auto ck = save_on_main(save);
-      throw DataError(std::string(e.what()) + "\n(stopped before step " + std::to_string(step + 1) + "; checkpoint " + ck +
-                      " holds the last good state: fix or remove the record, then --resume auto)");
+    if (!guard.next_batch(loader, step + 1, batch)) {  // skipped (train.on_bad_batch: skip)
+      ++step;
+      if (after_step(cfg, opt, step, result, save, eval_and_resume)) return result;
+      continue;
     }
     optimizer.zero_grad();
     // The loss is normalised by the target tokens of the global batch (every rank's).
     const double step_tokens = sum_across_ranks(static_cast<double>(batch.target_tokens()), "all-reduce of token counts");
     LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16, step_tokens);
     reduce_gradients(cfg, params);
-    const double gnorm = clip_grad_norm(params, cfg.optim.grad_clip);
-    if (!std::isfinite(gnorm)) {
-      const auto ck = save_on_main(save);
-      throw std::runtime_error("step " + std::to_string(step + 1) + ": non-finite gradient norm (loss " +
-                               std::to_string(out.loss.item<double>()) + "); nothing was applied. Checkpoint " + ck +
-                               " holds the last good state; lower optim.lr, then --resume auto");
-    }
-    optimizer.step();
+    const auto gnorm = guard.clip(step + 1, out.loss, params);
+    if (gnorm) optimizer.step();
     ++step;
 
     if (step % cfg.train.log_every == 0 || step == steps) {
-      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm, loader.wait_seconds());
+      const auto rec = record_train_step(metrics, result, step, out.loss, out.metrics, lr, gnorm.value_or(NAN),
+                                         loader.wait_seconds(), guard.skipped());
       if (!opt.quiet)
         spdlog::info("{} | loss {:.4f} | lr {:.2e} | token acc {:.3f}", progress.line(step, B), rec["loss"].get<double>(),
                      lr, rec["metrics"].value("acc/token", 0.0));
     }
-    auto eval_and_resume = [&] {
-      run_eval(step);
-      set_vlm_train_modes(model);  // evaluation left every module in train mode
-    };
     if (after_step(cfg, opt, step, result, save, eval_and_resume)) return result;
   }
   finish_run(cfg, start, step, resumed_from, progress.elapsed(), result, save, [&] { return run_eval(step); });

@@ -236,6 +236,12 @@ struct TrainSection {
   int64_t save_every = 0;       // 0 = only at the end
   int keep_last = 3;            // checkpoints kept (older ones deleted)
   int64_t keep_every = 0;       // also keep every checkpoint whose step is a multiple of this; 0 = none
+  // A step whose loss or gradient norm is not finite, or whose batch cannot be built (an image
+  // that fails to decode): stop (checkpoint of the last good state, then the error) or skip
+  // (no update, counted in the log; the step still counts, so the data order is unchanged).
+  std::string on_nonfinite = "stop";  // stop | skip
+  std::string on_bad_batch = "stop";  // stop | skip
+  int64_t max_skipped_steps = 10;     // skips in a row that stop the run anyway
   template <class V> void fields(V& v) {
     v("steps", steps, at_least(1));
     v("batch_size", batch_size, at_least(1));
@@ -245,6 +251,9 @@ struct TrainSection {
     v("save_every", save_every, at_least(0));
     v("keep_last", keep_last, at_least(1));
     v("keep_every", keep_every, at_least(0));
+    v("on_nonfinite", on_nonfinite, one_of({"stop", "skip"}));
+    v("on_bad_batch", on_bad_batch, one_of({"stop", "skip"}));
+    v("max_skipped_steps", max_skipped_steps, at_least(1));
   }
 };
 

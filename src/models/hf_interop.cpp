@@ -176,7 +176,12 @@ std::string init_components(torch::nn::Module& model, const InitFrom& init, cons
     used = source = init.checkpoint;
     tensors = load_weights(init.checkpoint);
   } else {
-    used = resolve_checkpoint(init.checkpoint, [](const std::string& w) { spdlog::warn(w); });
+    try {
+      used = resolve_checkpoint(init.checkpoint, [](const std::string& w) { spdlog::warn(w); });
+    } catch (const DataError& e) {
+      throw DataError(std::string("init_from: ") + e.what() +
+                      " (a fresh run takes its starting weights from there: run that stage first, or fix the path)");
+    }
     verify_checkpoint(used);
     source = used + "/model.safetensors";
     tensors = load_safetensors(source);

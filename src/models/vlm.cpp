@@ -38,8 +38,18 @@ VlmModelImpl::VlmModelImpl(const ModelConfig& mc) : feature_layer_(mc.vision_fea
   // Registered by their own names so the state dict reads like LlamaForCausalLM's.
   register_module("model", llm->model);
   if (llm->lm_head) register_module("lm_head", llm->lm_head);
+  tokens_per_image_ = mm_projector->num_tokens(patches_per_image(mc));
+}
+
+int64_t patches_per_image(const ModelConfig& mc) {
   const int64_t side = mc.vision.image_size / mc.vision.patch_size;
-  tokens_per_image_ = mm_projector->num_tokens(side * side);
+  return side * side;
+}
+
+int64_t visual_tokens_per_image(const ModelConfig& mc) {
+  return projectors()
+      .create_or_throw(mc.projector, ProjectorDims{mc.vision.hidden_size, mc.llm.hidden_size})
+      ->num_tokens(patches_per_image(mc));
 }
 
 torch::Tensor VlmModelImpl::image_tokens(const torch::Tensor& pixels) {

@@ -18,6 +18,11 @@
 
 namespace trialign {
 
+// Visual tokens one image becomes in the LLM's sequence, from the config alone (the projector is
+// built, the towers are not): what data loading needs to know sequence lengths.
+int64_t patches_per_image(const ModelConfig& mc);
+int64_t visual_tokens_per_image(const ModelConfig& mc);
+
 // Parameter-name prefixes of a component: vision_model, mm_projector, language_model (stages
 // 2-3), text_model, visual_projection, text_projection (stage 1). Throws ConfigError for another.
 std::vector<std::string> component_prefixes(const std::string& component);

@@ -1,0 +1,175 @@
+// Faults in the middle of a run: a non-finite loss or gradient (injected) and a batch that cannot
+// be built (an image whose body is corrupt), under train.on_nonfinite / train.on_bad_batch skip
+// and stop; a stopped run resumes from the last good state.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "core/checkpoint.h"
+#include "core/config_tree.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "data/manifest.h"
+#include "data/shapes_world.h"
+#include "data/tokenizer.h"
+#include "test_helpers.h"
+#include "trainers/contrastive.h"
+
+namespace fs = std::filesystem;
+using namespace trialign;
+using trialign::test::TempDir;
+
+namespace {
+
+struct Corpus {
+  TempDir dir{"faults"};
+  Corpus() {
+    shapes::GeneratorOptions g;
+    g.image_size = 32;
+    g.max_objects = 2;
+    g.seed = 3;
+    shapes::write_dataset(dir.file("data"), 32, 0, g);
+    trialign::test::train_test_tokenizer(dir.file("data/train.jsonl"), dir.file("data/tok"), 48);
+  }
+  RunConfig config(const std::string& out, int64_t steps, std::vector<std::string> extra = {}) const {
+    std::vector<std::string> sets = {
+        "data.train=" + dir.file("data/train.jsonl"), "data.tokenizer=" + dir.file("data/tok.model"),
+        "data.image_size=32", "data.max_text_len=24", "data.workers=1", "run.out_dir=" + dir.file(out),
+        "run.threads=1", "run.seed=5", "run.precision=fp32", "model.vision.image_size=32", "model.vision.hidden_size=16",
+        "model.vision.intermediate_size=32", "model.vision.num_hidden_layers=1", "model.vision.num_attention_heads=2",
+        "model.text.hidden_size=16", "model.text.intermediate_size=32", "model.text.num_hidden_layers=1",
+        "model.text.num_attention_heads=2", "model.text.max_position_embeddings=24", "model.projection_dim=16",
+        "train.batch_size=8", "train.steps=" + std::to_string(steps), "train.log_every=1", "train.save_every=1",
+        "train.keep_last=20", "optim.lr=2e-3", "schedule.warmup_steps=0"};
+    sets.insert(sets.end(), extra.begin(), extra.end());
+    ConfigNode root;
+    root.kind = ConfigNode::Kind::Map;
+    for (const auto& s : sets) apply_override(root, s);
+    return run_config_from_tree(root, "faults");
+  }
+  std::map<std::string, torch::Tensor> weights(const std::string& run, int64_t step) const;
+};
+
+std::string checkpoint_name(int64_t step);
+
+std::map<std::string, torch::Tensor> Corpus::weights(const std::string& run, int64_t step) const {
+  return load_safetensors(dir.file(run) + "/checkpoints/" + checkpoint_name(step) + "/model.safetensors");
+}
+
+std::string checkpoint_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+TrainOptions quiet() {
+  TrainOptions o;
+  o.quiet = true;
+  return o;
+}
+
+std::vector<nlohmann::json> train_records(const std::string& run) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["split"] == "train") out.push_back(j);
+  }
+  return out;
+}
+
+bool same(const std::map<std::string, torch::Tensor>& a, const std::map<std::string, torch::Tensor>& b) {
+  for (const auto& [k, v] : a)
+    if (!torch::equal(v, b.at(k))) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("a non-finite gradient: skip leaves the weights as they were and counts it", "[faults]") {
+  Corpus c;
+  TrainOptions o = quiet();
+  o.nonfinite_at_step = 2;
+  const auto r = train_contrastive(c.config("run", 4, {"train.on_nonfinite=skip"}), o);
+  CHECK(r.final_step == 4);
+  CHECK(same(c.weights("run", 1), c.weights("run", 2)));       // step 2 applied nothing
+  CHECK_FALSE(same(c.weights("run", 2), c.weights("run", 3)));  // training goes on
+  const auto recs = train_records(c.dir.file("run"));
+  REQUIRE(recs.size() == 4);
+  CHECK_FALSE(recs[0].contains("skipped_steps"));
+  CHECK(recs[1]["grad_norm"].is_null());  // NaN in JSON
+  CHECK(recs[1]["skipped_steps"] == 1);
+  CHECK(recs[3]["skipped_steps"] == 1);
+  CHECK(std::isfinite(recs[3]["loss"].get<double>()));
+
+  SECTION("more skips in a row than train.max_skipped_steps stop the run with a checkpoint") {
+    TrainOptions many = quiet();
+    many.nonfinite_at_step = 2;
+    many.nonfinite_steps = 3;
+    CHECK_THROWS_WITH(train_contrastive(c.config("many", 6, {"train.on_nonfinite=skip", "train.max_skipped_steps=2"}), many),
+                      Catch::Contains("3 steps in a row skipped (train.max_skipped_steps 2)"));
+    CHECK(find_latest_checkpoint(c.dir.file("many")).find(checkpoint_name(3)) != std::string::npos);
+  }
+}
+
+TEST_CASE("a non-finite gradient: stop writes the last good state, and resuming from it equals a clean run",
+          "[faults][resume]") {
+  Corpus c;
+  const auto clean = train_contrastive(c.config("clean", 4), quiet());
+  TrainOptions o = quiet();
+  o.nonfinite_at_step = 3;
+  CHECK_THROWS_WITH(train_contrastive(c.config("run", 4), o),
+                    Catch::Contains("step 3: non-finite gradient norm") && Catch::Contains("nothing was applied") &&
+                        Catch::Contains(checkpoint_name(2) + " holds the last good state"));
+  CHECK(find_latest_checkpoint(c.dir.file("run")).find(checkpoint_name(2)) != std::string::npos);
+  CHECK(same(c.weights("run", 2), c.weights("clean", 2)));
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  const auto r = train_contrastive(c.config("run", 4), resume);
+  CHECK(r.final_step == 4);
+  CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
+}
+
+TEST_CASE("a batch that cannot be built (an image with a corrupt body): skip or stop, then resume", "[faults][resume]") {
+  Corpus c;
+  // Keep the PNG signature (the load-time check passes) and cut the rest: decoding fails mid-run.
+  const auto records = read_manifest(c.dir.file("data/train.jsonl"));
+  const std::string image = c.dir.file("data/" + records.at(5).json["image"].get<std::string>());
+  const std::string original = read_text_file(image);
+  test::write_file(image, original.substr(0, 40));
+
+  SECTION("skip: the step whose batch holds the image applies nothing; the run finishes") {
+    const auto r = train_contrastive(c.config("run", 4, {"train.on_bad_batch=skip"}), quiet());
+    CHECK(r.final_step == 4);
+    const auto recs = train_records(c.dir.file("run"));
+    REQUIRE(recs.size() == 3);  // the skipped step has nothing to log
+    CHECK(recs.back()["skipped_steps"] == 1);
+    int64_t skipped = 1;  // the step missing from the log
+    for (const auto& rec : recs) skipped += rec["step"] == skipped;
+    // The 32 records fill steps 1-4 once: the record's step applied nothing, the others did.
+    for (int64_t s = 2; s <= 4; ++s) {
+      INFO("step " << s << ", skipped " << skipped);
+      CHECK(same(c.weights("run", s - 1), c.weights("run", s)) == (s == skipped));
+    }
+  }
+  SECTION("stop (the default): the error names the image, a checkpoint holds the last good state, resume finishes") {
+    std::string message;
+    try {
+      train_contrastive(c.config("run", 4), quiet());
+    } catch (const DataError& e) {
+      message = e.what();
+    }
+    CHECK_THAT(message, Catch::Contains(image));
+    CHECK_THAT(message, Catch::Contains("holds the last good state"));
+    CHECK_THAT(message, Catch::Contains("train.on_bad_batch: skip"));
+    test::write_file(image, original);  // fixed
+    TrainOptions resume = quiet();
+    resume.resume = "auto";
+    const auto r = train_contrastive(c.config("run", 4), resume);
+    CHECK(r.final_step == 4);
+    const auto clean = train_contrastive(c.config("clean", 4), quiet());
+    CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
+  }
+}
