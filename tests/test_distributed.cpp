@@ -162,16 +162,21 @@ TEST_CASE("launch environment: torchrun and Slurm variables, and what is wrong w
     CHECK_FALSE(li.store_is_server);
     CHECK(li.store_prefix == "/worker/attempt_2");
   }
-  SECTION("Slurm, counts like 4(x2)") {
-    const auto li = dist::launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
-                                              {"SLURM_TASKS_PER_NODE", "4(x2)"}, {"SLURM_NNODES", "2"},
-                                              {"MASTER_ADDR", "n1"}}));
+  SECTION("Slurm: a task of an srun step, counts like 4(x2)") {
+    const auto li = dist::launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_STEP_NUM_TASKS", "8"},
+                                              {"SLURM_LOCALID", "1"}, {"SLURM_STEP_TASKS_PER_NODE", "4(x2)"},
+                                              {"SLURM_NNODES", "2"}, {"MASTER_ADDR", "n1"}}));
     CHECK(li.launcher == "slurm");
     CHECK(li.rank == 5);
     CHECK(li.world_size == 8);
     CHECK(li.local_rank == 1);
     CHECK(li.local_world_size == 4);
     CHECK(li.master_port == 29500);
+  }
+  SECTION("Slurm: the batch script itself (no srun step) is one process, not rank 0 of many") {
+    const auto li = dist::launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "8"}, {"SLURM_NNODES", "2"}}));
+    CHECK(li.world_size == 1);
+    CHECK(li.launcher == "none");
   }
   SECTION("mistakes are named") {
     auto msg = [](std::map<std::string, std::string> v) {
@@ -182,7 +187,7 @@ TEST_CASE("launch environment: torchrun and Slurm variables, and what is wrong w
     CHECK_THAT(msg({{"RANK", "0"}, {"WORLD_SIZE", "2"}}), Catch::Contains("MASTER_ADDR is not set"));
     CHECK_THAT(msg({{"RANK", "x"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}}),
                Catch::Contains("environment variable RANK='x' is not a number"));
-    CHECK_THAT(msg({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_NNODES", "2"}}),
+    CHECK_THAT(msg({{"SLURM_PROCID", "0"}, {"SLURM_STEP_NUM_TASKS", "4"}, {"SLURM_NNODES", "2"}}),
                Catch::Contains("export MASTER_ADDR=$(scontrol show hostnames"));
     CHECK_THAT(msg({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}),
                Catch::Contains("MASTER_PORT=70000 is not a TCP port"));

@@ -140,6 +140,15 @@ TEST_CASE("a batch that cannot be built (an image with a corrupt body): skip or 
   const std::string original = read_text_file(image);
   test::write_file(image, original.substr(0, 40));
 
+  SECTION("data.check_images (the default) finds it before the first step") {
+    CHECK_THROWS_WITH(train_contrastive(c.config("run", 4), quiet()),
+                      Catch::Contains("data.check_images: 1 of 32 training images cannot be decoded") &&
+                          Catch::Contains(image) && Catch::Contains("train.on_bad_batch: skip"));
+    CHECK(find_latest_checkpoint(c.dir.file("run")).empty());  // nothing trained, nothing saved
+    test::write_file(image, original);
+    CHECK(train_contrastive(c.config("run", 1), quiet()).final_step == 1);
+    CHECK(fs::exists(c.dir.file("run/image_check.json")));  // a resume over the same files skips the check
+  }
   SECTION("skip: the step whose batch holds the image applies nothing; the run finishes") {
     const auto r = train_contrastive(c.config("run", 4, {"train.on_bad_batch=skip"}), quiet());
     CHECK(r.final_step == 4);
@@ -156,8 +165,8 @@ TEST_CASE("a batch that cannot be built (an image with a corrupt body): skip or 
   }
   SECTION("stop (the default): the error names the image, a checkpoint holds the last good state, resume finishes") {
     std::string message;
-    try {
-      train_contrastive(c.config("run", 4), quiet());
+    try {  // without the check before the first step, the loader meets the image mid-run
+      train_contrastive(c.config("run", 4, {"data.check_images=false"}), quiet());
     } catch (const DataError& e) {
       message = e.what();
     }
@@ -167,7 +176,7 @@ TEST_CASE("a batch that cannot be built (an image with a corrupt body): skip or 
     test::write_file(image, original);  // fixed
     TrainOptions resume = quiet();
     resume.resume = "auto";
-    const auto r = train_contrastive(c.config("run", 4), resume);
+    const auto r = train_contrastive(c.config("run", 4, {"data.check_images=false"}), resume);
     CHECK(r.final_step == 4);
     const auto clean = train_contrastive(c.config("clean", 4), quiet());
     CHECK(same(c.weights("run", 4), c.weights("clean", 4)));

@@ -254,7 +254,7 @@ void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::strin
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
                                "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
-                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "eval.",
+                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "data.check_images", "eval.",
                                "distributed."};
   for (const char* s : safe) {
     const std::string p(s);
@@ -432,6 +432,7 @@ bool StepGuard::batch_ok(int64_t step, const std::string& error) {
     return false;
   }
   const auto ck = save_on_main(save_);
+  dist::barrier("waiting for rank 0's checkpoint");  // the launcher must not stop rank 0 mid-save
   throw DataError(what + "\n(stopped before step " + std::to_string(step) + "; " +
                   (ck.empty() ? std::string("rank 0 wrote a checkpoint of") : "checkpoint " + ck + " holds") +
                   " the last good state: fix or remove the record, or set train.on_bad_batch: skip, then --resume auto)");
@@ -454,6 +455,7 @@ std::optional<double> StepGuard::clip(int64_t step, const torch::Tensor& loss, c
     return std::nullopt;
   }
   const auto ck = save_on_main(save_);  // never apply (or checkpoint) a NaN/inf update
+  dist::barrier("waiting for rank 0's checkpoint");
   throw std::runtime_error("step " + std::to_string(step) + ": " + what + "; nothing was applied. " +
                            (ck.empty() ? std::string("Rank 0's checkpoint") : "Checkpoint " + ck) +
                            " holds the last good state; lower optim.lr or check the loss options (or set "
@@ -464,6 +466,7 @@ void StepGuard::skip(int64_t step, const std::string& why) {
   ++skipped_;
   if (++in_a_row_ > cfg_.train.max_skipped_steps) {
     const auto ck = save_on_main(save_);
+    dist::barrier("waiting for rank 0's checkpoint");
     throw std::runtime_error("step " + std::to_string(step) + ": " + why + "; " + std::to_string(in_a_row_) +
                              " steps in a row skipped (train.max_skipped_steps " +
                              std::to_string(cfg_.train.max_skipped_steps) + "), so the run stops. " +

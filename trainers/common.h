@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/errors.h"
 #include "core/logging.h"
 #include "core/run_config.h"
 
@@ -167,7 +168,7 @@ class StepGuard {
     std::string error;
     try {
       batch = loader.next();
-    } catch (const std::exception& e) {
+    } catch (const DataError& e) {  // a bad record or image; anything else is a bug and propagates
       error = e.what();
     }
     return batch_ok(step, error);

@@ -19,6 +19,7 @@
 #include "eval/retrieval.h"
 #include "losses/loss.h"
 #include "models/hf_interop.h"
+#include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
 
 namespace fs = std::filesystem;
@@ -220,6 +221,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
                val ? val->size() : 0, n_params / 1e6, threads, precision,
                cfg.run.precision == "auto" ? " (auto: " + std::string(bf16 ? "CPU has native bf16" : "no native bf16 on this CPU") + ")" : "");
   report_memory(cfg, estimate_memory(cfg, n_params, n_params), available_memory_bytes());
+  if (rank() == 0) check_images_before_training(cfg, image_refs(train));
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/distributed.h"
 #include "models/vlm.h"
 
 namespace trialign {
@@ -63,8 +64,8 @@ double available_memory_bytes() {
       ss >> kb;
       avail = kb * 1024.0;
     }
-  if (limit > 0 && (avail == 0 || limit < avail)) return limit;
-  return avail;
+  if (limit > 0 && (avail == 0 || limit < avail)) avail = limit;
+  return avail / dist::local_world_size();  // ranks on one machine share it
 }
 
 namespace {

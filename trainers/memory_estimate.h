@@ -25,7 +25,8 @@ double layer_activation_bytes(double s, double b, double h, double a);
 // optimizer updates.
 MemoryEstimate estimate_memory(const RunConfig& cfg, int64_t n_params, int64_t n_trainable);
 
-// Memory this process may use: the cgroup limit when one is set, else MemAvailable; 0 = unknown.
+// Memory this process may use: the cgroup (v2) limit when one is set, else MemAvailable, shared
+// by the ranks on this machine; 0 = unknown.
 double available_memory_bytes();
 
 // Logs the estimate; warns (and returns the warning) when it exceeds 90% of `available` bytes.

@@ -14,6 +14,7 @@
 #include "losses/cross_entropy.h"
 #include "trainers/vlm.h"
 #include "models/hf_interop.h"
+#include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
 
 namespace fs = std::filesystem;
@@ -224,6 +225,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     if (reference) held *= 2;
     report_memory(cfg, estimate_memory(cfg, held, n_trainable), available_memory_bytes());
   }
+  if (rank() == 0) check_images_before_training(cfg, image_refs(train));
 
   int64_t start = 0;
   if (!resumed_from.empty()) {

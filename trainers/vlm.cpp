@@ -15,6 +15,7 @@
 #include "eval/pope.h"
 #include "eval/representation.h"
 #include "models/hf_interop.h"
+#include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
 
 namespace fs = std::filesystem;
@@ -303,6 +304,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
                train.truncated() ? " (" + std::to_string(train.truncated()) + " truncated)" : std::string(),
                n_trainable / 1e6, n_frozen / 1e6, tpi, threads, precision);
   report_memory(cfg, estimate_memory(cfg, n_trainable + n_frozen, n_trainable), available_memory_bytes());
+  if (rank() == 0) check_images_before_training(cfg, image_refs(train));
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);

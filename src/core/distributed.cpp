@@ -139,12 +139,14 @@ LaunchInfo launch_info(const EnvLookup& env) {
       li.store_is_server = false;
       li.store_prefix = "/worker/attempt_" + env("TORCHELASTIC_RESTART_COUNT").value_or("0");
     }
-  } else if (env("SLURM_PROCID") && env("SLURM_NTASKS")) {
+  } else if (env("SLURM_PROCID") && env("SLURM_STEP_NUM_TASKS")) {
+    // Inside a job step that srun started (the batch script itself also sees SLURM_NTASKS, but
+    // it is one process: it must not wait for ranks that will never come).
     li.launcher = "slurm";
     li.rank = num("SLURM_PROCID", 0);
-    li.world_size = num("SLURM_NTASKS", 1);
+    li.world_size = num("SLURM_STEP_NUM_TASKS", 1);
     li.local_rank = num("SLURM_LOCALID", 0);
-    li.local_world_size = num("SLURM_NTASKS_PER_NODE", num("SLURM_TASKS_PER_NODE", 1));
+    li.local_world_size = num("SLURM_STEP_TASKS_PER_NODE", num("SLURM_NTASKS_PER_NODE", num("SLURM_TASKS_PER_NODE", 1)));
     if (li.world_size > 1 && !env("MASTER_ADDR") && num("SLURM_NNODES", 1) > 1)
       throw ConfigError("Slurm job on " + std::to_string(num("SLURM_NNODES", 1)) +
                         " nodes but MASTER_ADDR is not set; in the batch script: export MASTER_ADDR=$(scontrol show "
@@ -159,7 +161,7 @@ LaunchInfo launch_info(const EnvLookup& env) {
     throw ConfigError("rank " + std::to_string(li.rank) + " is outside world size " + std::to_string(li.world_size) + " (" +
                       li.launcher + " environment)");
   if (li.local_world_size < 1) li.local_world_size = 1;
-  if (li.local_rank < 0 || li.local_rank >= std::max(li.local_world_size, li.local_rank + 1))
+  if (li.local_rank < 0)
     throw ConfigError("local rank " + std::to_string(li.local_rank) + " is negative (" + li.launcher + " environment)");
   if (li.master_port < 1 || li.master_port > 65535)
     throw ConfigError("MASTER_PORT=" + std::to_string(li.master_port) + " is not a TCP port");
@@ -343,6 +345,9 @@ struct GatherRows : public torch::autograd::Function<GatherRows> {
 torch::Tensor gather_rows(const torch::Tensor& x, int64_t* offset) {
   if (offset) *offset = 0;
   if (!active()) return x;
+  // Every rank must run the backward all-reduce, including one whose rows need no gradient (an
+  // empty set of hard negatives): otherwise the ranks' collectives pair up wrongly.
+  const torch::Tensor in = torch::GradMode::is_enabled() && !x.requires_grad() ? x.detach().requires_grad_(true) : x;
   auto& s = state();
   if (offset) {
     // The same counts the forward gathers; cheap next to the features themselves.
@@ -351,7 +356,7 @@ torch::Tensor gather_rows(const torch::Tensor& x, int64_t* offset) {
     wait(s.pg->allreduce(count), "all-gather of row counts");
     *offset = count[0].slice(0, 0, s.info.rank).sum().item<int64_t>();
   }
-  return GatherRows::apply(x.contiguous());
+  return GatherRows::apply(in.contiguous());
 }
 
 // ---- the local launcher ----
@@ -393,10 +398,21 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     throw ConfigError("--nproc inside a launched rank (RANK and WORLD_SIZE are set): use either torchrun/Slurm or --nproc");
   const int port = free_loopback_port();
   std::vector<pid_t> pids;
+  // Before the first fork, so a Ctrl-C during start-up reaches the ranks through the loop below.
+  std::signal(SIGINT, remember_signal);
+  std::signal(SIGTERM, remember_signal);
   for (int r = 0; r < nproc; ++r) {
     const pid_t pid = fork();
-    if (pid < 0) throw std::runtime_error("--nproc: fork failed for rank " + std::to_string(r));
+    if (pid < 0) {
+      for (const pid_t p : pids) kill(p, SIGKILL), waitpid(p, nullptr, 0);
+      throw std::runtime_error("--nproc: fork failed for rank " + std::to_string(r));
+    }
     if (pid == 0) {
+      // A process group of its own: the terminal's Ctrl-C reaches the launcher only, which passes
+      // it on once (a second SIGINT would make a rank quit without its checkpoint).
+      setpgid(0, 0);
+      std::signal(SIGINT, SIG_DFL);
+      std::signal(SIGTERM, SIG_DFL);
       setenv("RANK", std::to_string(r).c_str(), 1);
       setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
       setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
@@ -413,16 +429,15 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     }
     pids.push_back(pid);
   }
-  std::signal(SIGINT, remember_signal);
-  std::signal(SIGTERM, remember_signal);
   int first_failure = 0, failed_rank = -1, running = nproc;
+  bool interrupted = false;  // a rank stopped on a signal after its checkpoint (exit 75)
   std::vector<bool> done(static_cast<size_t>(nproc), false);
   auto deadline = std::chrono::steady_clock::time_point::max();
   while (running > 0) {
-    if (g_forward_signal) {  // the user's Ctrl-C / the scheduler's SIGTERM: every rank checkpoints
-      for (int r = 0; r < nproc; ++r)
-        if (!done[static_cast<size_t>(r)]) kill(pids[static_cast<size_t>(r)], g_forward_signal);
+    if (const int sig = g_forward_signal) {  // the user's Ctrl-C / the scheduler's SIGTERM: every rank checkpoints
       g_forward_signal = 0;
+      for (int r = 0; r < nproc; ++r)
+        if (!done[static_cast<size_t>(r)]) kill(pids[static_cast<size_t>(r)], sig);
     }
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
@@ -433,9 +448,10 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       done[static_cast<size_t>(r)] = true;
       --running;
       const int code = exit_code_of(status);
-      if (code != 0 && first_failure == 0) {
+      if (code == kExitInterrupted) interrupted = true;
+      if (code != 0 && code != kExitInterrupted && first_failure == 0) {
         first_failure = code, failed_rank = r;
-        if (running > 0 && code != kExitInterrupted) {
+        if (running > 0) {
           std::fprintf(stderr, "trialign --nproc: rank %d exited with code %d; stopping the other ranks\n", r, code);
           for (int k = 0; k < nproc; ++k)
             if (!done[static_cast<size_t>(k)]) kill(pids[static_cast<size_t>(k)], SIGTERM);
@@ -451,9 +467,9 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  if (failed_rank >= 0 && nproc > 1 && first_failure != kExitInterrupted)
+  if (failed_rank >= 0 && nproc > 1)
     std::fprintf(stderr, "trialign --nproc: failed (rank %d first, exit code %d)\n", failed_rank, first_failure);
-  return first_failure;
+  return first_failure != 0 ? first_failure : interrupted ? kExitInterrupted : 0;
 }
 
 }  // namespace trialign::dist

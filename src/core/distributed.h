@@ -1,7 +1,8 @@
 // Multi-process data parallel on PyTorch's c10d process groups (Gloo on CPU; NCCL when built
 // against a CUDA LibTorch). One process per rank; the launcher's environment says who is who:
 //   torchrun   RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-//   Slurm      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE (+ MASTER_ADDR)
+//   Slurm      inside an srun step: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID,
+//              SLURM_STEP_TASKS_PER_NODE (+ MASTER_ADDR when the job spans nodes)
 //   trialign   `trialign train --nproc N` spawns N local workers with torchrun's variables
 // Without any of them the process is rank 0 of 1 and every call here is a cheap no-op, so the
 // trainers call them unconditionally.

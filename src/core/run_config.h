@@ -63,6 +63,9 @@ struct DataConfig {
   std::string on_too_long = "fail";    // fail | skip (counted) | truncate (text after the last image)
   bool drop_images = false;            // text-only training on the same records (LM pretraining)
   std::string caption_prompt = "Describe the image.";  // user turn for {"image","caption"} records
+  // Decode every training image once before the first step (rank 0; cached in the run folder per
+  // set of files), so a corrupt file stops the run before it starts, not hours in.
+  bool check_images = true;
   template <class V> void fields(V& v) {
     v("train", train);
     v("val", val);
@@ -81,6 +84,7 @@ struct DataConfig {
     v("on_too_long", on_too_long, one_of({"fail", "skip", "truncate"}));
     v("drop_images", drop_images);
     v("caption_prompt", caption_prompt);
+    v("check_images", check_images);
   }
 };
 

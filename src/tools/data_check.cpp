@@ -4,8 +4,10 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <filesystem>
 #include <set>
 
+#include "core/checkpoint.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "data/caption_dataset.h"
@@ -16,6 +18,8 @@
 #include "data/tokenizer.h"
 #include "losses/preference.h"
 #include "models/vlm.h"
+
+namespace fs = std::filesystem;
 
 namespace trialign {
 
@@ -59,13 +63,12 @@ struct Loaded {
   std::vector<std::pair<std::string, std::string>> images;  // (record location, path)
 };
 
-Loaded load(const RunConfig& cfg, const std::string& manifest, bool train_set, bool conversations, const Tokenizer& tok,
+Loaded load_set(const RunConfig& cfg, const std::string& manifest, bool train_set, bool conversations, const Tokenizer& tok,
             int64_t tokens_per_image, int64_t limit) {
   Loaded out;
   if (!cfg.is_vlm()) {
     CaptionDataset ds(manifest, cfg.data, tok, train_set, limit);
-    out.usable = ds.size(), out.skipped = ds.skipped();
-    for (int64_t i = 0; i < ds.size(); ++i) out.images.emplace_back(ds.where(i), ds.image_path(i));
+    out.usable = ds.size(), out.skipped = ds.skipped(), out.images = image_refs(ds);
     return out;
   }
   if (cfg.trainer == "preference" && !conversations) {
@@ -74,21 +77,98 @@ Loaded load(const RunConfig& cfg, const std::string& manifest, bool train_set, b
     PreferenceDataset ds(manifest, cfg.data, tok, tokens_per_image,
                          sampling ? PreferenceDataset::Kind::Prompts : PreferenceDataset::Kind::Pairs, train_set, limit,
                          sampling ? sampling->max_new_tokens : 0);
-    out.usable = ds.size(), out.skipped = ds.skipped();
-    for (int64_t i = 0; i < ds.size(); ++i)
-      for (const auto& img : ds.sample(i).images)
-        out.images.emplace_back(ds.sample(i).where + " (id " + ds.sample(i).id + ")", img);
+    out.usable = ds.size(), out.skipped = ds.skipped(), out.images = image_refs(ds);
     return out;
   }
   ConversationDataset ds(manifest, cfg.data, tok, tokens_per_image, train_set, limit);
-  out.usable = ds.size(), out.skipped = ds.skipped();
+  out.usable = ds.size(), out.skipped = ds.skipped(), out.images = image_refs(ds);
+  return out;
+}
+
+template <class Dataset>
+ImageRefs sample_images(const Dataset& ds) {
+  ImageRefs out;
   for (int64_t i = 0; i < ds.size(); ++i)
-    for (const auto& img : ds.sample(i).images)
-      out.images.emplace_back(ds.sample(i).where + " (id " + ds.sample(i).id + ")", img);
+    for (const auto& img : ds.sample(i).images) out.emplace_back(ds.sample(i).where + " (id " + ds.sample(i).id + ")", img);
   return out;
 }
 
 }  // namespace
+
+ImageRefs image_refs(const CaptionDataset& ds) {
+  ImageRefs out;
+  for (int64_t i = 0; i < ds.size(); ++i) out.emplace_back(ds.where(i), ds.image_path(i));
+  return out;
+}
+ImageRefs image_refs(const ConversationDataset& ds) { return sample_images(ds); }
+ImageRefs image_refs(const PreferenceDataset& ds) { return sample_images(ds); }
+
+void decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem) {
+  // Decoding is where a corrupt body behind a valid header shows; a run would meet it mid-way.
+  std::set<std::string> seen;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto last = t0;
+  int64_t done = 0;
+  const auto total = static_cast<int64_t>(refs.size());
+  for (const auto& [where, path] : refs) {
+    ++done;
+    if (!seen.insert(path).second) continue;
+    try {
+      load_image_rgb(path);
+    } catch (const DataError& e) {
+      problem(where + ": " + e.what());
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last > std::chrono::seconds(5)) {
+      last = now;
+      const double s = std::chrono::duration<double>(now - t0).count(), rate = done / std::max(1e-9, s);
+      spdlog::info("checking images: {}/{} ({:.0f}%) | {:.0f} images/s | ETA {}", done, total, 100.0 * done / total, rate,
+                   format_duration((total - done) / std::max(1e-9, rate)));
+    }
+  }
+}
+
+void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs) {
+  if (!cfg.data.check_images || refs.empty()) return;
+  // What was checked: every distinct file with its size and modification time.
+  std::set<std::string> files;
+  for (const auto& r : refs) files.insert(r.second);
+  uint32_t sig = 0;
+  for (const auto& f : files) {
+    std::error_code ec;
+    const auto size = fs::file_size(f, ec);
+    const auto mtime = fs::last_write_time(f, ec).time_since_epoch().count();
+    const std::string line = f + "\t" + std::to_string(size) + "\t" + std::to_string(mtime) + "\n";
+    sig = crc32_bytes(line.data(), line.size(), sig);
+  }
+  const std::string stamp = (fs::path(cfg.run.out_dir) / "image_check.json").string();
+  const nlohmann::json want = {{"images", files.size()}, {"signature", sig}};
+  try {
+    if (fs::exists(stamp) && nlohmann::json::parse(read_text_file(stamp)) == want) return;
+  } catch (const std::exception&) {
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> bad;
+  decode_images(refs, [&](const std::string& p) { bad.push_back(p); });
+  if (!bad.empty()) {
+    if (cfg.train.on_bad_batch == "skip") {
+      spdlog::warn("data.check_images: {} of {} training images cannot be decoded (first: {}); train.on_bad_batch: skip "
+                   "skips the steps that draw them",
+                   bad.size(), files.size(), bad.front());
+      atomic_write_text(stamp, want.dump() + "\n");  // warned once for these files
+      return;
+    }
+    std::string msg = "data.check_images: " + std::to_string(bad.size()) + " of " + std::to_string(files.size()) +
+                      " training images cannot be decoded (fix or remove those records, or set train.on_bad_batch: "
+                      "skip; `trialign data check` lists every problem):";
+    for (size_t i = 0; i < bad.size() && i < 20; ++i) msg += "\n  " + bad[i];
+    if (bad.size() > 20) msg += "\n  ... and " + std::to_string(bad.size() - 20) + " more";
+    throw DataError(msg);
+  }
+  atomic_write_text(stamp, want.dump() + "\n");
+  spdlog::info("data.check_images: {} training images decode ({})", files.size(),
+               format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
+}
 
 DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
@@ -113,45 +193,25 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
     ++counts[kind];
     r.would_fail = r.would_fail || policy != "skip";
   };
-  std::vector<std::pair<std::string, std::pair<std::string, std::string>>> images;  // (role, (where, path))
+  std::vector<std::pair<std::string, ImageRefs>> images;  // per set
   for (const auto& s : sources) {
     Loaded l;
     {
       ProblemCollector collector;
       try {
-        l = load(cfg, s.path, s.train, s.conversations, tok, tpi, s.limit);
+        l = load_set(cfg, s.path, s.train, s.conversations, tok, tpi, s.limit);
       } catch (const DataError& e) {  // a missing manifest, or nothing usable left
         collector.problems.push_back({s.path, e.what(), "fail"});
       }
       for (const auto& p : collector.problems) add(s.role, p.message, p.policy);
     }
     manifests.push_back({{"set", s.role}, {"path", s.path}, {"usable_records", l.usable}, {"images", l.images.size()}});
-    for (auto& im : l.images) images.push_back({s.role, std::move(im)});
+    images.emplace_back(s.role, std::move(l.images));
   }
 
   if (decode_images) {
-    // Decoding is where a corrupt body behind a valid header shows; a run would meet it mid-way.
-    std::set<std::string> seen;
-    const auto t0 = std::chrono::steady_clock::now();
-    auto last = t0;
-    int64_t done = 0;
     const std::string policy = cfg.train.on_bad_batch == "skip" ? "skip" : "fail";
-    for (const auto& [role, img] : images) {
-      ++done;
-      if (!seen.insert(img.second).second) continue;
-      try {
-        load_image_rgb(img.second);
-      } catch (const DataError& e) {
-        add(role, img.first + ": " + e.what(), policy);
-      }
-      const auto now = std::chrono::steady_clock::now();
-      if (now - last > std::chrono::seconds(5)) {
-        last = now;
-        const double s = std::chrono::duration<double>(now - t0).count(), rate = done / std::max(1e-9, s);
-        spdlog::info("data check: images {}/{} ({:.0f}%) | {:.0f} images/s | ETA {}", done, images.size(),
-                     100.0 * done / images.size(), rate, format_duration((images.size() - done) / std::max(1e-9, rate)));
-      }
-    }
+    for (const auto& [role, refs] : images) trialign::decode_images(refs, [&](const std::string& p) { add(role, p, policy); });
   }
   r.report = {{"config", cfg.source},
               {"manifests", manifests},

@@ -4,7 +4,10 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/run_config.h"
 
@@ -23,6 +26,25 @@ std::string problem_kind(const std::string& message);
 
 // decode_images: also decode every image (catches corrupt files whose header looks fine).
 DataCheckResult check_data(const RunConfig& cfg, bool decode_images);
+
+// (record location, path) of every image the usable records of a dataset read.
+using ImageRefs = std::vector<std::pair<std::string, std::string>>;
+class CaptionDataset;
+class ConversationDataset;
+class PreferenceDataset;
+ImageRefs image_refs(const CaptionDataset& ds);
+ImageRefs image_refs(const ConversationDataset& ds);
+ImageRefs image_refs(const PreferenceDataset& ds);
+
+// Decodes each distinct image once, logging progress (count, rate, ETA) on long lists; calls
+// `problem` with "location: message" for each that fails.
+void decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem);
+
+// data.check_images, before the first step (rank 0): decode_images over the training images,
+// skipped when RUN/image_check.json records the same files (paths, sizes, modification times)
+// as already checked. Failures: one DataError listing them (train.on_bad_batch: stop), or a
+// warning with their count (skip: their steps will be skipped).
+void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs);
 
 // The report as lines a person reads: per manifest, the problems (first `max_lines`), counts by kind.
 std::string data_check_text(const DataCheckResult& r, size_t max_lines = 50);
