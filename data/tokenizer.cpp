@@ -45,9 +45,16 @@ const SpmApi& spm() {
   static std::once_flag once;
   std::call_once(once, [] {
     const std::string path = shim_path();
+#ifdef TRIALIGN_SPM_DLMOPEN
+    // Sanitizer builds: AddressSanitizer refuses RTLD_DEEPBIND, so the shim (built without
+    // sanitizers) goes into a link-map namespace of its own, which isolates sentencepiece's
+    // protobuf just as well; the C ABI and tspm_free_buffer keep every allocation on its side.
+    void* lib = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
+#else
     // RTLD_LOCAL keeps sentencepiece's bundled protobuf out of the global scope; RTLD_DEEPBIND
     // makes sentencepiece prefer it over the libprotobuf LibTorch already loaded.
     void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+#endif
     if (!lib) {
       error = "cannot load the sentencepiece shim '" + path + "': " + dlerror() +
               " (rebuild trialign, or set TRIALIGN_SPM_LIBRARY to libtrialign_spm.so)";
