@@ -249,16 +249,7 @@ TEST_CASE("a killed rank makes the other exit non-zero within the timeout", "[di
   };
   const pid_t r0 = start_rank(0), r1 = start_rank(1);
   // Training under way: rank 0 has logged steps.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  int64_t lines = 0;
-  while (std::chrono::steady_clock::now() < deadline && lines < 3) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    std::ifstream m(run + "/metrics.jsonl");
-    std::string l;
-    lines = 0;
-    while (std::getline(m, l)) ++lines;
-  }
-  REQUIRE(lines >= 3);
+  REQUIRE(test::wait_for_logged_steps(run, 3));
   ::kill(r1, SIGKILL);
   const auto killed = std::chrono::steady_clock::now();
   int status = 0;

@@ -2,12 +2,14 @@
 #pragma once
 #include <sys/wait.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
@@ -85,6 +87,21 @@ inline void write_tiny_shapes_corpus(const std::string& dir, int64_t n_train, in
   o.out_prefix = dir + "/tok";
   o.vocab_size = 64;
   train_tokenizer(o);
+}
+
+// Waits (up to two minutes) until a training process writing RUN has logged `n` records in
+// RUN/metrics.jsonl: it is under way. False on timeout.
+inline bool wait_for_logged_steps(const std::string& run, int64_t n) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::ifstream m(run + "/metrics.jsonl");
+    std::string l;
+    int64_t lines = 0;
+    while (std::getline(m, l)) ++lines;
+    if (lines >= n) return true;
+  }
+  return false;
 }
 
 // Every tensor of `a` equals (bit for bit) the tensor of the same name in `b`.

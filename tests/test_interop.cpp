@@ -336,16 +336,7 @@ TEST_CASE("SIGTERM through the command line: the step finishes, a checkpoint is 
     ::_exit(127);
   }
   // Wait for training to be under way (a few logged steps), then ask it to stop.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  int64_t lines = 0;
-  while (std::chrono::steady_clock::now() < deadline && lines < 3) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    std::ifstream m(run + "/metrics.jsonl");
-    std::string l;
-    lines = 0;
-    while (std::getline(m, l)) ++lines;
-  }
-  REQUIRE(lines >= 3);
+  REQUIRE(test::wait_for_logged_steps(run, 3));
   ::kill(pid, SIGTERM);
   int status = 0;
   ::waitpid(pid, &status, 0);
