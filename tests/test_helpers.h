@@ -16,13 +16,31 @@
 
 #include <map>
 
+#include "core/config_tree.h"
+#include "core/run_config.h"
 #include "data/shapes_pope.h"
 #include "data/shapes_preference.h"
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
 #include "data/tokenizer.h"
+#include "trainers/common.h"
 
 namespace trialign::test {
+
+// Training options for tests: no progress output.
+inline TrainOptions quiet() {
+  TrainOptions o;
+  o.quiet = true;
+  return o;
+}
+
+// A run config from `key=value` overrides alone (the tests' tiny configs), validated like a file.
+inline RunConfig config_from_overrides(const std::vector<std::string>& sets, const std::string& name) {
+  ConfigNode root;
+  root.kind = ConfigNode::Kind::Map;
+  for (const auto& s : sets) apply_override(root, s);
+  return run_config_from_tree(root, name);
+}
 
 // A fresh directory under the system temp dir, removed when the object goes away.
 struct TempDir {

@@ -18,6 +18,7 @@
 
 namespace fs = std::filesystem;
 using namespace trialign;
+using trialign::test::quiet;
 using trialign::test::TempDir;
 
 namespace {
@@ -43,10 +44,7 @@ struct Corpus {
         "train.batch_size=8", "train.steps=" + std::to_string(steps), "train.log_every=1", "train.save_every=1",
         "train.keep_last=20", "optim.lr=2e-3", "schedule.warmup_steps=0"};
     sets.insert(sets.end(), extra.begin(), extra.end());
-    ConfigNode root;
-    root.kind = ConfigNode::Kind::Map;
-    for (const auto& s : sets) apply_override(root, s);
-    return run_config_from_tree(root, "faults");
+    return trialign::test::config_from_overrides(sets, "faults");
   }
   std::map<std::string, torch::Tensor> weights(const std::string& run, int64_t step) const;
 };
@@ -61,12 +59,6 @@ std::string checkpoint_name(int64_t step) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
   return buf;
-}
-
-TrainOptions quiet() {
-  TrainOptions o;
-  o.quiet = true;
-  return o;
 }
 
 std::vector<nlohmann::json> train_records(const std::string& run) {

@@ -12,6 +12,7 @@
 #include "trainers/contrastive.h"
 
 using namespace trialign;
+using trialign::test::quiet;
 using trialign::test::TempDir;
 
 namespace {
@@ -39,18 +40,9 @@ struct TinyCorpus {
         "train.steps=" + std::to_string(steps), "train.log_every=1", "optim.lr=2e-3", "schedule.warmup_steps=2",
         "eval.recall_at=[1, 5]"};
     sets.insert(sets.end(), extra.begin(), extra.end());
-    ConfigNode root;
-    root.kind = ConfigNode::Kind::Map;
-    for (const auto& s : sets) apply_override(root, s);
-    return run_config_from_tree(root, "tiny");
+    return trialign::test::config_from_overrides(sets, "tiny");
   }
 };
-
-TrainOptions quiet() {
-  TrainOptions o;
-  o.quiet = true;
-  return o;
-}
 
 }  // namespace
 

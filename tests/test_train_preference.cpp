@@ -21,6 +21,7 @@
 #include "trainers/vlm.h"
 
 using namespace trialign;
+using trialign::test::quiet;
 using Catch::Matchers::WithinAbs;
 using trialign::test::message_of;
 using trialign::test::TempDir;
@@ -52,12 +53,6 @@ eval: {max_new_tokens: 4}
   }
   std::string pairs() const { return dir.file("data/train_pref.jsonl"); }
 };
-
-TrainOptions quiet() {
-  TrainOptions o;
-  o.quiet = true;
-  return o;
-}
 
 std::map<std::string, torch::Tensor> weights(const TrainResult& r) {
   return load_safetensors(r.checkpoint + "/model.safetensors");
