@@ -1,5 +1,6 @@
 #include "data/conversation_dataset.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "core/errors.h"
@@ -112,6 +113,17 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
         continue;
       }
     }
+    if (auto it = r.json.find("objects"); it != r.json.end()) {
+      // A reference object list for CHAIR on a user's own captions (eval/caption_objects.h).
+      const bool ok = it->is_array() && std::all_of(it->begin(), it->end(), [](const nlohmann::json& o) {
+                        return o.is_string() && !o.get<std::string>().empty();
+                      });
+      if (!ok) {
+        problems.add(r, "'objects' must be a list of object names (non-empty strings), got " + it->dump().substr(0, 80));
+        continue;
+      }
+      s.reference_objects = it->get<std::vector<std::string>>();
+    }
 
     const int64_t len = s.tokens.expanded_length(tokens_per_image);
     if (len > cfg.max_seq_len) {
@@ -182,6 +194,12 @@ ConversationBatch ConversationDataset::build(const std::vector<SampleRef>& refs,
   }
   if (!pixels.empty()) b.pixels = torch::stack(pixels);
   return b;
+}
+
+std::string eval_suite_of(const ConversationSample& s) {
+  if (s.question_type.rfind("pope/", 0) == 0) return "pope";
+  if (!s.reference_objects.empty() || (!s.scene.is_null() && s.is_caption)) return "chair";
+  return "vqa";
 }
 
 }  // namespace trialign

@@ -25,6 +25,7 @@ struct ConversationSample {
   std::string reference;            // the final assistant reply (what generation is scored against)
   std::string question_type;        // the record's "question_type", "" when absent
   nlohmann::json scene;             // shapes-world scene graph when the record has one
+  std::vector<std::string> reference_objects;  // the record's "objects": what a caption may name
   bool is_caption = false;          // an {"image","caption"} record or question_type "caption"
   bool truncated = false;           // cut to data.max_seq_len (its final reply is incomplete)
 };
@@ -60,6 +61,13 @@ class ConversationDataset {
   ConversationBatch range(int64_t begin, int64_t end) const;
   // Pixels of one sample's images [n, 3, S, S] (undefined when it has none), never augmented.
   torch::Tensor pixels_of(int64_t i) const;
+  // Drops every sample the predicate rejects (an evaluation restricted to some record kinds).
+  template <class Pred> void keep_only(Pred keep) {
+    std::vector<ConversationSample> kept;
+    for (auto& s : samples_)
+      if (keep(s)) kept.push_back(std::move(s));
+    samples_ = std::move(kept);
+  }
 
  private:
   ConversationBatch build(const std::vector<SampleRef>& refs, uint64_t seed, bool augment) const;
@@ -68,6 +76,10 @@ class ConversationDataset {
   std::vector<ConversationSample> samples_;
   int64_t skipped_ = 0, truncated_ = 0;
 };
+
+// Which evaluation suite scores a record: "pope" (question_type pope/...), "chair" (a caption of
+// a shapes-world scene, or any record with an "objects" list), else "vqa".
+std::string eval_suite_of(const ConversationSample& s);
 
 // The ids a model is prompted with to produce the sample's final reply: everything before the
 // last run of labelled tokens (for "chat" this ends with "ASSISTANT: ").

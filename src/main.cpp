@@ -2,8 +2,10 @@
 // parser: subcommands, typed options and --help for free) and call into the library; this file
 // is the only place exceptions become exit codes (core/errors.h).
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -73,7 +75,8 @@ LoadedVlm load_vlm(const std::string& dir) {
   return v;
 }
 
-int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::string& out) {
+int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vector<std::string>& suites,
+                 const std::string& out) {
   auto v = load_vlm(dir);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
   std::vector<EvalSet> sets = v.cfg.eval.sets;
@@ -92,12 +95,26 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::str
   }
   auto loss = lm_losses().create_or_throw(token_loss);
   nlohmann::json j;
+  const ObjectVocabulary vocabulary = load_eval_vocabulary(v.cfg.eval);
   for (const auto& s : sets) {
     ConversationDataset ds(s.data, v.cfg.data, v.tok, v.model->tokens_per_image(), false, s.limit);
+    if (!suites.empty()) {
+      ds.keep_only([&](const ConversationSample& r) {
+        return std::find(suites.begin(), suites.end(), eval_suite_of(r)) != suites.end();
+      });
+      if (ds.size() == 0) {
+        spdlog::warn("eval: {} ({}) has no records of suite {}; skipped", s.name, s.data, fmt::join(suites, ","));
+        continue;
+      }
+    }
     j[s.name] = evaluate_vlm(v.model, *loss, ds, v.tok, std::max(1, v.cfg.train.batch_size / v.cfg.train.grad_accum),
-                             v.cfg.eval.max_new_tokens, bf16);
+                             v.cfg.eval.max_new_tokens, bf16, vocabulary);
     j[s.name]["data"] = s.data;
   }
+  if (j.empty())
+    throw DataError("eval: no record of suite " + fmt::format("{}", fmt::join(suites, ",")) +
+                    " in the data (vqa: questions, pope: question_type pope/..., chair: captions of a scene or "
+                    "records with \"objects\")");
   j["checkpoint"] = dir;
   if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
   std::cout << j.dump(2) << std::endl;
@@ -111,13 +128,20 @@ int cmd_eval(const std::string& target, const std::string& data, const std::stri
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
   RunConfig cfg = checkpoint_config_of(dir);
-  if (cfg.is_vlm()) {
-    if (suite != "auto" && suite != "vqa")
-      throw ConfigError("--suite '" + suite + "': a " + cfg.trainer + " checkpoint is scored with the vqa suite");
-    return cmd_eval_vlm(dir, data, out);
+  // --suite: auto (everything the checkpoint supports) or a comma list of suite names.
+  std::vector<std::string> suites;
+  for (size_t from = 0; suite != "auto" && from <= suite.size();) {
+    const size_t to = std::min(suite.find(',', from), suite.size());
+    if (to > from) suites.push_back(suite.substr(from, to - from));
+    from = to + 1;
   }
-  if (suite != "auto" && suite != "retrieval")
-    throw ConfigError("--suite '" + suite + "': a contrastive checkpoint is scored with the retrieval suite");
+  const std::vector<std::string> known = cfg.is_vlm() ? std::vector<std::string>{"vqa", "pope", "chair"}
+                                                      : std::vector<std::string>{"retrieval"};
+  for (const auto& s : suites)
+    if (std::find(known.begin(), known.end(), s) == known.end())
+      throw ConfigError(fmt::format("--suite '{}': a {} checkpoint has the suites {} (or auto for all)", s, cfg.trainer,
+                                    fmt::join(known, ", ")));
+  if (cfg.is_vlm()) return cmd_eval_vlm(dir, data, suites, out);
   const std::string manifest = data.empty() ? cfg.data.val : data;
   if (manifest.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no data.val");
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
@@ -306,7 +330,9 @@ int main(int argc, char** argv) {
   auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
   eval->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
   eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the config's data.val)");
-  eval->add_option("--suite", suite, "Metric suite: auto (by checkpoint), retrieval (stage 1), vqa (stages 2-3)");
+  eval->add_option("--suite", suite,
+                   "auto (all the checkpoint supports), or a comma list: retrieval (stage 1: retrieval, hard "
+                   "negatives, mutual kNN, CKA); vqa, pope, chair (stages 2-3: questions, yes/no probes, captions)");
   eval->add_option("--out", eval_out, "Also write the JSON results here");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)");
 

@@ -26,6 +26,7 @@
 #include "trainers/vlm.h"
 
 using namespace trialign;
+using trialign::test::quiet;
 using trialign::test::TempDir;
 using trialign::test::write_file;
 namespace fs = std::filesystem;
@@ -68,12 +69,6 @@ eval: {recall_at: [1]}
     return load_run_config(dir.file(file), sets);
   }
 };
-
-TrainOptions quiet() {
-  TrainOptions o;
-  o.quiet = true;
-  return o;
-}
 
 // Runs the trialign binary; returns its exit code, output (stdout + stderr) in `out`.
 int run_cli(const std::string& args, std::string* out = nullptr) {
@@ -145,6 +140,23 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     const auto captions = nlohmann::json::parse(read_text_file(c.dir.file("captions.json")))["data"];
     CHECK(captions.contains("caption/chair_i"));
     CHECK(captions.contains("caption/chair_s"));
+    // --suite keeps the records of the named suites: the probes of a mixed manifest alone, and a
+    // suite with no record in the data is exit 2 naming it.
+    std::string mixed = read_text_file(c.dir.file("data/val_pope.jsonl"));
+    const std::string vqa = read_text_file(c.dir.file("data/val_vqa.jsonl"));
+    mixed += vqa.substr(0, vqa.find('\n') + 1);
+    test::write_file(c.dir.file("data/mixed.jsonl"), mixed);
+    REQUIRE(run_cli("eval " + trained.checkpoint + " --suite pope --data " + c.dir.file("data/mixed.jsonl") +
+                        " --out " + c.dir.file("only_pope.json"),
+                    &log) == 0);
+    const auto only = nlohmann::json::parse(read_text_file(c.dir.file("only_pope.json")))["data"];
+    CHECK(only["records"] == probes);
+    CHECK(only["pope/probes"] == probes);
+    CHECK(only["pope/accuracy"] == pope["pope/accuracy"]);
+    CHECK(run_cli("eval " + trained.checkpoint + " --suite chair --data " + c.dir.file("data/val_pope.jsonl"), &log) == 2);
+    CHECK_THAT(log, Catch::Contains("no record of suite chair in the data"));
+    CHECK(run_cli("eval " + trained.checkpoint + " --suite retrieval", &log) == 2);
+    CHECK_THAT(log, Catch::Contains("--suite 'retrieval': a finetune checkpoint has the suites vqa, pope, chair"));
   }
   SECTION("stage 1: one CLIPModel folder with logit_scale, in bf16 and fp32") {
     const auto trained = train_contrastive(c.config("clip.yaml", "run"), quiet());

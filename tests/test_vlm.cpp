@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include "core/config_tree.h"
 #include "core/errors.h"
@@ -235,6 +236,81 @@ TEST_CASE("CHAIR over captions: hallucinated mentions by level and captions with
   CHECK(m["chair_s"].get<double>() == Approx(2.0 / 3));
 }
 
+TEST_CASE("relation CHAIR: claims between correctly named objects, checked against the scene graph", "[vlm][eval]") {
+  // Object 0 (red circle) is left of object 1 (blue square), which is right of it and above
+  // object 2 (green star).
+  const auto scene = nlohmann::json::parse(R"({"objects": [
+      {"shape": "circle", "colour": "red", "size": "large"},
+      {"shape": "square", "colour": "blue", "size": "small"},
+      {"shape": "star", "colour": "green", "size": "small"}],
+    "relations": [{"subject": 0, "object": 1, "predicate": "left of"},
+                  {"subject": 1, "object": 0, "predicate": "right of"},
+                  {"subject": 1, "object": 2, "predicate": "above"},
+                  {"subject": 2, "object": 1, "predicate": "below"},
+                  {"subject": 0, "object": 2, "predicate": "left of"},
+                  {"subject": 2, "object": 0, "predicate": "right of"}]})");
+  // Two claims, both true: "circle left of square", "square above star".
+  auto a = score_caption_objects("a large red circle left of a small blue square above a small green star", scene);
+  CHECK(a.relations == 2);
+  CHECK(a.relation_errors == 0);
+  // "square below star" is false; "circle is left of the square" reads through the fillers.
+  auto b = score_caption_objects("the red circle is left of the square below a green star", scene);
+  CHECK(b.relations == 2);
+  CHECK(b.relation_errors == 1);
+  // A claim with a hallucinated end (a yellow square) is an attribute error, not a relation one;
+  // a list ("and") is no claim.
+  auto c = score_caption_objects("a red circle right of a yellow square and a green star", scene);
+  CHECK(c.attribute_errors == 1);
+  CHECK(c.relations == 0);
+  // Without relations in the scene every claim counts as unsupported.
+  auto d = score_caption_objects("a red circle left of a blue square", nlohmann::json{{"objects", scene["objects"]}});
+  CHECK(d.relations == 1);
+  CHECK(d.relation_errors == 1);
+  ChairCounts chair;
+  for (const auto& x : {a, b, c}) chair.add(x);
+  const auto m = chair.metrics();
+  CHECK(m["relations"].get<int64_t>() == 4);
+  CHECK(m["chair_r"].get<double>() == Approx(1.0 / 4));
+  CHECK(m["chair_s"].get<double>() == Approx(1.0 / 3));  // CHAIR_s stays about objects: caption c
+  CHECK_FALSE(ChairCounts{}.metrics().contains("chair_r"));
+}
+
+TEST_CASE("reference object lists: a vocabulary with phrases and plurals, CHAIR worked by hand", "[vlm][eval]") {
+  TempDir d("vocab");
+  test::write_file(d.file("vocab.json"),
+                   R"({"dog": ["dog", "puppy"], "hot dog": ["hot dog"], "person": ["person", "man", "woman"], "bus": ["bus"]})");
+  const auto v = ObjectVocabulary::load(d.file("vocab.json"));
+  // "hot dog" wins over "dog" at the same word; "puppies", "buses" are plurals of the phrases.
+  CHECK(v.mentions("A man eats a hot dog next to two puppies and buses.") ==
+        std::vector<std::string>{"person", "hot dog", "dog", "bus"});
+  // References: a person and a dog. Mentions: person (right), hot dog (hallucinated), dog (right),
+  // bus (hallucinated). Both references recalled.
+  auto s = score_caption_references("A man eats a hot dog next to two puppies and buses.", {"person", "dog"}, v);
+  CHECK(s.mentions == 4);
+  CHECK(s.correct_mentions == 2);
+  CHECK(s.object_errors == 2);
+  CHECK(s.objects == 2);
+  CHECK(s.recalled == 2);
+  ChairCounts chair;
+  chair.add(s);
+  chair.add(score_caption_references("a woman", {"person", "dog", "bus"}, v));  // 1 right, recall 1 of 3
+  const auto m = chair.metrics();
+  CHECK(m["chair_i"].get<double>() == Approx(2.0 / 5));
+  CHECK(m["chair_i/object"].get<double>() == Approx(2.0 / 5));
+  CHECK(m["chair_s"].get<double>() == Approx(1.0 / 2));
+  CHECK(chair.total.recalled == 3);
+  CHECK(chair.total.objects == 5);
+  // Without a file each listed object names itself.
+  CHECK(ObjectVocabulary::from_categories({"cat", "sofa"}).mentions("two cats on a sofa, no dog") ==
+        std::vector<std::string>{"cat", "sofa"});
+  // Bad files name themselves and the category.
+  test::write_file(d.file("bad.json"), R"({"dog": "dog"})");
+  CHECK_THAT(test::message_of<DataError>([&] { ObjectVocabulary::load(d.file("bad.json")); }),
+             Catch::Contains("bad.json: category 'dog' must map to a non-empty list of phrases"));
+  CHECK_THAT(test::message_of<DataError>([&] { ObjectVocabulary::load(d.file("none.json")); }),
+             Catch::Contains("none.json: cannot read the object vocabulary (eval.object_vocabulary)"));
+}
+
 namespace {
 
 // A few 32x32 shapes-world scenes, their instruction data and a tokenizer, with tiny configs.
@@ -393,6 +469,44 @@ TEST_CASE("conversation data: sequences too long after image expansion are caugh
   REQUIRE(prompt.size() < s.tokens.ids.size());
   CHECK(s.tokens.labels[prompt.size()] != kIgnoreIndex);
   CHECK(s.tokens.labels[prompt.size() - 1] == kIgnoreIndex);
+}
+
+TEST_CASE("conversation data: reference object lists are read and checked, and records sort into eval suites", "[vlm][data]") {
+  TinyVlmCorpus c;
+  const auto tok = Tokenizer::load(c.dir.file("data/tok.model"));
+  DataConfig dc;
+  dc.image_size = 32;
+  dc.max_seq_len = 4096;
+  std::ifstream in(c.dir.file("data/train_instruct.jsonl"));
+  std::string line;
+  std::getline(in, line);
+  auto rec = nlohmann::json::parse(line);
+  rec.erase("scene");
+  rec.erase("question_type");
+  std::string lines;
+  auto add = [&](const std::string& id, const nlohmann::json& extra) {
+    auto r = rec;
+    r["id"] = id;
+    r.update(extra);
+    lines += r.dump() + "\n";
+  };
+  add("with-objects", {{"objects", {"dog", "person"}}});
+  add("probe", {{"question_type", "pope/object/random"}});
+  add("question", {{"question_type", "count"}});
+  add("bad-objects", {{"objects", {"dog", 3}}});
+  test::write_file(c.dir.file("data/objects.jsonl"), lines);
+  CHECK_THAT(message_of<DataError>([&] { ConversationDataset(c.dir.file("data/objects.jsonl"), dc, tok, 4, false); }),
+             Catch::Contains("objects.jsonl:4 (id bad-objects): 'objects' must be a list of object names"));
+  dc.on_bad_record = "skip";
+  ConversationDataset ds(c.dir.file("data/objects.jsonl"), dc, tok, 4, false);
+  REQUIRE(ds.size() == 3);
+  CHECK(ds.sample(0).reference_objects == std::vector<std::string>{"dog", "person"});
+  CHECK(eval_suite_of(ds.sample(0)) == "chair");
+  CHECK(eval_suite_of(ds.sample(1)) == "pope");
+  CHECK(eval_suite_of(ds.sample(2)) == "vqa");
+  ds.keep_only([](const ConversationSample& s) { return eval_suite_of(s) != "pope"; });
+  REQUIRE(ds.size() == 2);
+  CHECK(ds.sample(1).id == "question");
 }
 
 TEST_CASE("config: stage 2-3 mistakes are reported with their keys", "[vlm][config]") {

@@ -189,6 +189,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   std::vector<std::pair<std::string, std::unique_ptr<ConversationDataset>>> sets;
   for (const auto& s : cfg.eval.sets)
     sets.emplace_back(s.name, std::make_unique<ConversationDataset>(s.data, cfg.data, tok, tpi, false, s.limit));
+  const ObjectVocabulary vocabulary = load_eval_vocabulary(cfg.eval);
   CrossEntropyLossImpl token_loss{CrossEntropyOptions{}};
 
   std::unique_ptr<ReferenceCache> cache, val_cache;
@@ -254,7 +255,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
                             : evaluate_pairs(*loss, model, ref, *val, eval_batch, tok.image_id(), bf16, cfg.run.seed,
                                              val_cache.get());
     for (auto& [name, ds] : sets)
-      all[name] = evaluate_vlm(model, token_loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16);
+      all[name] = evaluate_vlm(model, token_loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16, vocabulary);
     for (const auto& [name, j] : all.items()) {
       std::string line;
       for (const auto& [k, v] : j.items())

@@ -105,8 +105,12 @@ std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
   return out;
 }
 
+ObjectVocabulary load_eval_vocabulary(const EvalSection& eval) {
+  return eval.object_vocabulary.empty() ? ObjectVocabulary{} : ObjectVocabulary::load(eval.object_vocabulary);
+}
+
 nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const ConversationDataset& data, const Tokenizer& tok,
-                            int batch, int max_new_tokens, bool bf16) {
+                            int batch, int max_new_tokens, bool bf16, const ObjectVocabulary& vocabulary) {
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard ng;
@@ -118,6 +122,15 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   int64_t captions = 0, caption_exact = 0;
   SamplingOptions sampling;
   sampling.max_new_tokens = max_new_tokens;
+  ObjectVocabulary own_vocabulary;  // without a vocabulary file: every listed object names itself
+  if (vocabulary.empty()) {
+    std::vector<std::string> categories;
+    for (int64_t i = 0; i < data.size(); ++i)
+      for (const auto& o : data.sample(i).reference_objects)
+        if (std::find(categories.begin(), categories.end(), o) == categories.end()) categories.push_back(o);
+    own_vocabulary = ObjectVocabulary::from_categories(categories);
+  }
+  const ObjectVocabulary& objects_vocabulary = vocabulary.empty() ? own_vocabulary : vocabulary;
   for (int64_t start = 0; start < data.size(); start += batch) {
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
@@ -190,9 +203,12 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       } else if (!s.question_type.empty()) {
         add(s.question_type);
       }
-      if (!s.scene.is_null() && s.is_caption) {  // a caption of a shapes-world scene
-        const auto sc = score_caption_objects(reply, s.scene);
-        chair.add(sc);
+      if (!s.reference_objects.empty()) {  // any reply scored against the record's object list
+        chair.add(score_caption_references(reply, s.reference_objects, objects_vocabulary));
+        ++captions;
+        caption_exact += right;
+      } else if (!s.scene.is_null() && s.is_caption) {  // a caption of a shapes-world scene
+        chair.add(score_caption_objects(reply, s.scene));
         ++captions;
         caption_exact += right;
       }
@@ -297,6 +313,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   } else if (!cfg.data.val.empty()) {
     evals.emplace_back("val", std::make_unique<ConversationDataset>(cfg.data.val, cfg.data, tok, tpi, false, cfg.data.val_limit));
   }
+  const ObjectVocabulary vocabulary = load_eval_vocabulary(cfg.eval);
   spdlog::info("{} ({}, template {}{}): {} train records{}{}, {:.2f}M trainable / {:.2f}M frozen parameters, {} visual "
                "tokens per image, {} threads, precision {}",
                cfg.run.name, cfg.trainer, cfg.data.chat_template, cfg.data.drop_images ? ", text only" : "", train.size(),
@@ -330,7 +347,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   auto run_eval = [&](int64_t step) {
     nlohmann::json all;
     for (auto& [name, ds] : evals) {
-      auto j = evaluate_vlm(model, *loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16);
+      auto j = evaluate_vlm(model, *loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16, vocabulary);
       std::string line;
       for (const auto& [k, v] : j.items())  // per-sampling probe figures stay in the JSON
         if (v.is_number_float() && std::count(k.begin(), k.end(), '/') < 3)

@@ -13,6 +13,7 @@
 #include "data/conversation_dataset.h"
 #include "data/tokenizer.h"
 #include "eval/answers.h"
+#include "eval/caption_objects.h"
 #include "losses/loss.h"
 #include "models/generate.h"
 #include "models/vlm.h"
@@ -47,10 +48,16 @@ std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
                                           const SamplingOptions& opt, bool bf16);
 
 // Scores a held-out set: "loss" (token CE), "exact_match" of the generated final reply overall
-// and "exact_match/<question_type>", and for records with a scene "caption/object_precision",
-// "caption/object_recall", "caption/exact". `batch` samples per forward.
+// and "exact_match/<question_type>", yes/no probe counts for "pope/..." records, and caption
+// objects and CHAIR ("caption/...") for caption records with a scene and for any record with an
+// "objects" list. `batch` samples per forward. vocabulary: what counts as naming an object for
+// "objects" records; empty = every object listed anywhere in the set names itself.
 nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const ConversationDataset& data, const Tokenizer& tok,
-                            int batch, int max_new_tokens, bool bf16);
+                            int batch, int max_new_tokens, bool bf16, const ObjectVocabulary& vocabulary = {});
+
+// eval.object_vocabulary loaded (empty when unset); load it before the first step so a bad file
+// stops the run before it starts.
+ObjectVocabulary load_eval_vocabulary(const EvalSection& eval);
 
 TrainResult train_vlm(const RunConfig& cfg, const TrainOptions& opt);
 

@@ -281,12 +281,16 @@ struct EvalSection {
   std::vector<EvalSet> sets;    // VLM trainers; empty = data.val (data.val_limit) as "val"
   int max_new_tokens = 32;      // generation length cap for exact match / captions
   bool at_start = false;        // also score the starting model (step 0) on a fresh run
+  // JSON {"category": ["phrase", ...]} naming the objects CHAIR looks for in replies to records
+  // with an "objects" list; "" = each listed object names itself (eval/caption_objects.h).
+  std::string object_vocabulary;
   template <class V> void fields(V& v) {
     v("recall_at", recall_at);
     v("batch_size", batch_size, at_least(1));
     v("sets", sets);
     v("max_new_tokens", max_new_tokens, at_least(1));
     v("at_start", at_start);
+    v("object_vocabulary", object_vocabulary);
   }
 };
 
