@@ -194,6 +194,28 @@ TEST_CASE("launch environment: torchrun and Slurm variables, and what is wrong w
   }
 }
 
+TEST_CASE("logged metric names: the summed signature tells equal name lists from different ones", "[distributed]") {
+  auto names = [](std::vector<std::string> keys) {
+    std::map<std::string, torch::Tensor> m;
+    for (const auto& k : keys) m[k] = torch::rand({});  // values do not matter, only names
+    return dist::metric_names_signature(m);
+  };
+  const auto a = names({"rewards/chosen", "rewards/margins"}), a2 = names({"rewards/margins", "rewards/chosen"});
+  const auto b = names({"rewards/chosen", "rewards/rejected"});
+  CHECK(a == a2);  // a map: the order the loss inserted them in does not matter
+  // What sum_metrics checks after the all-reduce, for 2 and 3 ranks: W * sum(s^2) == sum(s)^2.
+  auto agree = [](std::vector<std::pair<double, double>> ranks) {
+    double sum = 0, sum_sq = 0;
+    for (const auto& [s, sq] : ranks) sum += s, sum_sq += sq;
+    return sum_sq * static_cast<double>(ranks.size()) == sum * sum;
+  };
+  CHECK(agree({a, a2}));
+  CHECK(agree({a, a, a}));
+  CHECK_FALSE(agree({a, b}));
+  CHECK_FALSE(agree({a, a, b}));
+  CHECK_FALSE(agree({a, names({"rewards/chosen"})}));
+}
+
 TEST_CASE("2 ranks x batch B equal 1 rank x batch 2B: stage 1 with the feature all-gather", "[distributed][slow]") {
   Corpus c;
   SECTION("infonce") { check_two_ranks_equal_one(c, "clip.yaml"); }

@@ -291,8 +291,31 @@ void all_reduce_gradients(const std::vector<torch::Tensor>& params, int64_t buck
               [&](std::vector<torch::Tensor>& flat) { wait(state().pg->allreduce(flat), "all-reduce of gradients"); });
 }
 
+std::pair<double, double> metric_names_signature(const std::map<std::string, torch::Tensor>& metrics) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the sorted names, each ended by a NUL
+  for (const auto& [k, v] : metrics) {
+    for (char c : k + '\0') h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+  }
+  const double s = static_cast<double>(h & ((1u << 20) - 1)) + 1.0;  // 1..2^20: s^2 < 2^41
+  return {s, s * s};
+}
+
 void sum_metrics(torch::Tensor& loss, std::map<std::string, torch::Tensor>& metrics) {
   if (!active()) return;
+  // First the names' signature (a list of another length would not even line up in one
+  // all-reduce), then the values. Called at the log interval only, so two collectives are cheap.
+  const auto [sig, sig_sq] = metric_names_signature(metrics);
+  std::vector<at::Tensor> check = {torch::tensor({sig, sig_sq}, torch::kFloat64)};
+  wait(state().pg->allreduce(check), "all-reduce of logged metric names");
+  const double sum = check[0][0].item<double>(), sum_sq = check[0][1].item<double>();
+  if (sum_sq * state().info.world_size != sum * sum) {
+    std::string names;
+    for (const auto& [k, v] : metrics) names += (names.empty() ? "" : ", ") + k;
+    throw std::runtime_error("rank " + std::to_string(state().info.rank) +
+                             ": the ranks log different metric names (this rank: " + names +
+                             "); a loss must return the same metrics on every batch, with zeros where a batch "
+                             "has nothing to measure");
+  }
   std::vector<torch::Tensor> values = {loss.detach().to(torch::kFloat64).reshape({1})};
   for (const auto& [k, v] : metrics) values.push_back(v.detach().to(torch::kFloat64).reshape({1}));
   std::vector<at::Tensor> flat = {torch::cat(values)};

@@ -66,7 +66,13 @@ std::string broadcast_string(const std::string& s);
 // everywhere stays undefined (the optimizer skips it, as it would in one process).
 void all_reduce_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes);
 // Each logged scalar summed across ranks (the trainers make them shares of the global batch).
+// Every rank must log the same metric names (a loss whose metrics depend on its batch would
+// otherwise sum one rank's value into another's name): checked in the same all-reduce, and a
+// mismatch throws naming this rank's metrics.
 void sum_metrics(torch::Tensor& loss, std::map<std::string, torch::Tensor>& metrics);
+// (s, s^2) of a 20-bit signature of the names, as float64: summed over W ranks they satisfy
+// W * sum(s^2) == sum(s)^2 exactly when every rank has the same names (exact below 8192 ranks).
+std::pair<double, double> metric_names_signature(const std::map<std::string, torch::Tensor>& metrics);
 // Every rank's rows, in rank order ([sum of n_r, ...]); differentiable: the gradient of the
 // gathered rows is summed across ranks and each rank keeps its own rows' share. Ranks may hold
 // different row counts. Returns x unchanged at world 1. `offset` gets this rank's first row.
