@@ -86,7 +86,7 @@ bool headline(const std::string& key) {
     return key.size() >= s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
   };
   return ends("/exact_match") || ends("caption/object_precision") || ends("pope/accuracy") || ends("caption/chair_i") ||
-         ends("caption/chair_s") ||
+         ends("caption/chair_s") || ends("caption/chair_r") ||
          ends("pope/object/hallucination_rate") || ends("pope/attribute/hallucination_rate") ||
          ends("pope/relation/hallucination_rate") || ends("/likelihood_accuracy");
 }
