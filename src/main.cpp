@@ -121,20 +121,15 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
   return kExitOk;
 }
 
-int cmd_eval(const std::string& target, const std::string& data, const std::string& suite, const std::string& out,
+int cmd_eval(const std::string& target, const std::string& data, std::vector<std::string> suites, const std::string& out,
              int threads) {
   init_logging();
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
   RunConfig cfg = checkpoint_config_of(dir);
-  // --suite: auto (everything the checkpoint supports) or a comma list of suite names.
-  std::vector<std::string> suites;
-  for (size_t from = 0; suite != "auto" && from <= suite.size();) {
-    const size_t to = std::min(suite.find(',', from), suite.size());
-    if (to > from) suites.push_back(suite.substr(from, to - from));
-    from = to + 1;
-  }
+  // --suite: auto (everything the checkpoint supports: no filter) or suite names.
+  if (std::find(suites.begin(), suites.end(), "auto") != suites.end()) suites.clear();
   const std::vector<std::string> known = cfg.is_vlm() ? std::vector<std::string>{"vqa", "pope", "chair"}
                                                       : std::vector<std::string>{"retrieval"};
   for (const auto& s : suites)
@@ -325,14 +320,16 @@ int main(int argc, char** argv) {
   check->add_option("--set", sets, "Override a config key (repeatable)");
 
   // eval
-  std::string target, eval_data, suite = "auto", eval_out;
+  std::string target, eval_data, eval_out;
+  std::vector<std::string> suites = {"auto"};
   int eval_threads = 0;
   auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
   eval->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
   eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the config's data.val)");
-  eval->add_option("--suite", suite,
+  eval->add_option("--suite", suites,
                    "auto (all the checkpoint supports), or a comma list: retrieval (stage 1: retrieval, hard "
-                   "negatives, mutual kNN, CKA); vqa, pope, chair (stages 2-3: questions, yes/no probes, captions)");
+                   "negatives, mutual kNN, CKA); vqa, pope, chair (stages 2-3: questions, yes/no probes, captions)")
+      ->delimiter(',');
   eval->add_option("--out", eval_out, "Also write the JSON results here");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)");
 
@@ -464,7 +461,7 @@ int main(int argc, char** argv) {
     if (*check) return cmd_config_check(config, sets);
     if (*run) return cmd_run(pipeline, sets);
     if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
-    if (*eval) return cmd_eval(target, eval_data, suite, eval_out, eval_threads);
+    if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_threads);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
     if (*data_check) return cmd_data_check(config, sets, !no_images, check_json);
     if (*tok_train) return cmd_tokenizer_train(tok_opt);

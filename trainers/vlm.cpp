@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <set>
 
 #include "core/checkpoint.h"
 #include "core/errors.h"
@@ -124,11 +125,10 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   sampling.max_new_tokens = max_new_tokens;
   ObjectVocabulary own_vocabulary;  // without a vocabulary file: every listed object names itself
   if (vocabulary.empty()) {
-    std::vector<std::string> categories;
+    std::set<std::string> categories;
     for (int64_t i = 0; i < data.size(); ++i)
-      for (const auto& o : data.sample(i).reference_objects)
-        if (std::find(categories.begin(), categories.end(), o) == categories.end()) categories.push_back(o);
-    own_vocabulary = ObjectVocabulary::from_categories(categories);
+      categories.insert(data.sample(i).reference_objects.begin(), data.sample(i).reference_objects.end());
+    own_vocabulary = ObjectVocabulary::from_categories({categories.begin(), categories.end()});
   }
   const ObjectVocabulary& objects_vocabulary = vocabulary.empty() ? own_vocabulary : vocabulary;
   for (int64_t start = 0; start < data.size(); start += batch) {
@@ -194,7 +194,8 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
         exact[key].second += 1;
       };
       add("");
-      if (s.question_type.rfind("pope/", 0) == 0) {
+      const std::string suite = eval_suite_of(s);  // the one place that sorts records (--suite too)
+      if (suite == "pope") {
         // "pope/{level}/{sampling}": yes/no counts per level and sampling, per level, overall.
         const auto level_end = s.question_type.find('/', 5);
         const std::string level = s.question_type.substr(5, level_end - 5);
@@ -203,12 +204,9 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       } else if (!s.question_type.empty()) {
         add(s.question_type);
       }
-      if (!s.reference_objects.empty()) {  // any reply scored against the record's object list
-        chair.add(score_caption_references(reply, s.reference_objects, objects_vocabulary));
-        ++captions;
-        caption_exact += right;
-      } else if (!s.scene.is_null() && s.is_caption) {  // a caption of a shapes-world scene
-        chair.add(score_caption_objects(reply, s.scene));
+      if (suite == "chair") {  // against the record's object list, else its shapes-world scene
+        chair.add(s.reference_objects.empty() ? score_caption_objects(reply, s.scene)
+                                              : score_caption_references(reply, s.reference_objects, objects_vocabulary));
         ++captions;
         caption_exact += right;
       }

@@ -159,11 +159,12 @@ void ObjectVocabulary::add(const std::string& category, const std::vector<std::s
   for (const auto& p : phrases) {
     auto words = caption_words(p);
     if (words.empty()) continue;
-    phrases_.emplace_back(std::move(words), category);
+    // Kept longest first (after the phrases of equal length already there), so "hot dog" is
+    // tried before "dog" at the same word.
+    const auto at = std::find_if(phrases_.begin(), phrases_.end(),
+                                 [&](const auto& e) { return e.first.size() < words.size(); });
+    phrases_.emplace(at, std::move(words), category);
   }
-  // Longest phrase first, so "hot dog" is tried before "dog" at the same word.
-  std::stable_sort(phrases_.begin(), phrases_.end(),
-                   [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
 }
 
 ObjectVocabulary ObjectVocabulary::from_categories(const std::vector<std::string>& categories) {
