@@ -472,6 +472,10 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       --running;
       const int code = exit_code_of(status);
       if (code == kExitInterrupted) interrupted = true;
+      // A rank whose peer vanished fails too, with kExitRuntime, and may be reaped before the rank
+      // that caused it (its teardown closes the sockets before it exits): a config or data error
+      // (exit 2) is always a cause, never a consequence, so it is the one reported.
+      if (code == kExitConfig && first_failure == kExitRuntime) first_failure = code, failed_rank = r;
       if (code != 0 && code != kExitInterrupted && first_failure == 0) {
         first_failure = code, failed_rank = r;
         if (running > 0) {
