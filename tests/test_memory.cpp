@@ -29,6 +29,17 @@ TEST_CASE("memory estimate: exact parameter and AdamW bytes, per-layer activatio
   cfg.data.hard_negatives = 2;
   CHECK(estimate_memory(cfg, 1000, 600).activations == Approx(194208.0 + 3 * 301056.0));
 
+  // Checkpointing the vision tower: its one layer keeps its input 4*17*8*16 = 8704 bytes and one
+  // layer is rebuilt at a time in backward (with one layer, that is the whole of it again).
+  CHECK(stack_activation_bytes(17, 8, 16, 2, 1, true) == Approx(8704.0 + 194208.0));
+  CHECK(stack_activation_bytes(17, 8, 16, 2, 3, true) == Approx(3 * 8704.0 + 194208.0));
+  CHECK(stack_activation_bytes(17, 8, 16, 2, 3, false) == Approx(3 * 194208.0));
+  cfg.data.hard_negatives = 0;
+  cfg.model.text.gradient_checkpointing = true;  // text: 1 layer, 4*24*8*16 = 12288 kept
+  CHECK(estimate_memory(cfg, 1000, 600).activations == Approx(194208.0 + 12288.0 + 301056.0));
+  cfg.model.text.gradient_checkpointing = false;
+  cfg.data.hard_negatives = 2;
+
   CHECK(report_memory(cfg, m, 1e12).empty());
   CHECK_THAT(report_memory(cfg, m, 1000.0), Catch::Contains("may not fit in memory") && Catch::Contains("train.grad_accum"));
   CHECK(report_memory(cfg, m, 0).empty());  // unknown: no warning

@@ -14,6 +14,12 @@ namespace trialign {
 
 double layer_activation_bytes(double s, double b, double h, double a) { return 2.0 * s * b * h * (34.0 + 5.0 * a * s / h); }
 
+double stack_activation_bytes(double s, double b, double h, double a, int layers, bool checkpointed) {
+  if (!checkpointed) return layers * layer_activation_bytes(s, b, h, a);
+  // Each layer keeps its fp32 input [b, s, h]; backward rebuilds one layer's activations at a time.
+  return layers * 4.0 * s * b * h + layer_activation_bytes(s, b, h, a);
+}
+
 MemoryEstimate estimate_memory(const RunConfig& cfg, int64_t n_params, int64_t n_trainable) {
   MemoryEstimate m;
   m.parameters = 4.0 * static_cast<double>(n_params);
@@ -22,7 +28,8 @@ MemoryEstimate estimate_memory(const RunConfig& cfg, int64_t n_params, int64_t n
   const double micro = static_cast<double>(cfg.train.batch_size) / cfg.train.grad_accum;
   const auto& v = cfg.model.vision;
   auto tower = [](double s, double b, const TowerDims& d) {
-    return d.num_hidden_layers * layer_activation_bytes(s, b, d.hidden_size, d.num_attention_heads);
+    return stack_activation_bytes(s, b, d.hidden_size, d.num_attention_heads, d.num_hidden_layers,
+                                  d.gradient_checkpointing);
   };
   const double patches = static_cast<double>(patches_per_image(cfg.model)) + 1;  // + CLS
   if (!cfg.is_vlm()) {
@@ -38,7 +45,8 @@ MemoryEstimate estimate_memory(const RunConfig& cfg, int64_t n_params, int64_t n
   double sequences = micro;
   if (cfg.trainer == "preference") sequences *= 2;  // chosen and rejected in one forward
   const double s = cfg.data.max_seq_len;
-  m.activations = l.num_hidden_layers * layer_activation_bytes(s, sequences, l.hidden_size, l.num_attention_heads) +
+  m.activations = stack_activation_bytes(s, sequences, l.hidden_size, l.num_attention_heads, l.num_hidden_layers,
+                                         l.gradient_checkpointing) +
                   2.0 * 4.0 * sequences * s * std::max(1, l.vocab_size);
   bool vision_trains = true;
   for (const auto& r : cfg.optim.param_groups)
@@ -86,7 +94,8 @@ std::string report_memory(const RunConfig& cfg, const MemoryEstimate& m, double 
   if (available <= 0 || m.total() <= 0.9 * available) return "";
   const std::string w = fmt::format(
       "the run may not fit in memory: about {} needed, {} available. Lower train.batch_size or raise "
-      "train.grad_accum (activations scale with the micro-batch), or lower data.max_seq_len / max_text_len",
+      "train.grad_accum (activations scale with the micro-batch), set gradient_checkpointing: true under model.llm / "
+      "model.vision / model.text, or lower data.max_seq_len / max_text_len",
       human(m.total()), human(available));
   spdlog::warn(w);
   return w;

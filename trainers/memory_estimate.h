@@ -20,6 +20,9 @@ struct MemoryEstimate {
 // Activations of one transformer layer kept for backward: s tokens, b sequences, width h,
 // a heads, fp32.
 double layer_activation_bytes(double s, double b, double h, double a);
+// A stack of `layers` such layers; with activation checkpointing each keeps only its fp32 input
+// (4 s b h bytes) and one layer's activations are rebuilt at a time in backward.
+double stack_activation_bytes(double s, double b, double h, double a, int layers, bool checkpointed);
 
 // n_params: every parameter of the model(s) held (policy and reference); n_trainable: those the
 // optimizer updates.

@@ -69,9 +69,12 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
                "nccl needs the model on CUDA, and this version trains on the CPU only; use gloo (or auto)");
   for (auto k : c.eval.recall_at)
     if (k < 1) errors.add(at("eval.recall_at"), "eval.recall_at", "every k must be >= 1");
-  if (c.data.train.empty())
+  if (c.bench.loss_tokens >= c.bench.text_tokens)
+    errors.add(at("bench.loss_tokens"), "bench.loss_tokens",
+               "must be less than bench.text_tokens (" + std::to_string(c.bench.text_tokens) + "): the prompt needs a token");
+  if (c.data.train.empty() && !c.bench.card)
     errors.add(at("data"), "data.train", "missing: the training manifest, e.g. data/shapes/train.jsonl");
-  if (c.data.tokenizer.empty())
+  if (c.data.tokenizer.empty() && !c.bench.card)
     errors.add(at("data"), "data.tokenizer",
                "missing: a sentencepiece .model (make one with `trialign tokenizer train`)");
   // Components by model: stage 1's CLIPModel or the VLM of stages 2-3 (models/hf_interop.h).

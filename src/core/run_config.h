@@ -96,6 +96,7 @@ struct TowerDims {
   int num_attention_heads = 4;
   std::string hidden_act = "quick_gelu";  // quick_gelu | gelu
   double layer_norm_eps = 1e-5;
+  bool gradient_checkpointing = false;    // recompute each layer's activations in backward (models/recompute.h)
   template <class V> void dims_fields(V& v) {
     v("hidden_size", hidden_size, at_least(1));
     v("intermediate_size", intermediate_size, at_least(1));
@@ -103,6 +104,7 @@ struct TowerDims {
     v("num_attention_heads", num_attention_heads, at_least(1));
     v("hidden_act", hidden_act, one_of({"quick_gelu", "gelu"}));
     v("layer_norm_eps", layer_norm_eps, positive());
+    v("gradient_checkpointing", gradient_checkpointing);
   }
 };
 
@@ -142,6 +144,7 @@ struct LlamaConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   bool tie_word_embeddings = false;
+  bool gradient_checkpointing = false;  // recompute each decoder layer's activations in backward (models/recompute.h)
   template <class V> void fields(V& v) {
     v("vocab_size", vocab_size, at_least(0));
     v("hidden_size", hidden_size, at_least(1));
@@ -153,6 +156,7 @@ struct LlamaConfig {
     v("rms_norm_eps", rms_norm_eps, positive());
     v("rope_theta", rope_theta, positive());
     v("tie_word_embeddings", tie_word_embeddings);
+    v("gradient_checkpointing", gradient_checkpointing);
   }
   int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
   int head_dim() const { return hidden_size / num_attention_heads; }
@@ -317,6 +321,27 @@ struct DistributedSection {
   }
 };
 
+// `trialign bench` (trainers/bench.h): timed optimizer steps of the config's trainer on synthetic
+// batches of a fixed shape. A bench card (configs/bench/) has no data of its own.
+struct BenchSection {
+  bool card = false;           // no data of its own: data.train / data.tokenizer may be empty; not trainable
+  int64_t warmup = 3;          // untimed steps first
+  int64_t steps = 10;          // timed steps (the median is reported)
+  int64_t text_tokens = 48;    // VLM sequences: text tokens after the image's visual tokens
+  int64_t loss_tokens = 24;    // the last ones carry the loss (the reply; chosen / rejected differ there)
+  int64_t images = 64;         // distinct images, rendered once and decoded from PNG for every batch
+  int64_t matmul_size = 1024;  // n of the n x n matmul whose FLOP/s is the peak the model's is compared with
+  template <class V> void fields(V& v) {
+    v("card", card);
+    v("warmup", warmup, at_least(0));
+    v("steps", steps, at_least(1));
+    v("text_tokens", text_tokens, at_least(2));
+    v("loss_tokens", loss_tokens, at_least(1));
+    v("images", images, at_least(1));
+    v("matmul_size", matmul_size, at_least(16));
+  }
+};
+
 struct RunConfig {
   // contrastive (stage 1) | adapter (stage 2: projector only) | finetune (stage 3 and LM
   // pretraining: whatever optim.param_groups leaves trainable) | preference (DPO, mDPO, GRPO:
@@ -331,6 +356,7 @@ struct RunConfig {
   std::vector<TypedSpec> rewards;
   PreferenceSection preference;
   DistributedSection distributed;
+  BenchSection bench;
   std::vector<InitFrom> init_from;  // fresh runs only: components from earlier checkpoints
   std::vector<std::string> plugins;  // shared libraries to load first (core/plugins.h)
   OptimConfig optim;
@@ -355,6 +381,7 @@ struct RunConfig {
     v("rewards", rewards);
     v("preference", preference);
     v("distributed", distributed);
+    v("bench", bench);
   }
   bool is_vlm() const { return trainer != "contrastive"; }
 };

@@ -1,5 +1,7 @@
 #include "models/clip_layers.h"
 
+#include "models/recompute.h"
+
 #include <cmath>
 
 namespace trialign {
@@ -53,17 +55,20 @@ torch::Tensor ClipEncoderLayerImpl::forward(const torch::Tensor& x, const torch:
   return h + mlp(layer_norm2(h));
 }
 
-ClipEncoderImpl::ClipEncoderImpl(const ClipBlockConfig& c, int num_layers) {
+ClipEncoderImpl::ClipEncoderImpl(const ClipBlockConfig& c, int num_layers) : recompute_(c.gradient_checkpointing) {
   layers = register_module("layers", torch::nn::ModuleList());
   for (int i = 0; i < num_layers; ++i) layers->push_back(ClipEncoderLayer(c));
 }
 
 torch::Tensor ClipEncoderImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
-                                       std::vector<torch::Tensor>* hidden_states) {
+                                       std::vector<torch::Tensor>* hidden_states, int64_t num_layers) {
   auto h = x;
   if (hidden_states) hidden_states->push_back(h);
-  for (const auto& layer : *layers) {
-    h = layer->as<ClipEncoderLayer>()->forward(h, mask);
+  const int64_t n = num_layers < 0 ? static_cast<int64_t>(layers->size()) : std::min<int64_t>(num_layers, layers->size());
+  for (int64_t i = 0; i < n; ++i) {
+    auto* l = layers[i]->as<ClipEncoderLayer>();
+    h = recompute_ ? checkpointed([l, mask](const torch::Tensor& in) { return l->forward(in, mask); }, h, *l)
+                   : l->forward(h, mask);
     if (hidden_states) hidden_states->push_back(h);
   }
   return h;

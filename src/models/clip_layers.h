@@ -56,9 +56,13 @@ TORCH_MODULE(ClipEncoderLayer);
 class ClipEncoderImpl : public torch::nn::Module {
  public:
   ClipEncoderImpl(const ClipBlockConfig& c, int num_layers);
+  // num_layers >= 0: only the first num_layers layers run (a feature tap below the top).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
-                        std::vector<torch::Tensor>* hidden_states = nullptr);
+                        std::vector<torch::Tensor>* hidden_states = nullptr, int64_t num_layers = -1);
   torch::nn::ModuleList layers;
+
+ private:
+  bool recompute_ = false;  // gradient_checkpointing
 };
 TORCH_MODULE(ClipEncoder);
 

@@ -67,14 +67,28 @@ VisionOutput ClipVisionTransformerImpl::forward(const torch::Tensor& pixels, boo
   return out;
 }
 
-torch::Tensor select_vision_features(const VisionOutput& out, int layer) {
-  const int n = static_cast<int>(out.hidden_states.size());
-  TORCH_CHECK(n > 0, "select_vision_features: run the vision model with output_hidden_states");
+namespace {
+
+// Python-style index `layer` into n hidden states, or a ConfigError naming the valid range.
+int hidden_state_index(int layer, int n) {
   const int idx = layer < 0 ? n + layer : layer;
   if (idx < 0 || idx >= n)
     throw ConfigError("vision feature layer " + std::to_string(layer) + " is out of range: the encoder has " +
                       std::to_string(n) + " hidden states (use -" + std::to_string(n) + " .. " + std::to_string(n - 1) + ")");
-  return out.hidden_states[static_cast<size_t>(idx)].slice(1, 1);  // drop CLS
+  return idx;
+}
+
+}  // namespace
+
+torch::Tensor ClipVisionTransformerImpl::patch_features(const torch::Tensor& pixels, int layer) {
+  const int idx = hidden_state_index(layer, static_cast<int>(encoder->layers->size()) + 1);
+  return encoder(pre_layrnorm(embeddings(pixels)), torch::Tensor(), nullptr, idx).slice(1, 1);  // drop CLS
+}
+
+torch::Tensor select_vision_features(const VisionOutput& out, int layer) {
+  const int n = static_cast<int>(out.hidden_states.size());
+  TORCH_CHECK(n > 0, "select_vision_features: run the vision model with output_hidden_states");
+  return out.hidden_states[static_cast<size_t>(hidden_state_index(layer, n))].slice(1, 1);  // drop CLS
 }
 
 ClipTextTransformerImpl::ClipTextTransformerImpl(const TextConfig& c) {

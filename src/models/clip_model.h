@@ -35,6 +35,9 @@ class ClipVisionTransformerImpl : public torch::nn::Module {
  public:
   explicit ClipVisionTransformerImpl(const VisionConfig& c);
   VisionOutput forward(const torch::Tensor& pixels, bool output_hidden_states = false);
+  // What select_vision_features(forward(pixels, true), layer) returns, [B, P, D], running only the
+  // layers up to the tapped one (LLaVA's -2 skips the last layer's work).
+  torch::Tensor patch_features(const torch::Tensor& pixels, int layer);
   ClipVisionEmbeddings embeddings{nullptr};
   torch::nn::LayerNorm pre_layrnorm{nullptr}, post_layernorm{nullptr};
   ClipEncoder encoder{nullptr};

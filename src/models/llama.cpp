@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "core/errors.h"
+#include "models/recompute.h"
 
 namespace trialign {
 
@@ -160,9 +161,15 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
     cache->values.resize(layers->size());
   }
   auto h = inputs_embeds;
-  for (size_t i = 0; i < layers->size(); ++i)
-    h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, mask, cache ? &cache->keys[i] : nullptr,
-                                                    cache ? &cache->values[i] : nullptr);
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto* l = layers[i]->as<LlamaDecoderLayer>();
+    if (cfg_.gradient_checkpointing && !cache)  // decoding keeps no graph anyway
+      // Captured by value: backward calls it after this function has returned.
+      h = checkpointed([l, c = cos, s = sin, mask](const torch::Tensor& in) { return l->forward(in, c, s, mask, nullptr, nullptr); },
+                       h, *l);
+    else
+      h = l->forward(h, cos, sin, mask, cache ? &cache->keys[i] : nullptr, cache ? &cache->values[i] : nullptr);
+  }
   return norm(h);
 }
 

@@ -58,7 +58,7 @@ torch::Tensor VlmModelImpl::image_tokens(const torch::Tensor& pixels) {
   torch::Tensor features;  // [I, P, Dv]
   {
     torch::AutoGradMode grad_mode(vision_trains && torch::GradMode::is_enabled());
-    features = select_vision_features(vision_model->forward(pixels, /*output_hidden_states=*/true), feature_layer_);
+    features = vision_model->patch_features(pixels, feature_layer_);
   }
   return mm_projector->forward(features);  // [I, N, H]
 }
