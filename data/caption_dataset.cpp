@@ -15,6 +15,17 @@ namespace fs = std::filesystem;
 
 namespace trialign {
 
+CaptionDataset::CaptionDataset(std::vector<std::string> images, std::vector<std::vector<int64_t>> tokens,
+                               const DataConfig& cfg, int pad_id, bool train)
+    : cfg_(cfg), train_(train), pad_id_(pad_id), images_(std::move(images)), tokens_(std::move(tokens)) {
+  if (images_.size() != tokens_.size())
+    throw std::invalid_argument("CaptionDataset: " + std::to_string(images_.size()) + " images but " +
+                                std::to_string(tokens_.size()) + " token lists");
+  for (size_t i = 0; i < images_.size(); ++i) where_.push_back("pair " + std::to_string(i));
+  captions_.resize(images_.size());
+  negatives_.resize(images_.size());
+}
+
 CaptionDataset::CaptionDataset(const std::string& manifest, const DataConfig& cfg, const Tokenizer& tok,
                                bool train, int64_t limit)
     : cfg_(cfg), train_(train), pad_id_(tok.pad_id()) {

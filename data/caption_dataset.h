@@ -39,6 +39,10 @@ class CaptionDataset {
  public:
   CaptionDataset(const std::string& manifest, const DataConfig& cfg, const Tokenizer& tok, bool train,
                  int64_t limit = 0);
+  // Pairs already in memory: image paths and their token ids ([bos] ... [eos], as the text
+  // encoder expects); `trialign bench` builds its synthetic batches through this.
+  CaptionDataset(std::vector<std::string> images, std::vector<std::vector<int64_t>> tokens, const DataConfig& cfg,
+                 int pad_id, bool train);
 
   int64_t size() const { return static_cast<int64_t>(images_.size()); }
   int64_t skipped() const { return skipped_; }

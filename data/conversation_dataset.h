@@ -48,6 +48,10 @@ class ConversationDataset {
   // tokens_per_image: visual tokens each <image> expands to (the length check needs it).
   ConversationDataset(const std::string& manifest, const DataConfig& cfg, const Tokenizer& tok,
                       int64_t tokens_per_image, bool train, int64_t limit = 0);
+  // Samples already tokenised (ids with their placeholders, labels, resolved image paths);
+  // `trialign bench` builds its synthetic batches through this.
+  ConversationDataset(std::vector<ConversationSample> samples, const DataConfig& cfg, bool train)
+      : cfg_(cfg), train_(train), samples_(std::move(samples)) {}
 
   int64_t size() const { return static_cast<int64_t>(samples_.size()); }
   int64_t skipped() const { return skipped_; }

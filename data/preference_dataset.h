@@ -52,6 +52,9 @@ class PreferenceDataset {
   // reserve: tokens each prompt must leave free for sampling (GRPO max_new_tokens).
   PreferenceDataset(const std::string& manifest, const DataConfig& cfg, const Tokenizer& tok, int64_t tokens_per_image,
                     Kind kind, bool train, int64_t limit = 0, int64_t reserve = 0);
+  // Samples already tokenised; `trialign bench` builds its synthetic pairs through this.
+  PreferenceDataset(std::vector<PreferenceSample> samples, const DataConfig& cfg, Kind kind, bool train)
+      : cfg_(cfg), kind_(kind), train_(train), samples_(std::move(samples)) {}
 
   int64_t size() const { return static_cast<int64_t>(samples_.size()); }
   int64_t skipped() const { return skipped_; }

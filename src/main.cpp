@@ -28,6 +28,7 @@
 #include "data/tokenizer.h"
 #include "losses/loss.h"
 #include "losses/preference.h"
+#include "trainers/bench.h"
 #include "trainers/common.h"
 #include "trainers/contrastive.h"
 #include "trainers/pipeline.h"
@@ -49,6 +50,13 @@ int cmd_train(const std::string& config, const std::vector<std::string>& sets, c
   if (result.interrupted) return kExitInterrupted;
   if (!dist::is_main()) return kExitOk;
   if (!result.final_eval.is_null()) std::cout << result.final_eval.dump(2) << std::endl;
+  return kExitOk;
+}
+
+int cmd_bench(const std::string& config, const std::vector<std::string>& sets, const BenchOptions& opt) {
+  const RunConfig cfg = load_run_config(config, sets);
+  const auto j = run_bench(cfg, opt);
+  std::cout << bench_table(j) << std::flush;
   return kExitOk;
 }
 
@@ -295,6 +303,7 @@ int cmd_tokenizer_train(const TokenizerTrainOptions& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  restart_with_passive_openmp(argv);
   CLI::App app{"trialign: train and align vision-language models from YAML configs"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "trialign 0.1.0");
@@ -311,6 +320,15 @@ int main(int argc, char** argv) {
                     "Data parallel on this machine: start N ranks (torchrun's variables, Gloo on loopback); "
                     "train.batch_size is per rank")
       ->check(CLI::PositiveNumber);
+
+  // bench
+  BenchOptions bench_opt;
+  auto* bench = app.add_subcommand("bench", "Time a config's training steps on synthetic batches of its bench: shapes");
+  bench->add_option("config", config, "Run config or bench card (configs/bench/*.yaml)")->required()->check(CLI::ExistingFile);
+  bench->add_option("--set", sets, "Override a config key, e.g. --set run.precision=fp32 (repeatable)");
+  bench->add_option("--json", bench_opt.json_out, "Also write the figures as JSON here (always: RUN/bench.json)");
+  bench->add_option("--profile", bench_opt.profile,
+                    "Write a Chrome trace of the timed steps' operators here (chrome://tracing or ui.perfetto.dev)");
 
   // config check
   auto* config_cmd = app.add_subcommand("config", "Config tools");
@@ -459,6 +477,7 @@ int main(int argc, char** argv) {
     }
     if (*train) return cmd_train(config, sets, resume);
     if (*check) return cmd_config_check(config, sets);
+    if (*bench) return cmd_bench(config, sets, bench_opt);
     if (*run) return cmd_run(pipeline, sets);
     if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
     if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_threads);

@@ -26,8 +26,6 @@ namespace fs = std::filesystem;
 
 namespace trialign {
 
-namespace {
-
 std::vector<std::pair<std::string, torch::Tensor>> trainable_params(ClipModel& model, ContrastiveLossImpl& loss) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& p : model->named_parameters(true))
@@ -36,8 +34,6 @@ std::vector<std::pair<std::string, torch::Tensor>> trainable_params(ClipModel& m
     if (p.value().requires_grad()) out.emplace_back("loss." + p.key(), p.value());
   return out;
 }
-
-}  // namespace
 
 LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& b, int accum, bool bf16) {
   const bool negatives = b.neg_ids.defined() && b.neg_ids.size(0) > 0;

@@ -27,6 +27,10 @@ using ContrastiveResult = TrainResult;
 LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const CaptionBatch& batch, int accum,
                             bool bf16 = false);
 
+// What the optimizer of stage 1 updates: the encoders' parameters that require grad and the
+// loss's own (logit scale / bias), the latter named "loss.<name>".
+std::vector<std::pair<std::string, torch::Tensor>> trainable_params(ClipModel& model, ContrastiveLossImpl& loss);
+
 ContrastiveResult train_contrastive(const RunConfig& cfg, const TrainOptions& opt);
 
 // Encodes a whole dataset (no augmentation) and returns retrieval recall for cfg.eval.recall_at,

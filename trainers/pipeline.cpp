@@ -41,6 +41,9 @@ std::string stage_dir(const PipelineConfig& p, const std::string& stage) { retur
 }  // namespace
 
 TrainResult train_any(const RunConfig& cfg, const TrainOptions& opt) {
+  if (cfg.bench.card)
+    throw ConfigError(cfg.source + ": bench.card is true: a bench card has no data to train on; run `trialign bench " +
+                      cfg.source + "`, or set data.train / data.tokenizer and drop bench.card");
   if (cfg.trainer == "preference") return train_preference(cfg, opt);
   return cfg.is_vlm() ? train_vlm(cfg, opt) : train_contrastive(cfg, opt);
 }
