@@ -19,6 +19,7 @@
 
 #include <filesystem>
 #include <malloc.h>
+#include <unistd.h>
 
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
@@ -28,14 +29,30 @@
 
 namespace trialign {
 
+bool passive_openmp() {
+  const char* p = std::getenv("OMP_WAIT_POLICY");
+  return p && (std::string(p) == "PASSIVE" || std::string(p) == "passive");
+}
+
+void restart_with_passive_openmp(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("TRIALIGN_NO_RESTART")) return;  // the user's choice stands
+  ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  ::setenv("TRIALIGN_NO_RESTART", "1", 1);  // never loop, whatever the exec does
+  ::execv("/proc/self/exe", argv);
+  ::unsetenv("OMP_WAIT_POLICY");  // exec failed: carry on as started (OpenBLAS then stays at one thread)
+}
+
 int setup_threads(int requested) {
   int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
   n = std::max(1, n);
   at::set_num_threads(n);
-  // LibTorch parallelises around its BLAS calls with its own pool; OpenBLAS threads inside
-  // those calls only contend with it (measured: 68 -> 106 samples/s on stage 1, 2 cores).
+  // fp32 matmuls run inside OpenBLAS, whose own threads are the only parallelism a single GEMM
+  // gets: one OpenBLAS thread halves its FLOP/s on 2 cores (60 vs 120 GFLOP/s). Its threads only
+  // contend with LibTorch's OpenMP pool while idle OpenMP threads spin, which
+  // restart_with_passive_openmp() turns off (docs/benchmarks.md, "The bench card").
   using SetThreads = void (*)(int);
-  if (auto* f = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) f(1);
+  if (auto* f = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    f(passive_openmp() ? n : 1);
   cv::setNumThreads(1);  // loader threads parallelise across images; nested pools only contend
   // glibc hands tensors above its mmap threshold (dynamic, at most 32 MiB) to mmap and returns
   // freed heap tops to the kernel; a training step frees and re-allocates the same activation
@@ -254,7 +271,7 @@ void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::strin
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
                                "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
-                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "data.check_images", "eval.",
+                               "data.workers", "data.prefetch", "data.val", "data.val_limit", "data.check_images", "eval.", "bench.",
                                "distributed."};
   for (const char* s : safe) {
     const std::string p(s);

@@ -41,6 +41,14 @@ struct TrainOptions {
   int64_t nonfinite_steps = 1;
 };
 
+// libgomp reads OMP_WAIT_POLICY once, when it loads, and by default idle OpenMP threads spin,
+// taking the cores OpenBLAS's threads need inside every fp32 matmul. When the variable is unset
+// this sets it to PASSIVE and executes the program again (same arguments), so the new process
+// starts with it; a value the user set is kept. Call first thing in main().
+void restart_with_passive_openmp(char** argv);
+// OMP_WAIT_POLICY is PASSIVE in this process (then OpenBLAS gets the intra-op thread count).
+bool passive_openmp();
+
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
 int setup_threads(int requested);
 
