@@ -154,3 +154,20 @@ TEST_CASE("gradient accumulation keeps full-batch negatives: same gradients as o
     CHECK(l1 > std::log(8.0));
   }
 }
+
+TEST_CASE("bf16 autocast trains the tiny config as fp32 does", "[train][bf16]") {
+  TinyCorpus c;
+  constexpr int64_t kSteps = 150;
+  auto run = [&](const std::string& precision) {
+    auto r = train_contrastive(c.config(precision, kSteps, {"run.precision=" + precision, "optim.lr=3e-3"}), quiet());
+    REQUIRE(r.logged_losses.size() == kSteps);
+    const auto& l = r.logged_losses;
+    return std::make_pair((l[0] + l[1] + l[2]) / 3, (l[kSteps - 3] + l[kSteps - 2] + l[kSteps - 1]) / 3);
+  };
+  const auto [first32, last32] = run("fp32");
+  const auto [first16, last16] = run("bf16");
+  INFO("fp32 " << first32 << " -> " << last32 << ", bf16 " << first16 << " -> " << last16);
+  CHECK(first16 == Approx(first32).margin(0.05));  // the same start: ln(16) up to bf16 rounding
+  CHECK(last16 < 0.6 * first16);  // 150 steps: fp32 2.99 -> 1.49, bf16 2.99 -> 1.52
+  CHECK(last16 == Approx(last32).margin(0.3 * last32 + 0.05));
+}
