@@ -105,6 +105,13 @@ TEST_CASE("bench: stage-1 card figures follow from its step times and shapes", "
   CHECK(j["model_flops_per_step"].get<double>() == Approx(bench_step_flops(resolved, {}, 0, false)));
   CHECK(j["model_flops_per_step"].get<double>() ==
         Approx(3.0 * 4 * (vision_forward_flops(cfg.model.vision) + 2.0 * 16 * 8 + text_forward_flops(cfg.model.text, 8, 8))));
+  SECTION("an output file that cannot be written is refused before the steps") {
+    BenchOptions bad;
+    bad.quiet = true;
+    bad.json_out = dir.file("missing/folder/out.json");
+    CHECK_THAT(test::message_of<ConfigError>([&] { run_bench(cfg, bad); }),
+               Catch::Contains("bench --json: cannot write") && Catch::Contains("missing/folder/out.json"));
+  }
   SECTION("a bench card is not trained") {
     CHECK_THAT(test::message_of<ConfigError>([&] { train_any(cfg, test::quiet()); }),
                Catch::Contains("bench.card is true"));

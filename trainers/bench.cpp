@@ -345,8 +345,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
   VlmSetup s = build_vlm(cfg, tok);
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a separate frozen copy, as the trainer builds it
-    RunConfig rc = cfg;
-    reference = VlmModel(rc.model);
+    reference = VlmModel(cfg.model);
     std::map<std::string, torch::Tensor> initial;
     for (const auto& [name, t] : named_state(*s.model)) initial[name] = t.detach().clone();
     load_state(*reference, initial, "", true, "the policy");
@@ -411,6 +410,10 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   if (cfg.train.batch_size % cfg.train.grad_accum != 0)
     throw ConfigError("train.batch_size (" + std::to_string(cfg.train.batch_size) + ") is not divisible by train.grad_accum (" +
                       std::to_string(cfg.train.grad_accum) + ")");
+  // Output files are opened before the minutes of stepping, not after.
+  for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--json", opt.json_out}, {"--profile", opt.profile}})
+    if (!path.empty() && !std::ofstream(path, std::ios::app))
+      throw ConfigError("bench " + flag + ": cannot write '" + path + "' (does its folder exist?)");
   const int threads = prepare_run(cfg);
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";

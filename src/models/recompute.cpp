@@ -19,6 +19,7 @@ struct RecomputeBackward : torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     TORCH_CHECK(input.defined(), "checkpointed block: backward called twice (retain_graph is not supported)");
+    if (!grads[0].defined()) return {torch::Tensor()};  // the block's output got no gradient
     const bool prev = at::autocast::is_cpu_enabled();
     const auto prev_dtype = at::autocast::get_autocast_cpu_dtype();
     at::autocast::set_cpu_enabled(autocast);
