@@ -15,7 +15,6 @@
 
 #include "core/errors.h"
 #include "core/rng.h"
-#include "core/safetensors.h"
 #include "data/caption_dataset.h"
 #include "data/image.h"
 #include "data/prefetch_loader.h"
@@ -344,14 +343,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
   torch::manual_seed(cfg.run.seed);
   VlmSetup s = build_vlm(cfg, tok);
   VlmModel reference{nullptr};
-  if (loss->needs_reference()) {  // a separate frozen copy, as the trainer builds it
-    reference = VlmModel(cfg.model);
-    std::map<std::string, torch::Tensor> initial;
-    for (const auto& [name, t] : named_state(*s.model)) initial[name] = t.detach().clone();
-    load_state(*reference, initial, "", true, "the policy");
-    for (auto& p : reference->parameters()) p.requires_grad_(false);
-    reference->eval();
-  }
+  if (loss->needs_reference()) reference = frozen_copy(s.model, cfg.model);  // as the trainer builds it
   torch::optim::AdamW optimizer(s.plan.groups);
   const int64_t B = cfg.train.batch_size, reply = cfg.bench.loss_tokens, prompt = cfg.bench.text_tokens - reply;
   const int64_t n = std::max<int64_t>(B, static_cast<int64_t>(images.size()));

@@ -162,12 +162,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   if (resumed_from.empty()) write_run_text(cfg, "init_from.json", resolved_inits.dump(2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)
-    reference = build_vlm_model(cfg, tok);
-    std::map<std::string, torch::Tensor> initial;
-    for (const auto& [name, t] : named_state(*model)) initial[name] = t.detach().clone();
-    load_state(*reference, initial, "", true, "the initial policy");
-    for (auto& p : reference->parameters()) p.requires_grad_(false);
-    reference->eval();
+    reference = frozen_copy(model, cfg.model);  // cfg.model's vocab was resolved by build_vlm_model
   }
   torch::manual_seed(cfg.run.seed);
 

@@ -2,9 +2,20 @@
 
 #include <algorithm>
 
+#include "core/safetensors.h"
 #include "trainers/vlm.h"
 
 namespace trialign {
+
+VlmModel frozen_copy(VlmModel& policy, const ModelConfig& mc) {
+  VlmModel copy(mc);
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& [name, t] : named_state(*policy)) weights[name] = t.detach().clone();
+  load_state(*copy, weights, "", true, "the policy");
+  for (auto& p : copy->parameters()) p.requires_grad_(false);
+  copy->eval();
+  return copy;
+}
 
 SequenceLogps response_logps(VlmModel& model, const std::vector<std::vector<int64_t>>& ids,
                              const std::vector<std::vector<int64_t>>& labels, const torch::Tensor& pixels,

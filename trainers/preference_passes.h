@@ -15,6 +15,10 @@
 
 namespace trialign {
 
+// The reference model of a preference loss: a separate copy of `policy`'s current weights (built
+// from `mc`), frozen and in eval mode, so policy updates never reach it.
+VlmModel frozen_copy(VlmModel& policy, const ModelConfig& mc);
+
 // Log-probs of the labelled tokens (labels != -100 after the one-token shift) of each sequence
 // under `model`, on logits / temperature. Gradients flow when grad mode is on.
 SequenceLogps response_logps(VlmModel& model, const std::vector<std::vector<int64_t>>& ids,
