@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <fstream>
+#include <set>
 
 #include "core/errors.h"
 #include "models/clip_layers.h"
@@ -112,6 +113,24 @@ TEST_CASE("bench: stage-1 card figures follow from its step times and shapes", "
     CHECK_THAT(test::message_of<ConfigError>([&] { run_bench(cfg, bad); }),
                Catch::Contains("bench --json: cannot write") && Catch::Contains("missing/folder/out.json"));
   }
+  SECTION("the command restarts itself with OMP_WAIT_POLICY=PASSIVE and gives OpenBLAS the threads") {
+    std::string args = std::string(TRIALIGN_BINARY) + " bench " + dir.file("card.yaml");
+    for (const auto& kv : tiny_card("contrastive", dir.file("cli"))) args += " --set '" + kv + "'";
+    args += " --set run.threads=2";
+    test::write_file(dir.file("card.yaml"), "trainer: contrastive\n");
+    std::string out;
+    REQUIRE(test::run_command("env -u OMP_WAIT_POLICY -u TRIALIGN_NO_RESTART " + args, &out) == 0);
+    std::ifstream f(dir.file("cli/bench.json"));
+    const auto cli = nlohmann::json::parse(f);
+    CHECK(cli["omp_wait_policy"] == "PASSIVE");
+    CHECK(cli["blas_threads"] == 2);
+    // a policy the user chose is kept, and OpenBLAS then stays at one thread
+    REQUIRE(test::run_command("env OMP_WAIT_POLICY=ACTIVE " + args, &out) == 0);
+    std::ifstream g(dir.file("cli/bench.json"));
+    const auto kept = nlohmann::json::parse(g);
+    CHECK(kept["omp_wait_policy"] == "ACTIVE");
+    CHECK(kept["blas_threads"] == 1);
+  }
   SECTION("a bench card is not trained") {
     CHECK_THAT(test::message_of<ConfigError>([&] { train_any(cfg, test::quiet()); }),
                Catch::Contains("bench.card is true"));
@@ -159,6 +178,20 @@ std::map<std::string, torch::Tensor> grads_of(torch::nn::Module& m, const torch:
   return g;
 }
 
+// Whether the autograd graph behind `t` holds a checkpointed block's backward node.
+bool has_recompute_node(const torch::Tensor& t) {
+  std::vector<torch::autograd::Node*> todo = {t.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  while (!todo.empty()) {
+    auto* n = todo.back();
+    todo.pop_back();
+    if (!n || !seen.insert(n).second) continue;
+    if (n->name().find("RecomputeBackward") != std::string::npos) return true;
+    for (const auto& e : n->next_edges()) todo.push_back(e.function.get());
+  }
+  return false;
+}
+
 void check_close(const std::map<std::string, torch::Tensor>& a, const std::map<std::string, torch::Tensor>& b,
                  double rtol = 1e-5) {
   REQUIRE(a.size() == b.size());
@@ -189,7 +222,8 @@ TEST_CASE("gradient checkpointing gives the plain forward's values and gradients
       auto x1 = x0.clone().requires_grad_(true), x2 = x0.clone().requires_grad_(true);
       auto y1 = plain->forward(x1, mask), y2 = recomputed->forward(x2, mask);
       CHECK(torch::equal(y1, y2));
-      CHECK(y2.grad_fn() != nullptr);
+      CHECK(has_recompute_node(y2));  // the layers really were checkpointed
+      CHECK_FALSE(has_recompute_node(y1));
       check_close(grads_of(*plain, x1, y1), grads_of(*recomputed, x2, y2), bf16 ? 1e-2 : 1e-5);
     }
   }
@@ -207,6 +241,8 @@ TEST_CASE("gradient checkpointing gives the plain forward's values and gradients
     const auto ids = torch::randint(0, 23, {2, 6}, torch::kLong);
     auto y1 = plain->forward(ids), y2 = recomputed->forward(ids);
     CHECK(torch::equal(y1, y2));
+    CHECK(has_recompute_node(y2));
+    CHECK_FALSE(has_recompute_node(y1));
     const auto no_input = torch::zeros({1});  // ids: no input gradient
     check_close(grads_of(*plain, no_input, y1), grads_of(*recomputed, no_input, y2));
   }
@@ -233,6 +269,14 @@ TEST_CASE("VLM patch features stop at the tapped layer and equal the full forwar
     CHECK(f.sizes() == torch::IntArrayRef({2, 4, 8}));
     CHECK(torch::equal(f, select_vision_features(full, layer)));
   }
+  // The -2 tap never runs the last layer: poisoning it changes nothing.
+  const auto before = tower->patch_features(pixels, -2);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : tower->encoder->layers[2]->parameters()) p.fill_(NAN);
+  }
+  CHECK(torch::equal(tower->patch_features(pixels, -2), before));
+  CHECK(torch::isnan(tower->patch_features(pixels, -1)).any().item<bool>());
   CHECK_THAT(test::message_of<ConfigError>([&] { tower->patch_features(pixels, -5); }),
              Catch::Contains("vision feature layer -5 is out of range") && Catch::Contains("use -4 .. 3"));
 }

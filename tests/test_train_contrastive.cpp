@@ -167,6 +167,7 @@ TEST_CASE("bf16 autocast trains the tiny config as fp32 does", "[train][bf16]") 
   const auto [first32, last32] = run("fp32");
   const auto [first16, last16] = run("bf16");
   INFO("fp32 " << first32 << " -> " << last32 << ", bf16 " << first16 << " -> " << last16);
+  CHECK(first16 != first32);                         // bf16 arithmetic really ran
   CHECK(first16 == Approx(first32).margin(0.05));  // the same start: ln(16) up to bf16 rounding
   CHECK(last16 < 0.6 * first16);  // 150 steps: fp32 2.99 -> 1.49, bf16 2.99 -> 1.52
   CHECK(last16 == Approx(last32).margin(0.3 * last32 + 0.05));
