@@ -27,6 +27,8 @@ TEST_CASE("broken configs: one clear message naming the key or file, exit 2", "[
       {"nccl on the CPU", "train configs/nccl_on_cpu.yaml", {"distributed.backend", "use gloo"}},
       {"no such file", "train configs/nope.yaml", {"nope.yaml"}},
       {"bad --set", "train configs/base.yaml --set train.steps=-3", {"train.steps"}},
+      {"patch window not centred", "train configs/base.yaml --set model.vision.patch_kernel_size=11",
+       {"model.vision.patch_kernel_size", "patch_size (8) plus an even number"}},
       {"--set of an unknown key", "train configs/base.yaml --set optim.learning_rate=1", {"optim.learning_rate"}},
   };
   for (const auto& c : cases) {

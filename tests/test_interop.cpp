@@ -165,6 +165,15 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     const auto cfgjson = nlohmann::json::parse(read_text_file(exp + "/config.json"));
     CHECK(cfgjson["architectures"][0] == "CLIPModel");
     CHECK(cfgjson["vision_config"]["patch_size"] == 8);
+    // Overlapping patches have no Hugging Face CLIP form: export refuses them, and importing a
+    // non-overlapping tower into a config that has them names the key.
+    const auto overlapping = c.config("clip.yaml", "unused", {"model.vision.patch_kernel_size=16"});
+    CHECK_THROWS_WITH(hf_config_json("clip", overlapping),
+                      Catch::Contains("model.vision.patch_kernel_size is 16") && Catch::Contains("cannot describe overlapping"));
+    const auto diff = check_hf_config(exp, "vision_model", overlapping.model);
+    REQUIRE(diff.size() == 1);
+    CHECK_THAT(diff[0], Catch::Contains("model.vision.patch_kernel_size: the run config has 16"));
+    CHECK(check_hf_config(exp, "vision_model", c.config("clip.yaml", "unused").model).empty());
     const auto file = load_safetensors(exp + "/model.safetensors");
     CHECK(torch::equal(file.at("logit_scale"), load_safetensors(trained.checkpoint + "/loss.safetensors").at("logit_scale")));
     std::vector<WeightSource> all;

@@ -83,3 +83,37 @@ TEST_CASE("vision features come from the requested hidden state without CLS", "[
   CHECK(torch::equal(select_vision_features(out, -1), out.last_hidden_state.slice(1, 1)));
   CHECK_THROWS_AS(select_vision_features(out, -5), ConfigError);
 }
+
+TEST_CASE("overlapping patch embedding: each token is its window of the zero-padded image", "[projector][vision]") {
+  // 8x8 image, patch 4 (a 2x2 grid), window 8: each token sees its 4x4 cell plus 2 pixels of
+  // border on every side, zeros outside the image.
+  VisionConfig v;
+  v.image_size = 8, v.patch_size = 4, v.patch_kernel_size = 8, v.num_channels = 1, v.hidden_size = 4,
+  v.intermediate_size = 8, v.num_hidden_layers = 1, v.num_attention_heads = 1;
+  ClipVisionEmbeddings emb(v);
+  REQUIRE(emb->patch_embedding->weight.sizes() == torch::IntArrayRef({4, 1, 8, 8}));
+  torch::NoGradGuard ng;
+  emb->position_embedding->weight.zero_();
+  // Output channel k weighs window pixel (r, c) by 1 if r * 8 + c == 9 * k + 2 (a hand-picked
+  // pixel each), so channel k of token (i, j) reads padded-image pixel (4i + r, 4j + c).
+  emb->patch_embedding->weight.zero_();
+  for (int k = 0; k < 4; ++k) emb->patch_embedding->weight[k][0][(9 * k + 2) / 8][(9 * k + 2) % 8] = 1.0;
+  auto img = torch::arange(1, 65, torch::kFloat).view({1, 1, 8, 8});  // pixel (y, x) = 8y + x + 1
+  const auto tokens = emb->forward(img);                              // [1, 1 + 4, 4]
+  REQUIRE(tokens.sizes() == torch::IntArrayRef({1, 5, 4}));
+  auto padded = [&](int y, int x) {  // the image with 2 pixels of zeros around it
+    y -= 2, x -= 2;
+    return (y < 0 || x < 0 || y >= 8 || x >= 8) ? 0.0 : 8.0 * y + x + 1;
+  };
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 4; ++k) {
+        const int r = (9 * k + 2) / 8, c = (9 * k + 2) % 8;
+        INFO("token " << i << "," << j << " channel " << k);
+        CHECK(tokens[0][1 + 2 * i + j][k].item<double>() == padded(4 * i + r, 4 * j + c));
+      }
+  // Hand-checked corners of that rule: token (0,0) channel 0 reads padded (0, 2) = a zero of the
+  // border; token (1,1) channel 3 reads padded (4 + 3, 4 + 5) = image (5, 7) = 48.
+  CHECK(tokens[0][1][0].item<double>() == 0.0);
+  CHECK(tokens[0][4][3].item<double>() == 48.0);
+}

@@ -45,7 +45,7 @@ double layer_flops(double s, double d, double kv, double f, int mlp_matrices) {
 
 double vision_forward_flops(const VisionConfig& v, int layers) {
   const double p = static_cast<double>(v.image_size / v.patch_size) * (v.image_size / v.patch_size);
-  const double d = v.hidden_size, patch = 2.0 * v.num_channels * v.patch_size * v.patch_size * d * p;
+  const double d = v.hidden_size, patch = 2.0 * v.num_channels * v.kernel() * v.kernel() * d * p;
   return patch + (layers < 0 ? v.num_hidden_layers : layers) * layer_flops(p + 1, d, d, v.intermediate_size, 2);
 }
 

@@ -41,6 +41,12 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     errors.add(at("model.vision.patch_size"), "model.vision.patch_size",
                "image_size " + std::to_string(v.image_size) + " is not a multiple of patch_size " +
                    std::to_string(v.patch_size));
+  if (v.patch_kernel_size > 0 &&
+      (v.patch_kernel_size < v.patch_size || (v.patch_kernel_size - v.patch_size) % 2 != 0))
+    errors.add(at("model.vision.patch_kernel_size"), "model.vision.patch_kernel_size",
+               "must be 0 (= patch_size) or patch_size (" + std::to_string(v.patch_size) +
+                   ") plus an even number, so the window pads equally on both sides; got " +
+                   std::to_string(v.patch_kernel_size));
   if (v.hidden_size % v.num_attention_heads != 0)
     errors.add(at("model.vision.num_attention_heads"), "model.vision.num_attention_heads",
                "hidden_size " + std::to_string(v.hidden_size) + " is not divisible by " +

@@ -112,10 +112,17 @@ struct TowerDims {
 struct VisionConfig : TowerDims {
   int image_size = 64;
   int patch_size = 8;
+  // Side of the patch embedding's convolution window; 0 = patch_size (Hugging Face CLIP's
+  // non-overlapping patches). A larger window, centred on each patch with zero padding of
+  // (patch_kernel_size - patch_size) / 2, lets every token see its neighbourhood: an object
+  // smaller than the window is wholly inside one token's input instead of cut across several.
+  int patch_kernel_size = 0;
   int num_channels = 3;
+  int kernel() const { return patch_kernel_size > 0 ? patch_kernel_size : patch_size; }
   template <class V> void fields(V& v) {
     v("image_size", image_size, at_least(8));
     v("patch_size", patch_size, at_least(1));
+    v("patch_kernel_size", patch_kernel_size, at_least(0));
     v("num_channels", num_channels, at_least(1));
     dims_fields(v);
   }

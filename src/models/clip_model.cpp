@@ -31,8 +31,10 @@ ClipVisionEmbeddingsImpl::ClipVisionEmbeddingsImpl(const VisionConfig& c) {
   const int num_patches = (c.image_size / c.patch_size) * (c.image_size / c.patch_size);
   patch_embedding = register_module(
       "patch_embedding",
-      torch::nn::Conv2d(torch::nn::Conv2dOptions(c.num_channels, c.hidden_size, c.patch_size)
-                            .stride(c.patch_size).bias(false)));
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(c.num_channels, c.hidden_size, c.kernel())
+                            .stride(c.patch_size)
+                            .padding((c.kernel() - c.patch_size) / 2)
+                            .bias(false)));
   class_embedding = register_parameter("class_embedding", torch::randn({c.hidden_size}) * std::pow(c.hidden_size, -0.5));
   position_embedding = register_module("position_embedding", torch::nn::Embedding(num_patches + 1, c.hidden_size));
   torch::NoGradGuard ng;

@@ -271,6 +271,9 @@ std::vector<std::string> check_hf_config(const std::string& weights, const std::
     tower(c, mc.vision, "model.vision");
     num(c, "image_size", mc.vision.image_size, "model.vision.image_size");
     num(c, "patch_size", mc.vision.patch_size, "model.vision.patch_size");
+    if (c && mc.vision.kernel() != mc.vision.patch_size)
+      diff.push_back("model.vision.patch_kernel_size: the run config has " + std::to_string(mc.vision.kernel()) +
+                     "; Hugging Face CLIP patches do not overlap (set it to 0)");
   } else if (component == "text_model") {
     const auto* c = sub("clip_text_model", "text_config");
     tower(c, mc.text, "model.text");
@@ -293,6 +296,10 @@ nlohmann::json hf_config_json(const std::string& component, const RunConfig& cfg
                           {"layer_norm_eps", d.layer_norm_eps}};
   };
   auto vision = [&] {
+    if (mc.vision.kernel() != mc.vision.patch_size)
+      throw ConfigError("model.vision.patch_kernel_size is " + std::to_string(mc.vision.kernel()) +
+                        ": a Hugging Face CLIP vision config cannot describe overlapping patches "
+                        "(its kernel is patch_size); use the checkpoint's model.safetensors with init_from instead");
     auto v = tower(mc.vision);
     v["image_size"] = mc.vision.image_size;
     v["patch_size"] = mc.vision.patch_size;
