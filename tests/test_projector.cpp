@@ -1,5 +1,5 @@
 // Projectors: registry names, Hugging Face / LLaVA parameter names, shapes and values; the
-// vision feature tap.
+// vision feature tap; the patch embedding with overlapping windows.
 #include <catch2/catch.hpp>
 
 #include "core/config_tree.h"
