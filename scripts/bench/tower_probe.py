@@ -13,19 +13,23 @@ the first 4,000 train scenes. docs/benchmarks.md quotes its figures.
 
     python3 scripts/bench/tower_probe.py runs/quickstart/stage1/checkpoints/step_00001000 [--data data/shapes]
 
-Needs Debian's python3-torch, python3-pil and python3-yaml. The forward follows
-src/models/clip_model.cpp (pre-LN layers, quick-GELU, CLS first, CLIP's pixel statistics).
+Needs Debian's python3-torch, python3-pil and python3-yaml. The tower is torch_bench.py's ViT
+(pre-LN layers, quick-GELU, CLS first) with the checkpoint's weights; pixels use CLIP's statistics.
 """
 import argparse
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_bench as tb  # noqa: E402  (the bench card's ViT, here given the checkpoint's shapes)
 
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -68,51 +72,37 @@ def load_scenes(data, manifest, limit):
     return (x - MEAN) / STD, torch.tensor(single), torch.tensor(np.stack(sets))
 
 
-class Tower:
-    def __init__(self, w, v):
-        self.w, self.v = w, v
-        self.patch = v["patch_size"]
-        self.pad = ((v.get("patch_kernel_size") or self.patch) - self.patch) // 2
+def build_tower(weights, v):
+    """torch_bench's Vit with the checkpoint's shapes and weights (Hugging Face names mapped)."""
+    if v["hidden_act"] != "quick_gelu" or float(v["layer_norm_eps"]) != 1e-5:
+        raise SystemExit("this probe's ViT is quick-GELU with LayerNorm eps 1e-5, as the quickstart's")
+    tb.IMAGE, tb.PATCH, tb.WIDTH = v["image_size"], v["patch_size"], v["hidden_size"]
+    tb.MLP, tb.LAYERS, tb.HEADS = v["intermediate_size"], v["num_hidden_layers"], v["num_attention_heads"]
+    vit = tb.Vit()
+    kernel = v.get("patch_kernel_size") or tb.PATCH
+    vit.patch = torch.nn.Conv2d(3, tb.WIDTH, kernel, tb.PATCH, padding=(kernel - tb.PATCH) // 2, bias=False)
+    pos = weights["embeddings.position_embedding.weight"]
+    state = {"patch.weight": weights["embeddings.patch_embedding.weight"], "pos": pos,
+             # trialign adds pos[0] to the class embedding; Vit adds pos to the concatenation: the same sum
+             "cls": weights["embeddings.class_embedding"]}
+    for ours, theirs in (("pre", "pre_layrnorm"), ("post", "post_layernorm")):
+        for t in ("weight", "bias"):
+            state[f"{ours}.{t}"] = weights[f"{theirs}.{t}"]
+    for i in range(tb.LAYERS):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+            for t in ("weight", "bias"):
+                state[f"layers.{i}.{name.replace('mlp.', '')}.{t}"] = weights[f"encoder.layers.{i}.{name}.{t}"]
+    vit.load_state_dict(state, strict=True)
+    return vit.eval()
 
-    def ln(self, x, k):
-        return F.layer_norm(x, (x.shape[-1],), self.w[k + ".weight"], self.w[k + ".bias"], float(self.v["layer_norm_eps"]))
 
-    def lin(self, x, k):
-        return F.linear(x, self.w[k + ".weight"], self.w[k + ".bias"])
-
-    @torch.no_grad()
-    def forward(self, x):
-        """(pooled CLS [B,D], hidden states: embeddings + one per layer, each [B,1+P,D])."""
-        w = self.w
-        e = F.conv2d(x, w["embeddings.patch_embedding.weight"], stride=self.patch, padding=self.pad)
-        e = e.flatten(2).transpose(1, 2)
-        pos = w["embeddings.position_embedding.weight"]
-        cls = (w["embeddings.class_embedding"] + pos[0]).expand(x.shape[0], 1, -1)
-        h = self.ln(torch.cat([cls, e + pos[1:]], 1), "pre_layrnorm")
-        states = [h]
-        heads = self.v["num_attention_heads"]
-        for i in range(self.v["num_hidden_layers"]):
-            p = f"encoder.layers.{i}."
-            y = self.ln(h, p + "layer_norm1")
-            b, t, d = y.shape
-            split = lambda z: z.view(b, t, heads, d // heads).transpose(1, 2)  # noqa: E731
-            q, k, val = (split(self.lin(y, p + "self_attn." + n)) for n in ("q_proj", "k_proj", "v_proj"))
-            a = ((q @ k.transpose(-1, -2)) / (d // heads) ** 0.5).softmax(-1) @ val
-            h = h + self.lin(a.transpose(1, 2).reshape(b, t, d), p + "self_attn.out_proj")
-            y = self.lin(self.ln(h, p + "layer_norm2"), p + "mlp.fc1")
-            if self.v["hidden_act"] == "quick_gelu":
-                y = y * torch.sigmoid(1.702 * y)
-            else:
-                y = F.gelu(y)
-            h = h + self.lin(y, p + "mlp.fc2")
-            states.append(h)
-        return self.ln(states[-1][:, 0], "post_layernorm"), states
-
-    def batched(self, x, n=500):
-        outs = [self.forward(x[i:i + n]) for i in range(0, x.shape[0], n)]
-        pooled = torch.cat([o[0] for o in outs])
-        states = [torch.cat([o[1][layer] for o in outs]) for layer in range(len(outs[0][1]))]
-        return pooled, states
+@torch.no_grad()
+def features(vit, x, n=500):
+    """(pooled CLS [N,D], hidden states: embeddings + one per layer, each [N,1+P,D]) in chunks."""
+    outs = [vit(x[i:i + n]) for i in range(0, x.shape[0], n)]
+    states = [torch.cat([o[layer] for o in outs]) for layer in range(len(outs[0]))]
+    return vit.post(states[-1][:, 0]), states
 
 
 def probe(train_x, train_y, test_x, test_y, multi_label):
@@ -143,10 +133,10 @@ def main():
     torch.set_num_threads(a.threads)
     with open(os.path.join(a.checkpoint, "config.yaml")) as f:
         v = yaml.safe_load(f)["model"]["vision"]
-    tower = Tower(read_safetensors(os.path.join(a.checkpoint, "model.safetensors"), "vision_model."), v)
+    vit = build_tower(read_safetensors(os.path.join(a.checkpoint, "model.safetensors"), "vision_model."), v)
     xt, st, mt = load_scenes(a.data, "train.jsonl", 4000)
     xv, sv, mv = load_scenes(a.data, "val.jsonl", 1000)
-    (pt, ht), (pv, hv) = tower.batched(xt), tower.batched(xv)
+    (pt, ht), (pv, hv) = features(vit, xt), features(vit, xv)
     one_t, one_v = st >= 0, sv >= 0
     feats = {"pooled CLS": (pt, pv)}
     for layer in (-2, -1):
