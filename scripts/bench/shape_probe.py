@@ -35,11 +35,14 @@ SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross"]
 WIDTH, PATCH = 128, 8
 
 
-def load(data, manifest):
-    """Images [N,3,64,64] normalised, shape sets [N,6], single-object shape index or -1 [N]."""
-    xs, ys, single = [], [], []
+def load_scenes(data, manifest, limit=None, mean=0.45, std=0.27):
+    """Images [N,3,S,S] as (x / 255 - mean) / std, shape sets [N,6], single-object shape index or
+    -1 [N]; the first `limit` records (all if None). mean/std: scalars or [1,3,1,1] tensors."""
+    xs, sets, single = [], [], []
     with open(os.path.join(data, manifest)) as f:
-        for line in f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                break
             rec = json.loads(line)
             img = Image.open(os.path.join(data, rec["image"])).convert("RGB")
             xs.append(np.asarray(img, dtype=np.float32))
@@ -47,10 +50,10 @@ def load(data, manifest):
             y = np.zeros(len(SHAPES), np.float32)
             for o in objs:
                 y[SHAPES.index(o["shape"])] = 1
-            ys.append(y)
+            sets.append(y)
             single.append(SHAPES.index(objs[0]["shape"]) if len(objs) == 1 else -1)
     x = torch.tensor(np.stack(xs)).permute(0, 3, 1, 2) / 255.0
-    return (x - 0.45) / 0.27, torch.tensor(np.stack(ys)), torch.tensor(single)
+    return (x - mean) / std, torch.tensor(np.stack(sets)), torch.tensor(single)
 
 
 def sincos_2d(side, d):
@@ -81,8 +84,8 @@ def main():
         sys.exit(f"--kernel must be {PATCH} plus an even number, got {a.kernel}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    xt, yt, _ = load(a.data, "train.jsonl")
-    xv, yv, sv = load(a.data, "val.jsonl")
+    xt, yt, _ = load_scenes(a.data, "train.jsonl")
+    xv, yv, sv = load_scenes(a.data, "val.jsonl")
 
     tb.IMAGE, tb.PATCH, tb.WIDTH, tb.MLP, tb.LAYERS, tb.HEADS = 64, PATCH, WIDTH, 512, 4, 4
     vit = tb.Vit()

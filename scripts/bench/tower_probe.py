@@ -22,16 +22,14 @@ import os
 import struct
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_bench as tb  # noqa: E402  (the bench card's ViT, here given the checkpoint's shapes)
+from shape_probe import SHAPES, load_scenes  # noqa: E402
 
-SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -51,25 +49,6 @@ def read_safetensors(path, prefix):
         a, b = v["data_offsets"]
         out[name[len(prefix):]] = torch.frombuffer(bytearray(data[a:b]), dtype=torch.float32).reshape(v["shape"])
     return out
-
-
-def load_scenes(data, manifest, limit):
-    """Normalised images [N,3,S,S], single-object shape index or -1 [N], shape sets [N,6]."""
-    xs, single, sets = [], [], []
-    with open(os.path.join(data, manifest)) as f:
-        for i, line in enumerate(f):
-            if i >= limit:
-                break
-            rec = json.loads(line)
-            objs = rec["scene"]["objects"]
-            xs.append(np.asarray(Image.open(os.path.join(data, rec["image"])).convert("RGB"), dtype=np.float32))
-            single.append(SHAPES.index(objs[0]["shape"]) if len(objs) == 1 else -1)
-            s = np.zeros(len(SHAPES), np.float32)
-            for o in objs:
-                s[SHAPES.index(o["shape"])] = 1
-            sets.append(s)
-    x = torch.tensor(np.stack(xs)).permute(0, 3, 1, 2) / 255.0
-    return (x - MEAN) / STD, torch.tensor(single), torch.tensor(np.stack(sets))
 
 
 def build_tower(weights, v):
@@ -134,8 +113,8 @@ def main():
     with open(os.path.join(a.checkpoint, "config.yaml")) as f:
         v = yaml.safe_load(f)["model"]["vision"]
     vit = build_tower(read_safetensors(os.path.join(a.checkpoint, "model.safetensors"), "vision_model."), v)
-    xt, st, mt = load_scenes(a.data, "train.jsonl", 4000)
-    xv, sv, mv = load_scenes(a.data, "val.jsonl", 1000)
+    xt, mt, st = load_scenes(a.data, "train.jsonl", 4000, MEAN, STD)
+    xv, mv, sv = load_scenes(a.data, "val.jsonl", 1000, MEAN, STD)
     (pt, ht), (pv, hv) = features(vit, xt), features(vit, xv)
     one_t, one_v = st >= 0, sv >= 0
     feats = {"pooled CLS": (pt, pv)}
