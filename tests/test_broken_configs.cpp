@@ -29,6 +29,8 @@ TEST_CASE("broken configs: one clear message naming the key or file, exit 2", "[
       {"bad --set", "train configs/base.yaml --set train.steps=-3", {"train.steps"}},
       {"patch window not centred", "train configs/base.yaml --set model.vision.patch_kernel_size=11",
        {"model.vision.patch_kernel_size", "patch_size (8) plus an even number"}},
+      {"unknown pooling", "train configs/base.yaml --set model.vision.pooling=avg",
+       {"model.vision.pooling", "cls", "max"}},
       {"--set of an unknown key", "train configs/base.yaml --set optim.learning_rate=1", {"optim.learning_rate"}},
   };
   for (const auto& c : cases) {

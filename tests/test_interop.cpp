@@ -174,6 +174,11 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     REQUIRE(diff.size() == 1);
     CHECK_THAT(diff[0], Catch::Contains("model.vision.patch_kernel_size: the run config has 16"));
     CHECK(check_hf_config(exp, "vision_model", c.config("clip.yaml", "unused").model).empty());
+    // Max pooling has no weights: the tower alone exports and imports, a whole CLIPModel does not.
+    const auto pooled = c.config("clip.yaml", "unused", {"model.vision.pooling=max"});
+    CHECK_THROWS_WITH(hf_config_json("clip", pooled), Catch::Contains("model.vision.pooling is max"));
+    CHECK(hf_config_json("vision_model", pooled)["architectures"][0] == "CLIPVisionModel");
+    CHECK(check_hf_config(exp, "vision_model", pooled.model).empty());
     const auto file = load_safetensors(exp + "/model.safetensors");
     CHECK(torch::equal(file.at("logit_scale"), load_safetensors(trained.checkpoint + "/loss.safetensors").at("logit_scale")));
     std::vector<WeightSource> all;

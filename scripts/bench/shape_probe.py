@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """How fast can the quickstart's vision tower learn shape at all? Trains the same ViT (64x64,
 patch 8, width 128, 4 layers, 4 heads, MLP 512; the models of torch_bench.py) with direct
-supervision: a linear head on the final CLS state predicts which of the six shapes are in each
+supervision: a linear head on the pooled final layer (--pool) predicts which of the six shapes are in each
 shapes-world training scene (binary cross-entropy). Every 50 steps it prints, on the val scenes,
 the accuracy on single-object scenes (6-way argmax) and the share of scenes whose whole shape set
 is right. It answers a question the contrastive run cannot: whether slow shape learning is the
 objective's fault or the tower's. docs/benchmarks.md quotes its figures.
 
-    python3 scripts/bench/shape_probe.py [--kernel 8|16|...] [--steps 300] [--lr 1e-3] [--seed 0]
-        [--threads 2] [--pos learned|sincos] [--data data/shapes]
+    python3 scripts/bench/shape_probe.py [--kernel 8|16|...] [--pool cls|mean|max|maxlogit]
+        [--steps 300] [--lr 1e-3] [--seed 0] [--threads 2] [--pos learned|sincos] [--data data/shapes]
 
 --kernel is the patch embedding's window (trialign's model.vision.patch_kernel_size): 8 = plain
 patches, 16 = each token also sees 4 pixels of its neighbours on every side. --pos sincos starts
-the learned position embedding from 2-D sine/cosine values instead of noise. Needs Debian's
+the learned position embedding from 2-D sine/cosine values instead of noise. --pool picks what the
+head reads: the final CLS state (cls, Hugging Face CLIP's pooling), the mean or the channel-wise max
+of the normalised patch states (mean, max: trialign's model.vision.pooling), or the max over the
+patch tokens of the head's per-token logits (maxlogit). Needs Debian's
 python3-torch and python3-pil, and the data from scripts/quickstart.sh.
 """
 import argparse
@@ -78,6 +81,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pos", choices=["learned", "sincos"], default="learned")
+    ap.add_argument("--pool", choices=["cls", "mean", "max", "maxlogit"], default="cls")
     ap.add_argument("--data", default="data/shapes")
     a = ap.parse_args()
     if a.kernel < PATCH or (a.kernel - PATCH) % 2:
@@ -96,7 +100,14 @@ def main():
     head = nn.Linear(WIDTH, len(SHAPES))
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.1, betas=(0.9, 0.98))
-    logits = lambda x: head(vit.post(vit(x)[-1][:, 0]))  # noqa: E731  (CLS of the last layer)
+    if a.pool == "cls":
+        logits = lambda x: head(vit.post(vit(x)[-1][:, 0]))  # noqa: E731  (CLS of the last layer)
+    elif a.pool == "mean":  # mean of the normalised patch tokens [B,64,W] -> [B,W]
+        logits = lambda x: head(vit.post(vit(x)[-1][:, 1:]).mean(1))  # noqa: E731
+    elif a.pool == "max":  # channel-wise max of the normalised patch tokens [B,64,W] -> [B,W]
+        logits = lambda x: head(vit.post(vit(x)[-1][:, 1:]).amax(1))  # noqa: E731
+    else:  # per-token shape logits [B,64,6], max over tokens: "is there an X anywhere"
+        logits = lambda x: head(vit.post(vit(x)[-1][:, 1:])).amax(1)  # noqa: E731
 
     t0 = time.time()
     for step in range(1, a.steps + 1):
@@ -116,7 +127,7 @@ def main():
                 one = sv >= 0
                 single_acc = (lv[one].argmax(1) == sv[one]).float().mean().item()
                 set_acc = ((lv > 0).float() == yv).all(1).float().mean().item()
-            print(json.dumps({"kernel": a.kernel, "pos": a.pos, "seed": a.seed, "step": step, "loss": round(loss.item(), 4),
+            print(json.dumps({"kernel": a.kernel, "pos": a.pos, "pool": a.pool, "seed": a.seed, "step": step, "loss": round(loss.item(), 4),
                               "single_object_shape_acc": round(single_acc, 3), "shape_set_exact": round(set_acc, 3),
                               "seconds": round(time.time() - t0)}), flush=True)
 

@@ -118,12 +118,19 @@ struct VisionConfig : TowerDims {
   // smaller than the window is wholly inside one token's input instead of cut across several.
   int patch_kernel_size = 0;
   int num_channels = 3;
+  // What the contrastive image embedding reads from the last layer: "cls" (Hugging Face CLIP:
+  // post_layernorm of the CLS state), "mean" or "max" (post_layernorm of every patch state
+  // [B, P, D], then the mean or the channel-wise max over P). With mean or max the patch states
+  // themselves must carry what captions name, and they are what the projector of stages 2-3
+  // reads; max reads "is there an X anywhere" from whichever token holds the object.
+  std::string pooling = "cls";
   int kernel() const { return patch_kernel_size > 0 ? patch_kernel_size : patch_size; }
   template <class V> void fields(V& v) {
     v("image_size", image_size, at_least(8));
     v("patch_size", patch_size, at_least(1));
     v("patch_kernel_size", patch_kernel_size, at_least(0));
     v("num_channels", num_channels, at_least(1));
+    v("pooling", pooling, one_of({"cls", "mean", "max"}));
     dims_fields(v);
   }
 };

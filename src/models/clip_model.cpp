@@ -53,7 +53,9 @@ torch::Tensor ClipVisionEmbeddingsImpl::forward(const torch::Tensor& pixels) {
   return torch::cat({cls, patches}, 1);                                           // [B, 1 + P, D]
 }
 
-ClipVisionTransformerImpl::ClipVisionTransformerImpl(const VisionConfig& c) {
+ClipVisionTransformerImpl::ClipVisionTransformerImpl(const VisionConfig& c) : pooling_(c.pooling) {
+  TORCH_CHECK(pooling_ == "cls" || pooling_ == "mean" || pooling_ == "max",
+              "model.vision.pooling must be cls, mean or max, got '", pooling_, "'");
   embeddings = register_module("embeddings", ClipVisionEmbeddings(c));
   pre_layrnorm = register_module("pre_layrnorm", layer_norm(c.hidden_size, c.layer_norm_eps));
   encoder = register_module("encoder", ClipEncoder(c, c.num_hidden_layers));
@@ -65,7 +67,14 @@ VisionOutput ClipVisionTransformerImpl::forward(const torch::Tensor& pixels, boo
   VisionOutput out;
   auto x = pre_layrnorm(embeddings(pixels));
   out.last_hidden_state = encoder(x, torch::Tensor(), output_hidden_states ? &out.hidden_states : nullptr);
-  out.pooled = post_layernorm(out.last_hidden_state.select(1, 0));  // CLS token
+  if (pooling_ == "cls") {
+    out.pooled = post_layernorm(out.last_hidden_state.select(1, 0));  // CLS token
+  } else {
+    // Every patch state normalised, then pooled over P: [B, P, D] -> [B, D]. Normalising first
+    // keeps each token's scale equal, so no token wins the max by its norm alone.
+    const auto patches = post_layernorm(out.last_hidden_state.slice(1, 1));
+    out.pooled = pooling_ == "mean" ? patches.mean(1) : std::get<0>(patches.max(1));
+  }
   return out;
 }
 

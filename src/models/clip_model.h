@@ -27,7 +27,8 @@ TORCH_MODULE(ClipVisionEmbeddings);
 
 struct VisionOutput {
   torch::Tensor last_hidden_state;          // [B, 1 + P, D] (before post_layernorm)
-  torch::Tensor pooled;                     // [B, D]: post_layernorm(CLS)
+  torch::Tensor pooled;                     // [B, D]: post_layernorm(CLS), or the mean / max of
+                                            // post_layernorm(patch states) (model.vision.pooling)
   std::vector<torch::Tensor> hidden_states; // L + 1 entries when requested
 };
 
@@ -41,6 +42,9 @@ class ClipVisionTransformerImpl : public torch::nn::Module {
   ClipVisionEmbeddings embeddings{nullptr};
   torch::nn::LayerNorm pre_layrnorm{nullptr}, post_layernorm{nullptr};
   ClipEncoder encoder{nullptr};
+
+ private:
+  std::string pooling_;  // cls | mean | max (validated by the config reader)
 };
 TORCH_MODULE(ClipVisionTransformer);
 

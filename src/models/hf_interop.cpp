@@ -336,6 +336,14 @@ nlohmann::json hf_config_json(const std::string& component, const RunConfig& cfg
     return v;
   }
   if (component == "clip") {
+    // Pooling has no weights, so a tower pooled otherwise imports from and exports to
+    // CLIPVisionModel (LLaVA reads its hidden states, not its pooler output). A whole CLIPModel is
+    // different: its image embeddings are the pooled CLS, and this model's would not be.
+    if (mc.vision.pooling != "cls")
+      throw ConfigError("model.vision.pooling is " + mc.vision.pooling +
+                        ": a Hugging Face CLIPModel embeds images by their CLS state, so it would not "
+                        "reproduce this model's image embeddings; export vision_model alone, or use the "
+                        "checkpoint's model.safetensors with init_from");
     auto t = tower(mc.text);
     t["vocab_size"] = mc.text.vocab_size;
     t["max_position_embeddings"] = mc.text.max_position_embeddings;
