@@ -121,17 +121,20 @@ TEST_CASE("overlapping patch embedding: each token is its window of the zero-pad
 TEST_CASE("vision pooling: CLS, mean or channel max of the normalised patch states", "[projector][vision]") {
   // Hidden size 2, so every layer norm maps a state (a, b) with a != b to about (+1, -1) or
   // (-1, +1) (exactly (a - b) / 2 / sqrt(((a - b) / 2)^2 + eps) per channel). With the layer's
-  // residual branches zeroed the encoder is the identity, so the pooled output can be worked out:
-  // patch 0 (the top-left 4x4, all +1) embeds as (16, -16), the other three (all -1) as
-  // (-16, 16), and CLS as (-1, 1). After pre_layrnorm and post_layernorm: patch 0 -> (1, -1),
-  // the others and CLS -> (-1, 1). So cls = (-1, 1), mean = (-0.5, 0.5), max = (1, 1).
+  // residual branches zeroed the encoder is the identity, so the pooled output can be worked out.
+  // Image 0: patch 0 (the top-left 4x4, all +1) embeds as (16, -16), the other three (all -1) as
+  // (-16, 16); image 1 is all -1. CLS is (1, -1) in both. After pre_layrnorm and post_layernorm:
+  // patch 0 of image 0 and CLS -> (1, -1), every other patch -> (-1, 1). So cls = (1, -1) twice,
+  // mean = (-0.5, 0.5) and (-1, 1), max = (1, 1) and (-1, 1): image 1's max would be (1, 1) if
+  // CLS were pooled with the patches.
   VisionConfig v;
   v.image_size = 8, v.patch_size = 4, v.num_channels = 1, v.hidden_size = 2, v.intermediate_size = 4,
   v.num_hidden_layers = 1, v.num_attention_heads = 1, v.layer_norm_eps = 1e-12;
-  auto img = -torch::ones({1, 1, 8, 8});
-  img.slice(2, 0, 4).slice(3, 0, 4).fill_(1.0);
+  auto img = -torch::ones({2, 1, 8, 8});
+  img[0].slice(1, 0, 4).slice(2, 0, 4).fill_(1.0);
+  // Per pooling: image 0 then image 1, two channels each.
   const std::vector<std::pair<std::string, std::vector<float>>> expected = {
-      {"cls", {-1, 1}}, {"mean", {-0.5, 0.5}}, {"max", {1, 1}}};
+      {"cls", {1, -1, 1, -1}}, {"mean", {-0.5, 0.5, -1, 1}}, {"max", {1, 1, -1, 1}}};
   for (const auto& [pooling, want] : expected) {
     v.pooling = pooling;
     ClipVisionTransformer tower(v);
@@ -144,11 +147,10 @@ TEST_CASE("vision pooling: CLS, mean or channel max of the normalised patch stat
     }
     tower->embeddings->patch_embedding->weight.select(0, 0).fill_(1.0);   // channel 0 = pixel sum
     tower->embeddings->patch_embedding->weight.select(0, 1).fill_(-1.0);  // channel 1 = -sum
-    tower->embeddings->class_embedding.copy_(torch::tensor({-1.0f, 1.0f}));
-    const auto pooled = tower->forward(img).pooled;  // [1, 2]
+    tower->embeddings->class_embedding.copy_(torch::tensor({1.0f, -1.0f}));
+    const auto pooled = tower->forward(img).pooled;  // [2, 2]
     INFO("pooling " << pooling << ": " << pooled);
-    REQUIRE(pooled.sizes() == torch::IntArrayRef({1, 2}));
-    CHECK(pooled[0][0].item<float>() == Approx(want[0]).margin(1e-5));
-    CHECK(pooled[0][1].item<float>() == Approx(want[1]).margin(1e-5));
+    REQUIRE(pooled.sizes() == torch::IntArrayRef({2, 2}));
+    for (int i = 0; i < 4; ++i) CHECK(pooled[i / 2][i % 2].item<float>() == Approx(want[i]).margin(1e-5));
   }
 }

@@ -100,14 +100,14 @@ def main():
     head = nn.Linear(WIDTH, len(SHAPES))
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.1, betas=(0.9, 0.98))
-    if a.pool == "cls":
-        logits = lambda x: head(vit.post(vit(x)[-1][:, 0]))  # noqa: E731  (CLS of the last layer)
-    elif a.pool == "mean":  # mean of the normalised patch tokens [B,64,W] -> [B,W]
-        logits = lambda x: head(vit.post(vit(x)[-1][:, 1:]).mean(1))  # noqa: E731
-    elif a.pool == "max":  # channel-wise max of the normalised patch tokens [B,64,W] -> [B,W]
-        logits = lambda x: head(vit.post(vit(x)[-1][:, 1:]).amax(1))  # noqa: E731
-    else:  # per-token shape logits [B,64,6], max over tokens: "is there an X anywhere"
-        logits = lambda x: head(vit.post(vit(x)[-1][:, 1:])).amax(1)  # noqa: E731
+    def logits(x):  # [B,6]
+        last = vit(x)[-1]                  # [B,1+64,W]
+        if a.pool == "cls":
+            return head(vit.post(last[:, 0]))
+        tokens = vit.post(last[:, 1:])     # the normalised patch states [B,64,W]
+        if a.pool == "maxlogit":           # per-token logits [B,64,6], max over tokens
+            return head(tokens).amax(1)
+        return head(tokens.mean(1) if a.pool == "mean" else tokens.amax(1))
 
     t0 = time.time()
     for step in range(1, a.steps + 1):
