@@ -18,7 +18,7 @@ std::string other_value(const std::vector<std::string>& choices, const std::stri
 }  // namespace
 
 const std::vector<std::string>& negative_kinds() {
-  static const std::vector<std::string> kinds = {"shape", "colour", "size", "relation"};
+  static const std::vector<std::string> kinds = {"shape", "colour", "size", "relation", "binding"};
   return kinds;
 }
 
@@ -35,6 +35,21 @@ std::vector<Negative> hard_negatives(const Scene& scene, const GeneratorOptions&
     const std::string& kind = negative_kinds()[k];
     Rng rng(::trialign::mix_seed({seed, static_cast<uint64_t>(k)}));
     Scene changed = scene;
+    if (kind == "binding") {
+      // Pairs that differ in both colour and shape: swapping their colours keeps every word of
+      // the caption (a bag of words cannot tell it from the truth) but breaks which colour
+      // belongs to which shape.
+      std::vector<std::pair<size_t, size_t>> pairs;
+      for (size_t a = 0; a < scene.objects.size(); ++a)
+        for (size_t b = a + 1; b < scene.objects.size(); ++b)
+          if (scene.objects[a].colour != scene.objects[b].colour && scene.objects[a].shape != scene.objects[b].shape)
+            pairs.emplace_back(a, b);
+      if (pairs.empty()) continue;
+      const auto& [a, b] = pairs[static_cast<size_t>(rng.uniform_int(0, static_cast<int64_t>(pairs.size()) - 1))];
+      std::swap(changed.objects[a].colour, changed.objects[b].colour);
+      keep(kind, changed);
+      continue;
+    }
     if (kind == "relation") {
       if (n < 2) continue;
       const int64_t a = rng.uniform_int(0, n - 1);

@@ -4,6 +4,9 @@
 //   colour    one object's colour replaced -> a wrong attribute
 //   size      one object's size replaced   -> a wrong attribute
 //   relation  two objects' descriptions swapped, positions kept -> a wrong relation
+//   binding   two objects of different colours and shapes swap colours -> every word of the
+//             caption is right, but a colour is bound to the wrong shape ("a red star and a
+//             blue circle" -> "a blue star and a red circle")
 // Stage 1 uses them as extra text negatives (NegCLIP: Yuksekgonul et al. 2023, "When and why
 // vision-language models behave like bags-of-words"): a batch of random captions rarely holds
 // two that differ only in one shape, so plain InfoNCE teaches colour long before shape.
@@ -20,7 +23,7 @@
 namespace trialign::shapes {
 
 struct Negative {
-  std::string kind;     // shape | colour | size | relation
+  std::string kind;     // shape | colour | size | relation | binding
   std::string caption;  // differs from caption(scene)
 };
 
@@ -31,7 +34,8 @@ const std::vector<std::string>& negative_kinds();
 // (each kind from its own stream). A kind is skipped when the scene cannot support it: no
 // objects; one value in opts' list for that attribute; relation with fewer than two objects.
 // The replacement value is uniform over opts' other values; the relation swap picks two
-// objects uniformly. Every returned caption differs from caption(scene).
+// objects uniformly; the binding swap picks uniformly among the pairs that differ in both colour
+// and shape (none: skipped). Every returned caption differs from caption(scene).
 std::vector<Negative> hard_negatives(const Scene& scene, const GeneratorOptions& opts, uint64_t seed);
 
 // [{"kind": ..., "caption": ...}, ...] as the manifests store them under "negatives".

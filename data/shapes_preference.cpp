@@ -13,7 +13,8 @@ using json = nlohmann::json;
 
 std::string hallucination_level(const std::string& kind) {
   if (kind == "shape") return "object";
-  if (kind == "colour" || kind == "size") return "attribute";
+  // A colour bound to the wrong object is an attribute error about that object.
+  if (kind == "colour" || kind == "size" || kind == "binding") return "attribute";
   if (kind == "relation") return "relation";
   throw std::invalid_argument("hallucination_level: unknown negative kind '" + kind + "'");
 }

@@ -2,6 +2,7 @@
 // by word against the true caption on hand-built and sampled scenes; their use in evaluation.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -53,7 +54,7 @@ const Negative* find_kind(const std::vector<Negative>& ns, const std::string& ki
 
 }  // namespace
 
-TEST_CASE("hard negatives: one word changed per attribute kind, relation swaps two descriptions", "[shapes][negatives]") {
+TEST_CASE("hard negatives: one word changed per attribute kind, relation swaps two descriptions, binding two colours", "[shapes][negatives]") {
   // "a large red star left of a small blue square": words 0-3 describe the star, 4-5 the
   // relation, 6-9 the square.
   const Scene s = scene_of({obj("star", "red", "large", 16, 30), obj("square", "blue", "small", 46, 32)});
@@ -61,7 +62,7 @@ TEST_CASE("hard negatives: one word changed per attribute kind, relation swaps t
   const GeneratorOptions opts;
   for (uint64_t seed = 0; seed < 20; ++seed) {
     const auto ns = hard_negatives(s, opts, seed);
-    REQUIRE(ns.size() == 4);
+    REQUIRE(ns.size() == 5);
     for (size_t k = 0; k < ns.size(); ++k) CHECK(ns[k].kind == negative_kinds()[k]);
     const auto shape = differing(caption(s), find_kind(ns, "shape")->caption);
     REQUIRE(shape.size() == 1);
@@ -74,6 +75,8 @@ TEST_CASE("hard negatives: one word changed per attribute kind, relation swaps t
     CHECK((size[0] == 1 || size[0] == 7));
     // With two objects the only swap is star <-> square; the relation words stay.
     CHECK(find_kind(ns, "relation")->caption == "a small blue square left of a large red star");
+    // The only pair swaps colours: the same bag of words, each colour on the other shape.
+    CHECK(find_kind(ns, "binding")->caption == "a large blue star left of a small red square");
     CHECK(hard_negatives(s, opts, seed)[0].caption == ns[0].caption);  // same seed, same output
   }
 }
@@ -82,8 +85,9 @@ TEST_CASE("hard negatives: a kind the scene or the options cannot support is lef
   const Scene one = scene_of({obj("circle", "green", "small", 30, 30)});
   GeneratorOptions opts;
   auto ns = hard_negatives(one, opts, 1);
-  REQUIRE(ns.size() == 3);  // no relation with one object
+  REQUIRE(ns.size() == 3);  // no relation and no binding with one object
   CHECK(find_kind(ns, "relation") == nullptr);
+  CHECK(find_kind(ns, "binding") == nullptr);
   opts.sizes = {"small"};   // no other size to swap in
   opts.colours = {"green", "red"};
   ns = hard_negatives(one, opts, 1);
@@ -97,7 +101,7 @@ TEST_CASE("hard negatives: a kind the scene or the options cannot support is lef
 
 TEST_CASE("hard negatives: sampled scenes never give the true caption back", "[shapes][negatives]") {
   GeneratorOptions opts;
-  int64_t relation = 0;
+  int64_t relation = 0, binding = 0;
   for (int64_t i = 0; i < 300; ++i) {
     const Scene s = sample_scene(opts, "train", i);
     for (const auto& n : hard_negatives(s, opts, negatives_seed(opts.seed, "train", i))) {
@@ -105,9 +109,17 @@ TEST_CASE("hard negatives: sampled scenes never give the true caption back", "[s
       CHECK(n.caption != caption(s));
       CHECK(words(n.caption).size() == words(caption(s)).size());
       relation += n.kind == "relation";
+      if (n.kind == "binding") {  // every word kept, only their pairing changed
+        auto a = words(n.caption), b = words(caption(s));
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        CHECK(a == b);
+        ++binding;
+      }
     }
   }
   CHECK(relation > 100);  // most scenes have two or more objects
+  CHECK(binding > 100);
   CHECK(negatives_seed(0, "train", 1) != negatives_seed(0, "val", 1));
 }
 

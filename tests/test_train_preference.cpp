@@ -84,6 +84,7 @@ TEST_CASE("shapes preference data: chosen is the caption, rejected has one tagge
   CHECK(checked > 20);
   CHECK(levels == std::set<std::string>{"attribute", "object", "relation"});
   CHECK(shapes::hallucination_level("size") == "attribute");
+  CHECK(shapes::hallucination_level("binding") == "attribute");
 }
 
 TEST_CASE("preference data: only the response is labelled, the LLaVA form, bad records named", "[preference][data]") {
