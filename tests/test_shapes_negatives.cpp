@@ -81,6 +81,33 @@ TEST_CASE("hard negatives: one word changed per attribute kind, relation swaps t
   }
 }
 
+TEST_CASE("hard negatives: binding never swaps two objects of the same shape, and picks the others uniformly",
+          "[shapes][negatives]") {
+  // Two stars and a square: swapping the stars' colours would only move objects (a relation
+  // error), so the two eligible pairs are (red star, green square) and (blue star, green square).
+  const Scene s = scene_of({obj("star", "red", "small", 10, 32), obj("star", "blue", "small", 30, 32),
+                            obj("square", "green", "small", 50, 32)});
+  REQUIRE(caption(s) == "a small red star left of a small blue star left of a small green square");
+  const std::string first = "a small green star left of a small blue star left of a small red square";
+  const std::string second = "a small red star left of a small green star left of a small blue square";
+  int n_first = 0, n_second = 0;
+  for (uint64_t seed = 0; seed < 40; ++seed) {
+    const auto ns = hard_negatives(s, GeneratorOptions{}, seed);
+    const Negative* b = find_kind(ns, "binding");
+    REQUIRE(b != nullptr);
+    INFO(b->caption);
+    CHECK((b->caption == first || b->caption == second));
+    n_first += b->caption == first;
+    n_second += b->caption == second;
+  }
+  CHECK(n_first > 5);
+  CHECK(n_second > 5);
+  // Same colour or same shape everywhere: nothing to bind wrongly.
+  const Scene same = scene_of({obj("star", "red", "small", 10, 32), obj("star", "blue", "small", 50, 32)});
+  const auto none = hard_negatives(same, GeneratorOptions{}, 3);
+  CHECK(find_kind(none, "binding") == nullptr);
+}
+
 TEST_CASE("hard negatives: a kind the scene or the options cannot support is left out", "[shapes][negatives]") {
   const Scene one = scene_of({obj("circle", "green", "small", 30, 30)});
   GeneratorOptions opts;

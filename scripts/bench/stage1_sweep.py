@@ -31,13 +31,13 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_bench as tb  # noqa: E402  (the ViT / encoder layers of the bench card)
+from shape_probe import load_scenes  # noqa: E402  (images of a manifest, normalised as trialign does)
 
 WIDTH, MLP, HEADS, LAYERS, PATCH, IMAGE, EMBED, CTX = 128, 512, 4, 4, 8, 64, 128, 32
 PHRASE = re.compile(r"\b(an?) (small|large) (\w+) (\w+)")
@@ -92,21 +92,9 @@ def pad(seqs, length):
     return t, lens
 
 
-def load_images(data, records):
-    from PIL import Image
-    xs = [np.asarray(Image.open(os.path.join(data, r["image"])).convert("RGB"), dtype=np.float32) for r in records]
-    x = torch.tensor(np.stack(xs)).permute(0, 3, 1, 2) / 255.0
-    return (x - 0.45) / 0.27
-
-
-def read_jsonl(path, limit=None):
-    out = []
+def read_jsonl(path):
     with open(path) as f:
-        for line in f:
-            out.append(json.loads(line))
-            if limit and len(out) >= limit:
-                break
-    return out
+        return [json.loads(line) for line in f]
 
 
 class Vit(tb.Vit):
@@ -347,7 +335,7 @@ def main():
 
     recs = read_jsonl(os.path.join(a.data, "train.jsonl"))
     vrecs = read_jsonl(os.path.join(a.data, "val.jsonl"))
-    x, xv = load_images(a.data, recs), load_images(a.data, vrecs)
+    x, xv = load_scenes(a.data, "train.jsonl")[0], load_scenes(a.data, "val.jsonl")[0]
     vocab = Vocab()
     for r in recs:
         vocab.encode(r["caption"])
