@@ -1,5 +1,7 @@
 #include "data/conversation.h"
 
+#include <algorithm>
+
 #include "core/errors.h"
 
 namespace trialign {
@@ -115,6 +117,72 @@ TokenizedConversation tokenize_conversation(const Conversation& c, const Tokeniz
       push_text(t.text, true);
       push(eos, true);
     }
+  }
+  return out;
+}
+
+TokenizedConversation tokenize_independent_turns(const Conversation& c, const Tokenizer& tok, const std::string& where) {
+  const std::string at = where + ": data.turns: independent: ";
+  std::vector<Turn> system;
+  size_t i = 0;
+  for (; i < c.turns.size() && c.turns[i].role == "system"; ++i) system.push_back(c.turns[i]);
+  std::vector<std::pair<std::string, std::string>> exchanges;  // (question, reply)
+  for (; i < c.turns.size(); i += 2) {
+    if (c.turns[i].role != "user" || i + 1 >= c.turns.size() || c.turns[i + 1].role != "assistant")
+      throw DataError(at + "conversations[" + std::to_string(i) +
+                      "]: expected a user turn followed by its assistant reply (system turns only at the start); "
+                      "use data.turns: sequential for this data");
+    exchanges.emplace_back(c.turns[i].text, c.turns[i + 1].text);
+  }
+  if (exchanges.empty()) throw DataError(at + "no user / assistant exchange");
+
+  // The first user turn opens with its images: "<image>\n<image>\nWhat ..." -> tags "<image>\n<image>",
+  // separator "\n", question "What ...". Later questions get the same tags and separator.
+  const std::string& first = exchanges[0].first;
+  size_t pos = 0, tags_end = 0;
+  while (pos < first.size()) {
+    if (first.compare(pos, kImageTag.size(), kImageTag) == 0) tags_end = pos = pos + kImageTag.size();
+    else if (first[pos] == '\n' || first[pos] == ' ') ++pos;
+    else break;
+  }
+  const std::string tags = first.substr(0, tags_end);
+  size_t q = tags_end;
+  while (q < first.size() && (first[q] == '\n' || first[q] == ' ')) ++q;
+  const std::string sep = first.substr(tags_end, q - tags_end);
+  if (count_tags(first.substr(tags_end)))
+    throw DataError(at + "every <image> must open the first user turn, before its question");
+  for (size_t k = 1; k < exchanges.size(); ++k)
+    if (count_tags(exchanges[k].first))
+      throw DataError(at + "exchange " + std::to_string(k + 1) +
+                      "'s user turn has an <image>; only the first user turn may carry images");
+
+  std::vector<TokenizedConversation> single;  // each exchange asked alone
+  for (size_t k = 0; k < exchanges.size(); ++k) {
+    Conversation one{c.images, system};
+    one.turns.push_back({"user", k == 0 ? first : tags + sep + exchanges[k].first});
+    one.turns.push_back({"assistant", exchanges[k].second});
+    single.push_back(tokenize_conversation(one, tok, "chat"));
+  }
+  if (single.size() == 1) return single[0];  // one exchange: an ordinary sequence
+
+  size_t prefix = 0;
+  if (!c.images.empty()) {
+    for (size_t t = 0; t < single[0].ids.size(); ++t)
+      if (single[0].ids[t] == tok.image_id()) prefix = t + 1;
+  } else {
+    prefix = tokenize_conversation(Conversation{{}, system}, tok, "chat").ids.size();  // bos + system prompt
+  }
+  TokenizedConversation out = single[0];
+  out.segments.assign(prefix, 0);
+  out.segments.resize(out.ids.size(), 1);
+  for (size_t k = 1; k < single.size(); ++k) {
+    const auto& s = single[k];
+    // The shared prefix is built from the same turns, so this only guards the construction.
+    if (s.ids.size() <= prefix || !std::equal(s.ids.begin(), s.ids.begin() + static_cast<std::ptrdiff_t>(prefix), out.ids.begin()))
+      throw DataError(at + "exchange " + std::to_string(k + 1) + " does not tokenise with the shared prefix");
+    out.ids.insert(out.ids.end(), s.ids.begin() + static_cast<std::ptrdiff_t>(prefix), s.ids.end());
+    out.labels.insert(out.labels.end(), s.labels.begin() + static_cast<std::ptrdiff_t>(prefix), s.labels.end());
+    out.segments.resize(out.ids.size(), static_cast<int64_t>(k + 1));
   }
   return out;
 }

@@ -59,6 +59,7 @@ ConversationBatch ConversationBatch::slice(int64_t from, int64_t to) const {
     const auto k = static_cast<size_t>(i);
     out.ids.push_back(ids[k]);
     out.labels.push_back(labels[k]);
+    out.segments.push_back(k < segments.size() ? segments[k] : std::vector<int64_t>{});  // hand-built batches may have none
     out.images_per_sample.push_back(images_per_sample[k]);
     out.indices.push_back(indices[k]);
     n_images += images_per_sample[k];
@@ -92,7 +93,10 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
         throw DataError(r.where + " (id " + r.id + "): the conversation must end with the assistant's reply");
       if (cfg.drop_images) drop_images(c);
       for (const auto& image : c.images) s.images.push_back(checked_image_path(root.string(), image, r.where + " (id " + r.id + "): "));
-      s.tokens = tokenize_conversation(c, tok, cfg.chat_template);
+      // Independent turns pack training records only: evaluation scores each record as written.
+      s.tokens = train && cfg.turns == "independent"
+                     ? tokenize_independent_turns(c, tok, r.where + " (id " + r.id + ")")
+                     : tokenize_conversation(c, tok, cfg.chat_template);
       if (s.tokens.num_images != static_cast<int64_t>(s.images.size()))
         throw DataError(r.where + " (id " + r.id + "): " + std::to_string(s.tokens.num_images) +
                         " <image> placeholders after templating but " + std::to_string(s.images.size()) + " images");
@@ -153,6 +157,7 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
       }
       s.tokens.ids.resize(keep);
       s.tokens.labels.resize(keep);
+      if (!s.tokens.segments.empty()) s.tokens.segments.resize(keep);
       s.truncated = true;  // its final reply is gone: not scored by generation
       ++truncated_;
     }
@@ -185,6 +190,7 @@ ConversationBatch ConversationDataset::build(const std::vector<SampleRef>& refs,
     const auto& s = samples_[static_cast<size_t>(ref.index)];
     b.ids.push_back(s.tokens.ids);
     b.labels.push_back(s.tokens.labels);
+    b.segments.push_back(s.tokens.segments);
     b.images_per_sample.push_back(static_cast<int64_t>(s.images.size()));
     b.indices.push_back(ref.index);
     for (size_t k = 0; k < s.images.size(); ++k) {

@@ -33,6 +33,9 @@ struct ConversationSample {
 struct ConversationBatch {
   torch::Tensor pixels;                            // [I, 3, S, S], images in sample order; undefined if none
   std::vector<std::vector<int64_t>> ids, labels;   // per sample, unpadded
+  // Per sample: empty (one causal sequence) or one segment id per token (data.turns: independent,
+  // see tokenize_independent_turns).
+  std::vector<std::vector<int64_t>> segments;
   std::vector<int64_t> images_per_sample;
   std::vector<int64_t> indices;                    // dataset indices
   int64_t size() const { return static_cast<int64_t>(ids.size()); }

@@ -2,6 +2,8 @@
 // and the VLM's image-token expansion with -100 labels, on constructed inputs.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "core/errors.h"
 #include "data/conversation.h"
 #include "models/vlm_inputs.h"
@@ -115,4 +117,66 @@ TEST_CASE("image placeholders expand to the projected tokens with -100 labels, a
   // Mismatched counts are refused.
   CHECK_THROWS_WITH(splice_image_tokens(ids, labels, images.slice(0, 0, 1), IMG, embed),
                     Catch::Contains("more <image> placeholders than the 1 images given"));
+}
+
+TEST_CASE("independent turns: every exchange is the single-turn record after one shared prefix", "[conversation]") {
+  Tok t;
+  auto c = parse_llava_record(record(
+      R"({"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour is the star?"},)"
+      R"({"from": "gpt", "value": "red"}, {"from": "human", "value": "what colour is the circle?"},)"
+      R"({"from": "gpt", "value": "blue"}, {"from": "human", "value": "what is left of circle?"}, {"from": "gpt", "value": "a small star"}]})"));
+  auto packed = tokenize_independent_turns(c, t.tok, "conv.jsonl:7 (id r7)");
+  // Each question asked alone: [bos] "USER: " <image> "\n{q}\n" "ASSISTANT: " {a} [eos]
+  auto alone = [&](const std::string& q, const std::string& a) {
+    Conversation one{{"a.png"}, {{"user", "<image>\n" + q}, {"assistant", a}}};
+    return tokenize_conversation(one, t.tok);
+  };
+  const auto s1 = alone("what colour is the star?", "red"), s2 = alone("what colour is the circle?", "blue"),
+             s3 = alone("what is left of circle?", "a small star");
+  const size_t prefix = 1 + t.enc("USER: ").size() + 1;  // bos, "USER: ", the image placeholder
+  REQUIRE(s1.ids[prefix - 1] == t.tok.image_id());
+  std::vector<int64_t> ids = s1.ids, labels = s1.labels, segments(prefix, 0);
+  segments.resize(s1.ids.size(), 1);
+  int64_t k = 2;
+  for (const auto* s : {&s2, &s3}) {
+    ids.insert(ids.end(), s->ids.begin() + static_cast<std::ptrdiff_t>(prefix), s->ids.end());
+    labels.insert(labels.end(), s->labels.begin() + static_cast<std::ptrdiff_t>(prefix), s->labels.end());
+    segments.resize(ids.size(), k++);
+  }
+  CHECK(packed.ids == ids);
+  CHECK(packed.labels == labels);
+  CHECK(packed.segments == segments);
+  CHECK(packed.num_images == 1);
+  // Segment 2 starts with the "\n" + question piece, unlabelled: no loss crosses a boundary.
+  const size_t start2 = s1.ids.size();
+  CHECK(packed.segments[start2] == 2);
+  CHECK(packed.labels[start2] == kIgnoreIndex);
+  const auto q2 = t.enc("\nwhat colour is the circle?\n");
+  CHECK(std::vector<int64_t>(packed.ids.begin() + static_cast<std::ptrdiff_t>(start2),
+                             packed.ids.begin() + static_cast<std::ptrdiff_t>(start2 + q2.size())) == q2);
+  // Labelled tokens: the three replies and their eos, as in the three records.
+  auto labelled = [](const std::vector<int64_t>& l) { return std::count_if(l.begin(), l.end(), [](int64_t x) { return x != kIgnoreIndex; }); };
+  CHECK(labelled(packed.labels) == labelled(s1.labels) + labelled(s2.labels) + labelled(s3.labels));
+
+  // A text-only record shares only [bos]; one exchange stays an ordinary sequence.
+  auto text = parse_llava_record(record(
+      R"({"conversations": [{"from": "human", "value": "red?"}, {"from": "gpt", "value": "blue"}, {"from": "human", "value": "star?"}, {"from": "gpt", "value": "green"}]})"));
+  auto tp = tokenize_independent_turns(text, t.tok, "here");
+  CHECK(tp.segments[0] == 0);
+  CHECK(tp.segments[1] == 1);
+  CHECK(tp.ids[1] == t.enc("USER: ")[0]);
+  auto single = parse_llava_record(record(
+      R"({"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nred?"}, {"from": "gpt", "value": "blue"}]})"));
+  CHECK(tokenize_independent_turns(single, t.tok, "here").segments.empty());
+  CHECK(tokenize_independent_turns(single, t.tok, "here").ids == tokenize_conversation(single, t.tok).ids);
+
+  // What cannot be split is named with its record.
+  auto late_image = parse_llava_record(record(
+      R"({"image": "a.png", "conversations": [{"from": "human", "value": "red?"}, {"from": "gpt", "value": "blue"}, {"from": "human", "value": "<image>\nstar?"}, {"from": "gpt", "value": "green"}]})"));
+  CHECK_THROWS_WITH(tokenize_independent_turns(late_image, t.tok, "conv.jsonl:7 (id r7)"),
+                    Catch::Contains("conv.jsonl:7 (id r7)") && Catch::Contains("only the first user turn may carry images"));
+  auto two_users = parse_llava_record(record(
+      R"({"conversations": [{"from": "human", "value": "red?"}, {"from": "human", "value": "star?"}, {"from": "gpt", "value": "green"}]})"));
+  CHECK_THROWS_WITH(tokenize_independent_turns(two_users, t.tok, "here"),
+                    Catch::Contains("conversations[0]") && Catch::Contains("data.turns: sequential"));
 }

@@ -141,3 +141,31 @@ TEST_CASE("greedy generation with the cache follows the full-forward argmax chai
   CHECK(c.tokens[0].size() <= 3);
   CHECK(c.tokens[0].back() == s.eos_id);
 }
+
+TEST_CASE("segment ids: each packed continuation computes what it would alone after the prefix", "[llama][segments]") {
+  torch::manual_seed(3);
+  LlamaForCausalLM m(tiny_config());
+  m->eval();
+  torch::NoGradGuard ng;
+  // Row 0: prefix (3) | segment 1 (2) | segment 2 (3) | padding (1). Row 1: no segments (all 0),
+  // which must stay an ordinary causal sequence.
+  auto ids = torch::randint(1, 37, {2, 9}, torch::kLong);
+  auto seg = torch::tensor({0L, 0L, 0L, 1L, 1L, 2L, 2L, 2L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L}).view({2, 9});
+  auto mask = torch::ones({2, 9}, torch::kLong);
+  mask[0][8] = 0;
+  auto packed = m->logits(m->forward_hidden(m->embed(ids), mask, {}, nullptr, seg));  // [2, 9, V]
+
+  auto alone = [&](std::vector<int64_t> cols) {  // row 0's prefix + one segment, run by itself
+    return m->forward(ids[0].index({torch::tensor(cols)}).unsqueeze(0))[0];
+  };
+  auto first = alone({0, 1, 2, 3, 4}), second = alone({0, 1, 2, 5, 6, 7});
+  CHECK(torch::allclose(packed[0].slice(0, 0, 5), first, 1e-5, 1e-5));
+  CHECK(torch::allclose(packed[0].slice(0, 5, 8), second.slice(0, 3, 6), 1e-5, 1e-5));
+  // The second segment does not see the first: without the mask its logits differ.
+  CHECK_FALSE(torch::allclose(m->forward(ids.slice(1, 0, 8))[0].slice(0, 5, 8), second.slice(0, 3, 6), 1e-3, 1e-3));
+  CHECK(torch::allclose(packed[1], m->forward(ids.slice(0, 1, 2))[0], 1e-5, 1e-5));
+  CHECK_FALSE(torch::isnan(packed).any().item<bool>());
+
+  KVCache cache;
+  CHECK_THROWS_WITH(m->forward_hidden(m->embed(ids), mask, {}, &cache, seg), Catch::Contains("without a cache"));
+}

@@ -193,6 +193,53 @@ TEST_CASE("gradient accumulation over micro-batches equals one big batch (token-
   CHECK(compared > 40);  // projector, every LLM tensor, most of the vision tower
 }
 
+TEST_CASE("independent turns: one packed record gives the loss and gradients of its single-turn records", "[vlm][segments]") {
+  // Two questions about one image, asked alone: [bos, <image>] + "5 6 7 [eos]" and + "8 9 [eos]".
+  ConversationBatch alone;
+  alone.ids = {{2, kImageId, 5, 6, 7, 3}, {2, kImageId, 8, 9, 3}};
+  alone.labels = {{-100, -100, -100, 6, 7, 3}, {-100, -100, -100, 9, 3}};
+  alone.images_per_sample = {1, 1};
+  alone.indices = {0, 1};
+  torch::manual_seed(12);
+  const auto image = torch::randn({1, 3, 16, 16});
+  alone.pixels = torch::cat({image, image});
+  // The same two as segments 1 and 2 after the shared prefix, one image.
+  ConversationBatch packed;
+  packed.ids = {{2, kImageId, 5, 6, 7, 3, 8, 9, 3}};
+  packed.labels = {{-100, -100, -100, 6, 7, 3, -100, 9, 3}};
+  packed.segments = {{0, 0, 1, 1, 1, 1, 2, 2, 2}};
+  packed.images_per_sample = {1};
+  packed.indices = {0};
+  packed.pixels = image;
+  REQUIRE(packed.target_tokens() == alone.target_tokens());  // 5
+
+  auto run = [&](const ConversationBatch& b, double* loss_value) {
+    torch::manual_seed(0);
+    VlmModel model(tiny_model());
+    auto loss = ce();
+    *loss_value = vlm_step(model, *loss, b, 1, kImageId, false).loss.item<double>();
+    std::map<std::string, torch::Tensor> g;
+    for (const auto& p : model->named_parameters(true))
+      if (p.value().grad().defined()) g[p.key()] = p.value().grad().clone();
+    return g;
+  };
+  double la = 0, lp = 0;
+  const auto ga = run(alone, &la), gp = run(packed, &lp);
+  CHECK(lp == Approx(la).epsilon(1e-6));
+  REQUIRE(ga.size() == gp.size());
+  for (const auto& [n, g] : ga) {
+    INFO(n);
+    CHECK(torch::allclose(gp.at(n), g, 1e-5, 1e-7));
+  }
+  CHECK(ga.size() > 40);
+
+  // Without the segments the second question would see the first: a different loss.
+  packed.segments = {{}};
+  double leaky = 0;
+  run(packed, &leaky);
+  CHECK(std::abs(leaky - la) > 1e-4);
+}
+
 TEST_CASE("reply normalisation and caption object scoring against a scene graph", "[vlm][eval]") {
   CHECK(normalise_reply("  Red. ") == "red");
   CHECK(normalise_reply("a large red circle") == "a large red circle");

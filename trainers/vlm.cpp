@@ -48,8 +48,8 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
     torch::Tensor logits, targets;
     {
       AutocastGuard autocast(bf16);
-      auto in = model->build_inputs(micro.pixels, micro.ids, micro.labels, image_id);
-      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);  // [b, L, H]
+      auto in = model->build_inputs(micro.pixels, micro.ids, micro.labels, image_id, micro.segments);
+      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask, {}, nullptr, in.segment_ids);  // [b, L, H]
       // Position t predicts token t + 1: keep only the positions whose next label counts.
       const int64_t L = hidden.size(1);
       auto next = in.labels.slice(1, 1, L);                  // [b, L-1]
@@ -138,8 +138,8 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
     // says how much the model reads the image (no gap = it answers from the text alone).
     auto token_loss = [&](const torch::Tensor& pixels) -> std::pair<double, double> {
       AutocastGuard autocast(bf16);
-      auto in = model->build_inputs(pixels, b.ids, b.labels, tok.image_id());
-      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);
+      auto in = model->build_inputs(pixels, b.ids, b.labels, tok.image_id(), b.segments);
+      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask, {}, nullptr, in.segment_ids);
       const int64_t L = hidden.size(1);
       auto next = in.labels.slice(1, 1, L);
       auto keep = next.ne(kIgnoreIndex);

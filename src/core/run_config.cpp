@@ -102,6 +102,9 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
   }
   if (!c.is_vlm()) return;
   // ---- stages 2-3 ----
+  if (c.data.turns == "independent" && c.data.chat_template != "chat")
+    errors.add(at("data.turns"), "data.turns",
+               "independent turns are built with the chat template; set data.template: chat or data.turns: sequential");
   if (c.trainer == "preference") {
     if (c.data.chat_template != "chat")
       errors.add(at("data.template"), "data.template",
@@ -109,6 +112,9 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     if (c.data.drop_images)
       errors.add(at("data.drop_images"), "data.drop_images",
                  "is not supported by the preference trainer (its images are part of what is compared)");
+    if (c.data.turns != "sequential")
+      errors.add(at("data.turns"), "data.turns",
+                 "applies to conversation training (stages 2-3); preference records have one prompt each");
   }
   const auto& l = c.model.llm;
   if (l.hidden_size % l.num_attention_heads != 0)

@@ -62,6 +62,10 @@ struct DataConfig {
   int max_seq_len = 256;               // tokens after each <image> becomes its visual tokens
   std::string on_too_long = "fail";    // fail | skip (counted) | truncate (text after the last image)
   bool drop_images = false;            // text-only training on the same records (LM pretraining)
+  // sequential: a multi-turn record is one conversation, each reply seeing every earlier turn.
+  // independent: each exchange is trained as if asked alone after the image, all in one sequence
+  // (data/conversation.h, tokenize_independent_turns). Training records only.
+  std::string turns = "sequential";
   std::string caption_prompt = "Describe the image.";  // user turn for {"image","caption"} records
   // Decode every training image once before the first step (rank 0; cached in the run folder per
   // set of files), so a corrupt file stops the run before it starts, not hours in.
@@ -83,6 +87,7 @@ struct DataConfig {
     v("max_seq_len", max_seq_len, at_least(4));
     v("on_too_long", on_too_long, one_of({"fail", "skip", "truncate"}));
     v("drop_images", drop_images);
+    v("turns", turns, one_of({"sequential", "independent"}));
     v("caption_prompt", caption_prompt);
     v("check_images", check_images);
   }

@@ -128,7 +128,8 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) : cfg_(c) {
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                                      const torch::Tensor& position_ids, KVCache* cache) {
+                                      const torch::Tensor& position_ids, KVCache* cache,
+                                      const torch::Tensor& segment_ids) {
   const auto B = inputs_embeds.size(0), T = inputs_embeds.size(1);
   const int64_t past = cache ? cache->length() : 0;
   const int64_t total = past + T;
@@ -137,16 +138,23 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
                                          : torch::ones({B, total}, torch::TensorOptions().dtype(torch::kLong).device(dev));
   TORCH_CHECK(mask01.size(1) == total, "llama: attention_mask covers ", mask01.size(1), " positions, expected ",
               total, " (cached ", past, " + new ", T, ")");
-  auto pos = position_ids;
-  if (!pos.defined()) {  // position = number of real tokens before this one, so left padding is harmless
-    pos = (mask01.cumsum(1) - 1).clamp_min(0).slice(1, past, total);  // [B, T]
-  }
-  auto [cos, sin] = rope_cos_sin(pos, cfg_.head_dim(), cfg_.rope_theta);
-
   // Additive mask [B, 1, T, total]: query i (absolute past + i) sees key j <= past + i that is real.
   auto q_idx = torch::arange(past, total, torch::TensorOptions().dtype(torch::kLong).device(dev)).view({T, 1});
   auto k_idx = torch::arange(total, torch::TensorOptions().dtype(torch::kLong).device(dev)).view({1, total});
   auto allowed = (k_idx <= q_idx).unsqueeze(0) & (mask01.unsqueeze(1) > 0);  // [B, T, total]
+  auto pos = position_ids;
+  if (segment_ids.defined()) {
+    TORCH_CHECK(!cache && !position_ids.defined(), "llama: segment_ids work without a cache or explicit positions");
+    TORCH_CHECK(segment_ids.sizes() == mask01.sizes(), "llama: segment_ids ", segment_ids.sizes(),
+                " must match the attention mask ", mask01.sizes());
+    auto seg = segment_ids.to(torch::kLong).to(dev);
+    auto kseg = seg.unsqueeze(1), qseg = seg.unsqueeze(2);  // [B, 1, total], [B, T, 1]
+    allowed = allowed & (kseg.eq(0) | kseg.eq(qseg));
+    pos = (allowed.sum(-1) - 1).clamp_min(0);  // [B, T]: what a token sees sets its position
+  } else if (!pos.defined()) {  // position = number of real tokens before this one, so left padding is harmless
+    pos = (mask01.cumsum(1) - 1).clamp_min(0).slice(1, past, total);  // [B, T]
+  }
+  auto [cos, sin] = rope_cos_sin(pos, cfg_.head_dim(), cfg_.rope_theta);
   const float neg = -std::numeric_limits<float>::infinity();
   auto mask = torch::zeros({B, 1, T, total}, torch::TensorOptions().dtype(torch::kFloat32).device(dev))
                   .masked_fill(allowed.unsqueeze(1).logical_not(), neg);
@@ -184,8 +192,9 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) : cfg_(c) {
 }
 
 torch::Tensor LlamaForCausalLMImpl::forward_hidden(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                                                   const torch::Tensor& position_ids, KVCache* cache) {
-  return model->forward(inputs_embeds, attention_mask, position_ids, cache);
+                                                   const torch::Tensor& position_ids, KVCache* cache,
+                                                   const torch::Tensor& segment_ids) {
+  return model->forward(inputs_embeds, attention_mask, position_ids, cache, segment_ids);
 }
 
 torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& hidden) {

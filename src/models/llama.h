@@ -82,7 +82,7 @@ class LlamaModelImpl : public torch::nn::Module {
  public:
   explicit LlamaModelImpl(const LlamaConfig& c);
   torch::Tensor forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                        const torch::Tensor& position_ids, KVCache* cache);
+                        const torch::Tensor& position_ids, KVCache* cache, const torch::Tensor& segment_ids = {});
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers;
   RMSNorm norm{nullptr};
@@ -99,9 +99,15 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // inputs_embeds: [B, T, H]. attention_mask: [B, T_past + T] with 1 for real tokens and 0 for
   // padding (undefined = all real). position_ids: [B, T] (undefined = derived from the mask, so
   // left padding works). With a cache, keys/values of this call are appended to it.
+  // segment_ids: [B, T] int64 or undefined; several independent continuations of one prefix
+  // packed in a row. A token of segment s > 0 sees the segment-0 tokens before it and its own
+  // segment, nothing else; a segment-0 token sees every earlier segment-0 token. Positions then
+  // count only what a token sees, so each segment computes exactly what it would alone after
+  // the prefix (data.turns: independent). Not with a cache or explicit position_ids.
   // Returns the final hidden states [B, T, H].
   torch::Tensor forward_hidden(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask = {},
-                               const torch::Tensor& position_ids = {}, KVCache* cache = nullptr);
+                               const torch::Tensor& position_ids = {}, KVCache* cache = nullptr,
+                               const torch::Tensor& segment_ids = {});
   torch::Tensor logits(const torch::Tensor& hidden);  // [B, T, H] -> [B, T, V]
   torch::Tensor embed(const torch::Tensor& ids);      // [B, T] -> [B, T, H]
   // Convenience: ids [B, T] -> logits [B, T, V].

@@ -64,10 +64,12 @@ torch::Tensor VlmModelImpl::image_tokens(const torch::Tensor& pixels) {
 }
 
 VlmInputs VlmModelImpl::build_inputs(const torch::Tensor& pixels, const std::vector<std::vector<int64_t>>& ids,
-                                     const std::vector<std::vector<int64_t>>& labels, int64_t image_id) {
+                                     const std::vector<std::vector<int64_t>>& labels, int64_t image_id,
+                                     const std::vector<std::vector<int64_t>>& segments) {
   torch::Tensor tokens;
   if (pixels.defined() && pixels.size(0) > 0) tokens = image_tokens(pixels);
-  return splice_image_tokens(ids, labels, tokens, image_id, [&](const torch::Tensor& t) { return llm->embed(t); });
+  return splice_image_tokens(ids, labels, tokens, image_id, [&](const torch::Tensor& t) { return llm->embed(t); },
+                             segments);
 }
 
 }  // namespace trialign

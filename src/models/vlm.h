@@ -42,8 +42,10 @@ class VlmModelImpl : public torch::nn::Module {
 
   // Token ids with image placeholders + labels per sample -> LLM inputs with the visual tokens
   // spliced in (right padding). pixels: every sample's images in batch order, undefined when none.
+  // segments: per sample, empty or one segment id per id (VlmInputs::segment_ids).
   VlmInputs build_inputs(const torch::Tensor& pixels, const std::vector<std::vector<int64_t>>& ids,
-                         const std::vector<std::vector<int64_t>>& labels, int64_t image_id);
+                         const std::vector<std::vector<int64_t>>& labels, int64_t image_id,
+                         const std::vector<std::vector<int64_t>>& segments = {});
 
   // Tokens per image after the projector.
   int64_t tokens_per_image() const { return tokens_per_image_; }
