@@ -62,6 +62,27 @@ TEST_CASE("Hugging Face parameter names and grouped-query shapes", "[llama]") {
   CHECK_THROWS_WITH(LlamaForCausalLM(bad), Catch::Contains("model.llm.num_key_value_heads"));
 }
 
+TEST_CASE("initializer_range sets the std of every matrix, norms start at one", "[llama]") {
+  torch::manual_seed(0);
+  LlamaConfig c = tiny_config();
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  for (double range : {0.02, 0.088}) {
+    c.initializer_range = range;
+    LlamaForCausalLM m(c);
+    for (const auto& p : m->named_parameters()) {
+      const auto& w = p.value();
+      if (w.dim() == 2) {  // at least 37 x 128 = 4,736 draws: the sample std is within 5% of the range
+        INFO(p.key() << " with initializer_range " << range);
+        CHECK(w.std().item<double>() == Approx(range).epsilon(0.05));
+        CHECK(std::abs(w.mean().item<double>()) < range / 10);
+      } else {
+        CHECK(torch::equal(w, torch::ones_like(w)));
+      }
+    }
+  }
+}
+
 TEST_CASE("KV-cache decoding equals the full causal forward", "[llama][kv]") {
   torch::manual_seed(1);
   for (bool tied : {false, true}) {

@@ -163,6 +163,7 @@ struct LlamaConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   bool tie_word_embeddings = false;
+  double initializer_range = 0.02;  // std of the normal init of every matrix (embeddings included)
   bool gradient_checkpointing = false;  // recompute each decoder layer's activations in backward (models/recompute.h)
   template <class V> void fields(V& v) {
     v("vocab_size", vocab_size, at_least(0));
@@ -175,6 +176,7 @@ struct LlamaConfig {
     v("rms_norm_eps", rms_norm_eps, positive());
     v("rope_theta", rope_theta, positive());
     v("tie_word_embeddings", tie_word_embeddings);
+    v("initializer_range", initializer_range, positive());
     v("gradient_checkpointing", gradient_checkpointing);
   }
   int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }

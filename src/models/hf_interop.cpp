@@ -323,6 +323,7 @@ nlohmann::json hf_config_json(const std::string& component, const RunConfig& cfg
             {"rms_norm_eps", l.rms_norm_eps},
             {"rope_theta", l.rope_theta},
             {"rope_scaling", nullptr},
+            {"initializer_range", l.initializer_range},
             {"tie_word_embeddings", l.tie_word_embeddings},
             {"hidden_act", "silu"},
             {"attention_bias", false},

@@ -121,10 +121,10 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) : cfg_(c) {
   layers = register_module("layers", torch::nn::ModuleList());
   for (int i = 0; i < c.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(c));
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-  // Hugging Face's LLaMA initialisation: normal(0, 0.02) for every matrix.
+  // Hugging Face's LLaMA initialisation: normal(0, initializer_range) for every matrix.
   torch::NoGradGuard ng;
   for (auto& p : named_parameters(true))
-    if (p.value().dim() == 2) torch::nn::init::normal_(p.value(), 0.0, 0.02);
+    if (p.value().dim() == 2) torch::nn::init::normal_(p.value(), 0.0, c.initializer_range);
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
@@ -187,7 +187,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) : cfg_(c) {
   if (!c.tie_word_embeddings) {
     lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
     torch::NoGradGuard ng;
-    torch::nn::init::normal_(lm_head->weight, 0.0, 0.02);
+    torch::nn::init::normal_(lm_head->weight, 0.0, c.initializer_range);
   }
 }
 
