@@ -158,6 +158,25 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     CHECK(run_cli("eval " + trained.checkpoint + " --suite retrieval", &log) == 2);
     CHECK_THAT(log, Catch::Contains("--suite 'retrieval': a finetune checkpoint has the suites vqa, pope, chair"));
   }
+  SECTION("stages 2-3 with overlapping patches: projector and language model export, the tower is left out") {
+    const auto trained = train_vlm(c.config("vlm.yaml", "run", {"model.vision.patch_kernel_size=16"}), quiet());
+    const std::string exp = c.dir.file("exported");
+    const auto files = export_checkpoint(c.dir.file("run"), exp, "fp32", 0);
+    CHECK_FALSE(fs::exists(exp + "/vision_model"));
+    for (const auto& f : files) CHECK(f.find("vision_model") == std::string::npos);
+    // What was written is the checkpoint's, tensor for tensor.
+    const auto ckpt = load_safetensors(trained.checkpoint + "/model.safetensors");
+    int64_t compared = 0;
+    for (const std::string comp : {"mm_projector", "language_model"})
+      for (const auto& [name, t] : load_safetensors(exp + "/" + comp + "/model.safetensors")) {
+        INFO(name);
+        CHECK(torch::equal(t, ckpt.at(name)));
+        ++compared;
+      }
+    int64_t outside_tower = 0;
+    for (const auto& [name, t] : ckpt) outside_tower += name.rfind("vision_model.", 0) != 0;
+    CHECK(compared == outside_tower);
+  }
   SECTION("stage 1: one CLIPModel folder with logit_scale, in bf16 and fp32") {
     const auto trained = train_contrastive(c.config("clip.yaml", "run"), quiet());
     const std::string exp = c.dir.file("exported");

@@ -208,6 +208,14 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
     return written;
   }
   for (const std::string comp : {"vision_model", "mm_projector", "language_model"}) {
+    if (comp == "vision_model" && cfg.model.vision.kernel() != cfg.model.vision.patch_size) {
+      // No Hugging Face config describes overlapping patches; the projector and the language
+      // model are still ordinary Hugging Face components, so they are written without it.
+      spdlog::warn("export: vision_model left out: model.vision.patch_kernel_size is {} (overlapping patches), which "
+                   "a Hugging Face CLIPVisionConfig cannot describe; init_from reads it from {}/model.safetensors",
+                   cfg.model.vision.kernel(), dir);
+      continue;
+    }
     NamedTensors part;
     const auto prefixes = component_prefixes(comp);
     for (const auto& [n, t] : tensors)

@@ -24,7 +24,7 @@ std::string inspect_text(const nlohmann::json& j);
 
 // Writes a checkpoint's trained components as Hugging Face folders under out_dir:
 //   stage 1:    out_dir/{model.safetensors, config.json}                 CLIPModel (logit_scale included)
-//   stages 2-3: out_dir/vision_model/   CLIPVisionModel
+//   stages 2-3: out_dir/vision_model/   CLIPVisionModel (left out, with a warning, for overlapping patches)
 //               out_dir/language_model/ LlamaForCausalLM (+ tokenizer.model)
 //               out_dir/mm_projector/   projector weights + a config.json describing it
 // dtype: "fp32" | "bf16" | "fp16". max_shard_bytes > 0 shards larger components (with an index).
