@@ -26,6 +26,6 @@ if [ ! -f "$DATA/tokenizer.model" ]; then
 fi
 
 start=$(date +%s)
-"$BIN" run configs/pipeline/quickstart.yaml
+"$BIN" run configs/pipeline/quickstart.yaml --nproc 2
 echo "pipeline: $(( $(date +%s) - start ))s (stages already complete are skipped)"
 echo "try it:   $BIN generate runs/quickstart/stage3 --image $DATA/images/val/000000.png --prompt 'What colour is the star?'"
