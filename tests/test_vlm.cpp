@@ -535,6 +535,49 @@ TEST_CASE("conversation data: sequences too long after image expansion are caugh
   CHECK(s.tokens.labels[prompt.size() - 1] == kIgnoreIndex);
 }
 
+TEST_CASE("conversation data: data.turns independent packs training records only, and truncation keeps segments aligned",
+          "[vlm][data][segments]") {
+  TinyVlmCorpus c;
+  const auto tok = Tokenizer::load(c.dir.file("data/tok.model"));
+  DataConfig dc;
+  dc.image_size = 32;
+  dc.workers = 1;
+  dc.max_seq_len = 100000;
+  dc.turns = "independent";
+  const std::string manifest = c.dir.file("data/train_instruct.jsonl");
+  const auto records = read_manifest(manifest);
+  ConversationDataset train(manifest, dc, tok, 4, true), held_out(manifest, dc, tok, 4, false);
+  REQUIRE(train.size() == static_cast<int64_t>(records.size()));
+  int64_t packed = 0;
+  for (int64_t i = 0; i < train.size(); ++i) {
+    const auto& r = records[static_cast<size_t>(i)];
+    const auto want = tokenize_independent_turns(parse_llava_record(r), tok, r.where);
+    INFO(r.where);
+    CHECK(train.sample(i).tokens.ids == want.ids);
+    CHECK(train.sample(i).tokens.segments == want.segments);
+    packed += !want.segments.empty();
+    // Held-out records are scored as written: one causal sequence.
+    CHECK(held_out.sample(i).tokens.segments.empty());
+    CHECK(held_out.sample(i).tokens.ids == tokenize_conversation(parse_llava_record(r), tok).ids);
+  }
+  CHECK(packed > 0);
+  const auto batch = train.range(0, 2);
+  CHECK(batch.segments.at(0) == train.sample(0).tokens.segments);
+  CHECK(batch.segments.at(1) == train.sample(1).tokens.segments);
+
+  // Truncated to fit: the segments are cut with the ids they label.
+  int64_t longest = 0;
+  for (int64_t i = 0; i < train.size(); ++i) longest = std::max(longest, train.sample(i).tokens.expanded_length(4));
+  dc.max_seq_len = static_cast<int>(longest - 3);
+  dc.on_too_long = "truncate";
+  ConversationDataset cut(manifest, dc, tok, 4, true);
+  REQUIRE(cut.truncated() >= 1);
+  for (int64_t i = 0; i < cut.size(); ++i) {
+    const auto& t = cut.sample(i).tokens;
+    if (!t.segments.empty()) CHECK(t.segments.size() == t.ids.size());
+  }
+}
+
 TEST_CASE("conversation data: reference object lists are read and checked, and records sort into eval suites", "[vlm][data]") {
   TinyVlmCorpus c;
   const auto tok = Tokenizer::load(c.dir.file("data/tok.model"));
