@@ -158,6 +158,26 @@ TEST_CASE("bench: stage-3 and DPO cards count the frozen tower once and the refe
   // policy over chosen + rejected (8 sequences), and the frozen reference's forward over them
   CHECK(d["model_flops_per_step"].get<double>() == Approx(8 * (fv + 3 * fp + 3 * fl) + 8 * (fv + fp + fl)));
 
+  SECTION("with a real tokenizer, whose <image> id lies inside the drawn ids, every sample has one image") {
+    // The synthetic ids once included the tokenizer's <image> id, and a stray placeholder asked
+    // for an image the sample does not have.
+    test::write_tiny_shapes_corpus(dir.file("corpus"), 4, 2);
+    const auto tok = Tokenizer::load(dir.file("corpus/tok.model"));
+    REQUIRE(tok.image_id() >= 4);
+    REQUIRE(tok.image_id() < tok.vocab_size() - 1);
+    for (const std::string trainer : {"finetune", "preference"}) {
+      auto s = tiny_card(trainer, dir.file("tok_" + trainer));
+      s.push_back("data.tokenizer=" + dir.file("corpus/tok.model"));
+      s.push_back("model.llm.vocab_size=0");
+      s.push_back("bench.images=32");  // 32 samples of 8 text ids, all of them drawn in 8 steps of 4
+      s.push_back("bench.steps=8");
+      auto c = test::config_from_overrides(s, "card");
+      const auto r = run_bench(c, o);
+      CHECK(r["step_s"].size() == 8);
+      CHECK(r["tokens_per_step"].get<double>() == Approx((trainer == "finetune" ? 1 : 2) * 4 * (4 + 8)));
+    }
+  }
+
   SECTION("GRPO's sampling is refused by name") {
     auto s = tiny_card("preference", dir.file("grpo"));
     s.push_back("loss.type=grpo");

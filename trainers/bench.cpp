@@ -143,10 +143,16 @@ double decode_rate(const std::vector<std::string>& images, const DataConfig& dat
 }
 
 // Uniform random ids in [lo, hi), seeded per sample.
-std::vector<int64_t> random_ids(int64_t n, int64_t lo, int64_t hi, uint64_t seed) {
+// n ids drawn from [lo, hi), never `avoid` (a tokenizer's <image> id can sit inside that range,
+// and a stray placeholder would ask for an image the sample does not have).
+std::vector<int64_t> random_ids(int64_t n, int64_t lo, int64_t hi, uint64_t seed, int64_t avoid = -1) {
   Rng rng(seed);
+  const bool skip = avoid >= lo && avoid < hi;
   std::vector<int64_t> ids(static_cast<size_t>(n));
-  for (auto& id : ids) id = lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo)));
+  for (auto& id : ids) {
+    id = lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo - (skip ? 1 : 0))));
+    if (skip && id >= avoid) ++id;
+  }
   return ids;
 }
 
@@ -308,8 +314,8 @@ Measured bench_vlm(RunConfig& cfg, const std::optional<Tokenizer>& tok, const st
     c.where = c.id = "bench " + std::to_string(i);
     c.images = {images[static_cast<size_t>(i) % images.size()]};
     const uint64_t seed = mix_seed({cfg.run.seed, static_cast<uint64_t>(i)});
-    c.tokens = synthetic_sequence(random_ids(prompt, 4, s.vocab - 1, seed), random_ids(reply, 4, s.vocab - 1, seed + 1),
-                                  s.image_id);
+    c.tokens = synthetic_sequence(random_ids(prompt, 4, s.vocab - 1, seed, s.image_id),
+                                  random_ids(reply, 4, s.vocab - 1, seed + 1, s.image_id), s.image_id);
     samples.push_back(std::move(c));
   }
   ConversationDataset data(std::move(samples), cfg.data, true);
@@ -353,9 +359,9 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
     p.where = p.id = "bench " + std::to_string(i);
     p.images = {images[static_cast<size_t>(i) % images.size()]};
     const uint64_t seed = mix_seed({cfg.run.seed, static_cast<uint64_t>(i)});
-    const auto prompt_ids = random_ids(prompt, 4, s.vocab - 1, seed);
-    p.chosen = synthetic_sequence(prompt_ids, random_ids(reply, 4, s.vocab - 1, seed + 1), s.image_id);
-    p.rejected = synthetic_sequence(prompt_ids, random_ids(reply, 4, s.vocab - 1, seed + 2), s.image_id);
+    const auto prompt_ids = random_ids(prompt, 4, s.vocab - 1, seed, s.image_id);
+    p.chosen = synthetic_sequence(prompt_ids, random_ids(reply, 4, s.vocab - 1, seed + 1, s.image_id), s.image_id);
+    p.rejected = synthetic_sequence(prompt_ids, random_ids(reply, 4, s.vocab - 1, seed + 2, s.image_id), s.image_id);
     p.prompt.assign(p.chosen.ids.begin(), p.chosen.ids.begin() + 1 + prompt);
     samples.push_back(std::move(p));
   }
