@@ -112,6 +112,11 @@ PreferenceDataset::PreferenceDataset(const std::string& manifest, const DataConf
           s.prompt_text.erase(p, tag.size());
       s.question_type = optional_string(r, "question_type");
       s.level = optional_string(r, "level");
+      if (auto it = r.json.find("image_conditional"); it != r.json.end() && !it->is_null()) {
+        if (!it->is_boolean())
+          throw DataError(r.where + " (id " + r.id + "): 'image_conditional' must be true or false");
+        s.image_conditional = it->get<bool>();
+      }
       if (kind == Kind::Pairs) {
         const std::string chosen = response_field(r, "chosen"), rejected = response_field(r, "rejected");
         if (chosen == rejected)

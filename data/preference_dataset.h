@@ -36,6 +36,10 @@ struct PreferenceSample {
   TokenizedConversation chosen, rejected;  // pairs: prompt + response, labels on the response only
   std::string answer;               // prompts: the verifiable answer
   std::string question_type, level; // optional tags ("" when absent)
+  // Pairs: false when the chosen reply stays right on a corrupted image (a "no" to a question about
+  // something absent), so mDPO's conditional image preference must not push it down there.
+  // Record field "image_conditional" (bool, default true).
+  bool image_conditional = true;
   std::string prompt_text;          // the last user turn, for reward functions
 };
 

@@ -6,6 +6,9 @@
 //   object     an object that is not there (one object's shape replaced)
 //   attribute  a wrong colour or size
 //   relation   a swapped spatial relation
+// Each scene also gives yes/no pairs in the form of the POPE probes (data/shapes_pope.h): the
+// question, the true answer chosen and the other rejected, one per level, so the preference
+// losses see the probes' form on training scenes (the probes themselves are held-out scenes).
 // GRPO prompts are count / colour / existence / relation questions with one-word answers.
 #pragma once
 
@@ -26,6 +29,17 @@ std::string hallucination_level(const std::string& negative_kind);
 //    "chosen": caption(scene), "rejected": ..., "level": ..., "kind": ...}
 std::vector<nlohmann::json> preference_records(const Scene& scene, const std::string& image,
                                                const GeneratorOptions& opts, uint64_t seed);
+
+struct SplitStats;
+
+// One yes/no pair per level the scene supports, drawn from pope_records(scene, image, stats, opts,
+// seed) (any sampling, yes or no answer):
+//   {"id": "{scene.id}-yes_no-{level}", "image": image, "prompt": "<image>\n{question}",
+//    "chosen": answer, "rejected": the other answer, "level": ..., "kind": "yes_no", "sampling": ...,
+//    "image_conditional": false when the answer is "no" (data/preference_dataset.h)}
+std::vector<nlohmann::json> yes_no_preference_records(const Scene& scene, const std::string& image,
+                                                      const SplitStats& stats, const GeneratorOptions& opts,
+                                                      uint64_t seed);
 
 // The scene's count / colour / existence / relation questions (make_questions with `seed`):
 //   {"id": "{scene.id}-{type}", "image": image, "prompt": "<image>\n{question}",

@@ -7,6 +7,9 @@
 // where m' is a corrupted image (random resized crop keeping min_area..max_area of the area,
 // drawn anew for every forward; corrupt_images() below) and p / r the policy / reference
 // sequence log-probs. The corrupted-image passes are requested here (passes()), not by the trainer.
+// L_CoPO is left out for pairs marked image_conditional false (PreferenceInputs): a chosen "no"
+// about an absent object is as right on the corrupted image, and pushing it down there would
+// teach the model to stop denying what it cannot see.
 // Extra metrics: rewards/imageless_chosen = beta (p(y+|m') - r(y+|m')), rewards/imageless_margins
 // = rewards/chosen - rewards/imageless_chosen, loss/dpo, loss/conditional, loss/anchor.
 #pragma once

@@ -51,6 +51,9 @@ struct CompletionSampling {
 
 struct PreferenceInputs {
   std::map<std::string, SequenceLogps> logps;  // by ResponsePass::key()
+  // Pairs: [B] 1 where the conditional image preference applies, 0 where the chosen reply stays
+  // right without the image (PreferenceSample::image_conditional); undefined = 1 everywhere.
+  torch::Tensor image_conditional;
   // Samples of this micro-batch / samples of the optimizer step (pairs, or completions).
   double share = 1.0;
   // Response tokens in the whole step: chosen responses (pairs), or completions (GRPO).

@@ -129,6 +129,28 @@ TEST_CASE("mdpo: DPO + conditional + anchor on the worked check is 1.863493", "[
   CHECK_THROWS_WITH(loss->forward(missing), Catch::Contains("policy/chosen/corrupted"));
 }
 
+TEST_CASE("mdpo: pairs marked image_conditional false drop only the conditional term", "[preference][losses]") {
+  // Two copies of the worked pair; the second is a "no" that stays right on the corrupted image.
+  PreferenceInputs in;
+  in.logps["policy/chosen"] = sums({-10, -10});
+  in.logps["policy/rejected"] = sums({-12, -12});
+  in.logps["reference/chosen"] = sums({-11, -11});
+  in.logps["reference/rejected"] = sums({-11, -11});
+  in.logps["policy/chosen/corrupted"] = sums({-12, -12});
+  in.logps["reference/chosen/corrupted"] = sums({-11.5, -11.5});
+  in.image_conditional = torch::tensor({1.0f, 0.0f});
+  const auto out = make("mdpo", "")->forward(in);
+  // pair 1: 0.598139 + 0.620957 + 0.644397 = 1.863493; pair 2: 0.598139 + 0 + 0.644397 = 1.242536
+  CHECK_THAT(value(out), WithinAbs((1.863493 + 1.242536) / 2, 1e-6));
+  CHECK_THAT(metric(out, "loss/conditional"), WithinAbs(0.620957 / 2, 1e-6));
+  CHECK_THAT(metric(out, "loss/dpo"), WithinAbs(0.598139, 1e-6));
+  // and no gradient reaches the second pair's corrupted-image log-prob
+  out.loss.backward();
+  const auto g = in.logps["policy/chosen/corrupted"].token_logps.grad();
+  CHECK(g[0][0].item<double>() > 0);  // d loss / d x > 0: descent lowers the corrupted log-prob
+  CHECK(g[1][0].item<double>() == 0.0);
+}
+
 TEST_CASE("mdpo: the corrupted image keeps 1-20% of the area and is reproducible", "[preference][losses]") {
   // A 20x20 image whose pixel value is 100 * row + column: the resized crop's extreme values give
   // the rows and columns it spans.

@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <fstream>
+#include <map>
+#include <set>
 
 #include "core/config_tree.h"
 #include "core/errors.h"
@@ -13,6 +15,7 @@
 #include "core/safetensors.h"
 #include "data/manifest.h"
 #include "data/preference_dataset.h"
+#include "data/shapes_pope.h"
 #include "data/shapes_preference.h"
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
@@ -87,6 +90,47 @@ TEST_CASE("shapes preference data: chosen is the caption, rejected has one tagge
   CHECK(shapes::hallucination_level("binding") == "attribute");
 }
 
+TEST_CASE("shapes yes/no preference pairs: a probe of each level, its true answer chosen", "[preference][data]") {
+  shapes::GeneratorOptions g;
+  g.max_objects = 3;
+  shapes::SplitStats stats;
+  for (int64_t i = 0; i < 200; ++i) stats.add(shapes::sample_scene(g, "train", i));
+  std::map<std::string, int64_t> chosen_yes, pairs;
+  for (int64_t i = 0; i < 200; ++i) {
+    const auto scene = shapes::sample_scene(g, "train", i);
+    const uint64_t seed = shapes::preference_seed(0, "train", i);
+    const auto probes = shapes::pope_records(scene, "x.png", stats, g, seed);
+    std::set<std::string> levels_with_probes, levels;
+    for (const auto& p : probes) {
+      const std::string t = p["question_type"];
+      levels_with_probes.insert(t.substr(5, t.find('/', 5) - 5));
+    }
+    for (const auto& r : shapes::yes_no_preference_records(scene, "x.png", stats, g, seed)) {
+      const std::string level = r["level"];
+      CHECK(levels.insert(level).second);  // one pair per level
+      CHECK(r["kind"] == "yes_no");
+      CHECK(r["id"] == scene.id + "-yes_no-" + level);
+      // the pair is one of the scene's probes: same question, same level and sampling, its answer chosen
+      int64_t matches = 0;
+      for (const auto& p : probes)
+        matches += p["conversations"][0]["value"] == r["prompt"] && p["answer"] == r["chosen"] &&
+                   p["question_type"] == "pope/" + level + "/" + r["sampling"].get<std::string>();
+      CHECK(matches >= 1);
+      CHECK(((r["chosen"] == "yes" && r["rejected"] == "no") || (r["chosen"] == "no" && r["rejected"] == "yes")));
+      // a "no" is as right on mDPO's corrupted crop: no conditional image preference for it
+      CHECK(r.value("image_conditional", true) == (r["chosen"] == "yes"));
+      chosen_yes[level] += r["chosen"] == "yes";
+      ++pairs[level];
+    }
+    CHECK(levels == levels_with_probes);  // every level the scene can probe gives a pair
+  }
+  // yes and no chosen about equally often at every level (a fair coin over 100+ pairs: within 0.35-0.65)
+  for (const std::string level : {"object", "attribute", "relation"}) {
+    REQUIRE(pairs[level] > 60);
+    CHECK(static_cast<double>(chosen_yes[level]) / pairs[level] == Approx(0.5).margin(0.15));
+  }
+}
+
 TEST_CASE("preference data: only the response is labelled, the LLaVA form, bad records named", "[preference][data]") {
   TinyPreferenceCorpus c;
   const auto cfg = c.config("data", "data: {train: " + c.pairs() + "}\n");
@@ -94,10 +138,12 @@ TEST_CASE("preference data: only the response is labelled, the LLaVA form, bad r
   const std::string img = "images/train/000000.png";
   const std::string m = c.dir.file("data/mixed.jsonl");
   test::write_file(m, R"({"id": "a", "image": ")" + img + R"(", "prompt": "<image>\nDescribe the image.", "chosen": "a red star", "rejected": "a blue star"}
-{"id": "b", "image": ")" + img + R"(", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}, {"from": "human", "value": "Describe the image."}], "chosen": "a red star", "rejected": "a red circle"}
+{"id": "b", "image": ")" + img + R"(", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}, {"from": "human", "value": "Describe the image."}], "chosen": "a red star", "rejected": "a red circle", "image_conditional": false}
 )");
   PreferenceDataset d(m, cfg.data, tok, 4, PreferenceDataset::Kind::Pairs, false);
   REQUIRE(d.size() == 2);
+  CHECK(d.sample(0).image_conditional);  // the default
+  CHECK_FALSE(d.sample(1).image_conditional);
   for (int64_t i = 0; i < 2; ++i) {
     const auto& s = d.sample(i);
     // Labels start exactly where the prompt ends and cover the reply and its eos.
@@ -113,11 +159,13 @@ TEST_CASE("preference data: only the response is labelled, the LLaVA form, bad r
   test::write_file(bad, R"({"id": "same", "image": ")" + img + R"(", "prompt": "<image>\nx", "chosen": "a", "rejected": "a"}
 {"id": "ends", "image": ")" + img + R"(", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}], "chosen": "a", "rejected": "b"}
 {"id": "noimg", "image": "missing.png", "prompt": "<image>\nx", "chosen": "a", "rejected": "b"}
+{"id": "cond", "image": ")" + img + R"(", "prompt": "<image>\nx", "chosen": "a", "rejected": "b", "image_conditional": "no"}
 )");
   const auto msg = message_of<DataError>([&] { PreferenceDataset(bad, cfg.data, tok, 4, PreferenceDataset::Kind::Pairs, false); });
   CHECK_THAT(msg, Catch::Contains("bad.jsonl:1 (id same): 'chosen' and 'rejected' are the same reply"));
   CHECK_THAT(msg, Catch::Contains("bad.jsonl:2 (id ends): 'conversations' must end with the user's turn"));
   CHECK_THAT(msg, Catch::Contains("bad.jsonl:3 (id noimg): image"));
+  CHECK_THAT(msg, Catch::Contains("bad.jsonl:4 (id cond): 'image_conditional' must be true or false"));
 
   // Prompts: a VQA record serves as it is, its final reply being the answer.
   PreferenceDataset vqa(c.dir.file("data/val_vqa.jsonl"), cfg.data, tok, 4, PreferenceDataset::Kind::Prompts, false, 3, 4);
@@ -276,10 +324,28 @@ TEST_CASE("dpo trainer: first loss ln 2 (policy = reference), reward accuracy pe
   CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 2, r.logged_losses.end()));
 }
 
-TEST_CASE("mdpo trainer: first loss 3 ln 2, the frozen vision tower unchanged, exact resume", "[preference][train][slow]") {
+TEST_CASE("mdpo trainer: first loss 3 ln 2 (2 ln 2 without the conditional term), the frozen vision tower unchanged, exact resume", "[preference][train][slow]") {
   TinyPreferenceCorpus c;
   auto r = train_preference(c.config("mdpo", "data: {train: " + c.pairs() + "}\nloss: {type: mdpo}\ntrain: {steps: 2}\n"), quiet());
-  CHECK_THAT(r.logged_losses[0], WithinAbs(3 * std::log(2.0), 1e-6));
+  // Policy = reference at step 1: each of the three terms is ln 2 for a pair, except the
+  // conditional one of a pair marked image_conditional false (the generator's "no" answers).
+  {
+    const auto records = read_manifest(c.pairs());
+    std::string conditional, not_conditional;
+    for (const auto& rec : records)
+      (rec.json.value("image_conditional", true) ? conditional : not_conditional) += rec.json.dump() + "\n";
+    REQUIRE_FALSE(not_conditional.empty());
+    test::write_file(c.dir.file("data/cond.jsonl"), conditional);
+    test::write_file(c.dir.file("data/not_cond.jsonl"), not_conditional);
+    for (const auto& [file, terms] : std::vector<std::pair<std::string, double>>{{"cond", 3}, {"not_cond", 2}}) {
+      const auto f = train_preference(c.config("mdpo_" + file, "data: {train: " + c.dir.file("data/" + file + ".jsonl") +
+                                                                  "}\nloss: {type: mdpo}\ntrain: {steps: 1}\n"),
+                                      quiet());
+      CHECK_THAT(f.logged_losses[0], WithinAbs(terms * std::log(2.0), 1e-6));
+    }
+  }
+  CHECK(r.logged_losses[0] > 2 * std::log(2.0));  // the generated mix: some conditional terms
+  CHECK(r.logged_losses[0] <= 3 * std::log(2.0) + 1e-6);
   // Seeded initialisation: a fresh model with the same seed is the reference the run started from.
   auto cfg = c.config("mdpo-ref", "data: {train: " + c.pairs() + "}\n");
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);

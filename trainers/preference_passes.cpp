@@ -184,6 +184,9 @@ PreferenceInputs pair_passes(PreferenceLossImpl& loss, VlmModel& policy, VlmMode
   std::vector<ResponsePass> pol, ref_all, ref;
   split_by_model(loss.passes(), pol, ref_all);
   PreferenceInputs in;
+  std::vector<float> conditional;
+  for (const auto i : batch.indices) conditional.push_back(data.sample(i).image_conditional ? 1.0f : 0.0f);
+  in.image_conditional = torch::tensor(conditional, torch::kFloat32);
   for (const auto& p : ref_all) {
     if (cache && cache->covers(p)) in.logps[p.key()] = cache->rows(p.key(), batch.indices);
     else ref.push_back(p);
