@@ -19,10 +19,11 @@ LossOutput MdpoLossImpl::forward(const PreferenceInputs& in) {
   const auto rc = in.at("reference/chosen").sum().detach(), rr = in.at("reference/rejected").sum().detach();
   const auto rc_bad = in.at("reference/chosen/corrupted").sum().detach();
   const double b = opt_.beta;
-  const auto dpo = -F::logsigmoid(b * ((pc - pr) - (rc - rr)));                // [B]
+  const auto dpo = -F::logsigmoid(b * ((pc - pr) - (rc - rr)));           // [B]
   auto conditional = -F::logsigmoid(b * ((pc - pc_bad) - (rc - rc_bad)));  // [B]
-  if (in.image_conditional.defined()) conditional = conditional * in.image_conditional.to(conditional.dtype());
-  const auto anchor = -F::logsigmoid(b * (pc - rc) - opt_.delta);               // [B]
+  if (in.image_conditional.defined())  // 0 for pairs whose chosen reply needs no image
+    conditional = conditional * in.image_conditional.to(conditional.dtype());
+  const auto anchor = -F::logsigmoid(b * (pc - rc) - opt_.delta);          // [B]
   LossOutput out;
   out.loss = (dpo + conditional + anchor).mean() * in.share;
   const auto chosen_rewards = b * (pc - rc), imageless = b * (pc_bad - rc_bad);

@@ -142,9 +142,8 @@ double decode_rate(const std::vector<std::string>& images, const DataConfig& dat
   return static_cast<double>(n) / t;
 }
 
-// Uniform random ids in [lo, hi), seeded per sample.
-// n ids drawn from [lo, hi), never `avoid` (a tokenizer's <image> id can sit inside that range,
-// and a stray placeholder would ask for an image the sample does not have).
+// n uniform random ids in [lo, hi), seeded per sample, never `avoid` (a tokenizer's <image> id can
+// sit inside that range, and a stray placeholder would ask for an image the sample does not have).
 std::vector<int64_t> random_ids(int64_t n, int64_t lo, int64_t hi, uint64_t seed, int64_t avoid = -1) {
   Rng rng(seed);
   const bool skip = avoid >= lo && avoid < hi;
