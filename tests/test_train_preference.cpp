@@ -12,6 +12,7 @@
 #include "core/config_tree.h"
 #include "core/errors.h"
 #include "core/checkpoint.h"
+#include "core/registry.h"
 #include "core/safetensors.h"
 #include "data/manifest.h"
 #include "data/preference_dataset.h"
@@ -19,6 +20,7 @@
 #include "data/shapes_preference.h"
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
+#include "losses/rewards.h"
 #include "test_helpers.h"
 #include "trainers/preference.h"
 #include "trainers/vlm.h"
@@ -406,6 +408,54 @@ TEST_CASE("grpo trainer: rewards from sampled completions, exact resume", "[pref
   auto rest = train_preference(c.config("grpo-cut", cfg), resume);
   CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 1, r.logged_losses.end()));
   test::check_same_tensors(weights(r), weights(rest));
+}
+
+// A reward that tells completions apart even when an untrained model answers nothing right:
+// the completion's length in characters, plus 1 when it ended by itself.
+class TextLengthRewardImpl : public RewardFnImpl {
+ public:
+  std::vector<double> score(const std::vector<RewardInput>& in) const override {
+    std::vector<double> out;
+    for (const auto& r : in) out.push_back(static_cast<double>(r.completion.size()) + (r.finished ? 1.0 : 0.0));
+    return out;
+  }
+};
+TRIALIGN_REGISTER(reward_functions(), "test_text_length", "test only: characters of the completion (+1 if finished)",
+                  [](ConfigReader&) -> std::shared_ptr<RewardFnImpl> { return std::make_shared<TextLengthRewardImpl>(); });
+
+TEST_CASE("grpo eval: sampled completions at a vanishing temperature score as the greedy one", "[preference][train]") {
+  TinyPreferenceCorpus c;
+  // Both decodings score the same final policy. At temperature 1e-4 every draw is the argmax
+  // token (the tiny model's top-two logit gaps are far above 1e-4 x ln(draws)), so the 3 draws
+  // per prompt must earn exactly the greedy reward: the same texts, not merely the same zeros.
+  auto cfg = [&](double temperature) {
+    return "data: {train: " + c.dir.file("data/train_grpo.jsonl") + ", val: " + c.dir.file("data/val_vqa.jsonl") +
+           ", val_limit: 6}\nloss: {type: grpo, group_size: 2, max_new_tokens: 4, temperature: " +
+           std::to_string(temperature) + "}\nrewards: [{type: exact_match}, {type: test_text_length}]\n" +
+           "eval: {samples: 3}\ntrain: {batch_size: 2, steps: 1}\n";
+  };
+  const auto e = train_preference(c.config("grpo-eval", cfg(1e-4)), quiet()).final_eval["val"];
+  INFO(e.dump());
+  REQUIRE(e["reward"].get<double>() > 1.0);  // the texts are not empty
+  int keys = 0;
+  for (const auto& [k, v] : e.items()) {
+    if (k.rfind("sampled/", 0) != 0) continue;
+    ++keys;
+    INFO(k);
+    CHECK(v.get<double>() == e[k.substr(8)].get<double>());
+  }
+  CHECK(keys >= 3);  // reward, exact_match and at least one question type
+  // At temperature 3 the draws leave the argmax: the mean reward of 18 draws differs from greedy's.
+  const auto hot = train_preference(c.config("grpo-eval-hot", cfg(3.0)), quiet()).final_eval["val"];
+  CHECK(hot["sampled/reward"].get<double>() != hot["reward"].get<double>());
+
+  // A pair loss draws nothing: the key is refused, not ignored.
+  CHECK_THAT(message_of<ConfigError>([&] {
+               train_preference(c.config("dpo-eval", "data: {train: " + c.dir.file("data/train_pref.jsonl") +
+                                                         "}\neval: {samples: 2}\n"),
+                                quiet());
+             }),
+             Catch::Contains("eval.samples: loss 'dpo' scores given pairs and draws no completions"));
 }
 
 TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward types", "[preference][config]") {

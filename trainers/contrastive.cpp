@@ -244,6 +244,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   Progress progress(start, steps);
   ContrastiveResult result;
   auto run_eval = [&](int64_t step) {
+    const auto paused = progress.pause();
     if (!val) return nlohmann::json();
     auto j = evaluate_retrieval(model, *val, cfg.eval, bf16);
     spdlog::info("eval step {}: i2t R@1 {:.3f} R@5 {:.3f} | t2i R@1 {:.3f} R@5 {:.3f} | cos matched {:.3f} mismatched {:.3f} "

@@ -78,34 +78,50 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
 }
 
 // Held-out prompts: greedy completions scored by the reward functions, and exact match overall
-// and per question type.
+// and per question type. With `samples` > 0, also `samples` completions per prompt drawn as
+// training draws them (the loss's temperature / top-k / top-p): their mean exact match is the
+// reward the policy itself earns, pass@1 averaged over samples (DeepSeek-R1's reporting), keyed
+// sampled/... . Greedy decoding hides what GRPO changes most, how often a sample is right.
 nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const PreferenceDataset& data,
                                 const std::vector<std::pair<std::string, std::shared_ptr<RewardFnImpl>>>& rewards,
-                                int batch, int64_t max_new_tokens, bool bf16) {
+                                int batch, const CompletionSampling& training, int64_t samples, uint64_t seed,
+                                bool bf16) {
+  ExactMatchRewardImpl exact;
+  nlohmann::json j;
+  j["records"] = data.size();
+  // prefix "" = greedy (one completion per prompt), "sampled/" = `samples` draws per prompt.
+  auto score = [&](const CompletionSampling& how, const std::string& prefix) {
+    const int64_t G = how.group_size;
+    const int64_t prompts_per_call = std::max<int64_t>(1, batch / G);
+    double reward_sum = 0;
+    std::map<std::string, std::pair<int64_t, int64_t>> right;  // type -> (right, asked); "" = all
+    for (int64_t start = 0; start < data.size(); start += prompts_per_call) {
+      const int64_t end = std::min<int64_t>(data.size(), start + prompts_per_call);
+      const auto b = data.range(start, end);
+      const auto c = sample_completions(policy, tok, data, b, how, rewards, seed + static_cast<uint64_t>(start), bf16);
+      for (int64_t k = 0; k < b.size() * G; ++k) {
+        const auto& s = data.sample(b.indices[static_cast<size_t>(k / G)]);
+        reward_sum += c.rewards[k].item<double>();
+        const bool ok = exact.score({{s.prompt_text, c.texts[static_cast<size_t>(k)], true, s.answer, s.question_type}})[0] > 0;
+        right[""].first += ok, right[""].second += 1;
+        if (!s.question_type.empty()) right[s.question_type].first += ok, right[s.question_type].second += 1;
+      }
+    }
+    j[prefix + "reward"] = reward_sum / static_cast<double>(data.size() * G);
+    for (const auto& [type, c] : right)
+      j[prefix + (type.empty() ? "exact_match" : "exact_match/" + type)] =
+          static_cast<double>(c.first) / static_cast<double>(c.second);
+  };
   CompletionSampling greedy;
   greedy.group_size = 1;
   greedy.temperature = 0.0;
-  greedy.max_new_tokens = max_new_tokens;
-  ExactMatchRewardImpl exact;
-  double reward_sum = 0;
-  std::map<std::string, std::pair<int64_t, int64_t>> right;
-  for (int64_t start = 0; start < data.size(); start += batch) {
-    const int64_t end = std::min<int64_t>(data.size(), start + batch);
-    const auto b = data.range(start, end);
-    const auto c = sample_completions(policy, tok, data, b, greedy, rewards, 0, bf16);
-    for (int64_t k = 0; k < b.size(); ++k) {
-      const auto& s = data.sample(b.indices[static_cast<size_t>(k)]);
-      reward_sum += c.rewards[k].item<double>();
-      const bool ok = exact.score({{s.prompt_text, c.texts[static_cast<size_t>(k)], true, s.answer, s.question_type}})[0] > 0;
-      right[""].first += ok, right[""].second += 1;
-      if (!s.question_type.empty()) right[s.question_type].first += ok, right[s.question_type].second += 1;
-    }
+  greedy.max_new_tokens = training.max_new_tokens;
+  score(greedy, "");
+  if (samples > 0) {
+    CompletionSampling drawn = training;
+    drawn.group_size = samples;
+    score(drawn, "sampled/");
   }
-  nlohmann::json j;
-  j["records"] = data.size();
-  j["reward"] = reward_sum / static_cast<double>(data.size());
-  for (const auto& [type, c] : right)
-    j[type.empty() ? "exact_match" : "exact_match/" + type] = static_cast<double>(c.first) / static_cast<double>(c.second);
   return j;
 }
 
@@ -119,6 +135,9 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
   auto loss = preference_losses().create_or_throw(cfg.loss);
   const CompletionSampling* sampling = loss->sampling();
+  if (cfg.eval.samples > 0 && !sampling)
+    throw ConfigError("eval.samples: loss '" + cfg.loss.type + "' scores given pairs and draws no completions; "
+                      "only a sampling loss (grpo) uses it, so remove the key");
   std::vector<std::pair<std::string, std::shared_ptr<RewardFnImpl>>> rewards;
   if (sampling) {
     auto specs = cfg.rewards;
@@ -244,9 +263,11 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const int eval_batch = std::max<int>(1, cfg.train.batch_size / cfg.train.grad_accum);
   VlmModel* ref = reference ? &reference : nullptr;
   auto run_eval = [&](int64_t step) {
+    const auto paused = progress.pause();
     nlohmann::json all;
     if (val)
-      all["val"] = sampling ? evaluate_prompts(model, tok, *val, rewards, eval_batch, sampling->max_new_tokens, bf16)
+      all["val"] = sampling ? evaluate_prompts(model, tok, *val, rewards, eval_batch, *sampling, cfg.eval.samples,
+                                               cfg.run.seed ^ 0x5eedULL, bf16)
                             : evaluate_pairs(*loss, model, ref, *val, eval_batch, tok.image_id(), bf16, cfg.run.seed,
                                              val_cache.get());
     for (auto& [name, ds] : sets)

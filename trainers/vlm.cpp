@@ -343,6 +343,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   TrainResult result;
   const int eval_batch = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
   auto run_eval = [&](int64_t step) {
+    const auto paused = progress.pause();
     nlohmann::json all;
     for (auto& [name, ds] : evals) {
       auto j = evaluate_vlm(model, *loss, *ds, tok, eval_batch, cfg.eval.max_new_tokens, bf16, vocabulary);

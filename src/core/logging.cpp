@@ -73,7 +73,7 @@ double Progress::elapsed() const {
 }
 
 std::string Progress::line(int64_t step_done, int64_t samples_per_step) const {
-  const double el = elapsed();
+  const double el = elapsed() - std::chrono::duration<double>(paused_).count();
   const int64_t done_here = step_done - first_;
   const double steps_per_s = done_here > 0 && el > 0 ? done_here / el : 0;
   const double eta = steps_per_s > 0 ? (total_ - step_done) / steps_per_s : -1;

@@ -37,11 +37,27 @@ class Progress {
   Progress(int64_t first_step, int64_t total_steps);
   // "step 120/1000 (12%) | 85.2 samples/s | ETA 3m12s"
   std::string line(int64_t step_done, int64_t samples_per_step) const;
-  double elapsed() const;
+  double elapsed() const;  // wall time since construction, evaluations included
+
+  // While the returned guard lives (an evaluation), the clock behind samples/s and the ETA stops:
+  // a minute-long evaluation at step 0 would otherwise read as a training rate a tenth of the real one.
+  class Pause {
+   public:
+    explicit Pause(Progress& p) : p_(p), t0_(std::chrono::steady_clock::now()) {}
+    ~Pause() { p_.paused_ += std::chrono::steady_clock::now() - t0_; }
+    Pause(const Pause&) = delete;
+    Pause& operator=(const Pause&) = delete;
+
+   private:
+    Progress& p_;
+    std::chrono::steady_clock::time_point t0_;
+  };
+  Pause pause() { return Pause(*this); }
 
  private:
   int64_t first_, total_;
   std::chrono::steady_clock::time_point start_;
+  std::chrono::steady_clock::duration paused_{0};
 };
 
 }  // namespace trialign

@@ -306,6 +306,9 @@ struct EvalSection {
   std::vector<EvalSet> sets;    // VLM trainers; empty = data.val (data.val_limit) as "val"
   int max_new_tokens = 32;      // generation length cap for exact match / captions
   bool at_start = false;        // also score the starting model (step 0) on a fresh run
+  // GRPO: completions drawn per held-out prompt at the loss's sampling settings, scored besides
+  // the greedy one (sampled/exact_match: the mean reward of the policy's own draws); 0 = greedy only.
+  int64_t samples = 0;
   // JSON {"category": ["phrase", ...]} naming the objects CHAIR looks for in replies to records
   // with an "objects" list; "" = each listed object names itself (eval/caption_objects.h).
   std::string object_vocabulary;
@@ -315,6 +318,7 @@ struct EvalSection {
     v("sets", sets);
     v("max_new_tokens", max_new_tokens, at_least(1));
     v("at_start", at_start);
+    v("samples", samples, at_least(0));
     v("object_vocabulary", object_vocabulary);
   }
 };
