@@ -121,6 +121,22 @@ bool make_existence(const Scene& s, const GeneratorOptions& opts, Rng rng, QA& q
     return true;
   };
   const bool want_yes = coin(rng);
+  // Half the questions name the shape alone ("Is there a star?"), the object-level form of the
+  // POPE probes: a model only ever asked about (colour, shape) pairs learns to check the colour
+  // and answers a bare shape at chance. Its "no" is a shape no object has.
+  if (coin(rng)) {
+    std::vector<std::string> shapes, absent;
+    for (const Pair& p : present_list)
+      if (std::find(shapes.begin(), shapes.end(), p.second) == shapes.end()) shapes.push_back(p.second);
+    for (const auto& sh : opts.shapes)
+      if (std::find(shapes.begin(), shapes.end(), sh) == shapes.end()) absent.push_back(sh);
+    const auto& from = want_yes ? shapes : absent;
+    if (!from.empty()) {
+      const std::string& sh = pick(from, rng);
+      qa = {"existence", "Is there " + indefinite_article(sh) + " " + sh + "?", want_yes ? "yes" : "no"};
+      return true;
+    }
+  }
   if (want_yes && !present_list.empty()) return ask(pick(present_list, rng), "yes");
 
   // Adversarial negatives: absent pairs one attribute away from a present object, so the answer

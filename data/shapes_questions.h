@@ -45,7 +45,9 @@ const std::vector<std::string>& question_types();
 //             (a shape of the scene or of opts.shapes, so "0" occurs) -> "0", "1", ...
 //   existence "Is there a/an {colour} {shape}?" -> yes/no with probability 1/2 each; a "no"
 //             names an absent pair that shares the shape or the colour of a scene object
-//             (colours/shapes from opts), falling back to any absent pair of opts
+//             (colours/shapes from opts), falling back to any absent pair of opts. Half the
+//             time (when the scene allows) "Is there a/an {shape}?" instead: "yes" names a
+//             shape of the scene, "no" a shape of opts that no object has
 //   relation  "Is the {colour} {shape} {predicate} the {colour} {shape}?" -> yes/no, 1/2 each,
 //             about a pair from scene.relations whose objects both have a unique
 //             (colour, shape); "no" asks the opposite predicate (left of <-> right of,

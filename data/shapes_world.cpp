@@ -701,7 +701,8 @@ WriteSummary write_dataset(const std::string& out_dir, int64_t n_train, int64_t 
   for (const auto& s : kSizes) sizes[s.name] = s.fraction;
   const json meta = {{"generator", "trialign.shapes_world"},
                      // 2: train_pref / val_pref also hold yes/no pairs (data/shapes_preference.h)
-                     {"format_version", 2},
+                     // 3: existence questions also name a shape alone (data/shapes_questions.h)
+                     {"format_version", 3},
                      {"options", to_json(opts)},
                      {"train", n_train},
                      {"val", n_val},

@@ -16,9 +16,10 @@ scripts/build.sh
 BIN=build/trialign
 DATA=data/shapes
 
-# val_pope.jsonl is the last file the generator writes; format_version 2 has the yes/no preference
-# pairs (older data is regenerated: same seed, same bytes for every file that did not change).
-if [ ! -f "$DATA/val_pope.jsonl" ] || ! grep -q '"format_version": 2' "$DATA/shapes_world.json"; then
+# val_pope.jsonl is the last file the generator writes; format_version 2 added the yes/no
+# preference pairs, 3 the shape-only existence questions (older data is regenerated: same seed,
+# same bytes for every file that did not change).
+if [ ! -f "$DATA/val_pope.jsonl" ] || ! grep -q '"format_version": 3' "$DATA/shapes_world.json"; then
   "$BIN" data shapes --out "$DATA" --train 10000 --val 1000 --seed 0
 fi
 if [ ! -f "$DATA/tokenizer.model" ]; then

@@ -76,6 +76,7 @@ std::string oracle(const Scene& s, const QA& qa) {
   static const std::regex count_all("How many objects are there\\?");
   static const std::regex count_shape("How many (\\w+) are there\\?");
   static const std::regex exists_q("Is there (a|an) (\\w+) (\\w+)\\?");
+  static const std::regex exists_shape_q("Is there (a|an) (\\w+)\\?");
   static const std::regex rel_q(
       "Is the (\\w+) (\\w+) (left of|right of|above|below) the (\\w+) (\\w+)\\?");
   std::smatch m;
@@ -99,6 +100,10 @@ std::string oracle(const Scene& s, const QA& qa) {
     const std::string colour = m[2];
     CHECK(m[1].str() == (colour == "orange" ? "an" : "a"));
     return matching(s, colour, m[3]).empty() ? "no" : "yes";
+  }
+  if (qa.type == "existence" && std::regex_match(q, m, exists_shape_q)) {
+    CHECK(m[1].str() == "a");  // no shape name starts with a vowel
+    return matching(s, "", m[2]).empty() ? "no" : "yes";
   }
   if (qa.type == "relation" && std::regex_match(q, m, rel_q)) {
     const int a = one(m[1], m[2]), b = one(m[4], m[5]);
@@ -194,30 +199,40 @@ TEST_CASE("shapes_questions: types a scene cannot support are skipped", "[shapes
   }
 }
 
-TEST_CASE("shapes_questions: existence is balanced and its negatives are adversarial",
+TEST_CASE("shapes_questions: existence is balanced, asks a bare shape half the time, and its pair negatives are adversarial",
           "[shapes_questions]") {
   const GeneratorOptions opts;
   const Scene s = scene_of({obj("circle", "red", "large", 14, 20),
                             obj("triangle", "orange", "small", 40, 12),
                             obj("cross", "white", "small", 50, 48)});
   std::set<std::pair<std::string, std::string>> present;
-  for (const Object& o : s.objects) present.insert({o.colour, o.shape});
-  const std::regex q_re("Is there (a|an) (\\w+) (\\w+)\\?");
-  int yes = 0;
+  std::set<std::string> shapes;
+  for (const Object& o : s.objects) present.insert({o.colour, o.shape}), shapes.insert(o.shape);
+  const std::regex pair_re("Is there (a|an) (\\w+) (\\w+)\\?");
+  const std::regex shape_re("Is there a (\\w+)\\?");
+  int yes = 0, bare = 0, bare_yes = 0;
   for (uint64_t seed = 0; seed < 200; ++seed) {
     const auto qs = make_questions(s, opts, seed);
     const QA* q = find_type(qs, "existence");
     REQUIRE(q);
     const QA& qa = *q;
-    std::smatch m;
-    REQUIRE(std::regex_match(qa.question, m, q_re));
-    const std::pair<std::string, std::string> p{m[2].str(), m[3].str()};
     INFO(qa);
+    REQUIRE((qa.answer == "yes" || qa.answer == "no"));
+    yes += qa.answer == "yes";
+    std::smatch m;
+    if (std::regex_match(qa.question, m, shape_re)) {
+      ++bare;
+      bare_yes += qa.answer == "yes";
+      // "yes" names a shape of the scene, "no" one of the options that no object has.
+      CHECK(shapes.count(m[1].str()) == (qa.answer == "yes" ? 1u : 0u));
+      CHECK(std::count(opts.shapes.begin(), opts.shapes.end(), m[1].str()) == 1);
+      continue;
+    }
+    REQUIRE(std::regex_match(qa.question, m, pair_re));
+    const std::pair<std::string, std::string> p{m[2].str(), m[3].str()};
     if (qa.answer == "yes") {
-      ++yes;
       CHECK(present.count(p) == 1);
     } else {
-      REQUIRE(qa.answer == "no");
       CHECK(present.count(p) == 0);
       // One attribute away from a present object, both words from the options.
       const bool near = std::any_of(s.objects.begin(), s.objects.end(), [&](const Object& o) {
@@ -230,6 +245,10 @@ TEST_CASE("shapes_questions: existence is balanced and its negatives are adversa
   }
   CHECK(yes >= 70);   // 35% of 200
   CHECK(yes <= 130);  // 65% of 200
+  CHECK(bare >= 70);  // the bare-shape form: 1/2 of 200, within 35-65%
+  CHECK(bare <= 130);
+  CHECK(bare_yes >= bare / 4);  // both answers occur in the bare form too
+  CHECK(bare_yes <= bare * 3 / 4);
 }
 
 TEST_CASE("shapes_questions: relations agree with scene.relations, and yes and no both occur",
