@@ -25,9 +25,11 @@ TEST_CASE("pipeline report: a table of every metric per stage, curves from metri
   r.stages["s3"]["eval"]["probes"] = {{"pope/accuracy", 0.5}, {"pope/object/hallucination_rate", 0.5}, {"probes", 16}};
   r.stages["s4"]["eval"]["vqa"] = {{"exact_match", 0.8}};
   r.stages["s4"]["eval"]["probes"] = {{"pope/accuracy", 0.625}, {"pope/object/hallucination_rate", 0.25}};
-  // Stage 1's log: three training steps, two evaluations, and a line cut off by a crash.
+  // Stage 1's log: an evaluation at step 0 (eval.at_start), three training steps, two more
+  // evaluations, and a line cut off by a crash.
   write_file(d.file("s1/metrics.jsonl"),
-             R"({"step": 1, "split": "train", "loss": 2.0}
+             R"({"step": 0, "split": "val", "eval": {"i2t/R@5": 0.125, "alignment/mutual_knn@10": 0.05}}
+{"step": 1, "split": "train", "loss": 2.0}
 {"step": 2, "split": "train", "loss": 1.5}
 {"step": 2, "split": "val", "eval": {"i2t/R@5": 0.5, "alignment/mutual_knn@10": 0.1}}
 {"step": 3, "split": "train", "loss": 1.0}
@@ -37,11 +39,13 @@ TEST_CASE("pipeline report: a table of every metric per stage, curves from metri
   const std::string path = write_pipeline_report(plan, r);
   CHECK(path == d.file("report.md"));
   const std::string md = read_text_file(path);
-  CHECK_THAT(md, Catch::Contains("| metric | s1 (contrastive) | s3 (finetune) | s4 (preference) |\n|---|---:|---:|---:|\n"));
-  CHECK_THAT(md, Catch::Contains("| i2t/R@5 | 0.900 | - | - |\n"));
-  CHECK_THAT(md, Catch::Contains("| alignment/mutual_knn@10 | 0.250 | - | - |\n"));
-  CHECK_THAT(md, Catch::Contains("| vqa/exact_match | - | 0.750 | 0.800 |\n"));
-  CHECK_THAT(md, Catch::Contains("| probes/pope/object/hallucination_rate | - | 0.500 | 0.250 |\n"));
+  // s1 evaluated at step 0, so it has a start column (the model it was handed) before its final one.
+  CHECK_THAT(md, Catch::Contains(
+                     "| metric | s1 start | s1 (contrastive) | s3 (finetune) | s4 (preference) |\n|---|---:|---:|---:|---:|\n"));
+  CHECK_THAT(md, Catch::Contains("| i2t/R@5 | 0.125 | 0.900 | - | - |\n"));
+  CHECK_THAT(md, Catch::Contains("| alignment/mutual_knn@10 | 0.050 | 0.250 | - | - |\n"));
+  CHECK_THAT(md, Catch::Contains("| vqa/exact_match | - | - | 0.750 | 0.800 |\n"));
+  CHECK_THAT(md, Catch::Contains("| probes/pope/object/hallucination_rate | - | - | 0.500 | 0.250 |\n"));
   CHECK_THAT(md, !Catch::Contains("records") && !Catch::Contains("probes/probes") && !Catch::Contains("| pairs"));
   CHECK_THAT(md, Catch::Contains("![s1 training loss](report/s1_loss.png)"));
   CHECK_THAT(md, Catch::Contains("![s1 held-out metrics](report/s1_eval.png)"));

@@ -171,28 +171,44 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   std::vector<std::string> names;
   std::map<std::string, std::map<std::string, double>> finals;  // stage -> metric -> value
   std::vector<std::string> rows;                                // metric keys in first-seen order
-  for (const auto& st : plan.pipeline.stages) {
-    names.push_back(st.name);
-    if (!result.stages.contains(st.name)) continue;
-    finals[st.name] = flatten_eval(result.stages[st.name].value("eval", nlohmann::json()));
-    for (const auto& [k, v] : finals[st.name])
+  // Table columns: a stage evaluated at step 0 (eval.at_start) gets a column for the model it was
+  // handed as well, so the table itself shows what the stage changed (retrieval rising through
+  // stage 1; stage 3's start column is stage 2's model on stage 3's question sets).
+  std::vector<std::pair<std::string, std::map<std::string, double>>> columns;  // header -> metric -> value
+  for (size_t i = 0; i < plan.pipeline.stages.size(); ++i) {
+    const std::string& name = plan.pipeline.stages[i].name;
+    names.push_back(name);
+    const std::string header = name + " (" + plan.stages[i].trainer + ")";
+    if (!result.stages.contains(name)) {  // not run yet: a column of "-"
+      columns.emplace_back(header, std::map<std::string, double>{});
+      continue;
+    }
+    finals[name] = flatten_eval(result.stages[name].value("eval", nlohmann::json()));
+    const auto metrics = root / name / "metrics.jsonl";
+    if (fs::exists(metrics)) {
+      std::map<std::string, double> start;
+      for (const auto& [k, s] : read_curves(metrics.string()).eval)
+        if (!s.x.empty() && s.x.front() == 0) start[k] = s.y.front();
+      if (!start.empty()) columns.emplace_back(name + " start", std::move(start));
+    }
+    columns.emplace_back(header, finals[name]);
+    for (const auto& [k, v] : finals[name])
       if (std::find(rows.begin(), rows.end(), k) == rows.end()) rows.push_back(k);
   }
 
   std::string md = "# Report: pipeline " + plan.pipeline.name + "\n\n";
   md += "Held-out metrics after every stage (from each stage's final evaluation; `-` = not measured by that "
-        "stage). Written by `trialign run`; the numbers are also in `pipeline.json`.\n\n";
+        "stage). A \"start\" column is a stage's evaluation at step 0, of the model it was handed. Written by "
+        "`trialign run`; the final numbers are also in `pipeline.json`.\n\n";
   md += "| metric |";
-  for (size_t i = 0; i < names.size(); ++i) md += " " + names[i] + " (" + plan.stages[i].trainer + ") |";
+  for (const auto& c : columns) md += " " + c.first + " |";
   md += "\n|---|";
-  for (size_t i = 0; i < names.size(); ++i) md += "---:|";
+  for (size_t i = 0; i < columns.size(); ++i) md += "---:|";
   md += "\n";
   for (const auto& r : rows) {
     md += "| " + r + " |";
-    for (const auto& n : names) {
-      auto it = finals.find(n);
-      md += (it != finals.end() && it->second.count(r)) ? " " + fmt::format("{:.3f}", it->second.at(r)) + " |" : " - |";
-    }
+    for (const auto& c : columns)
+      md += c.second.count(r) ? " " + fmt::format("{:.3f}", c.second.at(r)) + " |" : " - |";
     md += "\n";
   }
 
