@@ -19,7 +19,10 @@ namespace {
 
 const cv::Scalar kPalette[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44},   {40, 39, 214},
                                {189, 103, 148}, {75, 86, 140},  {194, 119, 227}, {127, 127, 127},
-                               {34, 189, 188},  {207, 190, 23}, {0, 0, 0},       {120, 200, 255}};
+                               {34, 189, 188},  {207, 190, 23}, {0, 0, 0},       {120, 200, 255},
+                               // six more, so the across-stages plot (up to ~18 curves) repeats none
+                               {0, 0, 139},     {0, 128, 128},  {128, 0, 0},     {128, 128, 0},
+                               {255, 0, 255},   {42, 42, 165}};
 
 std::string tick(double v) {
   const double a = std::abs(v);
@@ -175,12 +178,13 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   // handed as well, so the table itself shows what the stage changed (retrieval rising through
   // stage 1; stage 3's start column is stage 2's model on stage 3's question sets).
   std::vector<std::pair<std::string, std::map<std::string, double>>> columns;  // header -> metric -> value
+  std::vector<std::string> plot_names;  // the columns' short names under the across-stages plot
   for (size_t i = 0; i < plan.pipeline.stages.size(); ++i) {
     const std::string& name = plan.pipeline.stages[i].name;
     names.push_back(name);
     const std::string header = name + " (" + plan.stages[i].trainer + ")";
     if (!result.stages.contains(name)) {  // not run yet: a column of "-"
-      columns.emplace_back(header, std::map<std::string, double>{});
+      columns.emplace_back(header, std::map<std::string, double>{}), plot_names.push_back(name);
       continue;
     }
     finals[name] = flatten_eval(result.stages[name].value("eval", nlohmann::json()));
@@ -189,9 +193,9 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
       std::map<std::string, double> start;
       for (const auto& [k, s] : read_curves(metrics.string()).eval)
         if (!s.x.empty() && s.x.front() == 0) start[k] = s.y.front();
-      if (!start.empty()) columns.emplace_back(name + " start", std::move(start));
+      if (!start.empty()) columns.emplace_back(name + " start", std::move(start)), plot_names.push_back("start");
     }
-    columns.emplace_back(header, finals[name]);
+    columns.emplace_back(header, finals[name]), plot_names.push_back(name);
     for (const auto& [k, v] : finals[name])
       if (std::find(rows.begin(), rows.end(), k) == rows.end()) rows.push_back(k);
   }
@@ -212,8 +216,10 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
     md += "\n";
   }
 
-  // Headline metrics measured by two or more stages, one curve each over the stages' index (a
-  // metric of one stage alone, like stage 1's retrieval, is in that stage's own plot below).
+  // Headline metrics measured in two or more of the table's columns, one curve each over the
+  // columns (a stage's start, then its end), so a stage's effect is the step between the two
+  // points on the same held-out set; a metric of one stage alone, like stage 1's retrieval, is
+  // in that stage's own plot below.
   std::vector<PlotSeries> across;
   for (const auto& r : rows) {
     if (!headline(r)) continue;
@@ -222,12 +228,13 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
     if (slash != std::string::npos && std::find(rows.begin(), rows.end(), r.substr(0, slash) + "/pope/accuracy") != rows.end())
       continue;
     PlotSeries s{r, {}, {}};
-    for (size_t i = 0; i < names.size(); ++i)
-      if (finals.count(names[i]) && finals[names[i]].count(r)) s.x.push_back(static_cast<double>(i)), s.y.push_back(finals[names[i]][r]);
+    for (size_t i = 0; i < columns.size(); ++i)
+      if (columns[i].second.count(r)) s.x.push_back(static_cast<double>(i)), s.y.push_back(columns[i].second.at(r));
     if (s.x.size() >= 2) across.push_back(s);
   }
   if (!across.empty()) {
-    draw_line_plot((pics / "stages.png").string(), "held-out metrics after each stage", "stage", across, 900, 460, names);
+    draw_line_plot((pics / "stages.png").string(), "held-out metrics at the start and end of each stage", "stage",
+                   across, 900, 460, plot_names);
     md += "\n## Across stages\n\n![metrics after each stage](report/stages.png)\n\n";
   }
 
