@@ -103,6 +103,30 @@ TEST_CASE("visual tokens: spatial merge concatenates 2x2 blocks of the patch gri
   CHECK(proj->num_tokens(16) == 4);
 }
 
+TEST_CASE("visual tokens: the 2-D sine-cosine grid code, and a projector that adds it", "[vlm][projector]") {
+  // side 2, dim 6: half 3, one sin/cos pair per half at frequency 10000^0 = 1, channels 2 and 5
+  // left 0. Token (r, c) = [sin r, cos r, 0, sin c, cos c, 0].
+  auto code = sincos_2d(2, 6, torch::TensorOptions().dtype(torch::kFloat64));
+  const double s1 = std::sin(1.0), c1 = std::cos(1.0);
+  auto want = torch::tensor({0.0, 1.0, 0.0, 0.0, 1.0, 0.0,     // (0, 0)
+                             0.0, 1.0, 0.0, s1, c1, 0.0,       // (0, 1)
+                             s1, c1, 0.0, 0.0, 1.0, 0.0,       // (1, 0)
+                             s1, c1, 0.0, s1, c1, 0.0},        // (1, 1)
+                            torch::kFloat64)
+                  .reshape({4, 6});
+  CHECK(torch::allclose(code, want, 0, 1e-7));
+  // A linear projector with identity weight and zero bias returns features + code.
+  TypedSpec spec{"linear", parse_config_string("position_encoding: sincos2d", "t"), "model.projector"};
+  auto proj = projectors().create_or_throw(spec, ProjectorDims{6, 6});
+  torch::NoGradGuard ng;
+  for (auto& p : proj->named_parameters())
+    p.key() == "weight" ? p.value().copy_(torch::eye(6)) : p.value().zero_();
+  auto f = torch::full({1, 4, 6}, 0.5);
+  CHECK(torch::allclose(proj->forward(f)[0], want.to(torch::kFloat32) + 0.5, 0, 1e-6));
+  TypedSpec bad{"linear", parse_config_string("position_encoding: learned", "t"), "model.projector"};
+  CHECK_THROWS_AS(projectors().create_or_throw(bad, ProjectorDims{6, 6}), ConfigError);
+}
+
 TEST_CASE("freezing: frozen weights stay bit-identical and get no optimizer state", "[vlm][freeze]") {
   torch::manual_seed(0);
   VlmModel model(tiny_model());

@@ -29,39 +29,66 @@ torch::Tensor merge_patches(const torch::Tensor& f, int k) {
   return f.reshape({B, n, k, n, k, D}).permute({0, 1, 3, 2, 4, 5}).reshape({B, n * n, k * k * D});
 }
 
+torch::Tensor sincos_2d(int64_t side, int64_t dim, const torch::TensorOptions& opts) {
+  // MAE-style (He et al. 2022): the first half of the channels code the row, the second half the
+  // column; each half is sin / cos pairs at wavelengths 2 pi * 10000^(2i / (dim / 2)).
+  const int64_t half = dim / 2, pairs = half / 2;
+  auto pos = torch::arange(side, torch::kFloat32);
+  auto freq = torch::pow(10000.0, -torch::arange(pairs, torch::kFloat32) / std::max<int64_t>(pairs, 1));
+  auto angle = pos.unsqueeze(1) * freq.unsqueeze(0);                   // [side, pairs]
+  auto code = torch::cat({angle.sin(), angle.cos()}, 1);               // [side, 2 pairs]
+  auto rows = code.unsqueeze(1).expand({side, side, 2 * pairs});       // token (r, c) -> code(r)
+  auto cols = code.unsqueeze(0).expand({side, side, 2 * pairs});       // token (r, c) -> code(c)
+  auto out = torch::zeros({side, side, dim}, torch::kFloat32);        // odd leftovers stay 0
+  out.narrow(2, 0, 2 * pairs).copy_(rows);
+  out.narrow(2, half, 2 * pairs).copy_(cols);
+  return out.reshape({side * side, dim}).to(opts);
+}
+
 namespace {
+
+// [B, N, D] merged tokens of a square grid, plus the grid code when asked.
+torch::Tensor with_positions(const torch::Tensor& tokens, const PerPatchOptions& o) {
+  if (o.position_encoding == "none") return tokens;
+  const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(tokens.size(1)))));
+  return tokens + sincos_2d(side, tokens.size(2), tokens.options()).unsqueeze(0);
+}
 
 // LLaVA-1: one Linear, Dv -> H per patch.
 class LinearProjectorImpl : public ProjectorImpl {
  public:
-  LinearProjectorImpl(const ProjectorDims& d, const PerPatchOptions& o) : k_(o.spatial_merge) {
+  LinearProjectorImpl(const ProjectorDims& d, const PerPatchOptions& o) : o_(o), k_(o.spatial_merge) {
     // Registered as this module's own weight/bias so the names are `mm_projector.weight`.
     torch::nn::Linear lin(d.vision_hidden * o.spatial_merge * o.spatial_merge, d.llm_hidden);
     weight = register_parameter("weight", lin->weight.detach().clone());
     bias = register_parameter("bias", lin->bias.detach().clone());
   }
   torch::Tensor forward(const torch::Tensor& f) override {
-    return torch::nn::functional::linear(merge_patches(f, k_), weight, bias);
+    return torch::nn::functional::linear(with_positions(merge_patches(f, k_), o_), weight, bias);
   }
   int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::Tensor weight, bias;
 
  private:
+  PerPatchOptions o_;
   int k_;
 };
 
 // LLaVA-1.5: Linear(Dv, H), GELU, Linear(H, H); children "0" and "2" as in nn.Sequential.
 class Mlp2xGeluImpl : public ProjectorImpl {
  public:
-  Mlp2xGeluImpl(const ProjectorDims& d, const PerPatchOptions& o) : k_(o.spatial_merge) {
+  Mlp2xGeluImpl(const ProjectorDims& d, const PerPatchOptions& o) : o_(o), k_(o.spatial_merge) {
     fc0 = register_module("0", torch::nn::Linear(d.vision_hidden * o.spatial_merge * o.spatial_merge, d.llm_hidden));
     fc2 = register_module("2", torch::nn::Linear(d.llm_hidden, d.llm_hidden));
   }
-  torch::Tensor forward(const torch::Tensor& f) override { return fc2(torch::gelu(fc0(merge_patches(f, k_)))); }
+  torch::Tensor forward(const torch::Tensor& f) override {
+    return fc2(torch::gelu(fc0(with_positions(merge_patches(f, k_), o_))));
+  }
   int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::nn::Linear fc0{nullptr}, fc2{nullptr};
 
  private:
+  PerPatchOptions o_;
   int k_;
 };
 

@@ -31,7 +31,14 @@ class ProjectorImpl : public torch::nn::Module {
 
 struct PerPatchOptions {
   int spatial_merge = 1;  // concatenate k x k neighbouring patches into one token
-  template <class V> void fields(V& v) { v("spatial_merge", spatial_merge, at_least(1)); }
+  // "sincos2d": add a fixed 2-D sine-cosine code of each token's grid (row, column) to its
+  // features before projecting, so the language model (rotary positions only, over a raster
+  // sequence) can read where a token sits; "none" (LLaVA) relies on the vision tower.
+  std::string position_encoding = "none";
+  template <class V> void fields(V& v) {
+    v("spatial_merge", spatial_merge, at_least(1));
+    v("position_encoding", position_encoding, one_of({"none", "sincos2d"}));
+  }
 };
 
 // [B, P, D] features of a square s x s patch grid (row-major) -> [B, (s/k)^2, k^2 * D]: token
@@ -39,6 +46,9 @@ struct PerPatchOptions {
 // Throws ConfigError when P is not a square or s is not a multiple of k.
 torch::Tensor merge_patches(const torch::Tensor& features, int k);
 int64_t merged_tokens(int64_t patches, int k);
+// [side * side, dim] fixed 2-D sine-cosine code of a row-major grid (row in the first half of the
+// channels, column in the second), float32 then cast to opts.
+torch::Tensor sincos_2d(int64_t side, int64_t dim, const torch::TensorOptions& opts);
 
 using ProjectorRegistry = Registry<ProjectorImpl, ProjectorDims>;
 ProjectorRegistry& projectors();
