@@ -47,11 +47,17 @@ torch::Tensor sincos_2d(int64_t side, int64_t dim, const torch::TensorOptions& o
 
 namespace {
 
-// [B, N, D] merged tokens of a square grid, plus the grid code when asked.
-torch::Tensor with_positions(const torch::Tensor& tokens, const PerPatchOptions& o) {
+// [B, N, D] merged tokens of a square grid, plus the grid code when asked. The code is built once
+// per grid shape, dtype and device and kept in `cache` (not a buffer: it is derived, so checkpoints
+// do not hold it).
+torch::Tensor with_positions(const torch::Tensor& tokens, const PerPatchOptions& o, torch::Tensor& cache) {
   if (o.position_encoding == "none") return tokens;
-  const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(tokens.size(1)))));
-  return tokens + sincos_2d(side, tokens.size(2), tokens.options()).unsqueeze(0);
+  if (!cache.defined() || cache.size(0) != tokens.size(1) || cache.size(1) != tokens.size(2) ||
+      cache.dtype() != tokens.dtype() || cache.device() != tokens.device()) {
+    const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(tokens.size(1)))));
+    cache = sincos_2d(side, tokens.size(2), tokens.options());
+  }
+  return tokens + cache.unsqueeze(0);
 }
 
 // LLaVA-1: one Linear, Dv -> H per patch.
@@ -64,13 +70,14 @@ class LinearProjectorImpl : public ProjectorImpl {
     bias = register_parameter("bias", lin->bias.detach().clone());
   }
   torch::Tensor forward(const torch::Tensor& f) override {
-    return torch::nn::functional::linear(with_positions(merge_patches(f, k_), o_), weight, bias);
+    return torch::nn::functional::linear(with_positions(merge_patches(f, k_), o_, code_), weight, bias);
   }
   int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::Tensor weight, bias;
 
  private:
   PerPatchOptions o_;
+  torch::Tensor code_;  // the grid code, built on first use
   int k_;
 };
 
@@ -82,13 +89,14 @@ class Mlp2xGeluImpl : public ProjectorImpl {
     fc2 = register_module("2", torch::nn::Linear(d.llm_hidden, d.llm_hidden));
   }
   torch::Tensor forward(const torch::Tensor& f) override {
-    return fc2(torch::gelu(fc0(with_positions(merge_patches(f, k_), o_))));
+    return fc2(torch::gelu(fc0(with_positions(merge_patches(f, k_), o_, code_))));
   }
   int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::nn::Linear fc0{nullptr}, fc2{nullptr};
 
  private:
   PerPatchOptions o_;
+  torch::Tensor code_;  // the grid code, built on first use
   int k_;
 };
 
