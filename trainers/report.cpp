@@ -218,8 +218,7 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
 
   // Headline metrics measured in two or more of the table's columns, one curve each over the
   // columns (a stage's start, then its end), so a stage's effect is the step between the two
-  // points on the same held-out set; a metric of one stage alone, like stage 1's retrieval, is
-  // in that stage's own plot below.
+  // points on the same held-out set; a metric in one column alone is in its stage's plot below.
   std::vector<PlotSeries> across;
   for (const auto& r : rows) {
     if (!headline(r)) continue;
