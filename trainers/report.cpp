@@ -172,32 +172,37 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   std::error_code ec;
   fs::create_directories(pics, ec);
   std::vector<std::string> names;
-  std::map<std::string, std::map<std::string, double>> finals;  // stage -> metric -> value
-  std::vector<std::string> rows;                                // metric keys in first-seen order
+  std::map<std::string, StageCurves> curves;  // stage -> its metrics.jsonl, read once for table and plots
+  std::vector<std::string> rows;              // metric keys in first-seen order
   // Table columns: a stage evaluated at step 0 (eval.at_start) gets a column for the model it was
   // handed as well, so the table itself shows what the stage changed (retrieval rising through
   // stage 1; stage 3's start column is stage 2's model on stage 3's question sets).
   std::vector<std::pair<std::string, std::map<std::string, double>>> columns;  // header -> metric -> value
   std::vector<std::string> plot_names;  // the columns' short names under the across-stages plot
+  auto add_column = [&](std::string header, std::string short_name, std::map<std::string, double> values) {
+    columns.emplace_back(std::move(header), std::move(values));
+    plot_names.push_back(std::move(short_name));
+  };
   for (size_t i = 0; i < plan.pipeline.stages.size(); ++i) {
     const std::string& name = plan.pipeline.stages[i].name;
     names.push_back(name);
+    const auto metrics = root / name / "metrics.jsonl";
+    if (fs::exists(metrics)) curves[name] = read_curves(metrics.string());
     const std::string header = name + " (" + plan.stages[i].trainer + ")";
     if (!result.stages.contains(name)) {  // not run yet: a column of "-"
-      columns.emplace_back(header, std::map<std::string, double>{}), plot_names.push_back(name);
+      add_column(header, name, {});
       continue;
     }
-    finals[name] = flatten_eval(result.stages[name].value("eval", nlohmann::json()));
-    const auto metrics = root / name / "metrics.jsonl";
-    if (fs::exists(metrics)) {
+    if (auto c = curves.find(name); c != curves.end()) {
       std::map<std::string, double> start;
-      for (const auto& [k, s] : read_curves(metrics.string()).eval)
+      for (const auto& [k, s] : c->second.eval)
         if (!s.x.empty() && s.x.front() == 0) start[k] = s.y.front();
-      if (!start.empty()) columns.emplace_back(name + " start", std::move(start)), plot_names.push_back("start");
+      if (!start.empty()) add_column(name + " start", "start", std::move(start));
     }
-    columns.emplace_back(header, finals[name]), plot_names.push_back(name);
-    for (const auto& [k, v] : finals[name])
+    auto final_eval = flatten_eval(result.stages[name].value("eval", nlohmann::json()));
+    for (const auto& [k, v] : final_eval)
       if (std::find(rows.begin(), rows.end(), k) == rows.end()) rows.push_back(k);
+    add_column(header, name, std::move(final_eval));
   }
 
   std::string md = "# Report: pipeline " + plan.pipeline.name + "\n\n";
@@ -239,17 +244,17 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
 
   md += "## Per stage\n\n";
   for (size_t i = 0; i < names.size(); ++i) {
-    const auto metrics = root / names[i] / "metrics.jsonl";
-    if (!fs::exists(metrics)) continue;
-    const auto curves = read_curves(metrics.string());
+    const auto found = curves.find(names[i]);
+    if (found == curves.end()) continue;
+    const StageCurves& c = found->second;
     md += "### " + names[i] + " (" + plan.stages[i].trainer + ")\n\n";
-    if (!curves.loss.x.empty()) {
+    if (!c.loss.x.empty()) {
       const std::string f = names[i] + "_loss.png";
-      draw_line_plot((pics / f).string(), names[i] + ": training loss", "step", {curves.loss});
+      draw_line_plot((pics / f).string(), names[i] + ": training loss", "step", {c.loss});
       md += "![" + names[i] + " training loss](report/" + f + ")\n";
     }
     std::vector<PlotSeries> held;
-    for (const auto& [k, s] : curves.eval)
+    for (const auto& [k, s] : c.eval)
       if (headline(k) && s.x.size() >= 2) held.push_back(s);
     if (!held.empty()) {
       const std::string f = names[i] + "_eval.png";
