@@ -8,6 +8,15 @@ namespace trialign {
 
 namespace {
 
+// Autocast caches the bf16 copy of each fp32 weight for the rest of its scope, whether or not grad
+// mode is on. The no-grad forward of a checkpointed block would leave graph-less copies there for
+// the recompute to reuse, and the weights would get no gradient: both passes run without the cache.
+struct NoAutocastCache {
+  bool prev = at::autocast::is_autocast_cache_enabled();
+  NoAutocastCache() { at::autocast::set_autocast_cache_enabled(false); }
+  ~NoAutocastCache() { at::autocast::set_autocast_cache_enabled(prev); }
+};
+
 // The backward node of a checkpointed block: recompute with a graph, then back-propagate the
 // incoming gradient through it. The inner backward is re-entrant (the engine allows it); it
 // accumulates the parameters' gradients directly, and x's gradient is what the node returns.
@@ -27,6 +36,7 @@ struct RecomputeBackward : torch::autograd::Node {
     torch::Tensor x, y;
     {
       torch::AutoGradMode grad_on(true);
+      NoAutocastCache no_cache;
       x = input.detach().requires_grad_(input_grad);
       y = fn(x);
     }
@@ -50,6 +60,7 @@ torch::Tensor checkpointed(const std::function<torch::Tensor(const torch::Tensor
   torch::Tensor y;
   {
     torch::NoGradGuard no_graph;
+    NoAutocastCache no_cache;
     y = fn(x);
   }
   auto node = std::shared_ptr<RecomputeBackward>(new RecomputeBackward(), torch::autograd::deleteNode);
