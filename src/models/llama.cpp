@@ -87,11 +87,7 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
   }
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   scores = scores + mask.to(scores.scalar_type());                        // [B, Hq, T, T_past + T]
-  // bf16 scores (CPU autocast) go straight in: the CPU kernel accumulates in fp32 and rounds once,
-  // so the probabilities equal an fp32 softmax cast to bf16 (tests/test_llama.cpp), without the
-  // two casts of [B, Hq, T, T] each way and the slower fp32 backward.
-  auto attn = scores.scalar_type() == torch::kBFloat16 ? torch::softmax(scores, -1)
-                                                       : torch::softmax(at_least_fp32(scores), -1).to(v.scalar_type());
+  auto attn = torch::softmax(at_least_fp32(scores), -1).to(v.scalar_type());
   auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj(out);
 }
