@@ -1,12 +1,10 @@
 // Projectors: registry names, Hugging Face / LLaVA parameter names, shapes and values; the
 // vision feature tap; the patch embedding with overlapping windows.
-#include <ATen/autocast_mode.h>
 #include <catch2/catch.hpp>
 
 #include "core/config_tree.h"
 #include "core/errors.h"
 #include "models/clip_model.h"
-#include "models/linear.h"
 #include "models/projector.h"
 
 using namespace trialign;
@@ -155,21 +153,4 @@ TEST_CASE("vision pooling: CLS, mean or channel max of the normalised patch stat
     REQUIRE(pooled.sizes() == torch::IntArrayRef({2, 2}));
     for (int i = 0; i < 4; ++i) CHECK(pooled[i / 2][i % 2].item<float>() == Approx(want[i]).margin(1e-5));
   }
-}
-
-TEST_CASE("linear(): the module's result in fp32, at::linear's bf16 result under autocast", "[projector][bf16]") {
-  torch::manual_seed(5);
-  torch::nn::Linear lin(6, 4);
-  auto x = torch::randn({2, 3, 6});  // 3-D: the shape where the module's forward adds the bias itself
-  CHECK(torch::allclose(trialign::linear(lin, x), lin(x), 1e-6, 1e-6));
-  at::autocast::set_cpu_enabled(true);
-  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-  auto y = trialign::linear(lin, x);
-  at::autocast::set_cpu_enabled(false);
-  at::autocast::clear_cache();
-  REQUIRE(y.scalar_type() == torch::kBFloat16);
-  // Bias rounded to bf16 and added inside the GEMM, as every bf16 autocast op does.
-  auto want = torch::linear(x.to(torch::kBFloat16), lin->weight.to(torch::kBFloat16), lin->bias.to(torch::kBFloat16));
-  CHECK(torch::equal(y, want));
-  CHECK(torch::allclose(y.to(torch::kFloat32), lin(x), 0.0, 0.05));
 }

@@ -1,6 +1,5 @@
 #include "models/clip_layers.h"
 
-#include "models/linear.h"
 #include "models/recompute.h"
 
 #include <cmath>
@@ -26,12 +25,12 @@ torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x, const torch::Te
   const auto B = x.size(0), T = x.size(1);
   // [B, T, D] -> [B, H, T, Dh]
   auto split = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };
-  auto q = split(linear(q_proj, x)), k = split(linear(k_proj, x)), v = split(linear(v_proj, x));
+  auto q = split(q_proj(x)), k = split(k_proj(x)), v = split(v_proj(x));
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   if (mask.defined()) scores = scores + mask;                // [B, H, T, T]
   auto attn = torch::softmax(scores, -1);
   auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
-  return linear(out_proj, out);
+  return out_proj(out);
 }
 
 ClipMlpImpl::ClipMlpImpl(const ClipBlockConfig& c) : act_(c.hidden_act) {
@@ -39,7 +38,7 @@ ClipMlpImpl::ClipMlpImpl(const ClipBlockConfig& c) : act_(c.hidden_act) {
   fc2 = register_module("fc2", torch::nn::Linear(c.intermediate_size, c.hidden_size));
 }
 
-torch::Tensor ClipMlpImpl::forward(const torch::Tensor& x) { return linear(fc2, apply_activation(act_, linear(fc1, x))); }
+torch::Tensor ClipMlpImpl::forward(const torch::Tensor& x) { return fc2(apply_activation(act_, fc1(x))); }
 
 ClipEncoderLayerImpl::ClipEncoderLayerImpl(const ClipBlockConfig& c) {
   auto ln = [&] {

@@ -3,7 +3,6 @@
 #include <cmath>
 
 #include "core/errors.h"
-#include "models/linear.h"
 
 namespace trialign {
 
@@ -71,7 +70,7 @@ class LinearProjectorImpl : public ProjectorImpl {
     bias = register_parameter("bias", lin->bias.detach().clone());
   }
   torch::Tensor forward(const torch::Tensor& f) override {
-    return torch::linear(with_positions(merge_patches(f, k_), o_, code_), weight, bias);  // models/linear.h says why
+    return torch::nn::functional::linear(with_positions(merge_patches(f, k_), o_, code_), weight, bias);
   }
   int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::Tensor weight, bias;
@@ -90,7 +89,7 @@ class Mlp2xGeluImpl : public ProjectorImpl {
     fc2 = register_module("2", torch::nn::Linear(d.llm_hidden, d.llm_hidden));
   }
   torch::Tensor forward(const torch::Tensor& f) override {
-    return linear(fc2, torch::gelu(linear(fc0, with_positions(merge_patches(f, k_), o_, code_))));
+    return fc2(torch::gelu(fc0(with_positions(merge_patches(f, k_), o_, code_))));
   }
   int64_t num_tokens(int64_t patches) const override { return merged_tokens(patches, k_); }
   torch::nn::Linear fc0{nullptr}, fc2{nullptr};
@@ -141,9 +140,7 @@ torch::Tensor ResamplerLayerImpl::forward(const torch::Tensor& queries, const to
   auto q = ln_q(queries).transpose(0, 1), kv = ln_kv(features).transpose(0, 1);
   auto attended = std::get<0>(cross_attn(q, kv, kv)).transpose(0, 1);  // [B, N, D]
   auto h = queries + attended;
-  auto* fc_in = mlp[0]->as<torch::nn::Linear>();
-  auto* fc_out = mlp[2]->as<torch::nn::Linear>();
-  return h + linear(*fc_out, torch::gelu(linear(*fc_in, ln_mlp(h))));  // mlp: Linear, GELU, Linear
+  return h + mlp->forward(ln_mlp(h));
 }
 
 ResamplerImpl::ResamplerImpl(const ResamplerOptions& o, const ProjectorDims& d) : opt_(o) {
@@ -158,10 +155,10 @@ ResamplerImpl::ResamplerImpl(const ResamplerOptions& o, const ProjectorDims& d) 
 
 torch::Tensor ResamplerImpl::forward(const torch::Tensor& features) {
   const auto B = features.size(0);
-  auto kv = linear(in_proj, features);                                // [B, P, D]
+  auto kv = in_proj(features);                                  // [B, P, D]
   auto q = query.unsqueeze(0).expand({B, query.size(0), query.size(1)});  // [B, N, D]
   for (const auto& layer : *layers) q = layer->as<ResamplerLayer>()->forward(q, kv);
-  return linear(out_proj, ln_out(q));                                  // [B, N, H]
+  return out_proj(ln_out(q));                                    // [B, N, H]
 }
 
 }  // namespace trialign
