@@ -9,6 +9,7 @@
 #include "models/clip_layers.h"
 #include "models/clip_model.h"
 #include "models/llama.h"
+#include "models/recompute.h"
 #include "models/vlm.h"
 #include "test_helpers.h"
 #include "trainers/bench.h"
@@ -265,6 +266,28 @@ TEST_CASE("gradient checkpointing gives the plain forward's values and gradients
     CHECK_FALSE(has_recompute_node(y1));
     const auto no_input = torch::zeros({1});  // ids: no input gradient
     check_close(grads_of(*plain, no_input, y1), grads_of(*recomputed, no_input, y2));
+  }
+  SECTION("bf16 autocast: a weight the autocast cache would keep still gets its gradient") {
+    // at::linear casts its leaf weight and bias through autocast's cache; a cast made in the
+    // no-grad first pass and reused by the recompute would carry no graph back to the weight.
+    torch::manual_seed(4);
+    torch::nn::Linear plain(6, 5), recomputed(6, 5);
+    {
+      torch::NoGradGuard ng;
+      recomputed->weight.copy_(plain->weight);
+      recomputed->bias.copy_(plain->bias);
+    }
+    const auto x0 = torch::randn({3, 6});
+    AutocastGuard ac(true);
+    auto x1 = x0.clone().requires_grad_(true), x2 = x0.clone().requires_grad_(true);
+    auto y1 = torch::linear(x1, plain->weight, plain->bias);
+    auto* lin = recomputed.get();
+    auto y2 = checkpointed([lin](const torch::Tensor& in) { return torch::linear(in, lin->weight, lin->bias); }, x2,
+                           *recomputed);
+    CHECK(torch::equal(y1, y2));
+    CHECK(has_recompute_node(y2));
+    const auto g1 = grads_of(*plain, x1, y1), g2 = grads_of(*recomputed, x2, y2);
+    check_close(g1, g2, 1e-2);
   }
   SECTION("nothing to differentiate: no graph is kept") {
     TowerDims c;
