@@ -42,7 +42,6 @@ struct RecomputeBackward : torch::autograd::Node {
     }
     at::autocast::set_cpu_enabled(prev);
     at::autocast::set_autocast_cpu_dtype(prev_dtype);
-    if (prev) at::autocast::clear_cache();
     torch::autograd::backward({y}, {grads[0]});
     input.reset();
     return {input_grad ? x.grad() : torch::Tensor()};
