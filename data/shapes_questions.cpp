@@ -191,6 +191,29 @@ bool make_relation(const Scene& s, Rng rng, QA& qa) {
   return true;
 }
 
+// Where an object's centre lies on a 3 x 3 grid over the image: "top left", "top", ..., "centre",
+// ..., "bottom right". A relation question needs two such look-ups and a comparison; asking for
+// the look-up alone gives the language model one of these per scene to learn it from, where the
+// relation questions alone were memorised per image (docs/benchmarks.md).
+std::string grid_position(const Object& o, int image_size) {
+  const float third = static_cast<float>(image_size) / 3.0f;
+  auto band = [&](float v) { return v < third ? 0 : (v < 2.0f * third ? 1 : 2); };
+  static const char* const rows[] = {"top", "", "bottom"};
+  static const char* const cols[] = {"left", "", "right"};
+  const std::string r = rows[band(o.cy)], c = cols[band(o.cx)];
+  if (r.empty() && c.empty()) return "centre";
+  if (r.empty() || c.empty()) return r + c;
+  return r + " " + c;
+}
+
+bool make_position(const Scene& s, const GeneratorOptions& opts, Rng rng, QA& qa) {
+  const auto cands = unique_by(s.objects, pair_of);
+  if (cands.empty()) return false;
+  const Object& o = s.objects[pick(cands, rng)];
+  qa = {"position", "Where is the " + o.colour + " " + o.shape + "?", grid_position(o, opts.image_size)};
+  return true;
+}
+
 json turn(const char* from, const std::string& value) {
   json t = json::object();
   t["from"] = from;
@@ -224,7 +247,8 @@ std::ostream& operator<<(std::ostream& os, const QA& qa) {
 
 const std::vector<std::string>& question_types() {
   static const std::vector<std::string> v = {"colour", "shape",     "size",
-                                             "count",  "existence", "relation"};
+                                             "count",  "existence", "relation",
+                                             "position"};
   return v;
 }
 
@@ -237,6 +261,7 @@ std::vector<QA> make_questions(const Scene& scene, const GeneratorOptions& opts,
   if (make_count(scene, opts, stream(seed, "count"), qa)) out.push_back(qa);
   if (make_existence(scene, opts, stream(seed, "existence"), qa)) out.push_back(qa);
   if (make_relation(scene, stream(seed, "relation"), qa)) out.push_back(qa);
+  if (make_position(scene, opts, stream(seed, "position"), qa)) out.push_back(qa);
   return out;
 }
 

@@ -1,9 +1,10 @@
 // Shapes-world instruction / VQA data derived from scene graphs (data/shapes_world.h).
 //
 // Every question is answerable from the scene graph alone and every answer is one lower-case
-// word, so held-out VQA can be scored by exact match. Like the scenes themselves, everything
-// here is a pure function of its arguments (a seed in, the same bytes out), so instruction data
-// can be regenerated for any dataset without storing it. Plain C++ + nlohmann::json; no torch.
+// word (two for a position in a corner), so held-out VQA can be scored by exact match. Like the
+// scenes themselves, everything here is a pure function of its arguments (a seed in, the same
+// bytes out), so instruction data can be regenerated for any dataset without storing it. Plain
+// C++ + nlohmann::json; no torch.
 #pragma once
 
 #include <cstdint>
@@ -33,7 +34,7 @@ std::string indefinite_article(const std::string& word);
 std::string opposite_predicate(const std::string& predicate);
 
 // The question types in the order make_questions returns them:
-// colour, shape, size, count, existence, relation.
+// colour, shape, size, count, existence, relation, position.
 const std::vector<std::string>& question_types();
 
 // At most one question per type, in question_types() order, drawn reproducibly from `seed`
@@ -52,6 +53,10 @@ const std::vector<std::string>& question_types();
 //             about a pair from scene.relations whose objects both have a unique
 //             (colour, shape); "no" asks the opposite predicate (left of <-> right of,
 //             above <-> below).
+//   position  "Where is the {colour} {shape}?" -> the cell of the object's centre on a 3 x 3
+//             grid over the image: "top left", "top", "top right", "left", "centre", "right",
+//             "bottom left", "bottom", "bottom right" (the one answer of two words); object
+//             with a unique (colour, shape)
 // A type is skipped when the scene cannot support it (e.g. no unique shape: no colour
 // question; fewer than two identifiable objects: no relation question). Throws
 // std::invalid_argument for a relation with an unknown predicate or an out-of-range index.

@@ -79,6 +79,7 @@ std::string oracle(const Scene& s, const QA& qa) {
   static const std::regex exists_shape_q("Is there (a|an) (\\w+)\\?");
   static const std::regex rel_q(
       "Is the (\\w+) (\\w+) (left of|right of|above|below) the (\\w+) (\\w+)\\?");
+  static const std::regex where_q("Where is the (\\w+) (\\w+)\\?");
   std::smatch m;
   const std::string& q = qa.question;
   auto one = [&](const std::string& colour, const std::string& shape) {
@@ -112,9 +113,20 @@ std::string oracle(const Scene& s, const QA& qa) {
     FAIL("no relation " << a << " -> " << b);
     return "";
   }
+  if (qa.type == "position" && std::regex_match(q, m, where_q)) {
+    // Thirds of the 64 px image: [0, 21.33) top / left, [42.67, 64) bottom / right.
+    const Object& o = s.objects[static_cast<size_t>(one(m[1], m[2]))];
+    const std::string row = o.cy * 3 < 64 ? "top" : (o.cy * 3 < 128 ? "" : "bottom");
+    const std::string col = o.cx * 3 < 64 ? "left" : (o.cx * 3 < 128 ? "" : "right");
+    if (row.empty() && col.empty()) return "centre";
+    return row + (row.empty() || col.empty() ? "" : " ") + col;
+  }
   FAIL("question matches no template: " << qa);
   return "";
 }
+
+const std::set<std::string> kPositions = {"top left", "top",    "top right",   "left",        "centre",
+                                          "right",    "bottom", "bottom left", "bottom right"};
 
 // Red large circle left of a small blue square (same row).
 Scene two_objects() {
@@ -141,7 +153,9 @@ TEST_CASE("shapes_questions: a one-object scene has exact, forced questions", "[
     // Types come in the documented order, at most one each.
     std::vector<std::string> types;
     for (const QA& q : qs) types.push_back(q.type);
-    CHECK(types == std::vector<std::string>{"colour", "shape", "size", "count", "existence"});
+    CHECK(types == std::vector<std::string>{"colour", "shape", "size", "count", "existence", "position"});
+    REQUIRE(find_type(qs, "position"));
+    CHECK(*find_type(qs, "position") == QA{"position", "Where is the red circle?", "centre"});
   }
 }
 
@@ -295,6 +309,29 @@ TEST_CASE("shapes_questions: relations agree with scene.relations, and yes and n
   CHECK_THROWS_AS(make_questions(bad, opts, 1), std::invalid_argument);
 }
 
+TEST_CASE("shapes_questions: position names the 3 x 3 cell of the object's centre", "[shapes_questions]") {
+  const GeneratorOptions opts;  // 64 px: thirds at 21.33 and 42.67
+  const Scene s = scene_of({obj("circle", "red", "small", 10, 10), obj("square", "blue", "small", 32, 12),
+                            obj("star", "green", "small", 54, 56), obj("cross", "white", "small", 21, 32),
+                            obj("diamond", "cyan", "small", 43, 30)});
+  std::set<std::string> seen;
+  for (uint64_t seed = 0; seed < 200; ++seed) {
+    const auto qs = make_questions(s, opts, seed);
+    const QA* q = find_type(qs, "position");
+    REQUIRE(q);
+    CHECK(oracle(s, *q) == q->answer);
+    seen.insert(q->question + " " + q->answer);
+  }
+  // 21 < 64 / 3 <= 21.5: the white cross sits just inside the left third, the cyan diamond just
+  // inside the right one.
+  CHECK(seen == std::set<std::string>{"Where is the red circle? top left", "Where is the blue square? top",
+                                      "Where is the green star? bottom right", "Where is the white cross? left",
+                                      "Where is the cyan diamond? right"});
+  // Only an object a question can name without ambiguity: two red circles, no position question.
+  const Scene twins = scene_of({obj("circle", "red", "small", 10, 10), obj("circle", "red", "large", 40, 40)});
+  for (uint64_t seed = 0; seed < 20; ++seed) CHECK_FALSE(find_type(make_questions(twins, opts, seed), "position"));
+}
+
 TEST_CASE("shapes_questions: count answers equal the object or shape count", "[shapes_questions]") {
   const GeneratorOptions opts;
   const Scene s = scene_of({obj("cross", "red", "large", 12, 12), obj("cross", "blue", "small", 40, 44),
@@ -329,7 +366,10 @@ TEST_CASE("shapes_questions: every question on sampled scenes matches the oracle
       INFO(q);
       CHECK(oracle(s, q) == q.answer);
       CHECK(q.question.back() == '?');
-      CHECK(q.answer.find(' ') == std::string::npos);
+      if (q.type == "position")  // the one type whose answer may be two words (a corner)
+        CHECK(kPositions.count(q.answer) == 1);
+      else
+        CHECK(q.answer.find(' ') == std::string::npos);
       CHECK_FALSE(q.answer.empty());
       for (char c : q.answer) CHECK(!(c >= 'A' && c <= 'Z'));
       ++per_type[q.type];
