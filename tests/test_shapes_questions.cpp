@@ -322,8 +322,8 @@ TEST_CASE("shapes_questions: position names the 3 x 3 cell of the object's centr
     CHECK(oracle(s, *q) == q->answer);
     seen.insert(q->question + " " + q->answer);
   }
-  // 21 < 64 / 3 <= 21.5: the white cross sits just inside the left third, the cyan diamond just
-  // inside the right one.
+  // The boundaries: the white cross (x 21 < 64 / 3) sits just inside the left third, the cyan
+  // diamond (x 43 >= 2 * 64 / 3) just inside the right one.
   CHECK(seen == std::set<std::string>{"Where is the red circle? top left", "Where is the blue square? top",
                                       "Where is the green star? bottom right", "Where is the white cross? left",
                                       "Where is the cyan diamond? right"});
