@@ -128,6 +128,21 @@ std::string oracle(const Scene& s, const QA& qa) {
 const std::set<std::string> kPositions = {"top left", "top",    "top right",   "left",        "centre",
                                           "right",    "bottom", "bottom left", "bottom right"};
 
+// The distinct "question answer" lines of one type over seeds 0..199, each one required and
+// checked against the oracle.
+std::set<std::string> asked(const Scene& s, const std::string& type) {
+  const GeneratorOptions opts;
+  std::set<std::string> seen;
+  for (uint64_t seed = 0; seed < 200; ++seed) {
+    const auto qs = make_questions(s, opts, seed);
+    const QA* q = find_type(qs, type);
+    REQUIRE(q);
+    CHECK(oracle(s, *q) == q->answer);
+    seen.insert(q->question + " " + q->answer);
+  }
+  return seen;
+}
+
 // Red large circle left of a small blue square (same row).
 Scene two_objects() {
   return scene_of({obj("circle", "red", "large", 16, 32), obj("square", "blue", "small", 48, 32)});
@@ -314,14 +329,7 @@ TEST_CASE("shapes_questions: position names the 3 x 3 cell of the object's centr
   const Scene s = scene_of({obj("circle", "red", "small", 10, 10), obj("square", "blue", "small", 32, 12),
                             obj("star", "green", "small", 54, 56), obj("cross", "white", "small", 21, 32),
                             obj("diamond", "cyan", "small", 43, 30)});
-  std::set<std::string> seen;
-  for (uint64_t seed = 0; seed < 200; ++seed) {
-    const auto qs = make_questions(s, opts, seed);
-    const QA* q = find_type(qs, "position");
-    REQUIRE(q);
-    CHECK(oracle(s, *q) == q->answer);
-    seen.insert(q->question + " " + q->answer);
-  }
+  const std::set<std::string> seen = asked(s, "position");
   // The boundaries: the white cross (x 21 < 64 / 3) sits just inside the left third, the cyan
   // diamond (x 43 >= 2 * 64 / 3) just inside the right one.
   CHECK(seen == std::set<std::string>{"Where is the red circle? top left", "Where is the blue square? top",
@@ -333,18 +341,9 @@ TEST_CASE("shapes_questions: position names the 3 x 3 cell of the object's centr
 }
 
 TEST_CASE("shapes_questions: count answers equal the object or shape count", "[shapes_questions]") {
-  const GeneratorOptions opts;
   const Scene s = scene_of({obj("cross", "red", "large", 12, 12), obj("cross", "blue", "small", 40, 44),
                             obj("star", "green", "small", 52, 12)});
-  std::set<std::string> seen;
-  for (uint64_t seed = 0; seed < 200; ++seed) {
-    const auto qs = make_questions(s, opts, seed);
-    const QA* q = find_type(qs, "count");
-    REQUIRE(q);
-    const QA& qa = *q;
-    CHECK(oracle(s, qa) == qa.answer);
-    seen.insert(qa.question + " " + qa.answer);
-  }
+  const std::set<std::string> seen = asked(s, "count");
   CHECK(seen.count("How many objects are there? 3") == 1);
   CHECK(seen.count("How many crosses are there? 2") == 1);
   CHECK(seen.count("How many stars are there? 1") == 1);
