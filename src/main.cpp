@@ -84,7 +84,7 @@ LoadedVlm load_vlm(const std::string& dir) {
 }
 
 int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vector<std::string>& suites,
-                 const std::string& out) {
+                 const std::string& out, const std::string& predictions_out) {
   auto v = load_vlm(dir);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
   std::vector<EvalSet> sets = v.cfg.eval.sets;
@@ -103,6 +103,7 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
   }
   auto loss = lm_losses().create_or_throw(token_loss);
   nlohmann::json j;
+  std::string predictions_text;  // JSONL, one line per scored record of every set
   const ObjectVocabulary vocabulary = load_eval_vocabulary(v.cfg.eval);
   for (const auto& s : sets) {
     ConversationDataset ds(s.data, v.cfg.data, v.tok, v.model->tokens_per_image(), false, s.limit);
@@ -115,9 +116,15 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
         continue;
       }
     }
+    std::vector<nlohmann::json> predictions;
     j[s.name] = evaluate_vlm(v.model, *loss, ds, v.tok, std::max(1, v.cfg.train.batch_size / v.cfg.train.grad_accum),
-                             v.cfg.eval.max_new_tokens, bf16, vocabulary);
+                             v.cfg.eval.max_new_tokens, bf16, vocabulary,
+                             predictions_out.empty() ? nullptr : &predictions);
     j[s.name]["data"] = s.data;
+    for (auto& p : predictions) {
+      p["set"] = s.name;
+      predictions_text += p.dump() + "\n";
+    }
   }
   if (j.empty())
     throw DataError("eval: no record of suite " + fmt::format("{}", fmt::join(suites, ",")) +
@@ -125,12 +132,16 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
                     "records with \"objects\")");
   j["checkpoint"] = dir;
   if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
+  if (!predictions_out.empty()) {
+    atomic_write_text(predictions_out, predictions_text);
+    spdlog::info("eval: wrote the reply to each scored record to {}", predictions_out);
+  }
   std::cout << j.dump(2) << std::endl;
   return kExitOk;
 }
 
 int cmd_eval(const std::string& target, const std::string& data, std::vector<std::string> suites, const std::string& out,
-             int threads) {
+             const std::string& predictions_out, int threads) {
   init_logging();
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
@@ -144,7 +155,10 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
     if (std::find(known.begin(), known.end(), s) == known.end())
       throw ConfigError(fmt::format("--suite '{}': a {} checkpoint has the suites {} (or auto for all)", s, cfg.trainer,
                                     fmt::join(known, ", ")));
-  if (cfg.is_vlm()) return cmd_eval_vlm(dir, data, suites, out);
+  if (cfg.is_vlm()) return cmd_eval_vlm(dir, data, suites, out, predictions_out);
+  if (!predictions_out.empty())
+    throw ConfigError("--predictions: a " + cfg.trainer + " checkpoint scores retrieval over the whole set, not a reply "
+                      "per record; --predictions is for checkpoints of stage 2 onwards (adapter, finetune, preference)");
   const std::string manifest = data.empty() ? cfg.data.val : data;
   if (manifest.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no data.val");
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
@@ -338,7 +352,7 @@ int main(int argc, char** argv) {
   check->add_option("--set", sets, "Override a config key (repeatable)");
 
   // eval
-  std::string target, eval_data, eval_out;
+  std::string target, eval_data, eval_out, eval_predictions;
   std::vector<std::string> suites = {"auto"};
   int eval_threads = 0;
   auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
@@ -349,6 +363,9 @@ int main(int argc, char** argv) {
                    "negatives, mutual kNN, CKA); vqa, pope, chair (stages 2-3: questions, yes/no probes, captions)")
       ->delimiter(',');
   eval->add_option("--out", eval_out, "Also write the JSON results here");
+  eval->add_option("--predictions", eval_predictions,
+                   "Also write each scored record's reply here (JSONL: set, id, where, question_type, reference, "
+                   "reply, right); VLM checkpoints");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)");
 
   // run (pipeline)
@@ -480,7 +497,7 @@ int main(int argc, char** argv) {
     if (*bench) return cmd_bench(config, sets, bench_opt);
     if (*run) return cmd_run(pipeline, sets);
     if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
-    if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_threads);
+    if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_predictions, eval_threads);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
     if (*data_check) return cmd_data_check(config, sets, !no_images, check_json);
     if (*tok_train) return cmd_tokenizer_train(tok_opt);

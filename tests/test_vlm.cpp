@@ -688,3 +688,46 @@ TEST_CASE("pipeline summary: one readable line per stage from the stages' held-o
   CHECK_THAT(s, Catch::Contains("  s4       preference   val: true caption likelier than its hallucinated twin 0.750 "
                                 "(object 0.500, relation 1.000); implicit reward prefers it 0.625\n"));
 }
+
+TEST_CASE("eval predictions: one line per scored record, in order, whose right flags make up the exact match",
+          "[vlm][eval]") {
+  TinyVlmCorpus c;
+  RunConfig cfg = load_run_config(c.dir.file("stage3.yaml"));
+  const auto tok = Tokenizer::load(cfg.data.tokenizer);
+  torch::manual_seed(3);
+  VlmModel model = build_vlm_model(cfg, tok);
+  auto loss = ce();
+  auto run = [&](const std::string& manifest, std::vector<nlohmann::json>& pred) {
+    ConversationDataset ds(manifest, cfg.data, tok, model->tokens_per_image(), false, 6);
+    auto j = evaluate_vlm(model, *loss, ds, tok, 4, 4, false, {}, &pred);
+    REQUIRE(pred.size() == static_cast<size_t>(ds.size()));
+    for (int64_t i = 0; i < ds.size(); ++i) {
+      CHECK(pred[static_cast<size_t>(i)]["id"] == ds.sample(i).id);
+      CHECK(pred[static_cast<size_t>(i)]["reference"] == ds.sample(i).reference);
+    }
+    return j;
+  };
+  std::vector<nlohmann::json> first;
+  run(c.dir.file("data/val_vqa.jsonl"), first);
+  // The same questions again, the even ones with the untrained model's own reply as their answer:
+  // exactly those are right, and exact_match is their share.
+  std::ifstream in(c.dir.file("data/val_vqa.jsonl"));
+  std::string line, lines;
+  for (size_t i = 0; i < first.size() && std::getline(in, line); ++i) {
+    auto r = nlohmann::json::parse(line);
+    const std::string reply = first[i]["reply"];
+    REQUIRE_FALSE(reply.empty());
+    if (i % 2 == 0) r["conversations"].back()["value"] = reply;
+    else r["conversations"].back()["value"] = reply + " not";
+    lines += r.dump() + "\n";
+  }
+  test::write_file(c.dir.file("data/own.jsonl"), lines);
+  std::vector<nlohmann::json> second;
+  const auto j = run(c.dir.file("data/own.jsonl"), second);
+  for (size_t i = 0; i < second.size(); ++i) {
+    CHECK(second[i]["reply"] == first[i]["reply"]);  // greedy: the same prompt, the same reply
+    CHECK(second[i]["right"] == (i % 2 == 0));
+    CHECK(second[i]["where"] == c.dir.file("data/own.jsonl") + ":" + std::to_string(i + 1));
+  }
+  CHECK(j["exact_match"].get<double>() == Approx(0.5));
+}

@@ -111,7 +111,8 @@ ObjectVocabulary load_eval_vocabulary(const EvalSection& eval) {
 }
 
 nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const ConversationDataset& data, const Tokenizer& tok,
-                            int batch, int max_new_tokens, bool bf16, const ObjectVocabulary& vocabulary) {
+                            int batch, int max_new_tokens, bool bf16, const ObjectVocabulary& vocabulary,
+                            std::vector<nlohmann::json>* predictions) {
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard ng;
@@ -189,6 +190,9 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       if (s.truncated) continue;  // its reference reply was cut off
       const std::string& reply = replies[static_cast<size_t>(i - start)];
       const bool right = normalise_reply(reply) == normalise_reply(s.reference);
+      if (predictions)
+        predictions->push_back({{"id", s.id}, {"where", s.where}, {"question_type", s.question_type},
+                                {"reference", s.reference}, {"reply", reply}, {"right", right}});
       auto add = [&](const std::string& key) {
         exact[key].first += right;
         exact[key].second += 1;

@@ -52,8 +52,12 @@ std::vector<std::string> generate_replies(VlmModel& model, const Tokenizer& tok,
 // objects and CHAIR ("caption/...") for caption records with a scene and for any record with an
 // "objects" list. `batch` samples per forward. vocabulary: what counts as naming an object for
 // "objects" records; empty = every object listed anywhere in the set names itself.
+// predictions (when given) gets one object per scored record, in data order: id, where
+// (file:line), question_type, reference, reply, right (exact match) -- what `trialign eval
+// --predictions` writes, so a user can read which records the model gets wrong.
 nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const ConversationDataset& data, const Tokenizer& tok,
-                            int batch, int max_new_tokens, bool bf16, const ObjectVocabulary& vocabulary = {});
+                            int batch, int max_new_tokens, bool bf16, const ObjectVocabulary& vocabulary = {},
+                            std::vector<nlohmann::json>* predictions = nullptr);
 
 // eval.object_vocabulary loaded (empty when unset); load it before the first step so a bad file
 // stops the run before it starts.
