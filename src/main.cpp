@@ -11,6 +11,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
 #include "core/distributed.h"
@@ -76,6 +77,7 @@ struct LoadedVlm {
 LoadedVlm load_vlm(const std::string& dir) {
   LoadedVlm v;
   v.cfg = checkpoint_config_of(dir);
+  check_checkpoint_tokenizer(dir, v.cfg.data.tokenizer, "loading the checkpoint");
   v.tok = Tokenizer::load(v.cfg.data.tokenizer);
   v.model = build_vlm_model(v.cfg, v.tok);
   load_state(*v.model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
@@ -161,6 +163,7 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
                       "per record; --predictions is for checkpoints of stage 2 onwards (adapter, finetune, preference)");
   const std::string manifest = data.empty() ? cfg.data.val : data;
   if (manifest.empty()) throw ConfigError("eval: no --data given and the checkpoint's config has no data.val");
+  check_checkpoint_tokenizer(dir, cfg.data.tokenizer, "eval");
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
   ClipModel model = build_clip_model(cfg, tok);
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");

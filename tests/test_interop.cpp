@@ -15,9 +15,11 @@
 #include <thread>
 
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "core/weight_files.h"
+#include "data/tokenizer.h"
 #include "data/manifest.h"
 #include "models/hf_interop.h"
 #include "test_helpers.h"
@@ -26,6 +28,7 @@
 #include "trainers/vlm.h"
 
 using namespace trialign;
+using trialign::test::message_of;
 using trialign::test::quiet;
 using trialign::test::TempDir;
 using trialign::test::write_file;
@@ -399,4 +402,48 @@ TEST_CASE("SIGTERM through the command line: the step finishes, a checkpoint is 
                     std::to_string(info.step + 2) + " --resume auto",
                 &out) == 0);
   CHECK(verify_checkpoint(find_latest_checkpoint(run)).step == info.step + 2);
+}
+
+TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse another file", "[interop][checkpoint]") {
+  Corpus c;
+  const std::string tok = c.dir.file("data/tok.model");
+  train_vlm(c.config("vlm.yaml", "a"), quiet());
+  const std::string ckpt = resolve_checkpoint(c.dir.file("a"));
+  const auto state = nlohmann::json::parse(read_text_file(ckpt + "/trainer_state.json"));
+  CHECK(state.at("tokenizer").at("path") == tok);
+  CHECK(state.at("tokenizer").at("crc32").get<uint32_t>() == crc32_file(tok));
+  CHECK(state.at("tokenizer").at("bytes").get<int64_t>() == static_cast<int64_t>(fs::file_size(tok)));
+
+  // A byte-identical copy elsewhere is the same tokenizer; one trained with other options is not.
+  fs::copy_file(tok, c.dir.file("copy.model"));
+  CHECK_NOTHROW(check_checkpoint_tokenizer(ckpt, c.dir.file("copy.model"), "eval"));
+  TokenizerTrainOptions o;
+  o.manifests = {c.dir.file("data/train.jsonl")};
+  o.out_prefix = c.dir.file("other");
+  o.vocab_size = 48;
+  train_tokenizer(o);
+  const std::string other = c.dir.file("other.model");
+  CHECK_THAT(message_of<ConfigError>([&] { check_checkpoint_tokenizer(ckpt, other, "eval"); }),
+             Catch::Contains("eval: checkpoint '" + ckpt + "' was trained with the tokenizer '" + tok + "'") &&
+                 Catch::Contains("but the tokenizer here is '" + other + "'") &&
+                 Catch::Contains("Point data.tokenizer at the tokenizer it was trained with"));
+
+  // init_from: the language model's embeddings are indexed by token ids, the vision tower is not.
+  RunConfig cfg = c.config("vlm.yaml", "b", {"data.tokenizer=" + other});
+  VlmModel model = build_vlm_model(cfg, Tokenizer::load(other));
+  CHECK_NOTHROW(init_components(*model, InitFrom{c.dir.file("a"), {"vision_model", "mm_projector"}}, cfg.model, other));
+  CHECK_THAT(message_of<ConfigError>([&] {
+               init_components(*model, InitFrom{c.dir.file("a"), {"vision_model", "language_model"}}, cfg.model, other);
+             }),
+             Catch::Contains("init_from language_model: checkpoint '" + ckpt + "' was trained with the tokenizer"));
+
+  // The tokenizer retrained in place (same path, other file): resuming and evaluating stop.
+  fs::copy_file(other, tok, fs::copy_options::overwrite_existing);
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  CHECK_THAT(message_of<ConfigError>([&] { train_vlm(c.config("vlm.yaml", "a", {"train.steps=3"}), resume); }),
+             Catch::Contains("resume: checkpoint '" + ckpt + "' was trained with the tokenizer '" + tok + "'"));
+  std::string out;
+  CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl"), &out) != 0);
+  CHECK_THAT(out, Catch::Contains("was trained with the tokenizer '" + tok + "'"));
 }

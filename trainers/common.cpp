@@ -21,6 +21,7 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
 #include "core/distributed.h"
@@ -360,6 +361,7 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                       ". The data order follows the global batch (train.batch_size x ranks), so resume with " +
                       std::to_string(saved_world) + " rank(s) (--nproc / torchrun --nproc_per_node), or start a new run " +
                       "with init_from naming this checkpoint");
+  check_checkpoint_tokenizer(dir, cfg.data.tokenizer, "resume");
   const auto diff = diff_for_resume(read_text_file(dir + "/config.yaml"), resolved_yaml(cfg));
   if (!diff.unsafe.empty()) {
     std::string keys;

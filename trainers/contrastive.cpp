@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
 #include "core/distributed.h"
 #include "core/errors.h"
@@ -125,7 +126,8 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
   w.add_json("trainer_state.json", {{"trainer", "contrastive"},
                                     {"step", step},
                                     {"samples_seen", step * global_batch(cfg)},
-                                    {"world_size", world_size()}});
+                                    {"world_size", world_size()},
+                                    {"tokenizer", tokenizer_record(cfg.data.tokenizer)}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -226,7 +228,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     spdlog::info("resumed from {} at step {}", resumed_from, start);
     forget_after_step(cfg.run.out_dir, start);
   } else {
-    for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model);
+    for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model, cfg.data.tokenizer);
   }
   {  // every rank starts from rank 0's weights
     auto all = model->parameters();

@@ -177,7 +177,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   VlmModel model = build_vlm_model(cfg, tok);
   nlohmann::json resolved_inits = nlohmann::json::array();
   for (const auto& init : inits)
-    resolved_inits.push_back({{"checkpoint", init_components(*model, init, cfg.model)}, {"components", init.components}});
+    resolved_inits.push_back({{"checkpoint", init_components(*model, init, cfg.model, cfg.data.tokenizer)}, {"components", init.components}});
   if (resumed_from.empty()) write_run_text(cfg, "init_from.json", resolved_inits.dump(2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)

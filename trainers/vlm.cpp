@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <set>
 
+#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
 #include "core/errors.h"
 #include "core/logging.h"
@@ -255,7 +256,8 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
   w.add_json("trainer_state.json", {{"trainer", cfg.trainer},
                                     {"step", step},
                                     {"samples_seen", step * global_batch(cfg)},
-                                    {"world_size", world_size()}});
+                                    {"world_size", world_size()},
+                                    {"tokenizer", tokenizer_record(cfg.data.tokenizer)}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -332,7 +334,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     spdlog::info("resumed from {} at step {}", resumed_from, start);
     forget_after_step(cfg.run.out_dir, start);
   } else {
-    for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model);
+    for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model, cfg.data.tokenizer);
   }
   sync_across_ranks(model->parameters());  // every rank starts from rank 0's weights
   write_run_text(cfg, "config.yaml", resolved_yaml(cfg));

@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
 #include "core/errors.h"
@@ -166,7 +167,8 @@ int64_t load_component(torch::nn::Module& model, const std::map<std::string, tor
   return copied;
 }
 
-std::string init_components(torch::nn::Module& model, const InitFrom& init, const ModelConfig& mc) {
+std::string init_components(torch::nn::Module& model, const InitFrom& init, const ModelConfig& mc,
+                            const std::string& tokenizer) {
   std::vector<std::string> names;
   for (const auto& [n, t] : named_state(model)) names.push_back(n);
   std::string source, used;
@@ -183,6 +185,11 @@ std::string init_components(torch::nn::Module& model, const InitFrom& init, cons
                       " (a fresh run takes its starting weights from there: run that stage first, or fix the path)");
     }
     verify_checkpoint(used);
+    for (const auto& c : init.components)
+      if (c == "text_model" || c == "language_model") {
+        check_checkpoint_tokenizer(used, tokenizer, "init_from " + c);
+        break;
+      }
     source = used + "/model.safetensors";
     tensors = load_safetensors(source);
   }

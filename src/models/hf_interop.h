@@ -35,8 +35,11 @@ int64_t load_component(torch::nn::Module& model, const std::map<std::string, tor
 // Components from `init.checkpoint`: a trialign checkpoint or run folder (its newest complete
 // checkpoint, checksums verified) or Hugging Face weights (a .safetensors file, a sharded
 // index, or a folder; its config.json is checked against `mc`). Returns what was loaded from:
-// the resolved checkpoint folder or the weights path.
-std::string init_components(torch::nn::Module& model, const InitFrom& init, const ModelConfig& mc);
+// the resolved checkpoint folder or the weights path. tokenizer: the run's data.tokenizer; a
+// trialign checkpoint whose text_model or language_model is taken must have been trained with
+// the same file (check_checkpoint_tokenizer), since their embeddings are indexed by its ids.
+std::string init_components(torch::nn::Module& model, const InitFrom& init, const ModelConfig& mc,
+                            const std::string& tokenizer = "");
 
 // Compares a Hugging Face config.json next to `weights` (if there is one) with the run's model
 // config for `component`; returns one line per disagreeing field ("model.llm.rope_theta:

@@ -244,7 +244,7 @@ std::shared_ptr<torch::nn::Module> build_model_with_weights(RunConfig& cfg, cons
   std::shared_ptr<torch::nn::Module> model;
   if (cfg.is_vlm()) model = build_vlm_model(cfg, tok).ptr();
   else model = build_clip_model(cfg, tok).ptr();
-  for (const auto& s : sources) init_components(*model, InitFrom{s.path, {s.component}}, cfg.model);
+  for (const auto& s : sources) init_components(*model, InitFrom{s.path, {s.component}}, cfg.model, cfg.data.tokenizer);
   model->eval();
   return model;
 }
