@@ -159,9 +159,7 @@ bool make_existence(const Scene& s, const GeneratorOptions& opts, Rng rng, QA& q
   return false;
 }
 
-// The relations a question can name: both objects have a unique (colour, shape). Throws for a
-// relation that does not name two objects of the scene or has an unknown predicate.
-std::vector<const Relation*> askable_relations(const Scene& s) {
+bool make_relation(const Scene& s, Rng rng, QA& qa) {
   const int n = static_cast<int>(s.objects.size());
   for (const Relation& r : s.relations) {
     if (r.subject < 0 || r.subject >= n || r.object < 0 || r.object >= n || r.subject == r.object)
@@ -171,30 +169,25 @@ std::vector<const Relation*> askable_relations(const Scene& s) {
                                   std::to_string(n));
     opposite_predicate(r.predicate);  // validates the predicate
   }
+  // Only objects a question can name without ambiguity: a unique (colour, shape).
   const auto ident = unique_by(s.objects, pair_of);
   std::vector<bool> ok(s.objects.size(), false);
   for (size_t i : ident) ok[i] = true;
-  std::vector<const Relation*> out;
-  for (const Relation& r : s.relations)
-    if (ok[static_cast<size_t>(r.subject)] && ok[static_cast<size_t>(r.object)]) out.push_back(&r);
-  return out;
-}
-
-// "Is the a predicate the b?" with the relation's predicate (answer yes) or its opposite (no).
-QA relation_question(const Scene& s, const Relation& r, bool yes) {
+  std::vector<size_t> cands;
+  for (size_t k = 0; k < s.relations.size(); ++k)
+    if (ok[static_cast<size_t>(s.relations[k].subject)] &&
+        ok[static_cast<size_t>(s.relations[k].object)])
+      cands.push_back(k);
+  if (cands.empty()) return false;
+  const Relation& r = s.relations[pick(cands, rng)];
+  const bool yes = coin(rng);
   const Object& a = s.objects[static_cast<size_t>(r.subject)];
   const Object& b = s.objects[static_cast<size_t>(r.object)];
   const std::string predicate = yes ? r.predicate : opposite_predicate(r.predicate);
-  return {"relation",
-          "Is the " + a.colour + " " + a.shape + " " + predicate + " the " + b.colour + " " + b.shape + "?",
-          yes ? "yes" : "no"};
-}
-
-bool make_relation(const Scene& s, Rng rng, QA& qa) {
-  const auto cands = askable_relations(s);
-  if (cands.empty()) return false;
-  const Relation& r = *pick(cands, rng);
-  qa = relation_question(s, r, coin(rng));
+  qa = {"relation",
+        "Is the " + a.colour + " " + a.shape + " " + predicate + " the " + b.colour + " " +
+            b.shape + "?",
+        yes ? "yes" : "no"};
   return true;
 }
 
@@ -272,27 +265,9 @@ std::vector<QA> make_questions(const Scene& scene, const GeneratorOptions& opts,
   return out;
 }
 
-std::vector<QA> extra_relation_questions(const Scene& scene, uint64_t seed, const std::vector<QA>& asked) {
-  // Every distinct question (askable relation x true or false) not asked yet, in a random order.
-  std::vector<QA> left;
-  for (const Relation* r : askable_relations(scene))
-    for (bool yes : {true, false}) {
-      QA q = relation_question(scene, *r, yes);
-      auto same = [&](const QA& o) { return o.question == q.question; };
-      if (std::none_of(asked.begin(), asked.end(), same) && std::none_of(left.begin(), left.end(), same))
-        left.push_back(std::move(q));
-    }
-  Rng rng = stream(seed, "relation+");
-  for (size_t i = left.size(); i > 1; --i)  // Fisher-Yates, as instruction_record's turns
-    std::swap(left[i - 1], left[static_cast<size_t>(rng.uniform_int(0, static_cast<int64_t>(i) - 1))]);
-  if (left.size() > static_cast<size_t>(kExtraRelationTurns)) left.resize(static_cast<size_t>(kExtraRelationTurns));
-  return left;
-}
-
 json instruction_record(const Scene& scene, const std::string& image,
                         const GeneratorOptions& opts, uint64_t seed) {
   std::vector<QA> turns = make_questions(scene, opts, seed);
-  for (auto& q : extra_relation_questions(scene, seed, turns)) turns.push_back(std::move(q));
   Rng rng = stream(seed, "instruction");
   // Fisher-Yates with the project's portable RNG (std::shuffle's output is implementation-defined).
   for (size_t i = turns.size(); i > 1; --i)

@@ -62,20 +62,11 @@ const std::vector<std::string>& question_types();
 // std::invalid_argument for a relation with an unknown predicate or an out-of-range index.
 std::vector<QA> make_questions(const Scene& scene, const GeneratorOptions& opts, uint64_t seed);
 
-// Up to kExtraRelationTurns more relation questions for a training conversation, drawn at random
-// from the distinct ones not in `asked` (each relation between two identifiable objects, asked
-// with its predicate, answer yes, and with the opposite one, answer no). Fewer only when the
-// scene has fewer left to ask. Why: with one relation turn per scene,
-// whether stage 3 learnt to read relations depended on the seed (docs/benchmarks.md).
-constexpr int kExtraRelationTurns = 2;
-std::vector<QA> extra_relation_questions(const Scene& scene, uint64_t seed, const std::vector<QA>& asked);
-
 // Training record for a scene: one multi-turn LLaVA conversation (data/conversation.h)
 //   {"id": scene.id, "image": image, "question_types": [...one per gpt turn, "caption" for the
 //    caption turn...], "conversations": [{"from":"human","value":"<image>\n..."},
 //    {"from":"gpt","value":...}, ...]}
-// The turns are make_questions(scene, opts, seed) and extra_relation_questions in a shuffled
-// order plus a caption turn
+// The turns are make_questions(scene, opts, seed) in a shuffled order plus a caption turn
 // ("Describe the image." -> caption(scene)) at a random position; only the first human turn
 // carries the "<image>\n" prefix. A scene without objects (empty caption) gets no caption turn,
 // since an empty reply is not a valid record.

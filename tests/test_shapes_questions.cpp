@@ -397,15 +397,13 @@ TEST_CASE("shapes_questions: same seed, same output, and records have the docume
 
   for (uint64_t seed = 0; seed < 30; ++seed) {
     const auto qs = make_questions(s, opts, seed);
-    auto turns = qs;
-    for (const QA& q : extra_relation_questions(s, seed, qs)) turns.push_back(q);
     const json r = instruction_record(s, image, opts, seed);
     CHECK(r.at("id") == "train-000007");
     CHECK(r.at("image") == image);
     const json& conv = r.at("conversations");
     const json& types = r.at("question_types");
-    REQUIRE(conv.size() == 2 * (turns.size() + 1));
-    REQUIRE(types.size() == turns.size() + 1);
+    REQUIRE(conv.size() == 2 * (qs.size() + 1));
+    REQUIRE(types.size() == qs.size() + 1);
     std::string all_text;
     std::multiset<std::string> got, want;
     for (size_t i = 0; i < conv.size(); i += 2) {
@@ -420,7 +418,7 @@ TEST_CASE("shapes_questions: same seed, same output, and records have the docume
       got.insert(types[i / 2].get<std::string>() + "|" + question + "|" +
                  conv[i + 1].at("value").get<std::string>());
     }
-    for (const QA& q : turns) want.insert(q.type + "|" + q.question + "|" + q.answer);
+    for (const QA& q : qs) want.insert(q.type + "|" + q.question + "|" + q.answer);
     want.insert("caption|Describe the image.|" + caption(s));
     CHECK(got == want);  // the same turns, in some order
     size_t tags = 0;
@@ -452,41 +450,6 @@ TEST_CASE("shapes_questions: same seed, same output, and records have the docume
       if (types[k] == "caption") caption_at.insert(k);
   }
   CHECK(caption_at.size() >= 3);
-}
-
-TEST_CASE("shapes_questions: training conversations ask up to two more relation questions, all distinct and true",
-          "[shapes_questions]") {
-  GeneratorOptions opts;
-  opts.max_objects = 5;
-  opts.seed = 4;
-  std::map<size_t, int> extra_counts;  // extra relation turns -> scenes
-  int yes = 0, no = 0;
-  for (int64_t i = 0; i < 300; ++i) {
-    const Scene s = sample_scene(opts, "train", i);
-    const uint64_t seed = question_seed(opts.seed, "train", i);
-    const auto qs = make_questions(s, opts, seed);
-    const auto extra = extra_relation_questions(s, seed, qs);
-    INFO(s);
-    std::set<std::string> questions;
-    for (const QA& q : qs) questions.insert(q.question);
-    for (const QA& q : extra) {
-      INFO(q);
-      CHECK(q.type == "relation");
-      CHECK(oracle(s, q) == q.answer);
-      CHECK(questions.insert(q.question).second);  // unlike every other question of the scene
-      (q.answer == "yes" ? yes : no) += 1;
-    }
-    // Two identifiable objects give 2 relations x {true, false} = 4 distinct questions, one of
-    // them already asked: there are always 3 left, so the scene gets both extra turns.
-    CHECK(extra.size() == (find_type(qs, "relation") ? 2u : 0u));
-    ++extra_counts[extra.size()];
-    const json types = instruction_record(s, scene_image_path("train", i), opts, seed).at("question_types");
-    CHECK(std::count(types.begin(), types.end(), "relation") == static_cast<long>(extra.size()) + (find_type(qs, "relation") ? 1 : 0));
-  }
-  CHECK(extra_counts[2] > 100);
-  CHECK(extra_counts[0] > 0);  // scenes of one object, or of objects no question can name
-  CHECK(yes > 150);
-  CHECK(no > 150);
 }
 
 TEST_CASE("shapes_questions: question seeds differ from scene seeds and between scenes",
