@@ -74,10 +74,11 @@ struct LoadedVlm {
   Tokenizer tok;
   VlmModel model{nullptr};
 };
-LoadedVlm load_vlm(const std::string& dir) {
+// use: the command, for the message when the tokenizer file is not the one it was trained with.
+LoadedVlm load_vlm(const std::string& dir, const std::string& use) {
   LoadedVlm v;
   v.cfg = checkpoint_config_of(dir);
-  check_checkpoint_tokenizer(dir, v.cfg.data.tokenizer, "loading the checkpoint");
+  check_checkpoint_tokenizer(dir, v.cfg.data.tokenizer, use);
   v.tok = Tokenizer::load(v.cfg.data.tokenizer);
   v.model = build_vlm_model(v.cfg, v.tok);
   load_state(*v.model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
@@ -87,7 +88,7 @@ LoadedVlm load_vlm(const std::string& dir) {
 
 int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vector<std::string>& suites,
                  const std::string& out, const std::string& predictions_out) {
-  auto v = load_vlm(dir);
+  auto v = load_vlm(dir, "eval");
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
   std::vector<EvalSet> sets = v.cfg.eval.sets;
   if (!data.empty()) {
@@ -184,7 +185,7 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
   verify_checkpoint(dir);
   if (!checkpoint_config_of(dir).is_vlm())
     throw ConfigError("generate: '" + dir + "' is a stage-1 (contrastive) checkpoint; it has no language model");
-  auto v = load_vlm(dir);
+  auto v = load_vlm(dir, "generate");
   if (!image.empty() && v.cfg.data.drop_images)
     throw ConfigError("generate: '" + dir + "' was trained on text alone (data.drop_images); it cannot take --image");
   if (v.cfg.data.chat_template == "plain")

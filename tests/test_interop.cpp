@@ -417,16 +417,20 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   // A byte-identical copy elsewhere is the same tokenizer; one trained with other options is not.
   fs::copy_file(tok, c.dir.file("copy.model"));
   CHECK_NOTHROW(check_checkpoint_tokenizer(ckpt, c.dir.file("copy.model"), "eval"));
+  // The silent case: the same number of pieces, other pieces (BPE instead of unigram).
   TokenizerTrainOptions o;
-  o.manifests = {c.dir.file("data/train.jsonl")};
+  o.manifests = {c.dir.file("data/train.jsonl"), c.dir.file("data/train_instruct.jsonl")};
+  o.fields = {"caption", "conversations"};
   o.out_prefix = c.dir.file("other");
-  o.vocab_size = 48;
+  o.vocab_size = 64;
+  o.model_type = "bpe";
   train_tokenizer(o);
   const std::string other = c.dir.file("other.model");
+  REQUIRE(Tokenizer::load(other).vocab_size() == Tokenizer::load(tok).vocab_size());
   CHECK_THAT(message_of<ConfigError>([&] { check_checkpoint_tokenizer(ckpt, other, "eval"); }),
              Catch::Contains("eval: checkpoint '" + ckpt + "' was trained with the tokenizer '" + tok + "'") &&
                  Catch::Contains("but the tokenizer here is '" + other + "'") &&
-                 Catch::Contains("Point data.tokenizer at the tokenizer it was trained with"));
+                 Catch::Contains("put the file it was trained with back there"));
 
   // init_from: the language model's embeddings are indexed by token ids, the vision tower is not.
   RunConfig cfg = c.config("vlm.yaml", "b", {"data.tokenizer=" + other});
@@ -435,7 +439,30 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK_THAT(message_of<ConfigError>([&] {
                init_components(*model, InitFrom{c.dir.file("a"), {"vision_model", "language_model"}}, cfg.model, other);
              }),
-             Catch::Contains("init_from language_model: checkpoint '" + ckpt + "' was trained with the tokenizer"));
+             Catch::Contains("init_from language_model: checkpoint '" + ckpt + "' was trained with the tokenizer") &&
+                 Catch::Contains("Point data.tokenizer at the tokenizer it was trained with, or train the stage that wrote"));
+
+  // eval --predictions, while the tokenizer is still the right one: a line per question.
+  std::string out;
+  const std::string pred = c.dir.file("pred.jsonl");
+  REQUIRE(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl") + " --predictions " + pred,
+                  &out) == 0);
+  std::ifstream lines(pred);
+  std::string line;
+  int64_t n = 0, right = 0;
+  while (std::getline(lines, line)) {
+    const auto p = nlohmann::json::parse(line);
+    CHECK(p.at("set") == "data");
+    CHECK(p.at("where") == c.dir.file("data/val_vqa.jsonl") + ":" + std::to_string(n + 1));
+    right += p.at("right").get<bool>();
+    ++n;
+  }
+  std::ifstream questions(c.dir.file("data/val_vqa.jsonl"));
+  int64_t records = 0;
+  while (std::getline(questions, line)) records += !line.empty();
+  CHECK(n == records);
+  const auto printed = nlohmann::json::parse(out.substr(out.find("{\n")));
+  CHECK(printed.at("data").at("exact_match").get<double>() == Approx(static_cast<double>(right) / n));
 
   // The tokenizer retrained in place (same path, other file): resuming and evaluating stop.
   fs::copy_file(other, tok, fs::copy_options::overwrite_existing);
@@ -443,7 +470,6 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   resume.resume = "auto";
   CHECK_THAT(message_of<ConfigError>([&] { train_vlm(c.config("vlm.yaml", "a", {"train.steps=3"}), resume); }),
              Catch::Contains("resume: checkpoint '" + ckpt + "' was trained with the tokenizer '" + tok + "'"));
-  std::string out;
   CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl"), &out) != 0);
   CHECK_THAT(out, Catch::Contains("was trained with the tokenizer '" + tok + "'"));
 }

@@ -117,7 +117,7 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
 namespace {
 
 std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,
-                            torch::optim::Optimizer& optim, int64_t step) {
+                            torch::optim::Optimizer& optim, int64_t step, const nlohmann::json& tokenizer) {
   CheckpointWriter w(cfg.run.out_dir, step, "contrastive");
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "clip"}});
   save_safetensors(w.path("loss.safetensors"), named_state(loss), {{"type", cfg.loss.type}});
@@ -127,7 +127,7 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
                                     {"step", step},
                                     {"samples_seen", step * global_batch(cfg)},
                                     {"world_size", world_size()},
-                                    {"tokenizer", tokenizer_record(cfg.data.tokenizer)}});
+                                    {"tokenizer", tokenizer}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -201,6 +201,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   torch::manual_seed(cfg.run.seed);
 
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  const nlohmann::json tokenizer = tokenizer_record(cfg.data.tokenizer);  // as loaded, for the checkpoints
   ClipModel model = build_clip_model(cfg, tok);
   auto loss = contrastive_losses().create_or_throw(cfg.loss);
   const auto named = trainable_params(model, *loss);
@@ -271,7 +272,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   }
   model->train();
   int64_t step = start;
-  auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step); };
+  auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step, tokenizer); };
   StepGuard guard(cfg, opt, save);
   while (step < steps) {
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
 #include "core/errors.h"
 #include "core/logging.h"
@@ -133,6 +134,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const bool bf16 = resolve_precision(cfg.run.precision) == "bf16";
 
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  const nlohmann::json tokenizer = tokenizer_record(cfg.data.tokenizer);  // as loaded, for the checkpoints
   auto loss = preference_losses().create_or_throw(cfg.loss);
   const CompletionSampling* sampling = loss->sampling();
   if (cfg.eval.samples > 0 && !sampling)
@@ -290,7 +292,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   }
   set_vlm_train_modes(model);
   int64_t step = start;
-  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step); };
+  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer); };
   StepGuard guard(cfg, opt, save);
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));

@@ -248,7 +248,8 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   return j;
 }
 
-std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step) {
+std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step,
+                                const nlohmann::json& tokenizer) {
   CheckpointWriter w(cfg.run.out_dir, step, cfg.trainer);
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "vlm"}});
   torch::save(optim, w.path("optimizer.pt"));
@@ -257,7 +258,7 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
                                     {"step", step},
                                     {"samples_seen", step * global_batch(cfg)},
                                     {"world_size", world_size()},
-                                    {"tokenizer", tokenizer_record(cfg.data.tokenizer)}});
+                                    {"tokenizer", tokenizer}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -290,6 +291,8 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   torch::manual_seed(cfg.run.seed);
 
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
+  // What the checkpoints record: the file as loaded now, not as it may be at a later save.
+  const nlohmann::json tokenizer = tokenizer_record(cfg.data.tokenizer);
   VlmModel model = build_vlm_model(cfg, tok);
   auto loss = lm_losses().create_or_throw(cfg.loss);
   std::vector<std::pair<std::string, torch::Tensor>> named;
@@ -371,7 +374,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   }
   set_vlm_train_modes(model);
   int64_t step = start;
-  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step); };
+  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer); };
   StepGuard guard(cfg, opt, save);
   auto eval_and_resume = [&] {
     run_eval(step);

@@ -67,7 +67,9 @@ TrainResult train_vlm(const RunConfig& cfg, const TrainOptions& opt);
 
 // Checkpoint of a VLM trainer (adapter, finetune, preference): model.safetensors (every
 // parameter, Hugging Face names), optimizer.pt, rng.safetensors, trainer_state.json, config.yaml.
-std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step);
+// tokenizer: tokenizer_record of the file the run loaded at its start (core/checkpoint_tokenizer.h).
+std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step,
+                                const nlohmann::json& tokenizer);
 // Restores what save_vlm_checkpoint wrote after check_resume_checkpoint; returns the step.
 int64_t load_vlm_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim);
 // Train mode, except components with no trainable parameter (eval mode: no dropout or batch

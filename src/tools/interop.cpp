@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/config_tree.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -173,6 +174,7 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
   if (fs::exists(out_dir, ec) && !fs::is_empty(out_dir, ec))
     throw ConfigError("export: '" + out_dir + "' exists and is not empty; choose a new folder");
   RunConfig cfg = checkpoint_config_of(dir);
+  check_checkpoint_tokenizer(dir, cfg.data.tokenizer, "export");  // the export copies that file
   auto tensors = load_safetensors(dir + "/model.safetensors");
   // Vocabulary sizes taken from the tokenizer at training time are read back from the weights.
   if (tensors.count("model.embed_tokens.weight") && cfg.model.llm.vocab_size == 0)
@@ -276,6 +278,7 @@ std::shared_ptr<torch::nn::Module> load_checkpoint_model(const std::string& chec
   const std::string dir = resolve_checkpoint(checkpoint, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
   RunConfig cfg = checkpoint_config_of(dir);
+  check_checkpoint_tokenizer(dir, cfg.data.tokenizer, "forward");
   auto model = build_model_with_weights(cfg, {});
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   model->eval();
