@@ -11,8 +11,8 @@
 #include <iostream>
 #include <sstream>
 
-#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/config_tree.h"
 #include "core/distributed.h"
 #include "core/errors.h"

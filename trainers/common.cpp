@@ -21,8 +21,8 @@
 #include <malloc.h>
 #include <unistd.h>
 
-#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/config_tree.h"
 #include "core/distributed.h"
 #include "core/errors.h"

@@ -8,8 +8,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/distributed.h"
 #include "core/errors.h"
 #include "core/logging.h"

@@ -5,8 +5,8 @@
 #include <cmath>
 #include <filesystem>
 
-#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "core/rng.h"

@@ -6,8 +6,8 @@
 #include <filesystem>
 #include <set>
 
-#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "core/safetensors.h"

@@ -8,8 +8,8 @@
 #include <set>
 #include <sstream>
 
-#include "core/checkpoint_tokenizer.h"
 #include "core/checkpoint.h"
+#include "core/checkpoint_tokenizer.h"
 #include "core/config_tree.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
