@@ -19,8 +19,8 @@
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "core/weight_files.h"
-#include "data/tokenizer.h"
 #include "data/manifest.h"
+#include "data/tokenizer.h"
 #include "models/hf_interop.h"
 #include "test_helpers.h"
 #include "tools/interop.h"
@@ -464,7 +464,8 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   const auto printed = nlohmann::json::parse(out.substr(out.find("{\n")));
   CHECK(printed.at("data").at("exact_match").get<double>() == Approx(static_cast<double>(right) / n));
 
-  // The tokenizer retrained in place (same path, other file): resuming and evaluating stop.
+  // The tokenizer retrained in place (same path, other file): resuming, evaluating, exporting
+  // (which would copy the wrong file) and forward all stop.
   fs::copy_file(other, tok, fs::copy_options::overwrite_existing);
   TrainOptions resume = quiet();
   resume.resume = "auto";
@@ -472,4 +473,9 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
              Catch::Contains("resume: checkpoint '" + ckpt + "' was trained with the tokenizer '" + tok + "'"));
   CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl"), &out) != 0);
   CHECK_THAT(out, Catch::Contains("was trained with the tokenizer '" + tok + "'"));
+  CHECK(run_cli("export " + c.dir.file("a") + " --out " + c.dir.file("hf_out"), &out) != 0);
+  CHECK_THAT(out, Catch::Contains("export: checkpoint '" + ckpt + "' was trained with the tokenizer"));
+  CHECK_FALSE(fs::exists(c.dir.file("hf_out/tokenizer.model")));
+  CHECK(run_cli("forward " + c.dir.file("a") + " --tokens 2,3 --out " + c.dir.file("f.safetensors"), &out) != 0);
+  CHECK_THAT(out, Catch::Contains("forward: checkpoint '" + ckpt + "' was trained with the tokenizer"));
 }

@@ -14,8 +14,9 @@ nlohmann::json tokenizer_record(const std::string& tokenizer_path);
 
 // Throws ConfigError when checkpoint `dir` recorded its tokenizer and `tokenizer_path` is another
 // file (other size or CRC-32). `use` names what loads the checkpoint ("resume", "init_from
-// language_model", "eval", "generate", "export", "forward"); the message says what to do for it. Not checked: checkpoints written before the record, and a missing
-// tokenizer file (loading the tokenizer reports that).
+// language_model", "eval", "generate", "export", "forward"); the message says what to do for it.
+// Not checked: checkpoints written before the record, and a missing tokenizer file (loading the
+// tokenizer reports that).
 void check_checkpoint_tokenizer(const std::string& dir, const std::string& tokenizer_path, const std::string& use);
 
 }  // namespace trialign
