@@ -35,6 +35,11 @@ TEST_CASE("yes/no scoring: accuracy, precision, recall, F1, yes ratio and halluc
   CHECK(m["probes"] == 6);
   CHECK(yes_no_of(" YES ") == "yes");
   CHECK(yes_no_of("nope") == "");
+  // Per reply, as `eval --predictions` writes it: the hallucination flags are the fp count.
+  CHECK(yes_no_prediction("Yes, there is", "no") == nlohmann::json({{"said", "yes"}, {"hallucination", true}}));
+  CHECK(yes_no_prediction("Yes.", "yes") == nlohmann::json({{"said", "yes"}, {"hallucination", false}}));
+  CHECK(yes_no_prediction("No", "no") == nlohmann::json({{"said", "no"}, {"hallucination", false}}));
+  CHECK(yes_no_prediction("maybe", "no") == nlohmann::json({{"said", ""}, {"hallucination", false}}));
   YesNoCounts d;
   d.add("no", "no");
   d.merge(c);

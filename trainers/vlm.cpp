@@ -191,15 +191,17 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
       if (s.truncated) continue;  // its reference reply was cut off
       const std::string& reply = replies[static_cast<size_t>(i - start)];
       const bool right = normalise_reply(reply) == normalise_reply(s.reference);
-      if (predictions)
+      const std::string suite = eval_suite_of(s);  // the one place that sorts records (--suite too)
+      if (predictions) {
         predictions->push_back({{"id", s.id}, {"where", s.where}, {"question_type", s.question_type},
                                 {"reference", s.reference}, {"reply", reply}, {"right", right}});
+        if (suite == "pope") predictions->back().update(yes_no_prediction(reply, s.reference));
+      }
       auto add = [&](const std::string& key) {
         exact[key].first += right;
         exact[key].second += 1;
       };
       add("");
-      const std::string suite = eval_suite_of(s);  // the one place that sorts records (--suite too)
       if (suite == "pope") {
         // "pope/{level}/{sampling}": yes/no counts per level and sampling, per level, overall.
         const auto level_end = s.question_type.find('/', 5);

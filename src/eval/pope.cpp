@@ -11,6 +11,11 @@ std::string yes_no_of(const std::string& reply) {
   return first == "yes" || first == "no" ? first : "";
 }
 
+nlohmann::json yes_no_prediction(const std::string& reply, const std::string& answer) {
+  const std::string said = yes_no_of(reply);
+  return {{"said", said}, {"hallucination", answer != "yes" && said == "yes"}};
+}
+
 void YesNoCounts::add(const std::string& reply, const std::string& answer) {
   const std::string said = yes_no_of(reply);
   const bool truth = answer == "yes";

@@ -28,4 +28,9 @@ struct YesNoCounts {
 // "yes" / "no" / "" for a reply.
 std::string yes_no_of(const std::string& reply);
 
+// A probe's reply as the counts above read it, for `eval --predictions`: {"said": "yes" | "no" |
+// "" (unparsed), "hallucination": a "yes" to a probe whose answer is "no"}. Exact match can call
+// "yes, it is" wrong where the probe score counts it as a "yes".
+nlohmann::json yes_no_prediction(const std::string& reply, const std::string& answer);
+
 }  // namespace trialign
