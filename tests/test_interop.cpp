@@ -308,7 +308,7 @@ TEST_CASE("Hugging Face weights written by hand: LLaVA names, two shards (fp32 +
   map_hf_names(load_weights(c.dir.file("hf")), "language_model", names, &layout);
   CHECK_THAT(layout, Catch::Contains("language_model.model.*"));
   const auto vision_before = model->vision_model->post_layernorm->weight.clone();
-  init_components(*model, InitFrom{c.dir.file("hf"), {"language_model"}}, cfg.model);
+  init_components(*model, InitFrom{c.dir.file("hf"), {"language_model"}}, cfg.model, cfg.data.tokenizer);
   std::map<std::string, torch::Tensor> state;
   for (const auto& [n, t] : named_state(*model)) state[n] = t;
   for (size_t k = 0; k < lm.size(); ++k) {
@@ -325,12 +325,12 @@ TEST_CASE("Hugging Face weights written by hand: LLaVA names, two shards (fp32 +
 
   SECTION("what does not fit is named") {
     write_model(c.dir.file("missing"), "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.k_proj.weight", "");
-    CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("missing"), {"language_model"}}, cfg.model),
+    CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("missing"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
                       Catch::Contains("missing (1): model.layers.1.mlp.up_proj.weight") &&
                           Catch::Contains("mis-shaped (1): model.layers.0.self_attn.k_proj.weight (file [9, 16], model [8, 16])"));
     write_model(c.dir.file("theta"), "", "",
                 R"({"model_type": "llama", "hidden_size": 16, "rope_theta": 500000.0, "num_hidden_layers": 3})");
-    CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("theta"), {"language_model"}}, cfg.model),
+    CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("theta"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
                       Catch::Contains("model.llm.rope_theta: config.json has 500000.0, the run config 10000") &&
                           Catch::Contains("model.llm.num_hidden_layers: config.json has 3"));
     // An index naming a shard that does not hold the tensor.

@@ -38,8 +38,9 @@ int64_t load_component(torch::nn::Module& model, const std::map<std::string, tor
 // the resolved checkpoint folder or the weights path. tokenizer: the run's data.tokenizer; a
 // trialign checkpoint whose text_model or language_model is taken must have been trained with
 // the same file (check_checkpoint_tokenizer), since their embeddings are indexed by its ids.
+// No default: a caller that forgot it would skip that check silently.
 std::string init_components(torch::nn::Module& model, const InitFrom& init, const ModelConfig& mc,
-                            const std::string& tokenizer = "");
+                            const std::string& tokenizer);
 
 // Compares a Hugging Face config.json next to `weights` (if there is one) with the run's model
 // config for `component`; returns one line per disagreeing field ("model.llm.rope_theta:
