@@ -70,6 +70,29 @@ TEST_CASE("a missing include and an include cycle are errors naming the includin
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml")); }), Catch::Contains("include cycle"));
 }
 
+TEST_CASE("an include naming a folder, an empty --set value and a pipeline stage name that is not a plain folder name are errors",
+          "[config]") {
+  TempDir d("cfg");
+  std::filesystem::create_directories(d.file("adir"));
+  write_file(d.file("run.yaml"), std::string(kMinimal) + "include: adir\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("run.yaml")); }),
+             Catch::Contains(d.file("run.yaml") + ":4:10: cannot read config file") && Catch::Contains("(it is a folder)"));
+  write_file(d.file("a.yaml"), std::string(kMinimal) + "train:\n  steps: 2\n");
+  for (const std::string set : {"train.steps=", "train.steps=null", "run=~"})
+    CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {set}); }),
+               Catch::Contains("the value is empty (or null)") && Catch::Contains("drop the --set"));
+  CHECK(load_run_config(d.file("a.yaml"), {"train.steps=3"}).train.steps == 3);
+  for (const std::string name : {"../x", "a/b", ".hidden", "report"}) {
+    write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: '" + name +
+                                     "', config: " + d.file("a.yaml") + "}\n");
+    CHECK_THAT(error_of([&] { load_pipeline(d.file("p.yaml")); }),
+               Catch::Contains("stages[0].name: '" + name + "' is the stage's folder under out_dir"));
+  }
+  write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: stage-1.b_2, config: " +
+                                   d.file("a.yaml") + "}\n");
+  CHECK_NOTHROW(load_pipeline(d.file("p.yaml")));
+}
+
 TEST_CASE("overrides with --set set typed values, creates nested keys and is validated like the file", "[config]") {
   TempDir d("cfg");
   write_file(d.file("a.yaml"), std::string(kMinimal) + "optim:\n  lr: 1e-3\n");

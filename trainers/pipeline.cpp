@@ -61,6 +61,13 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
     const auto& s = p.stages[i];
     const std::string key = path + ": stages[" + std::to_string(i) + "]";
     if (s.name.empty() || s.config.empty()) throw ConfigError(key + ": each stage needs a name and a config");
+    // The name is the stage's folder under out_dir: one plain folder name, and not the report's.
+    const bool plain = s.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") ==
+                           std::string::npos &&
+                       s.name.front() != '.';
+    if (!plain || s.name == "report")
+      throw ConfigError(key + ".name: '" + s.name + "' is the stage's folder under out_dir, so it must be letters, digits, " +
+                        "'_', '-' or '.' (not first), and not 'report' (the report's plots go there); rename the stage");
     if (std::find(seen.begin(), seen.end(), s.name) != seen.end())
       throw ConfigError(key + ": stage name '" + s.name + "' is used twice");
     for (size_t k = 0; k < s.init_from.size(); ++k) {

@@ -104,10 +104,11 @@ ConfigNode load_with_includes(const fs::path& path, std::vector<std::string>& st
   for (const auto& s : stack)
     if (s == key) throw ConfigError(included_from + ": include cycle through " + path.string());
   std::ifstream in(path);
-  if (!in) {
+  if (!in || fs::is_directory(path)) {  // an ifstream opens a folder and reads nothing from it
     const std::string prefix = included_from.empty() ? "" : included_from + ": ";
-    throw ConfigError(prefix + "cannot read config file '" + path.string() +
-                      "': check the path (relative includes resolve against the including file)");
+    throw ConfigError(prefix + "cannot read config file '" + path.string() + "'" +
+                      (fs::is_directory(path) ? " (it is a folder)" : "") +
+                      ": check the path (relative includes resolve against the including file)");
   }
   std::stringstream ss;
   ss << in.rdbuf();
@@ -195,6 +196,10 @@ void apply_override(ConfigNode& root, const std::string& assignment) {
   } catch (const YAML::Exception& e) {
     throw ConfigError("--set " + key + ": cannot parse value '" + value + "': " + e.msg);
   }
+  // A null would read as "not set" and the key fall back to its built-in default without a word.
+  if (parsed.is_null())
+    throw ConfigError("--set " + key + ": the value is empty (or null); give one (e.g. --set " + key +
+                      "=VALUE), or drop the --set to keep the config's value");
   parsed.line = 0;
   ConfigNode* node = &root;
   std::stringstream ks(key);
