@@ -18,6 +18,8 @@
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "test_helpers.h"
+#include "trainers/common.h"
+#include "trainers/resume_state.h"
 
 using namespace trialign;
 using trialign::test::TempDir;
@@ -302,4 +304,43 @@ TEST_CASE("disk full or an output folder that cannot be made: a clear error, the
   write_file(d.file("plainfile"), "x");
   CHECK_THROWS_WITH(CheckpointWriter(d.file("plainfile/run"), 1, "contrastive"),
                     Catch::Contains("cannot create checkpoint folder") && Catch::Contains("plainfile/run"));
+}
+
+TEST_CASE("resume state that does not fit is a DataError naming the file, and a good one restores optimizer and RNG",
+          "[checkpoint]") {
+  test::TempDir d("resume");
+  auto w = torch::ones({3}, torch::requires_grad());
+  torch::optim::AdamW opt({w}, torch::optim::AdamWOptions(0.1));
+  (w * w).sum().backward();
+  opt.step();
+  torch::save(opt, d.file("optimizer.pt"));
+  torch::manual_seed(5);
+  save_safetensors(d.file("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
+  const double expected = torch::rand({1}).item<double>();  // the draw right after that state
+
+  // A good pair: the optimizer's step count and the next random draw come back.
+  auto w2 = torch::zeros({3}, torch::requires_grad());
+  torch::optim::AdamW opt2({w2}, torch::optim::AdamWOptions(0.1));
+  torch::manual_seed(99);
+  load_resume_state(d.path.string(), opt2);
+  CHECK(torch::rand({1}).item<double>() == expected);
+  const auto& st = static_cast<const torch::optim::AdamWParamState&>(*opt2.state().begin()->second);
+  CHECK(st.step() == 1);
+
+  auto fails_with = [&](const std::string& text) {
+    CHECK_THAT(test::message_of<DataError>([&] { load_resume_state(d.path.string(), opt2); }),
+               Catch::Contains(text) && Catch::Contains("resume from an earlier checkpoint (move this one aside)"));
+  };
+  // Another model's optimizer: two parameters where this one has one.
+  auto a = torch::ones({2}, torch::requires_grad()), b = torch::ones({2}, torch::requires_grad());
+  torch::optim::AdamW other({a, b}, torch::optim::AdamWOptions(0.1));
+  torch::save(other, d.file("optimizer.pt"));
+  fails_with(d.file("optimizer.pt") + " does not restore this run's optimizer");
+  test::write_file(d.file("optimizer.pt"), "not a zip archive");
+  fails_with(d.file("optimizer.pt") + " does not restore this run's optimizer");
+  torch::save(opt, d.file("optimizer.pt"));
+  save_safetensors(d.file("rng.safetensors"), {{"cuda", get_rng_state()}});
+  fails_with(d.file("rng.safetensors") + " holds no 'torch_cpu' tensor");
+  save_safetensors(d.file("rng.safetensors"), {{"torch_cpu", torch::zeros({7}, torch::kUInt8)}});
+  fails_with(d.file("rng.safetensors") + ": 'torch_cpu' is not a CPU generator state");
 }

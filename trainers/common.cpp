@@ -27,6 +27,8 @@
 #include "core/distributed.h"
 #include "core/errors.h"
 #include "core/logging.h"
+#include "core/safetensors.h"
+#include "trainers/resume_state.h"
 
 namespace trialign {
 
@@ -44,8 +46,14 @@ void restart_with_passive_openmp(char** argv) {
 }
 
 int setup_threads(int requested) {
-  int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
-  n = std::max(1, n);
+  const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  // Far more threads than cores only slows every op down; a pool of 100,000 threads never
+  // finishes starting (and ignores SIGTERM meanwhile).
+  if (requested > 4 * cores)
+    throw ConfigError("threads: " + std::to_string(requested) + " requested (run.threads or --threads), but this machine has " +
+                      std::to_string(cores) + " cores; use at most " + std::to_string(4 * cores) +
+                      ", or 0 for one per core");
+  int n = requested > 0 ? requested : cores;
   at::set_num_threads(n);
   // fp32 matmuls run inside OpenBLAS, whose own threads are the only parallelism a single GEMM
   // gets: one OpenBLAS thread halves its FLOP/s on 2 cores (60 vs 120 GFLOP/s). Its threads only
@@ -251,6 +259,25 @@ void set_rng_state(const torch::Tensor& state) {
   auto gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());
   gen.set_state(state);
+}
+
+void load_resume_state(const std::string& dir, torch::optim::Optimizer& optim) {
+  const std::string remedy = ": resume from an earlier checkpoint (move this one aside), or start a fresh run";
+  const std::string optimizer = dir + "/optimizer.pt";
+  try {
+    torch::load(optim, optimizer);
+  } catch (const c10::Error& e) {
+    throw DataError(optimizer + " does not restore this run's optimizer (" + e.what_without_backtrace() + ")" + remedy);
+  }
+  const std::string rng = dir + "/rng.safetensors";
+  const auto tensors = load_safetensors(rng);
+  const auto it = tensors.find("torch_cpu");
+  if (it == tensors.end()) throw DataError(rng + " holds no 'torch_cpu' tensor (the CPU generator's state)" + remedy);
+  try {
+    set_rng_state(it->second);
+  } catch (const c10::Error& e) {
+    throw DataError(rng + ": 'torch_cpu' is not a CPU generator state (" + e.what_without_backtrace() + ")" + remedy);
+  }
 }
 
 nlohmann::json metrics_json(const std::map<std::string, torch::Tensor>& metrics) {

@@ -22,6 +22,7 @@
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
+#include "trainers/resume_state.h"
 
 namespace fs = std::filesystem;
 
@@ -137,8 +138,7 @@ int64_t load_checkpoint(const std::string& dir, const RunConfig& cfg, ClipModel&
   const int64_t step = check_resume_checkpoint(dir, cfg);
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
   load_state(loss, load_safetensors(dir + "/loss.safetensors"), "", true, dir + "/loss.safetensors");
-  torch::load(optim, dir + "/optimizer.pt");
-  set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
+  load_resume_state(dir, optim);
   return step;
 }
 

@@ -19,6 +19,7 @@
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
+#include "trainers/resume_state.h"
 
 namespace fs = std::filesystem;
 
@@ -268,8 +269,7 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
 int64_t load_vlm_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim) {
   const int64_t step = check_resume_checkpoint(dir, cfg);
   load_state(*model, load_safetensors(dir + "/model.safetensors"), "", true, dir + "/model.safetensors");
-  torch::load(optim, dir + "/optimizer.pt");
-  set_rng_state(load_safetensors(dir + "/rng.safetensors").at("torch_cpu"));
+  load_resume_state(dir, optim);
   return step;
 }
 
