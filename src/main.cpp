@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -42,6 +43,32 @@ namespace fs = std::filesystem;
 using namespace trialign;
 
 namespace {
+
+// A file the command writes (--out, --predictions) must not land inside a checkpoint folder: it
+// would replace model.safetensors or optimizer.pt with something else and lose the checkpoint.
+void refuse_inside_checkpoint(const std::string& path, const std::string& flag) {
+  if (path.empty()) return;
+  const fs::path folder = fs::absolute(path).parent_path();
+  if (fs::exists(folder / "MANIFEST.json"))
+    throw ConfigError(flag + " " + path + ": " + folder.string() +
+                      " is a checkpoint (it has MANIFEST.json), and writing there would damage it; write the file "
+                      "somewhere else");
+}
+
+// CLI11's own number checks print their range as "0.000000 to 1.79e308" and let NaN through.
+CLI::Validator at_least(double low, bool inclusive) {
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        double v = 0;
+        std::istringstream in(text);
+        if (!(in >> v) || !in.eof() || !std::isfinite(v))
+          return "'" + text + "' is not a number";
+        if (inclusive ? v < low : v <= low)
+          return "'" + text + "' must be " + (inclusive ? "at least " : "more than ") + fmt::format("{}", low);
+        return "";
+      },
+      inclusive ? fmt::format("NUMBER >= {}", low) : fmt::format("NUMBER > {}", low));
+}
 
 int cmd_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
   RunConfig cfg = load_run_config(config, sets);
@@ -146,6 +173,8 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
 int cmd_eval(const std::string& target, const std::string& data, std::vector<std::string> suites, const std::string& out,
              const std::string& predictions_out, int threads) {
   init_logging();
+  refuse_inside_checkpoint(out, "--out");
+  refuse_inside_checkpoint(predictions_out, "--predictions");
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
@@ -259,6 +288,7 @@ int cmd_import(const std::string& config, const std::vector<std::string>& sets, 
 int cmd_forward(const std::string& target, const std::string& config, const std::vector<std::string>& sets,
                 const std::vector<std::string>& weights, const ForwardInputs& in, const std::string& out) {
   init_logging();
+  refuse_inside_checkpoint(out, "--out");
   if (target.empty() == config.empty())
     throw ConfigError("forward: give a checkpoint, or --config with --weights, not both");
   RunConfig cfg;
@@ -310,8 +340,13 @@ int cmd_data_check(const std::string& config, const std::vector<std::string>& se
   return r.would_fail ? kExitConfig : kExitOk;
 }
 
-int cmd_tokenizer_train(const TokenizerTrainOptions& opt) {
+int cmd_tokenizer_train(const TokenizerTrainOptions& opt, bool overwrite) {
   init_logging();
+  // Checkpoints keep only the tokenizer's size and CRC: a file replaced in place cannot be had back.
+  if (!overwrite && fs::exists(opt.out_prefix + ".model"))
+    throw ConfigError("--out " + opt.out_prefix + ": " + opt.out_prefix +
+                      ".model exists, and runs trained with it need that very file; choose another --out, or pass "
+                      "--overwrite to replace it");
   const int64_t n = train_tokenizer(opt);
   const auto tok = Tokenizer::load(opt.out_prefix + ".model");
   spdlog::info("tokenizer {}.model: {} pieces from {} sentences", opt.out_prefix, tok.vocab_size(), n);
@@ -337,7 +372,7 @@ int main(int argc, char** argv) {
   train->add_option("--nproc", nproc,
                     "Data parallel on this machine: start N ranks (torchrun's variables, Gloo on loopback); "
                     "train.batch_size is per rank")
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1, true));
 
   // bench
   BenchOptions bench_opt;
@@ -370,14 +405,14 @@ int main(int argc, char** argv) {
   eval->add_option("--predictions", eval_predictions,
                    "Also write each scored record's reply here (JSONL: set, id, where, question_type, reference, "
                    "reply, right); VLM checkpoints");
-  eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)");
+  eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)")->check(at_least(0, true));
 
   // run (pipeline)
   std::string pipeline;
   auto* run = app.add_subcommand("run", "Run a pipeline of stages (skips finished stages, resumes the current one)");
   run->add_option("pipeline", pipeline, "Pipeline (YAML)")->required()->check(CLI::ExistingFile);
   run->add_option("--set", sets, "Override a key in every stage's config (repeatable)");
-  run->add_option("--nproc", nproc, "Data parallel on this machine: run every stage on N ranks")->check(CLI::PositiveNumber);
+  run->add_option("--nproc", nproc, "Data parallel on this machine: run every stage on N ranks")->check(at_least(1, true));
 
   // generate
   std::string gen_image, gen_prompt;
@@ -388,12 +423,13 @@ int main(int argc, char** argv) {
   generate_cmd->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
   generate_cmd->add_option("--image", gen_image, "Image file")->check(CLI::ExistingFile);
   generate_cmd->add_option("--prompt", gen_prompt, "The user's message")->required();
-  generate_cmd->add_option("--max-new-tokens", sampling.max_new_tokens, "Reply length cap")->check(CLI::PositiveNumber);
-  generate_cmd->add_option("--temperature", sampling.temperature, "0 = greedy")->check(CLI::NonNegativeNumber);
-  generate_cmd->add_option("--top-k", sampling.top_k, "Keep the k most likely tokens (0 = off)");
-  generate_cmd->add_option("--top-p", sampling.top_p, "Nucleus mass (1 = off)")->check(CLI::Range(0.0, 1.0));
+  generate_cmd->add_option("--max-new-tokens", sampling.max_new_tokens, "Reply length cap")->check(at_least(1, true));
+  generate_cmd->add_option("--temperature", sampling.temperature, "0 = greedy")->check(at_least(0, true));
+  generate_cmd->add_option("--top-k", sampling.top_k, "Keep the k most likely tokens (0 = off)")->check(at_least(0, true));
+  generate_cmd->add_option("--top-p", sampling.top_p, "Nucleus mass (1 = off)")
+      ->check(at_least(0, false) & CLI::Range(0.0, 1.0));
   generate_cmd->add_option("--seed", sampling.seed, "Sampling seed");
-  generate_cmd->add_option("--threads", gen_threads, "LibTorch threads (0 = all cores)");
+  generate_cmd->add_option("--threads", gen_threads, "LibTorch threads (0 = all cores)")->check(at_least(0, true));
 
   // data shapes
   auto* data = app.add_subcommand("data", "Data tools");
@@ -409,8 +445,8 @@ int main(int argc, char** argv) {
   data_check->add_flag("--json", check_json, "Print the report as JSON");
   auto* shapes_cmd = data->add_subcommand("shapes", "Generate the synthetic shapes-world dataset (PNG + JSONL)");
   shapes_cmd->add_option("--out", shapes_out, "Output directory")->required();
-  shapes_cmd->add_option("--train", n_train, "Training scenes")->check(CLI::NonNegativeNumber);
-  shapes_cmd->add_option("--val", n_val, "Held-out scenes")->check(CLI::NonNegativeNumber);
+  shapes_cmd->add_option("--train", n_train, "Training scenes")->check(at_least(0, true));
+  shapes_cmd->add_option("--val", n_val, "Held-out scenes")->check(at_least(0, true));
   shapes_cmd->add_option("--seed", gen.seed, "Seed (same seed, same bytes)");
   shapes_cmd->add_option("--image-size", gen.image_size, "Image side in pixels");
   shapes_cmd->add_option("--min-objects", gen.min_objects, "Fewest objects per scene");
@@ -426,7 +462,10 @@ int main(int argc, char** argv) {
   tok_train->add_option("--manifest", tok_opt.manifests, "Manifest(s) to read")->required()->check(CLI::ExistingFile);
   tok_train->add_option("--field", tok_opt.fields, "Record field(s) holding text (default: caption)");
   tok_train->add_option("--out", tok_opt.out_prefix, "Output prefix: writes PREFIX.model and PREFIX.vocab")->required();
-  tok_train->add_option("--vocab-size", tok_opt.vocab_size, "Vocabulary size (an upper bound for tiny corpora)");
+  bool tok_overwrite = false;
+  tok_train->add_flag("--overwrite", tok_overwrite, "Replace an existing PREFIX.model");
+  tok_train->add_option("--vocab-size", tok_opt.vocab_size, "Vocabulary size (an upper bound for tiny corpora)")
+      ->check(at_least(1, true));
   tok_train->add_option("--model-type", tok_opt.model_type, "unigram | bpe | word | char")
       ->check(CLI::IsMember({"unigram", "bpe", "word", "char"}));
 
@@ -446,7 +485,7 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--format", io_config, "safetensors (the only format)")->check(CLI::IsMember({"safetensors"}));
   export_cmd->add_option("--dtype", export_dtype, "fp32 | bf16 | fp16")->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   export_cmd->add_option("--max-shard-mb", shard_mb, "Shard components larger than this (0 = one file)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0, true));
   auto* import_cmd = app.add_subcommand("import", "Build a config's model from Hugging Face weights into a checkpoint");
   import_cmd->add_option("config", io_config, "Run config (YAML) describing the model")->required()->check(CLI::ExistingFile);
   import_cmd->add_option("--weights", io_weights, "COMPONENT=PATH (repeatable): file, index .json, folder or checkpoint")
@@ -504,7 +543,7 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_predictions, eval_threads);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
     if (*data_check) return cmd_data_check(config, sets, !no_images, check_json);
-    if (*tok_train) return cmd_tokenizer_train(tok_opt);
+    if (*tok_train) return cmd_tokenizer_train(tok_opt, tok_overwrite);
     if (*inspect) return cmd_inspect(io_path, show_tensors, verify, as_json);
     if (*export_cmd) return cmd_export(io_path, io_out, export_dtype, shard_mb);
     if (*import_cmd) return cmd_import(io_config, sets, io_weights, io_out);

@@ -464,6 +464,36 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   const auto printed = nlohmann::json::parse(out.substr(out.find("{\n")));
   CHECK(printed.at("data").at("exact_match").get<double>() == Approx(static_cast<double>(right) / n));
 
+  // Files the commands write never land inside a checkpoint: its model.safetensors stays as it was.
+  const std::string model_file = ckpt + "/model.safetensors";
+  const uint32_t model_crc = crc32_file(model_file);
+  CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl") + " --out " + model_file,
+                &out) == 2);
+  CHECK_THAT(out, Catch::Contains("--out " + model_file + ": " + ckpt + " is a checkpoint (it has MANIFEST.json)"));
+  CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl") + " --predictions " + ckpt +
+                    "/optimizer.pt",
+                &out) == 2);
+  CHECK_THAT(out, Catch::Contains("--predictions " + ckpt + "/optimizer.pt: " + ckpt + " is a checkpoint"));
+  CHECK(run_cli("forward " + c.dir.file("a") + " --tokens 2,5 --out " + model_file, &out) == 2);
+  CHECK_THAT(out, Catch::Contains("is a checkpoint (it has MANIFEST.json)"));
+  CHECK(crc32_file(model_file) == model_crc);
+  // Sampling settings that are not numbers, and a thread count no machine has, are refused up front.
+  CHECK(run_cli("generate " + c.dir.file("a") + " --prompt hi --temperature nan", &out) != 0);
+  CHECK_THAT(out, Catch::Contains("'nan' is not a number"));
+  CHECK(run_cli("generate " + c.dir.file("a") + " --prompt hi --max-new-tokens 0", &out) != 0);
+  CHECK_THAT(out, Catch::Contains("'0' must be at least 1"));
+  CHECK(run_cli("eval " + c.dir.file("a") + " --threads 100000", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("threads: 100000 requested") && Catch::Contains(", or 0 for one per core"));
+  // tokenizer train does not replace a tokenizer in place unless told to.
+  const uint32_t tok_crc = crc32_file(tok);
+  const std::string prefix = tok.substr(0, tok.size() - 6);  // without ".model"
+  const std::string retrain = "tokenizer train --manifest " + c.dir.file("data/val_vqa.jsonl") +
+                              " --field conversations --vocab-size 40 --out " + prefix;
+  CHECK(run_cli(retrain, &out) == 2);
+  CHECK_THAT(out, Catch::Contains(tok + " exists, and runs trained with it need that very file") &&
+                      Catch::Contains("--overwrite"));
+  CHECK(crc32_file(tok) == tok_crc);
+
   // The tokenizer retrained in place (same path, other file): resuming, evaluating, exporting
   // (which would copy the wrong file) and forward all stop.
   fs::copy_file(other, tok, fs::copy_options::overwrite_existing);
