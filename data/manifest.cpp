@@ -1,5 +1,6 @@
 #include "data/manifest.h"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -37,8 +38,12 @@ ProblemCollector::ProblemCollector() {
 ProblemCollector::~ProblemCollector() { g_collector = nullptr; }
 
 std::vector<ManifestRecord> read_manifest(const std::string& path) {
+  if (std::filesystem::is_directory(path))  // an ifstream opens a folder and reads nothing
+    throw DataError("manifest '" + path + "' is a folder; name the .json or .jsonl file in it (data.train, data.val, "
+                    "eval.sets[].data or --data)");
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw DataError("cannot open manifest '" + path + "': check data.train / data.val");
+  if (!in)
+    throw DataError("cannot open manifest '" + path + "': check the path (data.train, data.val, eval.sets[].data or --data)");
   std::stringstream ss;
   ss << in.rdbuf();
   const std::string text = ss.str();

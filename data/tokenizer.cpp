@@ -148,7 +148,15 @@ int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
       ++sentences;
     };
     for (const auto& m : opt.manifests) {
-      for (const auto& rec : read_manifest(m)) {
+      std::vector<ManifestRecord> records;
+      try {
+        records = read_manifest(m);
+      } catch (...) {  // no half-written corpus left behind
+        out.close();
+        std::filesystem::remove(corpus);
+        throw;
+      }
+      for (const auto& rec : records) {
         for (const auto& f : opt.fields) {
           auto it = rec.json.find(f);
           if (it == rec.json.end()) continue;

@@ -235,6 +235,16 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
   c.turns = {{"user", user}, {"assistant", "x"}};
   auto ids = prompt_ids(tokenize_conversation(c, v.tok, v.cfg.data.chat_template));
   if (ids.empty()) ids.push_back(v.tok.pad_id());
+  // Rotary positions past the ones the model was built for are outside anything it trained on.
+  const int64_t images = std::count(ids.begin(), ids.end(), static_cast<int64_t>(v.tok.image_id()));
+  const int64_t positions = static_cast<int64_t>(ids.size()) + images * (v.model->tokens_per_image() - 1) +
+                            sampling.max_new_tokens;
+  if (positions > v.cfg.model.llm.max_position_embeddings)
+    throw ConfigError(fmt::format("generate: the prompt ({} tokens, with {} visual tokens per image) and "
+                                  "--max-new-tokens {} need {} positions, more than the model's "
+                                  "model.llm.max_position_embeddings ({}); shorten the prompt or lower --max-new-tokens",
+                                  ids.size(), v.model->tokens_per_image(), sampling.max_new_tokens, positions,
+                                  v.cfg.model.llm.max_position_embeddings));
   torch::Tensor pixels;
   if (!image.empty()) pixels = image_transform(load_image_rgb(image), v.cfg.data, false, 0).unsqueeze(0);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";

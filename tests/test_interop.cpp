@@ -482,6 +482,17 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK_THAT(out, Catch::Contains("'nan' is not a number"));
   CHECK(run_cli("generate " + c.dir.file("a") + " --prompt hi --max-new-tokens 0", &out) != 0);
   CHECK_THAT(out, Catch::Contains("'0' must be at least 1"));
+  // Longer than the positions the model was built for: refused, not run past its rotary table.
+  CHECK(run_cli("generate " + c.dir.file("a") + " --prompt hi --max-new-tokens 100000", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("--max-new-tokens 100000 need") &&
+                      Catch::Contains("more than the model's model.llm.max_position_embeddings"));
+  std::string many = "2";
+  for (int i = 0; i < 4000; ++i) many += ",5";
+  CHECK(run_cli("forward " + c.dir.file("a") + " --tokens " + many + " --out " + c.dir.file("f.safetensors"), &out) == 2);
+  CHECK_THAT(out, Catch::Contains("forward: 4001 tokens (4001 positions with the image's visual tokens) exceed "
+                                  "model.llm.max_position_embeddings"));
+  CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data"), &out) == 2);
+  CHECK_THAT(out, Catch::Contains("manifest '" + c.dir.file("data") + "' is a folder; name the .json or .jsonl file in it"));
   CHECK(run_cli("eval " + c.dir.file("a") + " --threads 100000", &out) == 2);
   CHECK_THAT(out, Catch::Contains("threads: 100000 requested") && Catch::Contains(", or 0 for one per core"));
   // tokenizer train does not replace a tokenizer in place unless told to.
@@ -493,6 +504,11 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK_THAT(out, Catch::Contains(tok + " exists, and runs trained with it need that very file") &&
                       Catch::Contains("--overwrite"));
   CHECK(crc32_file(tok) == tok_crc);
+  // A manifest that fails to read leaves no half-written corpus next to PREFIX.
+  write_file(c.dir.file("bad.jsonl"), "{not json\n");
+  CHECK(run_cli("tokenizer train --manifest " + c.dir.file("bad.jsonl") + " --out " + c.dir.file("t2"), &out) == 2);
+  for (const auto& e : fs::directory_iterator(c.dir.path))
+    CHECK(e.path().filename().string().rfind("t2.", 0) == std::string::npos);
 
   // The tokenizer retrained in place (same path, other file): resuming, evaluating, exporting
   // (which would copy the wrong file) and forward all stop.

@@ -145,6 +145,11 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     const auto& s = c.eval.sets[i];
     if (s.name.empty() || s.data.empty())
       errors.add(at("eval.sets"), "eval.sets[" + std::to_string(i) + "]", "each set needs a name and a data manifest");
+    for (size_t k = 0; k < i; ++k)
+      if (!s.name.empty() && c.eval.sets[k].name == s.name)
+        errors.add(at("eval.sets"), "eval.sets[" + std::to_string(i) + "].name",
+                   "'" + s.name + "' is also eval.sets[" + std::to_string(k) +
+                       "]'s name; results are filed by name, so give each set its own");
   }
 }
 

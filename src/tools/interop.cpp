@@ -333,7 +333,13 @@ std::map<std::string, torch::Tensor> forward_outputs(torch::nn::Module& module, 
     out["image_tokens"] = vlm.mm_projector->forward(out["image_features"]);
   }
   if (!ids.empty()) {
-    const bool has_placeholder = tok.image_id() >= 0 && std::count(ids.begin(), ids.end(), tok.image_id()) > 0;
+    const int64_t images = tok.image_id() >= 0 ? std::count(ids.begin(), ids.end(), tok.image_id()) : 0;
+    const int64_t positions = static_cast<int64_t>(ids.size()) + images * (vlm.tokens_per_image() - 1);
+    if (positions > cfg.model.llm.max_position_embeddings)
+      throw ConfigError("forward: " + std::to_string(ids.size()) + " tokens (" + std::to_string(positions) +
+                        " positions with the image's visual tokens) exceed model.llm.max_position_embeddings (" +
+                        std::to_string(cfg.model.llm.max_position_embeddings) + ")");
+    const bool has_placeholder = images > 0;
     if (has_placeholder) {
       if (!pixels.defined()) throw ConfigError("forward: the tokens hold <image> but no --image was given");
       const auto inputs = vlm.build_inputs(pixels, {ids}, {std::vector<int64_t>(ids.size(), -100)}, tok.image_id());
