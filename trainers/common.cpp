@@ -406,6 +406,10 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                    "differs from the original run's",
                    cfg.schedule.type, cfg.train.steps);
   }
+  if (info.step >= cfg.train.steps && dist::is_main())
+    spdlog::warn("resume: the checkpoint is at step {} and train.steps is {}: nothing is left to train; raise "
+                 "train.steps to continue",
+                 info.step, cfg.train.steps);
   return info.step;
 }
 
