@@ -414,7 +414,7 @@ int main(int argc, char** argv) {
   eval->add_option("--out", eval_out, "Also write the JSON results here");
   eval->add_option("--predictions", eval_predictions,
                    "Also write each scored record's reply here (JSONL: set, id, where, question_type, reference, "
-                   "reply, right); VLM checkpoints");
+                   "reply, right; yes/no probes also said, hallucination); VLM checkpoints");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)")->check(at_least(0, true));
 
   // run (pipeline)
