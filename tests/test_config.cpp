@@ -82,6 +82,9 @@ TEST_CASE("an include naming a folder, an empty --set value and a pipeline stage
     CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {set}); }),
                Catch::Contains("the value is empty (or null)") && Catch::Contains("drop the --set"));
   CHECK(load_run_config(d.file("a.yaml"), {"train.steps=3"}).train.steps == 3);
+  // A key the --set creates is named by the --set, not "<default>".
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"a.b.c=1"}); }),
+             Catch::Contains("--set a.b.c: a: unknown key 'a'"));
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"trainer=finetune", "eval.sets=[{name: v, data: a.jsonl}, {name: v, data: b.jsonl}]"}); }),
              Catch::Contains("eval.sets[1].name") && Catch::Contains("'v' is also eval.sets[0]'s name"));
   for (const std::string name : {"../x", "a/b", ".hidden", "report"}) {

@@ -208,7 +208,9 @@ void apply_override(ConfigNode& root, const std::string& assignment) {
     if (part.empty()) throw ConfigError("--set '" + assignment + "': empty key segment");
     if (!node->is_map() && !node->is_null())
       throw ConfigError("--set " + key + ": '" + walked + "' is not a mapping, cannot set a key inside it");
+    const bool created = node->find(part) == nullptr;
     node = &node->child(part);
+    if (created) node->file = "--set " + key;  // a key the --set made: errors about it name the --set
     walked += (walked.empty() ? "" : ".") + part;
   }
   if (node->is_map() && parsed.is_map()) merge_config(*node, parsed);
