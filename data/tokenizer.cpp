@@ -94,6 +94,8 @@ std::string take(char* p) {
 }  // namespace
 
 Tokenizer Tokenizer::load(const std::string& path) {
+  if (std::filesystem::is_directory(path))
+    throw DataError("tokenizer model '" + path + "' is a folder; point data.tokenizer at the .model file in it");
   if (!std::filesystem::is_regular_file(path))
     throw DataError("tokenizer model '" + path +
                     "' does not exist; train one with `trialign tokenizer train` or point data.tokenizer at a .model file");

@@ -90,6 +90,8 @@ TEST_CASE("tokenizer: train, reload, round trip and special ids", "[data][tokeni
   CHECK(truncated[3] == tok.eos_id());
   CHECK(truncated[1] == ids[0]);
   CHECK_THAT(data_error([&] { Tokenizer::load(d.file("none.model")); }), Catch::Contains("does not exist"));
+  CHECK_THAT(data_error([&] { Tokenizer::load(d.path.string()); }),
+             Catch::Contains("tokenizer model '" + d.path.string() + "' is a folder; point data.tokenizer at the .model file"));
   write_file(d.file("junk.model"), "not a model");
   CHECK_THAT(data_error([&] { Tokenizer::load(d.file("junk.model")); }), Catch::Contains("cannot be loaded"));
 }
