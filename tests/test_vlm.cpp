@@ -13,6 +13,7 @@
 #include "data/shapes_questions.h"
 #include "data/shapes_world.h"
 #include "eval/caption_objects.h"
+#include "eval/pope.h"
 #include "losses/cross_entropy.h"
 #include "pipeline_fixtures.h"
 #include "test_helpers.h"
@@ -730,4 +731,19 @@ TEST_CASE("eval predictions: one line per scored record, in order, whose right f
     CHECK(second[i]["where"] == c.dir.file("data/own.jsonl") + ":" + std::to_string(i + 1));
   }
   CHECK(j["exact_match"].get<double>() == Approx(0.5));
+
+  // Yes/no probes also carry the probe score's reading of each reply: its hallucination flags
+  // over the "no" probes make up the printed hallucination rate.
+  std::vector<nlohmann::json> probes;
+  const auto jp = run(c.dir.file("data/val_pope.jsonl"), probes);
+  int64_t no_probes = 0, flagged = 0;
+  for (const auto& p : probes) {
+    REQUIRE(p.contains("said"));
+    CHECK(p["said"] == yes_no_of(p["reply"].get<std::string>()));
+    CHECK(p["hallucination"] == (p["reference"] == "no" && p["said"] == "yes"));
+    no_probes += p["reference"] == "no";
+    flagged += p["hallucination"].get<bool>();
+  }
+  REQUIRE(no_probes > 0);
+  CHECK(jp["pope/hallucination_rate"].get<double>() == Approx(static_cast<double>(flagged) / no_probes));
 }

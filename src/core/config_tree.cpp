@@ -104,10 +104,10 @@ ConfigNode load_with_includes(const fs::path& path, std::vector<std::string>& st
   for (const auto& s : stack)
     if (s == key) throw ConfigError(included_from + ": include cycle through " + path.string());
   std::ifstream in(path);
-  if (!in || fs::is_directory(path)) {  // an ifstream opens a folder and reads nothing from it
+  const bool folder = fs::is_directory(path);  // an ifstream opens a folder and reads nothing from it
+  if (!in || folder) {
     const std::string prefix = included_from.empty() ? "" : included_from + ": ";
-    throw ConfigError(prefix + "cannot read config file '" + path.string() + "'" +
-                      (fs::is_directory(path) ? " (it is a folder)" : "") +
+    throw ConfigError(prefix + "cannot read config file '" + path.string() + "'" + (folder ? " (it is a folder)" : "") +
                       ": check the path (relative includes resolve against the including file)");
   }
   std::stringstream ss;
