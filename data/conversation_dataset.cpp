@@ -106,8 +106,16 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
       problems.messages.push_back(e.what());
       continue;
     }
-    if (auto it = r.json.find("question_type"); it != r.json.end() && it->is_string()) s.question_type = *it;
-    if (auto it = r.json.find("question_type"); it != r.json.end() && *it == "caption") s.is_caption = true;
+    if (auto it = r.json.find("question_type"); it != r.json.end()) {
+      // Scores are split by this name (exact_match/<type>); a number or list would vanish from them.
+      if (!it->is_string() || it->get<std::string>().empty()) {
+        problems.add(r, "'question_type' must be a non-empty string naming the question's kind (e.g. \"count\"), got " +
+                            it->dump().substr(0, 80));
+        continue;
+      }
+      s.question_type = *it;
+      if (s.question_type == "caption") s.is_caption = true;
+    }
     if (auto it = r.json.find("scene"); it != r.json.end()) {
       try {
         shapes::scene_from_json(*it);  // validates: caption scoring reads it later

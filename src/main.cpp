@@ -310,7 +310,9 @@ int cmd_forward(const std::string& target, const std::string& config, const std:
     cfg = load_run_config(config, sets);
     model = build_model_with_weights(cfg, weight_sources(weights));
   }
-  setup_threads(cfg.run.threads);
+  // A checkpoint's run.threads belongs to the machine that trained it (64 there may be refused
+  // here); like eval and generate, a checkpoint's forward uses this machine's cores.
+  setup_threads(target.empty() ? cfg.run.threads : 0);
   const auto outputs = forward_outputs(*model, cfg, in);
   NamedTensors named(outputs.begin(), outputs.end());
   save_safetensors(out, named, {{"format", "pt"}});
@@ -318,9 +320,29 @@ int cmd_forward(const std::string& target, const std::string& config, const std:
   return kExitOk;
 }
 
+// shapes::validate speaks of GeneratorOptions fields ("GeneratorOptions.max_objects = 40 ...;
+// lower max_objects"); on the command line the user typed flags, so name those.
+std::string in_flag_names(std::string msg) {
+  auto replace_all = [&](const std::string& from, const std::string& to) {
+    for (size_t at = msg.find(from); at != std::string::npos; at = msg.find(from, at + to.size()))
+      msg.replace(at, from.size(), to);
+  };
+  replace_all("GeneratorOptions.", "");
+  replace_all("image_size", "--image-size");
+  replace_all("min_objects", "--min-objects");
+  replace_all("max_objects", "--max-objects");
+  for (const char* list : {"shapes", "colours"})  // only as the subject, not "use smaller sizes"
+    if (msg.rfind(list, 0) == 0) msg = std::string("--") + msg;
+  return msg;
+}
+
 int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::GeneratorOptions opt) {
   init_logging();
-  shapes::validate(opt);
+  try {
+    shapes::validate(opt);
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError("data shapes: " + in_flag_names(e.what()));
+  }
   int last = -1;
   auto summary = shapes::write_dataset(out, n_train, n_val, opt, [&](int64_t done, int64_t total) {
     const int pct = static_cast<int>(100 * done / std::max<int64_t>(1, total));

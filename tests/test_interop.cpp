@@ -73,9 +73,11 @@ eval: {recall_at: [1]}
   }
 };
 
-// Runs the trialign binary; returns its exit code, output (stdout + stderr) in `out`.
+// Runs the trialign binary; returns its exit code, output (stdout + stderr) in `out`. Under
+// `timeout`, so a refusal that regresses into a hang (e.g. a 100,000-thread pool, which ignores
+// SIGTERM: hence -k) fails the test with 124/137 instead of stalling the suite.
 int run_cli(const std::string& args, std::string* out = nullptr) {
-  return test::run_command(std::string(TRIALIGN_BINARY) + " " + args, out);
+  return test::run_command("timeout -k 10 300 " + std::string(TRIALIGN_BINARY) + " " + args, out);
 }
 
 }  // namespace
@@ -119,6 +121,23 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
                     &log) == 0);
     const auto f1 = load_safetensors(c.dir.file("f1.safetensors")), f2 = load_safetensors(c.dir.file("f2.safetensors"));
     test::check_same_tensors(f1, f2);
+    // A checkpoint trained on a larger machine (run.threads 100000 there) still runs here: its
+    // thread count is not the model's. The copy's MANIFEST is updated so the edit verifies.
+    const std::string moved = c.dir.file("from_big_machine");
+    fs::copy(trained.checkpoint, moved, fs::copy_options::recursive);
+    std::string yaml = read_text_file(moved + "/config.yaml");
+    const std::string saved = "  threads: 1\n";  // run: {threads: 1} above
+    const size_t at = yaml.find(saved);
+    REQUIRE(at != std::string::npos);
+    yaml.replace(at, saved.size(), "  threads: 100000\n");
+    test::write_file(moved + "/config.yaml", yaml);
+    auto manifest = nlohmann::json::parse(read_text_file(moved + "/MANIFEST.json"));
+    manifest["files"]["config.yaml"] = {{"bytes", fs::file_size(moved + "/config.yaml")},
+                                        {"crc32", crc32_file(moved + "/config.yaml")}};
+    test::write_file(moved + "/MANIFEST.json", manifest.dump(2));
+    REQUIRE(run_cli("forward " + moved + " --tokens 2,5,4,7 --image " + image + " --out " + c.dir.file("f3.safetensors"),
+                    &log) == 0);
+    test::check_same_tensors(f1, load_safetensors(c.dir.file("f3.safetensors")));
     // Token 4 is <image> in the test tokenizer: it expands to the image's 4 visual tokens.
     CHECK(f1.at("logits").sizes() == torch::IntArrayRef({1, 7, cfgjson["vocab_size"].get<int64_t>()}));
     CHECK(f1.at("image_tokens").sizes() == torch::IntArrayRef({1, 4, 16}));
@@ -495,6 +514,16 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK_THAT(out, Catch::Contains("manifest '" + c.dir.file("data") + "' is a folder; name the .json or .jsonl file in it"));
   CHECK(run_cli("eval " + c.dir.file("a") + " --threads 100000", &out) == 2);
   CHECK_THAT(out, Catch::Contains("threads: 100000 requested") && Catch::Contains(", or 0 for one per core"));
+  // The generator's checks name the flags the user typed, not the options struct behind them.
+  CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --max-objects 40", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("error: data shapes: --max-objects = 40 is more than can be placed") &&
+                      Catch::Contains("lower --max-objects, raise --image-size or use smaller sizes"));
+  CHECK_THAT(out, !Catch::Contains("GeneratorOptions"));
+  CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --shapes circle,blob", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("error: data shapes: --shapes: unknown value 'blob'; known values are: circle"));
+  CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --image-size 8", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("error: data shapes: --image-size = 8 is too small; use at least 16"));
+  CHECK(!fs::exists(c.dir.file("world")));
   // tokenizer train does not replace a tokenizer in place unless told to.
   const uint32_t tok_crc = crc32_file(tok);
   const std::string prefix = tok.substr(0, tok.size() - 6);  // without ".model"

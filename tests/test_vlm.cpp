@@ -626,9 +626,16 @@ TEST_CASE("conversation data: reference object lists are read and checked, and r
   add("probe", {{"question_type", "pope/object/random"}});
   add("question", {{"question_type", "count"}});
   add("bad-objects", {{"objects", {"dog", 3}}});
+  add("numeric-type", {{"question_type", 5}});
+  add("empty-type", {{"question_type", ""}});
   test::write_file(c.dir.file("data/objects.jsonl"), lines);
-  CHECK_THAT(message_of<DataError>([&] { ConversationDataset(c.dir.file("data/objects.jsonl"), dc, tok, 4, false); }),
-             Catch::Contains("objects.jsonl:4 (id bad-objects): 'objects' must be a list of object names"));
+  const std::string msg =
+      message_of<DataError>([&] { ConversationDataset(c.dir.file("data/objects.jsonl"), dc, tok, 4, false); });
+  CHECK_THAT(msg, Catch::Contains("objects.jsonl:4 (id bad-objects): 'objects' must be a list of object names"));
+  // A question_type that is not a name would drop the record from every per-type score.
+  CHECK_THAT(msg, Catch::Contains("objects.jsonl:5 (id numeric-type): 'question_type' must be a non-empty string") &&
+                      Catch::Contains("got 5"));
+  CHECK_THAT(msg, Catch::Contains("objects.jsonl:6 (id empty-type): 'question_type' must be a non-empty string"));
   dc.on_bad_record = "skip";
   ConversationDataset ds(c.dir.file("data/objects.jsonl"), dc, tok, 4, false);
   REQUIRE(ds.size() == 3);
