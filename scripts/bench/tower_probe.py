@@ -11,7 +11,7 @@ It prints 6-way shape accuracy on single-object val scenes (chance 0.17), and fo
 and the -2 patch mean also whether a scene's whole set of shapes is read right. Training uses
 the first 4,000 train scenes. docs/benchmarks.md quotes its figures.
 
-    python3 scripts/bench/tower_probe.py runs/quickstart/stage1/checkpoints/step_00000600 [--data data/shapes]
+    python3 scripts/bench/tower_probe.py runs/quickstart/stage1/checkpoints/step_00000500 [--data data/shapes]
 
 Needs Debian's python3-torch, python3-pil and python3-yaml. The tower is torch_bench.py's ViT
 (pre-LN layers, quick-GELU, CLS first) with the checkpoint's weights; pixels use CLIP's statistics.
