@@ -1,7 +1,6 @@
 #include "data/tokenizer.h"
 
 #include <dlfcn.h>
-#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -135,7 +134,10 @@ std::string Tokenizer::piece(int id) const { return take(spm().id_to_piece(sp_.g
 
 int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
   if (opt.out_prefix.empty()) throw DataError("tokenizer train: --out is required");
-  const std::string corpus = opt.out_prefix + ".corpus.tmp." + std::to_string(::getpid());
+  // sentencepiece writes its --input path into the .model file: a fixed name (not one with the
+  // process id) keeps the same data and options giving the same bytes, so a tokenizer retrained
+  // from scratch passes the checksum checkpoints record.
+  const std::string corpus = opt.out_prefix + ".corpus.tmp";
   int64_t sentences = 0;
   {
     auto parent = std::filesystem::path(opt.out_prefix).parent_path();
