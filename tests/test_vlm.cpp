@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/checkpoint.h"
 #include "core/config_tree.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -475,6 +476,22 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   CHECK(again.stages["s2"]["skipped"] == true);
   CHECK(again.stages["s3"]["skipped"] == true);
   CHECK(again.stages["s3"]["checkpoint"] == r.stages["s3"]["checkpoint"]);
+
+  // Stage 2 deleted and trained again: the same weights (its optimizer.pt, and so its MANIFEST,
+  // differ in bytes), so stage 3 is still complete and skipped.
+  std::filesystem::remove_all(c.dir.file("run/s2"));
+  auto rebuilt = run_pipeline(load_pipeline(c.pipeline("run")), quiet);
+  CHECK(rebuilt.stages["s2"]["skipped"] == false);
+  CHECK(rebuilt.stages["s3"]["skipped"] == true);
+  test::check_same_tensors(s2, final_weights(rebuilt.stages, "s2"));
+  // Other upstream weights than the ones stage 3 was trained from: refused.
+  const std::string done = c.dir.file("run/s3/stage_done.json");
+  auto record = nlohmann::json::parse(read_text_file(done));
+  REQUIRE(record["upstream_weights"].size() == 1);
+  record["upstream_weights"][0] = record["upstream_weights"][0].get<uint32_t>() ^ 1u;
+  test::write_file(done, record.dump(2));
+  CHECK_THAT(message_of<ConfigError>([&] { run_pipeline(load_pipeline(c.pipeline("run")), quiet); }),
+             Catch::Contains("stage s3 was trained from other checkpoints of its init_from stages than the current ones"));
 
   // Interrupted in stage 2, then re-run: stage 2 resumes and the end result is the same, bit for bit.
   TrainOptions stop = quiet;

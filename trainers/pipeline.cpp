@@ -18,6 +18,16 @@ namespace trialign {
 
 namespace {
 
+// model.safetensors' CRC-32 as the checkpoint's MANIFEST.json records it (no hashing of the file).
+uint32_t model_weights_crc(const std::string& checkpoint) {
+  const std::string path = checkpoint + "/MANIFEST.json";
+  try {
+    return nlohmann::json::parse(read_text_file(path)).at("files").at("model.safetensors").at("crc32").get<uint32_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(path + ": no checksum for model.safetensors (" + e.what() + "); train that stage again");
+  }
+}
+
 // {a.b: v} sets a -> b to v, keeping v's file:line for error messages.
 void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& where) {
   if (sets.is_null()) return;
@@ -116,9 +126,16 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
     const std::string dir = cfg.run.out_dir;
     const std::string done_file = (fs::path(dir) / "stage_done.json").string();
     // Fingerprints of the checkpoints this stage starts from: a finished stage is only reused
-    // if it was trained from the very same upstream weights.
-    nlohmann::json upstream = nlohmann::json::array();
-    for (const auto& init : cfg.init_from) upstream.push_back(crc32_file(init.checkpoint + "/MANIFEST.json"));
+    // if it was trained from the very same upstream weights. `upstream_weights` is each
+    // model.safetensors' CRC-32; `upstream` (the whole MANIFEST's, still written for older
+    // binaries) also covers optimizer.pt, whose bytes differ between runs that end with identical
+    // weights (LibTorch keys its state by parameter address), so a deleted and retrained upstream
+    // stage would otherwise force every later stage to train again.
+    nlohmann::json upstream = nlohmann::json::array(), upstream_weights = nlohmann::json::array();
+    for (const auto& init : cfg.init_from) {
+      upstream.push_back(crc32_file(init.checkpoint + "/MANIFEST.json"));
+      upstream_weights.push_back(model_weights_crc(init.checkpoint));
+    }
     nlohmann::json entry;
     if (fs::exists(done_file)) {
       nlohmann::json done;
@@ -137,7 +154,10 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
         throw ConfigError("pipeline " + p.name + ": stage " + stage.name + " finished with another config; changed:" +
                           keys + "\nrestore them, or remove " + dir + " to train the stage again");
       }
-      if (done.value("upstream", nlohmann::json::array()) != upstream)
+      const bool same_upstream = done.contains("upstream_weights")
+                                     ? done["upstream_weights"] == upstream_weights
+                                     : done.value("upstream", nlohmann::json::array()) == upstream;  // older stage_done.json
+      if (!same_upstream)
         throw ConfigError("pipeline " + p.name + ": stage " + stage.name +
                           " was trained from other checkpoints of its init_from stages than the current ones; remove " +
                           dir + " to train it again from them");
@@ -166,7 +186,8 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
     entry = {{"checkpoint", r.checkpoint}, {"eval", r.final_eval}, {"skipped", false}};
     write_run_text(cfg, "stage_done.json",
                    nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step}, {"eval", r.final_eval},
-                                  {"config", resolved_yaml(cfg)}, {"upstream", upstream}}
+                                  {"config", resolved_yaml(cfg)}, {"upstream", upstream},
+                                  {"upstream_weights", upstream_weights}}
                            .dump(2) + "\n");
     result.stages[stage.name] = entry;
   }
