@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "core/errors.h"
 #include "data/manifest.h"
@@ -26,7 +28,7 @@ struct SpmApi {
   decltype(&tspm_piece_to_id) piece_to_id;
   decltype(&tspm_piece_size) piece_size;
   decltype(&tspm_special_id) special_id;
-  decltype(&tspm_train) train;
+  decltype(&tspm_train_sentences) train;
   decltype(&tspm_free_buffer) free_buffer;
 };
 
@@ -73,7 +75,7 @@ const SpmApi& spm() {
     api.piece_to_id = reinterpret_cast<decltype(api.piece_to_id)>(sym("tspm_piece_to_id"));
     api.piece_size = reinterpret_cast<decltype(api.piece_size)>(sym("tspm_piece_size"));
     api.special_id = reinterpret_cast<decltype(api.special_id)>(sym("tspm_special_id"));
-    api.train = reinterpret_cast<decltype(api.train)>(sym("tspm_train"));
+    api.train = reinterpret_cast<decltype(api.train)>(sym("tspm_train_sentences"));
     api.free_buffer = reinterpret_cast<decltype(api.free_buffer)>(sym("tspm_free_buffer"));
     if (error.empty() && api.abi_version() != TSPM_ABI_VERSION)
       error = path + ": shim ABI version " + std::to_string(api.abi_version()) + ", this build expects " +
@@ -134,61 +136,63 @@ std::string Tokenizer::piece(int id) const { return take(spm().id_to_piece(sp_.g
 
 int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
   if (opt.out_prefix.empty()) throw DataError("tokenizer train: --out is required");
-  // sentencepiece writes its --input path into the .model file: a fixed name (not one with the
-  // process id) keeps the same data and options giving the same bytes, so a tokenizer retrained
-  // from scratch passes the checksum checkpoints record.
-  const std::string corpus = opt.out_prefix + ".corpus.tmp";
-  int64_t sentences = 0;
-  {
-    auto parent = std::filesystem::path(opt.out_prefix).parent_path();
-    if (!parent.empty()) std::filesystem::create_directories(parent);
-    std::ofstream out(corpus);
-    if (!out) throw DataError("tokenizer train: cannot write '" + corpus + "'");
-    auto emit = [&](const std::string& s) {
-      std::string line = s;
-      for (auto& c : line)
-        if (c == '\n' || c == '\r') c = ' ';
-      out << line << '\n';
-      ++sentences;
-    };
-    for (const auto& m : opt.manifests) {
-      std::vector<ManifestRecord> records;
-      try {
-        records = read_manifest(m);
-      } catch (...) {  // no half-written corpus left behind
-        out.close();
-        std::filesystem::remove(corpus);
-        throw;
-      }
-      for (const auto& rec : records) {
-        for (const auto& f : opt.fields) {
-          auto it = rec.json.find(f);
-          if (it == rec.json.end()) continue;
-          if (it->is_string()) emit(it->get<std::string>());
-          else if (it->is_array())
-            for (const auto& turn : *it)
-              if (turn.is_object() && turn.contains("value") && turn["value"].is_string())
-                emit(turn["value"].get<std::string>());
-        }
+  // The sentences go to sentencepiece in memory and the model comes back as bytes: a model
+  // trained from an --input file records that file's path (and --model_prefix), so the same data
+  // and options gave other bytes under another --out spelling or temporary name, and checkpoints
+  // check the tokenizer's bytes.
+  std::vector<std::string> sentences;
+  for (const auto& m : opt.manifests) {
+    for (const auto& rec : read_manifest(m)) {
+      for (const auto& f : opt.fields) {
+        auto it = rec.json.find(f);
+        if (it == rec.json.end()) continue;
+        auto emit = [&](std::string line) {
+          for (auto& c : line)
+            if (c == '\n' || c == '\r') c = ' ';
+          sentences.push_back(std::move(line));
+        };
+        if (it->is_string()) emit(it->get<std::string>());
+        else if (it->is_array())
+          for (const auto& turn : *it)
+            if (turn.is_object() && turn.contains("value") && turn["value"].is_string())
+              emit(turn["value"].get<std::string>());
       }
     }
   }
-  if (sentences == 0) {
-    std::filesystem::remove(corpus);
-    throw DataError("tokenizer train: no text found in fields of the given manifests");
-  }
+  if (sentences.empty()) throw DataError("tokenizer train: no text found in fields of the given manifests");
   // hard_vocab_limit=false: a tiny closed vocabulary (shapes world) cannot always fill the
   // requested size, which is fine.
-  const std::string args = "--input=" + corpus + " --model_prefix=" + opt.out_prefix +
-                           " --vocab_size=" + std::to_string(opt.vocab_size) +
-                           " --model_type=" + opt.model_type +
+  const std::string args = "--vocab_size=" + std::to_string(opt.vocab_size) + " --model_type=" + opt.model_type +
                            " --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"
                            " --user_defined_symbols=<image>,USER:,ASSISTANT: --hard_vocab_limit=false"
                            " --character_coverage=1.0 --minloglevel=2 --num_threads=1";
-  char* err = spm().train(args.c_str());
-  std::filesystem::remove(corpus);
+  std::vector<const char*> lines;
+  lines.reserve(sentences.size());
+  for (const auto& l : sentences) lines.push_back(l.c_str());
+  char *model = nullptr, *vocab = nullptr;
+  long long model_size = 0;
+  char* err = spm().train(args.c_str(), lines.data(), static_cast<long long>(lines.size()), &model, &model_size, &vocab);
   if (err) throw DataError("tokenizer train: sentencepiece failed: " + take(err));
-  return sentences;
+  const std::string model_bytes(model, static_cast<size_t>(model_size));
+  spm().free_buffer(model);
+  const std::string vocab_text = take(vocab);
+  auto parent = std::filesystem::path(opt.out_prefix).parent_path();
+  if (!parent.empty()) std::filesystem::create_directories(parent);
+  for (const auto& [path, bytes] : {std::pair<std::string, const std::string*>{opt.out_prefix + ".model", &model_bytes},
+                                    {opt.out_prefix + ".vocab", &vocab_text}}) {
+    // Written whole and renamed into place: a reader (or a crash) never sees half a model.
+    const std::string tmp = path + ".tmp";
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes->data(), static_cast<std::streamsize>(bytes->size()));
+    out.close();
+    std::error_code ec;
+    if (out) std::filesystem::rename(tmp, path, ec);
+    if (!out || ec) {
+      std::filesystem::remove(tmp, ec);
+      throw DataError("tokenizer train: cannot write '" + path + "'");
+    }
+  }
+  return static_cast<int64_t>(sentences.size());
 }
 
 std::vector<int64_t> encode_for_text_encoder(const Tokenizer& tok, const std::string& text, int max_len) {

@@ -445,14 +445,20 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   o.model_type = "bpe";
   train_tokenizer(o);
   const std::string other = c.dir.file("other.model");
-  // The same manifests, options and prefix give the same bytes, so a tokenizer regenerated on
-  // another machine passes the checksum a checkpoint records. Two processes: the temporary
-  // corpus path sentencepiece records once carried the process id.
+  // The same manifests and options give the same bytes, so a tokenizer regenerated on another
+  // machine passes the checksum a checkpoint records. Two processes: the temporary corpus path
+  // sentencepiece once recorded in the model carried the process id.
   const std::string again = "tokenizer train --manifest " + o.manifests[0] + " " + o.manifests[1] +
                             " --field caption conversations --vocab-size 64 --model-type bpe --out " + o.out_prefix;
   const uint32_t first = crc32_file(other);
   REQUIRE(run_cli(again + " --overwrite") == 0);
   CHECK(crc32_file(other) == first);
+  // Nor does the file depend on how --out is spelled or where it points (a space included).
+  fs::create_directories(c.dir.file("with space"));
+  const std::string elsewhere = c.dir.file("with space") + "/../with space/t3";
+  REQUIRE(run_cli(again.substr(0, again.find(" --out ")) + " --out '" + elsewhere + "'") == 0);
+  CHECK(crc32_file(c.dir.file("with space/t3.model")) == first);
+  CHECK(read_text_file(c.dir.file("with space/t3.vocab")).rfind("<pad>\t0\n<unk>\t0\n", 0) == 0);
   REQUIRE(Tokenizer::load(other).vocab_size() == Tokenizer::load(tok).vocab_size());
   CHECK_THAT(message_of<ConfigError>([&] { check_checkpoint_tokenizer(ckpt, other, "eval"); }),
              Catch::Contains("eval: checkpoint '" + ckpt + "' was trained with the tokenizer '" + tok + "'") &&

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -86,10 +87,37 @@ int tspm_special_id(void* handle, int which) {
   }
 }
 
-char* tspm_train(const char* args) {
+char* tspm_train_sentences(const char* args, const char* const* sentences, long long n, char** model,
+                           long long* model_size, char** vocab) {
   try {
-    const auto status = sentencepiece::SentencePieceTrainer::Train(args);
-    return status.ok() ? nullptr : dup(status.ToString());
+    struct Sentences : sentencepiece::SentenceIterator {
+      const char* const* v;
+      long long n, i = 0;
+      std::string current;
+      Sentences(const char* const* v, long long n) : v(v), n(n) {
+        if (n > 0) current = v[0];
+      }
+      bool done() const override { return i >= n; }
+      void Next() override {
+        if (++i < n) current = v[i];
+      }
+      const std::string& value() const override { return current; }
+      sentencepiece::util::Status status() const override { return sentencepiece::util::Status(); }
+    } it(sentences, n);
+    std::string proto;
+    auto status = sentencepiece::SentencePieceTrainer::Train(args, &it, &proto);
+    if (!status.ok()) return dup(status.ToString());
+    sentencepiece::SentencePieceProcessor p;
+    status = p.LoadFromSerializedProto(proto);
+    if (!status.ok()) return dup(status.ToString());
+    std::ostringstream v;  // the layout sentencepiece's own .vocab file has
+    for (int id = 0; id < p.GetPieceSize(); ++id) v << p.IdToPiece(id) << '\t' << p.GetScore(id) << '\n';
+    *model = static_cast<char*>(std::malloc(proto.size() ? proto.size() : 1));
+    if (!*model) return dup("out of memory");
+    std::memcpy(*model, proto.data(), proto.size());
+    *model_size = static_cast<long long>(proto.size());
+    *vocab = dup(v.str());
+    return nullptr;
   } catch (const std::exception& e) {
     return dup(e.what());
   }

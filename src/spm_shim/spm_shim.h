@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define TSPM_ABI_VERSION 1
+#define TSPM_ABI_VERSION 2
 
 int tspm_abi_version(void);
 // Returns a handle, or NULL with *error set (malloc'd message).
@@ -26,8 +26,12 @@ int tspm_piece_to_id(void* handle, const char* piece);
 int tspm_piece_size(void* handle);
 // which: 0 pad, 1 unk, 2 bos, 3 eos (-1 when the model has none)
 int tspm_special_id(void* handle, int which);
-// Trains with sentencepiece's flag string; returns NULL on success, else a malloc'd error.
-char* tspm_train(const char* args);
+// Trains with sentencepiece's flag string (no --input, no --model_prefix) on the n given
+// sentences, and hands back the model file's bytes (*model, *model_size) and the matching
+// .vocab text (*vocab: "piece<TAB>score" lines). No file is read or written, so the model
+// records no path. Returns NULL on success, else a malloc'd error.
+char* tspm_train_sentences(const char* args, const char* const* sentences, long long n, char** model,
+                           long long* model_size, char** vocab);
 void tspm_free_buffer(void* p);
 
 #ifdef __cplusplus
