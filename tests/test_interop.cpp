@@ -95,6 +95,15 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     CHECK(fs::exists(exp + "/language_model/tokenizer.model"));
     const auto cfgjson = nlohmann::json::parse(read_text_file(exp + "/language_model/config.json"));
     CHECK(cfgjson["architectures"][0] == "LlamaForCausalLM");
+    // The same checkpoint exported from another folder: the same bytes (no path is recorded).
+    const std::string moved_run = c.dir.file("moved_run");
+    fs::copy(trained.checkpoint, moved_run, fs::copy_options::recursive);
+    export_checkpoint(moved_run, c.dir.file("exported_again"), "fp32", 4096);
+    for (const auto& f : files) {
+      const std::string rel = fs::relative(f, exp).string();
+      INFO(rel);
+      CHECK(crc32_file(c.dir.file("exported_again") + "/" + rel) == crc32_file(f));
+    }
     CHECK(cfgjson["num_key_value_heads"] == 1);
     CHECK(cfgjson["vocab_size"] > 0);
 

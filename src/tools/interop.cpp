@@ -181,8 +181,14 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
     cfg.model.llm.vocab_size = static_cast<int>(tensors.at("model.embed_tokens.weight").size(0));
   if (tensors.count("text_model.embeddings.token_embedding.weight") && cfg.model.text.vocab_size == 0)
     cfg.model.text.vocab_size = static_cast<int>(tensors.at("text_model.embeddings.token_embedding.weight").size(0));
-  const std::map<std::string, std::string> meta = {{"format", "pt"}, {"trialign_checkpoint", dir},
-                                                   {"trialign_step", std::to_string(info.step)}};
+  // Provenance without the checkpoint's path, so that exporting the same checkpoint from
+  // anywhere writes the same bytes: its trainer, step and model.safetensors' CRC-32 (as its
+  // MANIFEST.json records it, and `inspect` prints).
+  const std::map<std::string, std::string> meta = {
+      {"format", "pt"},
+      {"trialign_trainer", info.trainer},
+      {"trialign_step", std::to_string(info.step)},
+      {"trialign_model_crc32", std::to_string(info.manifest.at("files").at("model.safetensors").at("crc32").get<uint32_t>())}};
   auto cast = [&](const torch::Tensor& t) { return t.is_floating_point() ? t.to(type) : t; };
   std::vector<std::string> written;
   auto write_folder = [&](const std::string& sub, const NamedTensors& part, const nlohmann::json& config) {
