@@ -361,6 +361,17 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
                "GRPO prompts (train_grpo.jsonl, val_grpo.jsonl)",
                pref.train_pairs, pref.val_pairs, pref.train_prompts, pref.val_prompts);
   spdlog::info("wrote {} yes/no hallucination probes (val_pope.jsonl)", shapes::write_pope_data(out, n_val, opt));
+  // Images of an earlier, larger generation into the same folder stay behind: harmless to
+  // training (the manifests name only this one's), but not what a copy or checksum of the
+  // folder should hold.
+  for (const auto& [split, n] : {std::pair<std::string, int64_t>{"train", n_train}, {"val", n_val}}) {
+    int64_t stale = 0;
+    for (int64_t i = n; fs::exists(fs::path(out) / shapes::scene_image_path(split, i)); ++i) ++stale;
+    if (stale > 0)
+      spdlog::warn("{} images in {} ({} onwards) are left from an earlier, larger generation and are in no "
+                   "manifest; delete {} first for a folder that holds this dataset alone",
+                   stale, (fs::path(out) / "images" / split).string(), shapes::scene_image_path(split, n), out);
+  }
   return kExitOk;
 }
 

@@ -547,6 +547,12 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --image-size 8", &out) == 2);
   CHECK_THAT(out, Catch::Contains("error: data shapes: --image-size = 8 is too small; use at least 16"));
   CHECK(!fs::exists(c.dir.file("world")));
+  // A smaller generation into the same folder names the images the larger one left behind.
+  REQUIRE(run_cli("data shapes --out " + c.dir.file("world") + " --train 5 --val 2 --image-size 32", &out) == 0);
+  REQUIRE(run_cli("data shapes --out " + c.dir.file("world") + " --train 3 --val 2 --image-size 32", &out) == 0);
+  CHECK_THAT(out, Catch::Contains("2 images in " + c.dir.file("world") + "/images/train (images/train/000003.png "
+                                  "onwards) are left from an earlier, larger generation"));
+  CHECK_THAT(out, !Catch::Contains("images/val ("));
   // tokenizer train does not replace a tokenizer in place unless told to.
   const uint32_t tok_crc = crc32_file(tok);
   const std::string prefix = tok.substr(0, tok.size() - 6);  // without ".model"
