@@ -141,16 +141,16 @@ int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
   // and options gave other bytes under another --out spelling or temporary name, and checkpoints
   // check the tokenizer's bytes.
   std::vector<std::string> sentences;
+  auto emit = [&](std::string line) {  // one sentence per line, as sentencepiece reads them
+    for (auto& c : line)
+      if (c == '\n' || c == '\r') c = ' ';
+    sentences.push_back(std::move(line));
+  };
   for (const auto& m : opt.manifests) {
     for (const auto& rec : read_manifest(m)) {
       for (const auto& f : opt.fields) {
         auto it = rec.json.find(f);
         if (it == rec.json.end()) continue;
-        auto emit = [&](std::string line) {
-          for (auto& c : line)
-            if (c == '\n' || c == '\r') c = ' ';
-          sentences.push_back(std::move(line));
-        };
         if (it->is_string()) emit(it->get<std::string>());
         else if (it->is_array())
           for (const auto& turn : *it)

@@ -183,7 +183,7 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
     cfg.model.text.vocab_size = static_cast<int>(tensors.at("text_model.embeddings.token_embedding.weight").size(0));
   // Provenance without the checkpoint's path, so that exporting the same checkpoint from
   // anywhere writes the same bytes: its trainer, step and model.safetensors' CRC-32 (as its
-  // MANIFEST.json records it, and `inspect` prints).
+  // MANIFEST.json records it).
   const std::map<std::string, std::string> meta = {
       {"format", "pt"},
       {"trialign_trainer", info.trainer},
