@@ -45,7 +45,7 @@ using namespace trialign;
 namespace {
 
 // A file the command writes (--out, --predictions) must not land inside a checkpoint folder: it
-// would replace model.safetensors or optimizer.pt with something else and lose the checkpoint.
+// would replace model.safetensors or optimizer.safetensors with something else and lose the checkpoint.
 void refuse_inside_checkpoint(const std::string& path, const std::string& flag) {
   if (path.empty()) return;
   const fs::path folder = fs::absolute(path).parent_path();

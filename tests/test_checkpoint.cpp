@@ -310,22 +310,34 @@ TEST_CASE("resume state that does not fit is a DataError naming the file, and a 
           "[checkpoint]") {
   test::TempDir d("resume");
   auto w = torch::ones({3}, torch::requires_grad());
-  torch::optim::AdamW opt({w}, torch::optim::AdamWOptions(0.1));
+  torch::optim::AdamW opt({w}, torch::optim::AdamWOptions(0.1).weight_decay(0.25));
   (w * w).sum().backward();
   opt.step();
-  torch::save(opt, d.file("optimizer.pt"));
+  const std::string file = d.file("optimizer.safetensors");
+  save_optimizer_state(opt, file);
   torch::manual_seed(5);
   save_safetensors(d.file("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
   const double expected = torch::rand({1}).item<double>();  // the draw right after that state
+  const auto& saved = static_cast<const torch::optim::AdamWParamState&>(*opt.state().begin()->second);
 
-  // A good pair: the optimizer's step count and the next random draw come back.
+  // A good pair: the optimizer's step count, moments, options and the next random draw come back.
   auto w2 = torch::zeros({3}, torch::requires_grad());
-  torch::optim::AdamW opt2({w2}, torch::optim::AdamWOptions(0.1));
+  torch::optim::AdamW opt2({w2}, torch::optim::AdamWOptions(0.5));
   torch::manual_seed(99);
   load_resume_state(d.path.string(), opt2);
   CHECK(torch::rand({1}).item<double>() == expected);
-  const auto& st = static_cast<const torch::optim::AdamWParamState&>(*opt2.state().begin()->second);
+  REQUIRE(opt2.state().size() == 1);
+  const auto& st = static_cast<const torch::optim::AdamWParamState&>(*opt2.state().at(
+      c10::guts::to_string(w2.unsafeGetTensorImpl())));
   CHECK(st.step() == 1);
+  CHECK(torch::equal(st.exp_avg(), saved.exp_avg()));
+  CHECK(torch::equal(st.exp_avg_sq(), saved.exp_avg_sq()));
+  const auto& o2 = static_cast<const torch::optim::AdamWOptions&>(opt2.param_groups()[0].options());
+  CHECK(o2.lr() == 0.1);
+  CHECK(o2.weight_decay() == 0.25);
+  // Written again from the other optimizer (other tensor addresses): the same bytes.
+  save_optimizer_state(opt2, d.file("again.safetensors"));
+  CHECK(crc32_file(d.file("again.safetensors")) == crc32_file(file));
 
   auto fails_with = [&](const std::string& text) {
     CHECK_THAT(test::message_of<DataError>([&] { load_resume_state(d.path.string(), opt2); }),
@@ -334,11 +346,28 @@ TEST_CASE("resume state that does not fit is a DataError naming the file, and a 
   // Another model's optimizer: two parameters where this one has one.
   auto a = torch::ones({2}, torch::requires_grad()), b = torch::ones({2}, torch::requires_grad());
   torch::optim::AdamW other({a, b}, torch::optim::AdamWOptions(0.1));
-  torch::save(other, d.file("optimizer.pt"));
-  fails_with(d.file("optimizer.pt") + " does not restore this run's optimizer");
+  save_optimizer_state(other, file);
+  fails_with(file + " does not restore this run's optimizer (group 0 has 2 parameters, this run's 1)");
+  // The same count, another shape.
+  auto c = torch::ones({4}, torch::requires_grad());
+  torch::optim::AdamW wrong({c}, torch::optim::AdamWOptions(0.1));
+  (c * c).sum().backward();
+  wrong.step();
+  save_optimizer_state(wrong, file);
+  fails_with("state.0.exp_avg has shape [4], the parameter [3]");
+  test::write_file(file, "not a safetensors file");
+  fails_with(file + " does not restore this run's optimizer");
+
+  // A checkpoint from before optimizer.safetensors: its optimizer.pt is read instead.
+  fs::remove(file);
+  torch::save(opt, d.file("optimizer.pt"));
+  torch::optim::AdamW opt3({w2}, torch::optim::AdamWOptions(0.5));
+  load_resume_state(d.path.string(), opt3);
+  CHECK(static_cast<const torch::optim::AdamWParamState&>(*opt3.state().begin()->second).step() == 1);
   test::write_file(d.file("optimizer.pt"), "not a zip archive");
   fails_with(d.file("optimizer.pt") + " does not restore this run's optimizer");
-  torch::save(opt, d.file("optimizer.pt"));
+
+  save_optimizer_state(opt, file);
   save_safetensors(d.file("rng.safetensors"), {{"cuda", get_rng_state()}});
   fails_with(d.file("rng.safetensors") + " holds no 'torch_cpu' tensor");
   save_safetensors(d.file("rng.safetensors"), {{"torch_cpu", torch::zeros({7}, torch::kUInt8)}});

@@ -513,9 +513,9 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
                 &out) == 2);
   CHECK_THAT(out, Catch::Contains("--out " + model_file + ": " + ckpt + " is a checkpoint (it has MANIFEST.json)"));
   CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl") + " --predictions " + ckpt +
-                    "/optimizer.pt",
+                    "/optimizer.safetensors",
                 &out) == 2);
-  CHECK_THAT(out, Catch::Contains("--predictions " + ckpt + "/optimizer.pt: " + ckpt + " is a checkpoint"));
+  CHECK_THAT(out, Catch::Contains("--predictions " + ckpt + "/optimizer.safetensors: " + ckpt + " is a checkpoint"));
   CHECK(run_cli("forward " + c.dir.file("a") + " --tokens 2,5 --out " + model_file, &out) == 2);
   CHECK_THAT(out, Catch::Contains("is a checkpoint (it has MANIFEST.json)"));
   CHECK(crc32_file(model_file) == model_crc);

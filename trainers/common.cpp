@@ -261,13 +261,124 @@ void set_rng_state(const torch::Tensor& state) {
   gen.set_state(state);
 }
 
+namespace {
+
+// LibTorch keys an optimizer's per-parameter state by the parameter's TensorImpl address.
+std::string state_key(const torch::Tensor& p) { return c10::guts::to_string(p.unsafeGetTensorImpl()); }
+
+torch::optim::AdamWOptions& adamw_options(torch::optim::OptimizerParamGroup& g, const std::string& path) {
+  auto* o = dynamic_cast<torch::optim::AdamWOptions*>(&g.options());
+  if (!o) throw DataError(path + ": only AdamW optimizer state is saved and restored");
+  return *o;
+}
+
+}  // namespace
+
+void save_optimizer_state(torch::optim::Optimizer& optim, const std::string& path) {
+  NamedTensors tensors;
+  nlohmann::json groups = nlohmann::json::array();
+  int64_t i = 0;
+  for (auto& g : optim.param_groups()) {
+    const auto& o = adamw_options(g, path);
+    groups.push_back({{"params", g.params().size()},
+                      {"lr", o.lr()},
+                      {"betas", {std::get<0>(o.betas()), std::get<1>(o.betas())}},
+                      {"eps", o.eps()},
+                      {"weight_decay", o.weight_decay()},
+                      {"amsgrad", o.amsgrad()}});
+    for (const auto& p : g.params()) {
+      const std::string name = "state." + std::to_string(i++) + ".";
+      auto it = optim.state().find(state_key(p));
+      if (it == optim.state().end()) continue;  // never stepped (e.g. no gradient yet)
+      const auto& s = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      tensors.emplace_back(name + "step", torch::tensor({s.step()}, torch::kInt64));
+      tensors.emplace_back(name + "exp_avg", s.exp_avg());
+      tensors.emplace_back(name + "exp_avg_sq", s.exp_avg_sq());
+      if (s.max_exp_avg_sq().defined()) tensors.emplace_back(name + "max_exp_avg_sq", s.max_exp_avg_sq());
+    }
+  }
+  save_safetensors(path, tensors, {{"format", "trialign.adamw"}, {"param_groups", groups.dump()}});
+}
+
+namespace {
+
+void load_optimizer_state(torch::optim::Optimizer& optim, const std::string& path, const std::string& remedy) {
+  auto fail = [&](const std::string& why) {
+    throw DataError(path + " does not restore this run's optimizer (" + why + ")" + remedy);
+  };
+  std::map<std::string, std::string> meta;
+  std::map<std::string, torch::Tensor> tensors;
+  try {
+    tensors = load_safetensors(path, &meta);
+  } catch (const DataError& e) {
+    fail(e.what());
+  }
+  nlohmann::json groups;
+  try {
+    groups = nlohmann::json::parse(meta.at("param_groups"));
+  } catch (const std::exception&) {
+    fail("no readable 'param_groups' in its metadata");
+  }
+  auto& ours = optim.param_groups();
+  if (!groups.is_array() || groups.size() != ours.size())
+    fail("it has " + std::to_string(groups.is_array() ? groups.size() : 0) + " parameter groups, this run " +
+         std::to_string(ours.size()));
+  int64_t i = 0;
+  std::vector<std::pair<std::string, std::unique_ptr<torch::optim::AdamWParamState>>> restored;
+  for (size_t gi = 0; gi < ours.size(); ++gi) {
+    const auto& gj = groups[gi];
+    auto& g = ours[gi];
+    if (gj.value("params", size_t{0}) != g.params().size())
+      fail("group " + std::to_string(gi) + " has " + std::to_string(gj.value("params", size_t{0})) +
+           " parameters, this run's " + std::to_string(g.params().size()));
+    try {
+      auto& o = adamw_options(g, path);
+      o.lr(gj.at("lr").get<double>());
+      o.betas({gj.at("betas").at(0).get<double>(), gj.at("betas").at(1).get<double>()});
+      o.eps(gj.at("eps").get<double>());
+      o.weight_decay(gj.at("weight_decay").get<double>());
+      o.amsgrad(gj.at("amsgrad").get<bool>());
+    } catch (const nlohmann::json::exception& e) {
+      fail(std::string("group ") + std::to_string(gi) + " options: " + e.what());
+    }
+    for (const auto& p : g.params()) {
+      const std::string name = "state." + std::to_string(i++) + ".";
+      auto step = tensors.find(name + "step");
+      if (step == tensors.end()) continue;
+      auto s = std::make_unique<torch::optim::AdamWParamState>();
+      for (const char* part : {"exp_avg", "exp_avg_sq"}) {
+        auto t = tensors.find(name + part);
+        if (t == tensors.end() || !t->second.sizes().equals(p.sizes()))
+          fail(name + part + (t == tensors.end() ? " is missing" : " has shape " + c10::str(t->second.sizes())) +
+               ", the parameter " + c10::str(p.sizes()));
+      }
+      s->step(step->second.item<int64_t>());
+      s->exp_avg(tensors.at(name + "exp_avg").to(p.device()));
+      s->exp_avg_sq(tensors.at(name + "exp_avg_sq").to(p.device()));
+      if (auto m = tensors.find(name + "max_exp_avg_sq"); m != tensors.end()) s->max_exp_avg_sq(m->second.to(p.device()));
+      restored.emplace_back(state_key(p), std::move(s));
+    }
+  }
+  size_t used = 0;
+  for (const auto& [key, s] : restored) used += 3 + (s->max_exp_avg_sq().defined() ? 1 : 0);
+  if (used != tensors.size()) fail(std::to_string(tensors.size() - used) + " of its entries belong to no parameter of this run");
+  optim.state().clear();
+  for (auto& [key, s] : restored) optim.state()[key] = std::move(s);
+}
+
+}  // namespace
+
 void load_resume_state(const std::string& dir, torch::optim::Optimizer& optim) {
   const std::string remedy = ": resume from an earlier checkpoint (move this one aside), or start a fresh run";
-  const std::string optimizer = dir + "/optimizer.pt";
-  try {
-    torch::load(optim, optimizer);
-  } catch (const c10::Error& e) {
-    throw DataError(optimizer + " does not restore this run's optimizer (" + e.what_without_backtrace() + ")" + remedy);
+  const std::string optimizer = dir + "/optimizer.safetensors", legacy = dir + "/optimizer.pt";
+  if (std::filesystem::exists(optimizer) || !std::filesystem::exists(legacy)) {
+    load_optimizer_state(optim, optimizer, remedy);
+  } else {
+    try {
+      torch::load(optim, legacy);
+    } catch (const c10::Error& e) {
+      throw DataError(legacy + " does not restore this run's optimizer (" + e.what_without_backtrace() + ")" + remedy);
+    }
   }
   const std::string rng = dir + "/rng.safetensors";
   const auto tensors = load_safetensors(rng);

@@ -122,7 +122,7 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
   CheckpointWriter w(cfg.run.out_dir, step, "contrastive");
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "clip"}});
   save_safetensors(w.path("loss.safetensors"), named_state(loss), {{"type", cfg.loss.type}});
-  torch::save(optim, w.path("optimizer.pt"));
+  save_optimizer_state(optim, w.path("optimizer.safetensors"));
   save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
   w.add_json("trainer_state.json", {{"trainer", "contrastive"},
                                     {"step", step},

@@ -128,9 +128,9 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
     // Fingerprints of the checkpoints this stage starts from: a finished stage is only reused
     // if it was trained from the very same upstream weights. `upstream_weights` is each
     // model.safetensors' CRC-32; `upstream` (the whole MANIFEST's, still written for older
-    // binaries) also covers optimizer.pt, whose bytes differ between runs that end with identical
-    // weights (LibTorch keys its state by parameter address), so a deleted and retrained upstream
-    // stage would otherwise force every later stage to train again.
+    // binaries) also covers the optimizer state, whose optimizer.pt differed between runs that
+    // ended with identical weights (LibTorch keys it by tensor address), so a deleted and
+    // retrained upstream stage forced every later stage to train again.
     nlohmann::json upstream = nlohmann::json::array(), upstream_weights = nlohmann::json::array();
     for (const auto& init : cfg.init_from) {
       upstream.push_back(crc32_file(init.checkpoint + "/MANIFEST.json"));

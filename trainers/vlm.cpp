@@ -255,7 +255,7 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
                                 const nlohmann::json& tokenizer) {
   CheckpointWriter w(cfg.run.out_dir, step, cfg.trainer);
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "vlm"}});
-  torch::save(optim, w.path("optimizer.pt"));
+  save_optimizer_state(optim, w.path("optimizer.safetensors"));
   save_safetensors(w.path("rng.safetensors"), {{"torch_cpu", get_rng_state()}});
   w.add_json("trainer_state.json", {{"trainer", cfg.trainer},
                                     {"step", step},

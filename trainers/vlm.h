@@ -66,7 +66,7 @@ ObjectVocabulary load_eval_vocabulary(const EvalSection& eval);
 TrainResult train_vlm(const RunConfig& cfg, const TrainOptions& opt);
 
 // Checkpoint of a VLM trainer (adapter, finetune, preference): model.safetensors (every
-// parameter, Hugging Face names), optimizer.pt, rng.safetensors, trainer_state.json, config.yaml.
+// parameter, Hugging Face names), optimizer.safetensors, rng.safetensors, trainer_state.json, config.yaml.
 // tokenizer: tokenizer_record of the file the run loaded at its start (core/checkpoint_tokenizer.h).
 std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step,
                                 const nlohmann::json& tokenizer);
