@@ -354,7 +354,7 @@ TEST_CASE("resume state that does not fit is a DataError naming the file, and a 
   (c * c).sum().backward();
   wrong.step();
   save_optimizer_state(wrong, file);
-  fails_with("state.0.exp_avg has shape [4], the parameter [3]");
+  fails_with("state.0.exp_avg is Float [4], the parameter Float [3]");
   test::write_file(file, "not a safetensors file");
   fails_with(file + " does not restore this run's optimizer");
 

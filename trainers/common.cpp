@@ -321,7 +321,7 @@ void load_optimizer_state(torch::optim::Optimizer& optim, const std::string& pat
   }
   auto& ours = optim.param_groups();
   if (!groups.is_array() || groups.size() != ours.size())
-    fail("it has " + std::to_string(groups.is_array() ? groups.size() : 0) + " parameter groups, this run " +
+    fail("it has " + std::to_string(groups.is_array() ? groups.size() : 0) + " parameter groups, this run has " +
          std::to_string(ours.size()));
   int64_t i = 0;
   std::vector<std::pair<std::string, std::unique_ptr<torch::optim::AdamWParamState>>> restored;
@@ -345,12 +345,16 @@ void load_optimizer_state(torch::optim::Optimizer& optim, const std::string& pat
       const std::string name = "state." + std::to_string(i++) + ".";
       auto step = tensors.find(name + "step");
       if (step == tensors.end()) continue;
+      if (step->second.numel() != 1 || step->second.is_floating_point())
+        fail(name + "step must hold one integer, got shape " + c10::str(step->second.sizes()));
       auto s = std::make_unique<torch::optim::AdamWParamState>();
       for (const char* part : {"exp_avg", "exp_avg_sq"}) {
         auto t = tensors.find(name + part);
-        if (t == tensors.end() || !t->second.sizes().equals(p.sizes()))
-          fail(name + part + (t == tensors.end() ? " is missing" : " has shape " + c10::str(t->second.sizes())) +
-               ", the parameter " + c10::str(p.sizes()));
+        if (t == tensors.end() || !t->second.sizes().equals(p.sizes()) || t->second.scalar_type() != p.scalar_type())
+          fail(name + part +
+               (t == tensors.end() ? " is missing"
+                                   : " is " + c10::str(t->second.scalar_type(), " ", t->second.sizes())) +
+               ", the parameter " + c10::str(p.scalar_type(), " ", p.sizes()));
       }
       s->step(step->second.item<int64_t>());
       s->exp_avg(tensors.at(name + "exp_avg").to(p.device()));
