@@ -562,7 +562,7 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK_THAT(out, Catch::Contains(tok + " exists, and runs trained with it need that very file") &&
                       Catch::Contains("--overwrite"));
   CHECK(crc32_file(tok) == tok_crc);
-  // A manifest that fails to read leaves no half-written corpus next to PREFIX.
+  // A manifest that fails to read leaves nothing next to PREFIX (no half-written model or vocab).
   write_file(c.dir.file("bad.jsonl"), "{not json\n");
   CHECK(run_cli("tokenizer train --manifest " + c.dir.file("bad.jsonl") + " --out " + c.dir.file("t2"), &out) == 2);
   for (const auto& e : fs::directory_iterator(c.dir.path))

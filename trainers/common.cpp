@@ -325,6 +325,7 @@ void load_optimizer_state(torch::optim::Optimizer& optim, const std::string& pat
          std::to_string(ours.size()));
   int64_t i = 0;
   std::vector<std::pair<std::string, std::unique_ptr<torch::optim::AdamWParamState>>> restored;
+  std::vector<torch::optim::AdamWOptions> options;
   for (size_t gi = 0; gi < ours.size(); ++gi) {
     const auto& gj = groups[gi];
     auto& g = ours[gi];
@@ -332,12 +333,13 @@ void load_optimizer_state(torch::optim::Optimizer& optim, const std::string& pat
       fail("group " + std::to_string(gi) + " has " + std::to_string(gj.value("params", size_t{0})) +
            " parameters, this run's " + std::to_string(g.params().size()));
     try {
-      auto& o = adamw_options(g, path);
+      auto o = adamw_options(g, path);  // a copy: the optimizer changes only once all of the file fits
       o.lr(gj.at("lr").get<double>());
       o.betas({gj.at("betas").at(0).get<double>(), gj.at("betas").at(1).get<double>()});
       o.eps(gj.at("eps").get<double>());
       o.weight_decay(gj.at("weight_decay").get<double>());
       o.amsgrad(gj.at("amsgrad").get<bool>());
+      options.push_back(o);
     } catch (const nlohmann::json::exception& e) {
       fail(std::string("group ") + std::to_string(gi) + " options: " + e.what());
     }
@@ -366,6 +368,7 @@ void load_optimizer_state(torch::optim::Optimizer& optim, const std::string& pat
   size_t used = 0;
   for (const auto& [key, s] : restored) used += 3 + (s->max_exp_avg_sq().defined() ? 1 : 0);
   if (used != tensors.size()) fail(std::to_string(tensors.size() - used) + " of its entries belong to no parameter of this run");
+  for (size_t gi = 0; gi < ours.size(); ++gi) adamw_options(ours[gi], path) = options[gi];
   optim.state().clear();
   for (auto& [key, s] : restored) optim.state()[key] = std::move(s);
 }
