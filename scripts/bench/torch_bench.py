@@ -5,7 +5,12 @@ backward, gradient clipping to 1.0 and AdamW. Batches are random tensors made be
 loop, so the Python side does no data work at all (trialign's figures include its data pipeline).
 
     python3 scripts/bench/torch_bench.py stage1|stage3|dpo [--precision fp32|bf16] [--threads 2]
-        [--warmup 3] [--steps 10]
+        [--warmup 3] [--steps 10] [--free norm,rope,softmax,act]
+
+--free is a what-if for timing only: the named element-wise ops cost nothing (norms and RoPE
+return their input, attention skips its softmax, the MLP activation becomes a sum: quick-GELU
+returns its input, SwiGLU's silu(gate) * up becomes gate + up, so every matmul stays). The loss is
+then meaningless, but the step time is an upper bound on what fusing those ops could save.
 
 Prints one JSON line: median step time, steps/s, samples/s. Needs Debian's python3-torch (the
 same LibTorch build trialign links against).
@@ -25,9 +30,20 @@ IMAGE, PATCH, WIDTH, LAYERS, HEADS, MLP, EMBED = 64, 8, 256, 4, 4, 1024, 256
 TEXT_CTX, TEXT_VOCAB = 32, 2048
 LLM_H, LLM_LAYERS, LLM_HEADS, LLM_KV, LLM_MLP, VOCAB = 512, 6, 8, 8, 1408, 2048
 TEXT_TOKENS, LOSS_TOKENS = 48, 24
+FREE = set()  # --free: element-wise ops that cost nothing (a timing what-if, see the docstring)
+
+
+def softmax(s):
+    return s if "softmax" in FREE else s.softmax(-1)
+
+
+def norm(d):
+    return nn.Identity() if "norm" in FREE else nn.LayerNorm(d)
 
 
 def quick_gelu(x):
+    if "act" in FREE:
+        return x
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -44,13 +60,13 @@ class Attention(nn.Module):
         s = q @ k.transpose(-2, -1) / math.sqrt(self.dh)
         if mask is not None:
             s = s + mask
-        return self.out_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+        return self.out_proj((softmax(s) @ v).transpose(1, 2).reshape(b, t, d))
 
 
 class EncoderLayer(nn.Module):  # pre-LN, quick-GELU MLP
     def __init__(self, d, heads, mlp):
         super().__init__()
-        self.self_attn, self.layer_norm1, self.layer_norm2 = Attention(d, heads), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn, self.layer_norm1, self.layer_norm2 = Attention(d, heads), norm(d), norm(d)
         self.fc1, self.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
 
     def forward(self, x, mask=None):
@@ -65,7 +81,7 @@ class Vit(nn.Module):
         self.patch = nn.Conv2d(3, WIDTH, PATCH, PATCH, bias=False)
         self.cls = nn.Parameter(torch.randn(WIDTH) * 0.02)
         self.pos = nn.Parameter(torch.randn(n + 1, WIDTH) * 0.02)
-        self.pre, self.post = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.pre, self.post = norm(WIDTH), norm(WIDTH)
         self.layers = nn.ModuleList(EncoderLayer(WIDTH, HEADS, MLP) for _ in range(LAYERS))
 
     def forward(self, pixels):  # every hidden state: [embeddings, layer 1, ..., layer L]
@@ -82,7 +98,7 @@ class TextEncoder(nn.Module):  # causal, pooled at the end-of-text token
         super().__init__()
         self.tok, self.pos = nn.Embedding(TEXT_VOCAB, WIDTH), nn.Parameter(torch.randn(TEXT_CTX, WIDTH) * 0.01)
         self.layers = nn.ModuleList(EncoderLayer(WIDTH, HEADS, MLP) for _ in range(LAYERS))
-        self.final = nn.LayerNorm(WIDTH)
+        self.final = norm(WIDTH)
         self.register_buffer("mask", torch.full((TEXT_CTX, TEXT_CTX), float("-inf")).triu(1))
 
     def forward(self, ids, lengths):
@@ -115,11 +131,15 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
+        if "norm" in FREE:
+            return x
         h = x.float()
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 def rope(x, cos, sin):
+    if "rope" in FREE:
+        return x
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
     return x * cos + rotated * sin
@@ -146,8 +166,10 @@ class DecoderLayer(nn.Module):
         if LLM_KV != LLM_HEADS:
             k, v = (y.repeat_interleave(LLM_HEADS // LLM_KV, 1) for y in (k, v))
         s = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh) + mask
-        x = x + self.o_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, LLM_H))
+        x = x + self.o_proj((softmax(s) @ v).transpose(1, 2).reshape(b, t, LLM_H))
         h = self.post_attention_layernorm(x)
+        if "act" in FREE:
+            return x + self.down_proj(self.gate_proj(h) + self.up_proj(h))
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
@@ -239,7 +261,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--free", default="", help="comma list of norm, rope, softmax, act (timing what-if)")
     a = ap.parse_args()
+    FREE.update(x for x in a.free.split(",") if x)
+    unknown = FREE - {"norm", "rope", "softmax", "act"}
+    if unknown:
+        raise SystemExit(f"--free: unknown op(s) {sorted(unknown)}; choose from norm, rope, softmax, act")
     torch.set_num_threads(a.threads)
     model, params, data, step_loss, batch, tokens = make_case(a.case)
     model.train()
@@ -257,7 +284,7 @@ def main():
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     print(json.dumps({"case": a.case, "framework": "pytorch " + torch.__version__, "precision": a.precision,
-                      "threads": a.threads, "median_step_s": med, "steps_per_s": 1 / med,
+                      "threads": a.threads, "free": sorted(FREE), "median_step_s": med, "steps_per_s": 1 / med,
                       "samples_per_s": batch / med, "tokens_per_s": tokens / med, "step_s": times}))
 
 
