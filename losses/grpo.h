@@ -31,7 +31,12 @@ struct GrpoOptions {
     v("scale_rewards", scale_rewards, one_of({"group", "batch", "none"}));
     v("loss_type", loss_type, one_of({"grpo", "bnpo", "dr_grpo", "dapo"}));
     v("group_size", sampling.group_size, at_least(2));
-    v("temperature", sampling.temperature, positive());
+    v("temperature", sampling.temperature, Check<double>([](const double& t) {
+        // log-probs are taken on logits / temperature: far below this they overflow float (inf,
+        // then NaN ratios). GRPO samples, so there is no greedy 0 either.
+        return t >= 1e-6 ? "" : "must be at least 1e-6 (typical: 0.7-1.2): log-probs are taken on logits / temperature, "
+                                "and a smaller value overflows them";
+      }));
     v("top_k", sampling.top_k, at_least(0));
     v("top_p", sampling.top_p, Check<double>([](const double& p) {
         return p > 0 && p <= 1 ? "" : "must be in (0, 1]: the nucleus must keep at least the most probable token";

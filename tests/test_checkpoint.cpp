@@ -175,6 +175,24 @@ TEST_CASE("a damaged or partial checkpoint is detected, named, and skipped by re
   CHECK(find_latest_checkpoint(d.path.string()) == (d.path / "checkpoints" / "step_00000001").string());
 }
 
+TEST_CASE("resume auto refuses to start over when every checkpoint is damaged", "[checkpoint]") {
+  TempDir d("ckpt_all_bad");
+  CHECK(select_resume_checkpoint(d.path.string(), "auto").empty());  // nothing there: a fresh start
+  {
+    CheckpointWriter w(d.path.string(), 2, "contrastive");
+    w.add_text("weights.bin", std::string(1000, 'w'));
+    w.commit(5);
+  }
+  const fs::path only = d.path / "checkpoints" / "step_00000002";
+  CHECK(select_resume_checkpoint(d.path.string(), "auto") == only.string());
+  fs::resize_file(only / "weights.bin", 10);
+  // Starting fresh here would let keep_last delete the damaged checkpoint.
+  CHECK_THROWS_WITH(select_resume_checkpoint(d.path.string(), "auto"),
+                    Catch::Contains("resume auto: every checkpoint in '" + d.path.string() + "/checkpoints' is damaged") &&
+                        Catch::Contains("not starting over"));
+  CHECK(fs::exists(only / "weights.bin"));
+}
+
 TEST_CASE("keep_every: milestones survive pruning and do not count against keep_last", "[checkpoint]") {
   TempDir d("ckpt");
   for (int64_t step = 1; step <= 7; ++step) {

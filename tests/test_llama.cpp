@@ -3,6 +3,8 @@
 // sampling filters and greedy decoding.
 #include <catch2/catch.hpp>
 
+#include <limits>
+
 #include <cmath>
 #include <set>
 
@@ -161,6 +163,20 @@ TEST_CASE("greedy generation with the cache follows the full-forward argmax chai
   auto c = generate(m, m->embed(prompt), {}, s);
   CHECK(c.tokens[0].size() <= 3);
   CHECK(c.tokens[0].back() == s.eos_id);
+  // A temperature so small that logits / temperature overflows float samples the most likely
+  // token every time: greedy's tokens, not a failure inside the sampler.
+  SamplingOptions tiny = s;
+  tiny.eos_id = -1;
+  tiny.max_new_tokens = 6;
+  tiny.temperature = 1e-40;
+  CHECK(generate(m, m->embed(prompt), {}, tiny).tokens == g.tokens);
+  // Non-finite weights: a named error, not multinomial's (sampling) or token 0 (greedy).
+  m->lm_head->weight.data()[3][0] = std::numeric_limits<float>::quiet_NaN();
+  for (double t : {0.0, 1.0}) {
+    tiny.temperature = t;
+    CHECK_THROWS_WITH(generate(m, m->embed(prompt), {}, tiny),
+                      Catch::Contains("generate: the model's logits for generated token 1 are not finite"));
+  }
 }
 
 TEST_CASE("segment ids: each packed continuation computes what it would alone after the prefix", "[llama][segments]") {

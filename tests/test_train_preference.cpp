@@ -468,6 +468,9 @@ TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward 
              Catch::Contains("unknown reward function type 'exact'"));
   CHECK_THAT(message_of<ConfigError>([&] { c.config("x4", "data: {train: a}\nloss: {type: dpo, betta: 0.1}\n"); }),
              Catch::Contains("betta"));
+  // A temperature that overflows logits / temperature: refused, not a NaN loss at step 1.
+  CHECK_THAT(message_of<ConfigError>([&] { c.config("x7", "data: {train: a}\nloss: {type: grpo, temperature: 1.0e-40}\n"); }),
+             Catch::Contains("loss.temperature: must be at least 1e-6"));
   CHECK_THAT(message_of<ConfigError>([&] { c.config("x6", "data: {train: a, template: plain}\n"); }),
              Catch::Contains("data.template: the preference trainer renders prompts and replies with the chat template"));
   CHECK_THAT(message_of<ConfigError>([&] {

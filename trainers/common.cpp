@@ -76,6 +76,13 @@ int prepare_run(const RunConfig& cfg) {
   install_stop_handlers();
   dist::init(cfg.distributed);
   std::error_code ec;
+  // A checkpoint folder as run.out_dir: its config.yaml (and train.log) would be overwritten,
+  // and the checkpoint would fail its own MANIFEST check from then on.
+  if (std::filesystem::exists(std::filesystem::path(cfg.run.out_dir) / "MANIFEST.json", ec))
+    throw ConfigError("run.out_dir '" + cfg.run.out_dir +
+                      "' is a checkpoint folder (it holds MANIFEST.json), not a run folder; training there would "
+                      "overwrite that checkpoint's files. Choose another run.out_dir (to start from these weights, "
+                      "name the checkpoint in init_from)");
   std::filesystem::create_directories(cfg.run.out_dir, ec);
   if (ec || !std::filesystem::is_directory(cfg.run.out_dir))
     throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
@@ -476,6 +483,13 @@ std::string select_resume_checkpoint_here(const std::string& run_dir, const std:
   for (const auto& line : recover_checkpoints(run_dir)) warn(line);
   if (resume != "auto") return resolve_checkpoint(resume, warn);
   const std::string dir = find_latest_checkpoint(run_dir, warn);
+  // Starting fresh over damaged checkpoints would let keep_last delete them: a run's progress
+  // is never given up without the user's say.
+  if (dir.empty() && has_checkpoints(run_dir))
+    throw DataError("resume auto: every checkpoint in '" + run_dir +
+                    "/checkpoints' is damaged (the warnings above name the files); not starting over, which would "
+                    "replace them. Restore the files, pass --resume with a good copy, or move the checkpoints folder "
+                    "aside to start fresh");
   if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);
   return dir;
 }

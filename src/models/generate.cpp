@@ -46,13 +46,25 @@ Generation generate(LlamaForCausalLM& model, const torch::Tensor& prompt_embeds,
   torch::Tensor banned;
   if (!opt.banned_ids.empty()) banned = torch::tensor(opt.banned_ids, torch::kLong).to(dev);
   for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
+    // NaN or inf logits come from non-finite weights (a damaged or badly converted checkpoint);
+    // sampling would fail deep in multinomial and greedy would quietly pick token 0.
+    if (!torch::isfinite(next_logits).all().item<bool>())
+      throw std::runtime_error("generate: the model's logits for generated token " + std::to_string(step + 1) +
+                               " are not finite (NaN or inf): its weights hold non-finite values; check the "
+                               "checkpoint ('trialign inspect --verify') or the weights it was imported from");
     if (banned.defined()) next_logits.index_fill_(1, banned, -std::numeric_limits<float>::infinity());
     torch::Tensor chosen, logp;
     if (opt.temperature <= 0) {
       chosen = next_logits.argmax(-1);
       logp = next_logits.log_softmax(-1).gather(1, chosen.unsqueeze(1)).squeeze(1);
     } else {
-      auto filtered = filter_logits(next_logits / opt.temperature, opt.top_k, opt.top_p);
+      auto scaled = next_logits / opt.temperature;  // [B, V]
+      // A tiny temperature overflows logits to inf. Shifted so the largest is 0 before scaling,
+      // the others go to -inf instead (greedy in the limit); only then, so that the draws of an
+      // ordinary temperature stay bit for bit what they were.
+      if (!torch::isfinite(scaled).all().item<bool>())
+        scaled = (next_logits - std::get<0>(next_logits.max(-1, /*keepdim=*/true))) / opt.temperature;
+      auto filtered = filter_logits(scaled, opt.top_k, opt.top_p);
       auto probs = filtered.softmax(-1);
       chosen = torch::multinomial(probs.cpu(), 1, /*replacement=*/false, gen).squeeze(1).to(dev);
       logp = filtered.log_softmax(-1).gather(1, chosen.unsqueeze(1)).squeeze(1);

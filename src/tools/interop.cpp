@@ -262,6 +262,16 @@ std::string import_weights(RunConfig cfg, const std::vector<WeightSource>& sourc
   if (has_checkpoints(out_dir))
     throw ConfigError("import: '" + out_dir + "' already holds checkpoints; choose a new folder");
   auto model = build_model_with_weights(cfg, sources);
+  // NaN or inf weights (a damaged or badly converted file) would only show later, as a failed
+  // sampling step or a NaN loss far from their cause.
+  for (const auto& [name, t] : named_state(*model)) {
+    if (!t.is_floating_point()) continue;
+    const int64_t bad = torch::logical_not(torch::isfinite(t)).sum().item<int64_t>();
+    if (bad > 0)
+      throw DataError("import: tensor '" + name + "' " + c10::str(t.sizes()) + " holds " + std::to_string(bad) +
+                      " non-finite value(s) (NaN or inf); the weights given with --weights are damaged or were "
+                      "converted wrongly");
+  }
   std::vector<std::string> loaded, seeded;
   for (const auto& s : sources) loaded.push_back(s.component);
   for (const auto& c : model_components(cfg.is_vlm()))
