@@ -97,13 +97,30 @@ std::string take(char* p) {
 Tokenizer Tokenizer::load(const std::string& path) {
   if (std::filesystem::is_directory(path))
     throw DataError("tokenizer model '" + path + "' is a folder; point data.tokenizer at the .model file in it");
-  if (!std::filesystem::is_regular_file(path))
-    throw DataError("tokenizer model '" + path +
-                    "' does not exist; train one with `trialign tokenizer train` or point data.tokenizer at a .model file");
+  if (!std::filesystem::is_regular_file(path)) {
+    // A relative path is read against the working directory: a checkpoint's recorded
+    // data.tokenizer works only from the folder its run was started in.
+    const std::string where = std::filesystem::path(path).is_relative()
+                                  ? " (read relative to the working directory " +
+                                        std::filesystem::current_path().string() +
+                                        "; a path a checkpoint records is relative to the folder its run was started "
+                                        "in, so run eval and generate from there)"
+                                  : "";
+    throw DataError("tokenizer model '" + path + "' does not exist" + where +
+                    "; point data.tokenizer at a .model file (`trialign tokenizer train` makes one)");
+  }
   const SpmApi& api = spm();
   char* err = nullptr;
   void* handle = api.load(path.c_str(), &err);
-  if (!handle) throw DataError("tokenizer model '" + path + "' cannot be loaded: " + take(err));
+  if (!handle) {
+    const std::string detail = take(err);
+    // sentencepiece's own words for a file that is not a model are a protobuf parse failure.
+    const bool not_a_model = detail.find("ParseFromArray") != std::string::npos;
+    throw DataError("tokenizer model '" + path + "' cannot be loaded: " +
+                    (not_a_model ? "it is not a sentencepiece model (the .model file, not the .vocab or another file, "
+                                   "is what data.tokenizer takes)"
+                                 : detail));
+  }
   Tokenizer t;
   t.sp_ = std::shared_ptr<void>(handle, [](void* h) { spm().unload(h); });
   t.path_ = path;

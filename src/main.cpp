@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <thread>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -44,15 +45,20 @@ using namespace trialign;
 
 namespace {
 
-// A file the command writes (--out, --predictions) must not land inside a checkpoint folder: it
-// would replace model.safetensors or optimizer.safetensors with something else and lose the checkpoint.
-void refuse_inside_checkpoint(const std::string& path, const std::string& flag) {
+// A file the command writes (--out, --predictions), checked before any work: it must not land
+// inside a checkpoint folder (it would replace model.safetensors or optimizer.safetensors and lose
+// the checkpoint), be a folder, or sit in a folder that does not exist.
+void check_output_file(const std::string& path, const std::string& flag) {
   if (path.empty()) return;
   const fs::path folder = fs::absolute(path).parent_path();
   if (fs::exists(folder / "MANIFEST.json"))
     throw ConfigError(flag + " " + path + ": " + folder.string() +
                       " is a checkpoint (it has MANIFEST.json), and writing there would damage it; write the file "
                       "somewhere else");
+  if (fs::is_directory(path))
+    throw ConfigError(flag + " " + path + " is a folder; give a file path, e.g. " + (fs::path(path) / "results.json").string());
+  if (!fs::is_directory(folder))
+    throw ConfigError(flag + " " + path + ": the folder " + folder.string() + " does not exist; create it first");
 }
 
 // CLI11's own number checks print their range as "0.000000 to 1.79e308" and let NaN through.
@@ -173,8 +179,10 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
 int cmd_eval(const std::string& target, const std::string& data, std::vector<std::string> suites, const std::string& out,
              const std::string& predictions_out, int threads) {
   init_logging();
-  refuse_inside_checkpoint(out, "--out");
-  refuse_inside_checkpoint(predictions_out, "--predictions");
+  check_output_file(out, "--out");
+  check_output_file(predictions_out, "--predictions");
+  if (!out.empty() && !predictions_out.empty() && fs::absolute(out).lexically_normal() == fs::absolute(predictions_out).lexically_normal())
+    throw ConfigError("--out and --predictions both name " + out + "; the one written last would replace the other");
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
@@ -298,7 +306,7 @@ int cmd_import(const std::string& config, const std::vector<std::string>& sets, 
 int cmd_forward(const std::string& target, const std::string& config, const std::vector<std::string>& sets,
                 const std::vector<std::string>& weights, const ForwardInputs& in, const std::string& out) {
   init_logging();
-  refuse_inside_checkpoint(out, "--out");
+  check_output_file(out, "--out");
   if (target.empty() == config.empty())
     throw ConfigError("forward: give a checkpoint, or --config with --weights, not both");
   RunConfig cfg;
@@ -565,6 +573,13 @@ int main(int argc, char** argv) {
 
   try {
     if (nproc > 0 && (*train || *run)) {
+      // Each rank is a process with its own copy of the model: far more of them than cores only
+      // contend for the CPU and memory (100 ranks on 2 cores took over a minute just to start).
+      const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+      if (nproc > 4 * cores)
+        throw ConfigError("--nproc " + std::to_string(nproc) + ": this machine has " + std::to_string(cores) +
+                          " cores; use at most " + std::to_string(4 * cores) +
+                          " ranks (one per core or per GPU is the usual choice)");
       // The same command line without --nproc, once per rank.
       std::vector<std::string> args;
       for (int i = 0; i < argc; ++i) {

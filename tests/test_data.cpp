@@ -93,7 +93,11 @@ TEST_CASE("tokenizer: train, reload, round trip and special ids", "[data][tokeni
   CHECK_THAT(data_error([&] { Tokenizer::load(d.path.string()); }),
              Catch::Contains("tokenizer model '" + d.path.string() + "' is a folder; point data.tokenizer at the .model file"));
   write_file(d.file("junk.model"), "not a model");
-  CHECK_THAT(data_error([&] { Tokenizer::load(d.file("junk.model")); }), Catch::Contains("cannot be loaded"));
+  CHECK_THAT(data_error([&] { Tokenizer::load(d.file("junk.model")); }),
+             Catch::Contains("cannot be loaded: it is not a sentencepiece model (the .model file, not the .vocab"));
+  // A relative path names the folder it was read against.
+  CHECK_THAT(data_error([&] { Tokenizer::load("no/such/tokenizer.model"); }),
+             Catch::Contains("does not exist (read relative to the working directory " + std::filesystem::current_path().string()));
 }
 
 TEST_CASE("sampler: epochs are permutations, order is a pure function of (seed, step), ranks tile the batch", "[data]") {

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <thread>
 
 #include "core/checkpoint.h"
@@ -117,6 +118,22 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     const auto b = load_safetensors(ckpt + "/model.safetensors");
     CHECK(a.size() == b.size());
     test::check_same_tensors(a, b);
+
+    // One NaN in the given weights: refused at import, naming the tensor, and nothing written.
+    const std::string bad = c.dir.file("bad_vision");
+    fs::copy(exp + "/vision_model", bad, fs::copy_options::recursive);
+    const std::string bad_file = weight_files(bad).front();
+    const auto loaded = load_safetensors(bad_file);
+    NamedTensors tensors(loaded.begin(), loaded.end());
+    auto& bad_tensor = tensors.front().second;
+    REQUIRE(bad_tensor.is_floating_point());
+    bad_tensor.view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+    save_safetensors(bad_file, tensors);
+    CHECK_THAT(message_of<DataError>([&] {
+                 import_weights(c.config("vlm.yaml", "unused"), {{"vision_model", bad}}, c.dir.file("imported_bad"));
+               }),
+               Catch::Contains("holds 1 non-finite value(s) (NaN or inf); the weights given with --weights are damaged"));
+    CHECK_FALSE(has_checkpoints(c.dir.file("imported_bad")));
 
     // The same outputs through `trialign forward`, from the checkpoint and from config + weights.
     const std::string image = c.dir.file("data/images/val/000000.png");
@@ -519,6 +536,27 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(run_cli("forward " + c.dir.file("a") + " --tokens 2,5 --out " + model_file, &out) == 2);
   CHECK_THAT(out, Catch::Contains("is a checkpoint (it has MANIFEST.json)"));
   CHECK(crc32_file(model_file) == model_crc);
+  // ...nor over a folder, into a folder that does not exist, or twice into one file: all refused
+  // before any work.
+  CHECK(run_cli("eval " + c.dir.file("a") + " --data " + c.dir.file("data/val_vqa.jsonl") + " --out " + c.dir.file("data"),
+                &out) == 2);
+  CHECK_THAT(out, Catch::Contains("--out " + c.dir.file("data") + " is a folder; give a file path"));
+  CHECK(run_cli("eval " + c.dir.file("a") + " --out " + c.dir.file("nowhere/r.json"), &out) == 2);
+  CHECK_THAT(out, Catch::Contains("the folder " + c.dir.file("nowhere") + " does not exist"));
+  CHECK(run_cli("eval " + c.dir.file("a") + " --out " + c.dir.file("r.json") + " --predictions " + c.dir.file("./r.json"),
+                &out) == 2);
+  CHECK_THAT(out, Catch::Contains("--out and --predictions both name"));
+  CHECK_FALSE(fs::exists(c.dir.file("r.json")));
+  // Training with a checkpoint folder as run.out_dir is refused before anything is written there.
+  const uint32_t config_crc = crc32_file(ckpt + "/config.yaml");
+  CHECK(run_cli("train " + ckpt + "/config.yaml --set run.out_dir=" + ckpt, &out) == 2);
+  CHECK_THAT(out, Catch::Contains("run.out_dir '" + ckpt + "' is a checkpoint folder (it holds MANIFEST.json)"));
+  CHECK(crc32_file(ckpt + "/config.yaml") == config_crc);
+  CHECK_FALSE(fs::exists(ckpt + "/train.log"));
+  CHECK_NOTHROW(verify_checkpoint(ckpt));
+  // Far more ranks than cores: refused before any rank starts.
+  CHECK(run_cli("train " + ckpt + "/config.yaml --nproc 100000", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("--nproc 100000: this machine has") && Catch::Contains("use at most"));
   // Sampling settings that are not numbers, and a thread count no machine has, are refused up front.
   CHECK(run_cli("generate " + c.dir.file("a") + " --prompt hi --temperature nan", &out) != 0);
   CHECK_THAT(out, Catch::Contains("'nan' is not a number"));

@@ -220,6 +220,13 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
                val ? val->size() : 0, n_params / 1e6, threads, precision,
                cfg.run.precision == "auto" ? " (auto: " + std::string(bf16 ? "CPU has native bf16" : "no native bf16 on this CPU") + ")" : "");
   report_memory(cfg, estimate_memory(cfg, n_params, n_params), available_memory_bytes());
+  // A batch wider than the dataset holds some pairs twice: each copy is then a negative of its
+  // own image, and the loss pushes a matched pair apart.
+  if (rank() == 0 && global_batch(cfg) > static_cast<int64_t>(train.size()))
+    spdlog::warn("the global batch ({} = train.batch_size {} x {} ranks) exceeds the {} train pairs, so batches repeat "
+                 "pairs, and a repeated pair's copies count as negatives of each other; lower train.batch_size to {} "
+                 "or fewer, or add data",
+                 global_batch(cfg), cfg.train.batch_size, world_size(), train.size(), train.size() / world_size());
   if (rank() == 0) check_images_before_training(cfg, image_refs(train));
 
   int64_t start = 0;
