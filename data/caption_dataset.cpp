@@ -86,6 +86,7 @@ CaptionDataset::CaptionDataset(const std::string& manifest, const DataConfig& cf
     tokens_.push_back(encode_for_text_encoder(tok, caption, cfg.max_text_len));
     negatives_.push_back(std::move(negatives));
   }
+  problems.none_usable = images_.empty();
   problems.finish(manifest, cfg.on_bad_record);
   skipped_ = static_cast<int64_t>(problems.messages.size());
   if (images_.empty()) throw DataError(manifest + ": no usable records");

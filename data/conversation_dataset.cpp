@@ -172,6 +172,7 @@ ConversationDataset::ConversationDataset(const std::string& manifest, const Data
     samples_.push_back(std::move(s));
   }
   length_problems.finish(manifest, "fail", "raise data.max_seq_len, or set data.on_too_long: skip | truncate");
+  problems.none_usable = samples_.empty();
   problems.finish(manifest, cfg.on_bad_record);
   skipped_ = static_cast<int64_t>(problems.messages.size()) + too_long;
   if (samples_.empty())

@@ -111,6 +111,10 @@ void RecordProblems::finish(const std::string& manifest, const std::string& poli
   if (messages.empty() || policy == "skip") return;
   std::string all = manifest + ": " + std::to_string(messages.size()) + " bad record" +
                     (messages.size() == 1 ? "" : "s") + " (" + hint + ")";
+  if (none_usable && messages.size() > 1)
+    all = manifest + ": not one record is usable, so this is probably another kind of file than this command reads " +
+          "(captions for stage 1, conversations for stages 2-3 and eval, prompt/chosen/rejected pairs or prompt/answer " +
+          "records for preference training; docs/user-guide.md, \"Data formats\"). " + all;
   for (size_t i = 0; i < messages.size() && i < 20; ++i) all += "\n  " + messages[i];
   if (messages.size() > 20) all += "\n  ... and " + std::to_string(messages.size() - 20) + " more";
   throw DataError(all);

@@ -27,6 +27,9 @@ std::string require_string(const ManifestRecord& r, const char* field);
 struct RecordProblems {
   std::vector<std::string> messages;
   int64_t skipped = 0;
+  // Set by the dataset when not one record loaded: every record failing points at a file of
+  // another kind (a preference file given to eval, say), which the error then says first.
+  bool none_usable = false;
   void add(const ManifestRecord& r, const std::string& what) { messages.push_back(r.where + " (id " + r.id + "): " + what); }
   // policy "fail": throws DataError listing up to 20 problems; "skip": returns the count.
   void finish(const std::string& manifest, const std::string& policy,

@@ -152,6 +152,7 @@ PreferenceDataset::PreferenceDataset(const std::string& manifest, const DataConf
                              ? "lower loss.max_new_tokens (the room kept for each sampled answer), raise data.max_seq_len, "
                                "or set data.on_too_long: skip"
                              : "raise data.max_seq_len, or set data.on_too_long: skip");
+  problems.none_usable = samples_.empty();
   problems.finish(manifest, cfg.on_bad_record);
   skipped_ = static_cast<int64_t>(problems.messages.size()) + too_long;
   if (samples_.empty()) throw DataError(manifest + ": no usable " + (kind == Kind::Pairs ? "preference pairs" : "prompts"));

@@ -164,6 +164,24 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     REQUIRE(run_cli("forward " + moved + " --tokens 2,5,4,7 --image " + image + " --out " + c.dir.file("f3.safetensors"),
                     &log) == 0);
     test::check_same_tensors(f1, load_safetensors(c.dir.file("f3.safetensors")));
+    // A config.yaml edited so it no longer describes the weights: export refuses it (it would
+    // write a config.json that contradicts the tensors beside it).
+    const std::string edited = c.dir.file("edited_config");
+    fs::copy(trained.checkpoint, edited, fs::copy_options::recursive);
+    yaml = read_text_file(edited + "/config.yaml");
+    const size_t inter = yaml.find("intermediate_size: ");
+    REQUIRE(inter != std::string::npos);
+    yaml.replace(inter, yaml.find('\n', inter) - inter, "intermediate_size: 999");
+    test::write_file(edited + "/config.yaml", yaml);
+    manifest = nlohmann::json::parse(read_text_file(edited + "/MANIFEST.json"));
+    manifest["files"]["config.yaml"] = {{"bytes", fs::file_size(edited + "/config.yaml")},
+                                        {"crc32", crc32_file(edited + "/config.yaml")}};
+    test::write_file(edited + "/MANIFEST.json", manifest.dump(2));
+    CHECK_THAT(message_of<DataError>([&] { export_checkpoint(edited, c.dir.file("exported_edited"), "fp32", 0); }),
+               Catch::Contains("export: " + edited + "/config.yaml does not describe the weights it sits with"));
+    // A preference file given to eval: not one record is a conversation, and the error says so first.
+    REQUIRE(run_cli("eval " + trained.checkpoint + " --data " + c.dir.file("data/val_pref.jsonl"), &log) == 2);
+    CHECK_THAT(log, Catch::Contains("not one record is usable, so this is probably another kind of file"));
     // Token 4 is <image> in the test tokenizer: it expands to the image's 4 visual tokens.
     CHECK(f1.at("logits").sizes() == torch::IntArrayRef({1, 7, cfgjson["vocab_size"].get<int64_t>()}));
     CHECK(f1.at("image_tokens").sizes() == torch::IntArrayRef({1, 4, 16}));

@@ -181,6 +181,15 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
     cfg.model.llm.vocab_size = static_cast<int>(tensors.at("model.embed_tokens.weight").size(0));
   if (tensors.count("text_model.embeddings.token_embedding.weight") && cfg.model.text.vocab_size == 0)
     cfg.model.text.vocab_size = static_cast<int>(tensors.at("text_model.embeddings.token_embedding.weight").size(0));
+  // config.json is written from config.yaml: a config.yaml that no longer describes the weights
+  // (edited by hand) would export a folder no loader can use. Loaded strictly, as eval does.
+  try {
+    RunConfig probe = cfg;
+    auto model = build_model_with_weights(probe, {});
+    load_state(*model, tensors, "", /*strict=*/true, dir + "/model.safetensors");
+  } catch (const DataError& e) {
+    throw DataError("export: " + dir + "/config.yaml does not describe the weights it sits with: " + e.what());
+  }
   // Provenance without the checkpoint's path, so that exporting the same checkpoint from
   // anywhere writes the same bytes: its trainer, step and model.safetensors' CRC-32 (as its
   // MANIFEST.json records it).
