@@ -96,6 +96,19 @@ TEST_CASE("an include naming a folder, an empty --set value and a pipeline stage
   write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: stage-1.b_2, config: " +
                                    d.file("a.yaml") + "}\n");
   CHECK_NOTHROW(load_pipeline(d.file("p.yaml")));
+  // init_from asks an earlier stage for a component its model does not have: refused when the
+  // pipeline is read, not after that stage has trained.
+  write_file(d.file("vlm.yaml"), std::string(kMinimal) + "trainer: finetune\n");
+  auto two_stages = [&](const std::string& components) {
+    write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: a, config: " +
+                                     d.file("a.yaml") + "}\n  - {name: b, config: " + d.file("vlm.yaml") +
+                                     ", init_from: [{stage: a, components: " + components + "}]}\n");
+    return d.file("p.yaml");
+  };
+  CHECK_THAT(error_of([&] { load_pipeline(two_stages("[vision_model, language_model]")); }),
+             Catch::Contains("stages[1].init_from[0].components: stage 'a' (trainer contrastive) has no language_model; "
+                             "its checkpoints hold vision_model, text_model, visual_projection, text_projection"));
+  CHECK(load_pipeline(two_stages("[vision_model]")).stages.at(1).init_from.at(0).components.size() == 1);
 }
 
 TEST_CASE("overrides with --set set typed values, creates nested keys and is validated like the file", "[config]") {

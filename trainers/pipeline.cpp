@@ -8,6 +8,7 @@
 #include "core/checkpoint.h"
 #include "core/errors.h"
 #include "core/logging.h"
+#include "models/vlm.h"
 #include "trainers/contrastive.h"
 #include "trainers/preference.h"
 #include "trainers/vlm.h"
@@ -110,6 +111,21 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
       run.child("init_from") = list;
     }
     plan.stages.push_back(run_config_from_tree(run, s.config + " (stage " + s.name + " of " + path + ")"));
+    // A component the earlier stage's model does not have would only fail when this stage
+    // starts, after the earlier one has trained: checked here, before any training.
+    for (size_t k = 0; k < s.init_from.size(); ++k) {
+      const auto& init = s.init_from[k];
+      const size_t from = static_cast<size_t>(std::find(seen.begin(), seen.end(), init.stage) - seen.begin());
+      const RunConfig& upstream = plan.stages[from];
+      const auto has = model_components(upstream.is_vlm());
+      for (const auto& c : init.components)
+        if (std::find(has.begin(), has.end(), c) == has.end()) {
+          std::string list;
+          for (const auto& h : has) list += (list.empty() ? "" : ", ") + h;
+          throw ConfigError(key + ".init_from[" + std::to_string(k) + "].components: stage '" + init.stage + "' (trainer " +
+                            upstream.trainer + ") has no " + c + "; its checkpoints hold " + list);
+        }
+    }
   }
   return plan;
 }
