@@ -176,7 +176,13 @@ int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
       }
     }
   }
-  if (sentences.empty()) throw DataError("tokenizer train: no text found in fields of the given manifests");
+  if (sentences.empty()) {
+    std::string fields;
+    for (const auto& f : opt.fields) fields += (fields.empty() ? "'" : ", '") + f + "'";
+    throw DataError("tokenizer train: no text found in the field(s) " + fields +
+                    " of the given manifests; name the fields that hold text with --field (a string, or a "
+                    "conversation list of {from, value} turns)");
+  }
   // hard_vocab_limit=false: a tiny closed vocabulary (shapes world) cannot always fill the
   // requested size, which is fine.
   const std::string args = "--vocab_size=" + std::to_string(opt.vocab_size) + " --model_type=" + opt.model_type +
@@ -189,7 +195,20 @@ int64_t train_tokenizer(const TokenizerTrainOptions& opt) {
   char *model = nullptr, *vocab = nullptr;
   long long model_size = 0;
   char* err = spm().train(args.c_str(), lines.data(), static_cast<long long>(lines.size()), &model, &model_size, &vocab);
-  if (err) throw DataError("tokenizer train: sentencepiece failed: " + take(err));
+  if (err) {
+    const std::string detail = take(err);
+    // Every character of the text needs a piece, and trialign keeps character_coverage at 1.0.
+    const std::string marker = "Vocabulary size is smaller than required_chars.";
+    const size_t at = detail.find(marker);
+    if (at != std::string::npos) {
+      std::string counts = detail.substr(at + marker.size());  // " 5 vs 30. Increase ..."
+      counts = counts.substr(0, counts.find('.'));
+      throw DataError("tokenizer train: --vocab-size " + std::to_string(opt.vocab_size) +
+                      " is too small for the text: every distinct character and the 7 special and chat pieces need "
+                      "one of their own (sentencepiece: vocabulary vs required" + counts + "); raise --vocab-size");
+    }
+    throw DataError("tokenizer train: sentencepiece failed: " + detail);
+  }
   const std::string model_bytes(model, static_cast<size_t>(model_size));
   spm().free_buffer(model);
   const std::string vocab_text = take(vocab);

@@ -121,6 +121,8 @@ TEST_CASE("overrides with --set set typed values, creates nested keys and is val
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"optim.lr=-1"}); }),
              Catch::Contains("--set optim.lr: optim.lr: must be > 0, got -1"));
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"optim.lr"}); }), Catch::Contains("expected KEY=VALUE"));
+  CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"train.batch_size=[1, 2]"}); }),
+             Catch::Contains("train.batch_size: expected an integer, got a list"));
 }
 
 TEST_CASE("integers that do not fit, an empty recall list and a device this build lacks are errors", "[config]") {

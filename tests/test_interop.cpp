@@ -623,6 +623,19 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(run_cli("tokenizer train --manifest " + c.dir.file("bad.jsonl") + " --out " + c.dir.file("t2"), &out) == 2);
   for (const auto& e : fs::directory_iterator(c.dir.path))
     CHECK(e.path().filename().string().rfind("t2.", 0) == std::string::npos);
+  // A vocabulary too small for the text's characters, and a field no record has: named.
+  CHECK(run_cli("tokenizer train --manifest " + c.dir.file("data/train.jsonl") + " --out " + c.dir.file("t3") +
+                    " --vocab-size 5",
+                &out) == 2);
+  CHECK_THAT(out, Catch::Contains("tokenizer train: --vocab-size 5 is too small for the text") &&
+                      Catch::Contains("raise --vocab-size"));
+  CHECK(run_cli("tokenizer train --manifest " + c.dir.file("data/train.jsonl") + " --out " + c.dir.file("t3") +
+                    " --field nosuchfield",
+                &out) == 2);
+  CHECK_THAT(out, Catch::Contains("no text found in the field(s) 'nosuchfield'"));
+  // A mistyped command gets the nearest one.
+  CHECK(run_cli("trian " + c.dir.file("a"), &out) == 2);
+  CHECK_THAT(out, Catch::Contains("unknown command 'trian'; did you mean 'train'?"));
 
   // The tokenizer retrained in place (same path, other file): resuming, evaluating, exporting
   // (which would copy the wrong file) and forward all stop.

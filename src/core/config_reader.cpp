@@ -25,6 +25,16 @@ void ConfigErrors::throw_if_any(const std::string& context) const {
 
 namespace {
 
+// A value as an error message shows it: a scalar's text, or what kind of node stands there.
+std::string shown(const ConfigNode* n) {
+  switch (n->kind) {
+    case ConfigNode::Kind::Scalar: return "'" + n->scalar + "'";
+    case ConfigNode::Kind::Sequence: return "a list";
+    case ConfigNode::Kind::Map: return "a mapping";
+    default: return "nothing";
+  }
+}
+
 std::string fmt_double(double v) {
   std::ostringstream os;
   os.precision(10);
@@ -102,7 +112,7 @@ void ConfigReader::read_value(const ConfigNode* n, const std::string& path, bool
     if (s == "true" || s == "True" || s == "yes" || s == "on") return void(out = true);
     if (s == "false" || s == "False" || s == "no" || s == "off") return void(out = false);
   }
-  errors_.add(n, path, "expected true or false, got '" + n->scalar + "'");
+  errors_.add(n, path, "expected true or false, got " + shown(n));
 }
 
 void ConfigReader::read_value(const ConfigNode* n, const std::string& path, int64_t& out) {
@@ -116,7 +126,7 @@ void ConfigReader::read_value(const ConfigNode* n, const std::string& path, int6
     if (end && *end == '\0' && std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9e18)
       return void(out = static_cast<int64_t>(d));
   }
-  errors_.add(n, path, "expected an integer, got '" + n->scalar + "'");
+  errors_.add(n, path, "expected an integer, got " + shown(n));
 }
 
 void ConfigReader::read_value(const ConfigNode* n, const std::string& path, uint64_t& out) {
@@ -143,7 +153,7 @@ void ConfigReader::read_value(const ConfigNode* n, const std::string& path, doub
     double v = std::strtod(n->scalar.c_str(), &end);
     if (end && *end == '\0' && std::isfinite(v)) return void(out = v);
   }
-  errors_.add(n, path, "expected a finite number, got '" + n->scalar + "'");
+  errors_.add(n, path, "expected a finite number, got " + shown(n));
 }
 
 void ConfigReader::read_value(const ConfigNode* n, const std::string& path, float& out) {
