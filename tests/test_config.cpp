@@ -123,6 +123,17 @@ TEST_CASE("overrides with --set set typed values, creates nested keys and is val
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"optim.lr"}); }), Catch::Contains("expected KEY=VALUE"));
   CHECK_THAT(error_of([&] { load_run_config(d.file("a.yaml"), {"train.batch_size=[1, 2]"}); }),
              Catch::Contains("train.batch_size: expected an integer, got a list"));
+  // A whole section with another type replaces the section (the old type's options would be unknown
+  // keys); one without a type, or with the same type, merges into it.
+  write_file(d.file("v.yaml"), std::string(kMinimal) +
+                                   "trainer: finetune\nmodel:\n  projector:\n    type: mlp2x_gelu\n    spatial_merge: 2\n");
+  const RunConfig retyped = load_run_config(d.file("v.yaml"), {"model.projector={type: resampler, num_queries: 8}"});
+  CHECK(retyped.model.projector.type == "resampler");
+  CHECK(retyped.model.projector.options.find("num_queries") != nullptr);
+  CHECK(retyped.model.projector.options.find("spatial_merge") == nullptr);
+  const RunConfig merged = load_run_config(d.file("v.yaml"), {"model.projector={spatial_merge: 1}"});
+  CHECK(merged.model.projector.type == "mlp2x_gelu");
+  CHECK(merged.model.projector.options.find("spatial_merge")->scalar == "1");
 }
 
 TEST_CASE("integers that do not fit, an empty recall list and a device this build lacks are errors", "[config]") {

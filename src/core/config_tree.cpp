@@ -213,7 +213,12 @@ void apply_override(ConfigNode& root, const std::string& assignment) {
     if (created) node->file = "--set " + key;  // a key the --set made: errors about it name the --set
     walked += (walked.empty() ? "" : ".") + part;
   }
-  if (node->is_map() && parsed.is_map()) merge_config(*node, parsed);
+  // A mapping merges into the section it names, except one that changes the section's `type:`:
+  // the old type's options would be unknown keys of the new one, and could not be removed.
+  const ConfigNode* old_type = node->is_map() ? node->find("type") : nullptr;
+  const ConfigNode* new_type = parsed.is_map() ? parsed.find("type") : nullptr;
+  const bool retyped = old_type && new_type && old_type->scalar != new_type->scalar;
+  if (node->is_map() && parsed.is_map() && !retyped) merge_config(*node, parsed);
   else *node = parsed;
 }
 
