@@ -468,6 +468,18 @@ TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward 
              Catch::Contains("unknown reward function type 'exact'"));
   CHECK_THAT(message_of<ConfigError>([&] { c.config("x4", "data: {train: a}\nloss: {type: dpo, betta: 0.1}\n"); }),
              Catch::Contains("betta"));
+  // Problems a --set made are named by that --set, not by the line of the file it changed.
+  test::write_file(c.dir.file("pref.yaml"), "trainer: preference\ndata: {train: a, tokenizer: t.model}\nloss:\n  type: dpo\n  beta: 0.1\n");
+  CHECK_THAT(message_of<ConfigError>([&] {
+               preference_losses().create_or_throw(load_run_config(c.dir.file("pref.yaml"), {"loss.type=dpoo"}).loss);
+             }),
+             Catch::Contains("--set loss.type: loss.type: unknown preference loss type 'dpoo'"));
+  CHECK_THAT(message_of<ConfigError>([&] {
+               preference_losses().create_or_throw(
+                   load_run_config(c.dir.file("pref.yaml"), {"loss.type=mdpo", "loss.min_area=0.5", "loss.max_area=0.1"}).loss);
+             }),
+             Catch::Contains("--set loss.max_area: loss: min_area 0.500000 is above max_area 0.100000"));
+  CHECK_NOTHROW(preference_losses().create_or_throw(load_run_config(c.dir.file("pref.yaml")).loss));
   // A temperature that overflows logits / temperature: refused, not a NaN loss at step 1.
   CHECK_THAT(message_of<ConfigError>([&] { c.config("x7", "data: {train: a}\nloss: {type: grpo, temperature: 1.0e-40}\n"); }),
              Catch::Contains("loss.temperature: must be at least 1e-6"));

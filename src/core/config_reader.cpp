@@ -171,6 +171,7 @@ void ConfigReader::read_value(const ConfigNode* n, const std::string& path, Type
   out.path = path;
   if (n->kind == ConfigNode::Kind::Scalar) {  // shorthand: `loss: infonce`
     out.type = n->scalar;
+    out.type_node = *n;
     out.options = ConfigNode{};
     out.options.kind = ConfigNode::Kind::Map;
     return;
@@ -180,6 +181,7 @@ void ConfigReader::read_value(const ConfigNode* n, const std::string& path, Type
   if (const ConfigNode* t = n->find("type")) {
     if (t->kind != ConfigNode::Kind::Scalar) return errors_.add(t, path + ".type", "expected a name");
     out.type = t->scalar;
+    out.type_node = *t;
     out.options.erase("type");
   } else if (out.type.empty()) {
     errors_.add(n, path, "missing 'type:'");

@@ -51,6 +51,7 @@ struct TypedSpec {
   std::string type;
   ConfigNode options;  // a map without the `type` key
   std::string path;    // dotted path of this section, for error messages
+  ConfigNode type_node;  // where `type:` was written (file:line, or the --set that gave it)
 };
 
 template <class T, class = void>

@@ -78,8 +78,10 @@ class Registry {
       if (it == entries_.end()) {
         std::string list;
         for (const auto& kv : entries_) list += (list.empty() ? "" : ", ") + kv.first;
-        errors.add(spec.options.file.empty() ? nullptr : &spec.options, spec.path + ".type",
-                   "unknown " + kind_ + " type '" + spec.type + "'; registered: " + list);
+        const ConfigNode* where = !spec.type_node.file.empty() ? &spec.type_node
+                                  : spec.options.file.empty()    ? nullptr
+                                                                 : &spec.options;
+        errors.add(where, spec.path + ".type", "unknown " + kind_ + " type '" + spec.type + "'; registered: " + list);
         return nullptr;
       }
       make = it->second.make;
@@ -89,7 +91,13 @@ class Registry {
     try {
       made = make(reader, args...);
     } catch (const std::exception& e) {  // a factory's own validation, or a LibTorch check
-      errors.add(&spec.options, spec.path, e.what());
+      // Its problem spans the section: named by a --set that changed it, if one did (the
+      // section's own line would point into a file the user did not edit), else the section.
+      const ConfigNode* where = &spec.options;
+      if (spec.type_node.file.rfind("--set", 0) == 0) where = &spec.type_node;
+      for (const auto& [key, child] : spec.options.map)
+        if (child.file.rfind("--set", 0) == 0) where = &child;
+      errors.add(where, spec.path, e.what());
       return nullptr;
     }
     reader.finish();
