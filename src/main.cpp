@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <thread>
 #include <fstream>
 #include <iostream>
 #include <sstream>
+#include <thread>
 
 #include "core/checkpoint.h"
 #include "core/checkpoint_tokenizer.h"
@@ -564,27 +564,9 @@ int main(int argc, char** argv) {
     std::vector<std::string> names;
     for (const auto* sub : app.get_subcommands([](CLI::App*) { return true; })) names.push_back(sub->get_name());
     if (std::find(names.begin(), names.end(), given) == names.end()) {
-      // The closest name by edit distance, offered when it is near enough to be a typo.
-      auto distance = [](const std::string& a, const std::string& b) {
-        std::vector<size_t> row(b.size() + 1);
-        for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-        for (size_t i = 1; i <= a.size(); ++i) {
-          size_t diag = row[0];
-          row[0] = i;
-          for (size_t j = 1; j <= b.size(); ++j) {
-            const size_t up = row[j];
-            row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-            diag = up;
-          }
-        }
-        return row[b.size()];
-      };
-      std::string best, list;
-      size_t best_d = 3;  // at most two edits
-      for (const auto& n : names) {
-        list += (list.empty() ? "" : ", ") + n;
-        if (distance(given, n) < best_d) best_d = distance(given, n), best = n;
-      }
+      std::string list;
+      for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+      const std::string best = closest_name(given, names);
       std::cerr << "error: unknown command '" << given << "'" << (best.empty() ? "" : "; did you mean '" + best + "'?")
                 << "\ncommands: " << list << "\n";
       return kExitConfig;

@@ -42,19 +42,30 @@ std::string fmt_double(double v) {
   return os.str();
 }
 
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j)
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-    std::swap(prev, cur);
-  }
-  return prev[b.size()];
-}
 
 }  // namespace
+
+std::string closest_name(const std::string& given, const std::vector<std::string>& names) {
+  // Levenshtein distance; a name within two edits reads as a typo of it.
+  auto edit_distance = [](const std::string& a, const std::string& b) {
+    std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+    for (size_t i = 1; i <= a.size(); ++i) {
+      cur[0] = i;
+      for (size_t j = 1; j <= b.size(); ++j)
+        cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      std::swap(prev, cur);
+    }
+    return prev[b.size()];
+  };
+  std::string best;
+  size_t best_d = 3;
+  for (const auto& n : names) {
+    const size_t d = edit_distance(given, n);
+    if (d < best_d) best_d = d, best = n;
+  }
+  return best;
+}
 
 Check<double> positive() {
   return [](const double& v) { return v > 0 ? "" : "must be > 0, got " + fmt_double(v); };
@@ -89,12 +100,7 @@ void ConfigReader::finish() {
   if (!node_ || !node_->is_map()) return;
   for (const auto& kv : node_->map) {
     if (std::find(used_.begin(), used_.end(), kv.first) != used_.end()) continue;
-    std::string best;
-    size_t best_d = 3;
-    for (const auto& u : used_) {
-      size_t d = edit_distance(kv.first, u);
-      if (d < best_d) best_d = d, best = u;
-    }
+    const std::string best = closest_name(kv.first, used_);
     std::string msg = "unknown key '" + kv.first + "'";
     if (!best.empty()) msg += "; did you mean '" + best + "'?";
     else {

@@ -44,10 +44,14 @@ Check<double> non_negative();
 Check<double> in_range(double lo, double hi);
 Check<int64_t> at_least(int64_t lo);
 Check<std::string> one_of(std::vector<std::string> choices);
+// The name of `names` within two edits of `given` (the nearest), or "": for "did you mean".
+std::string closest_name(const std::string& given, const std::vector<std::string>& names);
 
 // A component chosen by `type:` whose remaining keys are its own options; read later by the
 // component's registry entry (so a plugin's options are validated exactly like built-ins').
 struct TypedSpec {
+  TypedSpec(std::string t = "", ConfigNode o = {}, std::string p = "")
+      : type(std::move(t)), options(std::move(o)), path(std::move(p)) {}
   std::string type;
   ConfigNode options;  // a map without the `type` key
   std::string path;    // dotted path of this section, for error messages
