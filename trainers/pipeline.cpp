@@ -84,9 +84,20 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
     for (size_t k = 0; k < s.init_from.size(); ++k) {
       const auto& init = s.init_from[k];
       const std::string ik = key + ".init_from[" + std::to_string(k) + "]";
-      if (std::find(seen.begin(), seen.end(), init.stage) == seen.end())
-        throw ConfigError(ik + ".stage: '" + init.stage + "' is not an earlier stage");
+      const auto from = std::find(seen.begin(), seen.end(), init.stage);
+      if (from == seen.end()) throw ConfigError(ik + ".stage: '" + init.stage + "' is not an earlier stage");
       if (init.components.empty()) throw ConfigError(ik + ".components: missing, e.g. [vision_model]");
+      // A component the earlier stage's model does not have would only fail when this stage
+      // starts, after the earlier one has trained: checked here, before any training.
+      const RunConfig& upstream = plan.stages[static_cast<size_t>(from - seen.begin())];
+      const auto has = model_components(upstream.is_vlm());
+      for (const auto& c : init.components)
+        if (std::find(has.begin(), has.end(), c) == has.end()) {
+          std::string list;
+          for (const auto& h : has) list += (list.empty() ? "" : ", ") + h;
+          throw ConfigError(ik + ".components: stage '" + init.stage + "' (trainer " + upstream.trainer + ") has no " + c +
+                            "; its checkpoints hold " + list);
+        }
     }
     seen.push_back(s.name);
     if (!fs::exists(s.config)) throw ConfigError(key + ".config: '" + s.config + "' does not exist");
@@ -111,21 +122,6 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
       run.child("init_from") = list;
     }
     plan.stages.push_back(run_config_from_tree(run, s.config + " (stage " + s.name + " of " + path + ")"));
-    // A component the earlier stage's model does not have would only fail when this stage
-    // starts, after the earlier one has trained: checked here, before any training.
-    for (size_t k = 0; k < s.init_from.size(); ++k) {
-      const auto& init = s.init_from[k];
-      const size_t from = static_cast<size_t>(std::find(seen.begin(), seen.end(), init.stage) - seen.begin());
-      const RunConfig& upstream = plan.stages[from];
-      const auto has = model_components(upstream.is_vlm());
-      for (const auto& c : init.components)
-        if (std::find(has.begin(), has.end(), c) == has.end()) {
-          std::string list;
-          for (const auto& h : has) list += (list.empty() ? "" : ", ") + h;
-          throw ConfigError(key + ".init_from[" + std::to_string(k) + "].components: stage '" + init.stage + "' (trainer " +
-                            upstream.trainer + ") has no " + c + "; its checkpoints hold " + list);
-        }
-    }
   }
   return plan;
 }
