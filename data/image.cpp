@@ -6,6 +6,10 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string_view>
+#include <vector>
 
 #include "core/errors.h"
 #include "core/rng.h"
@@ -24,9 +28,18 @@ cv::Mat load_image_rgb(const std::string& path) {
   if (!std::filesystem::is_regular_file(path, ec))
     throw DataError("image '" + path + "' does not exist (check data.image_root and the record's image path)");
   if (std::filesystem::file_size(path, ec) == 0) throw DataError("image '" + path + "' is an empty file");
+  std::ifstream in(path, std::ios::binary);
+  const std::vector<uchar> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.good() && !in.eof()) throw DataError("image '" + path + "' cannot be read");
+  // libpng prints its own "Read Error" to stderr before OpenCV returns an empty image for a PNG
+  // cut short (a partial copy or download); recognised here, that is one message naming the file.
+  static const std::string png_signature = "\x89PNG\r\n\x1a\n", iend = "IEND";
+  const std::string_view view(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  if (view.substr(0, 8) == png_signature && view.rfind(iend) == std::string_view::npos)
+    throw DataError("image '" + path + "' is a truncated PNG (it ends before its IEND chunk); copy or export it again");
   cv::Mat bgr;
   try {
-    bgr = cv::imread(path, cv::IMREAD_COLOR);
+    bgr = cv::imdecode(bytes, cv::IMREAD_COLOR);
   } catch (const cv::Exception& e) {
     throw DataError("image '" + path + "' cannot be decoded: " + e.what());
   }

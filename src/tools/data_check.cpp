@@ -35,6 +35,8 @@ std::string problem_kind(const std::string& m) {
       {"not a decodable image", "bad_image"},
       {"cannot be decoded", "bad_image"},
       {"is an empty file", "bad_image"},
+      {"is a truncated PNG", "bad_image"},
+      {"cannot be read", "bad_image"},
       {"placeholder", "image_placeholders"},
       {"<image> inside", "image_placeholders"},
       {"unknown role", "unknown_role"},
