@@ -143,8 +143,11 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
                  "missing: a component name or a glob over parameter names");
   for (size_t i = 0; i < c.eval.sets.size(); ++i) {
     const auto& s = c.eval.sets[i];
-    if (s.name.empty() || s.data.empty())
-      errors.add(at("eval.sets"), "eval.sets[" + std::to_string(i) + "]", "each set needs a name and a data manifest");
+    const std::string key = "eval.sets[" + std::to_string(i) + "]";
+    if (s.name.empty())
+      errors.add(at("eval.sets"), key + ".name", "missing: the set's name, which prefixes its results (e.g. vqa)");
+    if (s.data.empty())
+      errors.add(at("eval.sets"), key + ".data", "missing: the manifest to evaluate on (e.g. data/shapes/val_vqa.jsonl)");
     for (size_t k = 0; k < i; ++k)
       if (!s.name.empty() && c.eval.sets[k].name == s.name)
         errors.add(at("eval.sets"), "eval.sets[" + std::to_string(i) + "].name",
