@@ -35,6 +35,7 @@
 #include "trainers/common.h"
 #include "trainers/contrastive.h"
 #include "trainers/pipeline.h"
+#include "trainers/preflight.h"
 #include "trainers/report.h"
 #include "trainers/vlm.h"
 #include "tools/data_check.h"
@@ -96,6 +97,7 @@ int cmd_bench(const std::string& config, const std::vector<std::string>& sets, c
 
 int cmd_config_check(const std::string& config, const std::vector<std::string>& sets) {
   RunConfig cfg = load_run_config(config, sets);
+  check_preflight(cfg);  // the files and checkpoints it names, and what its trainer would refuse
   std::cout << resolved_yaml(cfg);
   return kExitOk;
 }

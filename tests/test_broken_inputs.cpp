@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 
 #include "data/tokenizer.h"
 #include "test_helpers.h"
@@ -76,6 +78,20 @@ TEST_CASE("broken records and images: data check names each one with its locatio
   };
   for (const auto& c : cases) check_case(b, c);
 
+  SECTION("a PNG cut short: named as truncated, and libpng prints nothing of its own") {
+    std::ifstream in(b.dir.file("images/ok.png"), std::ios::binary);
+    const std::string png((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    test::write_file(b.dir.file("images/cut.png"), png.substr(0, png.size() / 2));
+    test::write_file(b.dir.file("manifests/cut.jsonl"),
+                     R"({"id": "cut-short", "image": "images/cut.png", "conversations": [{"from": "human", "value": )"
+                     R"("<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "Red."}]})"
+                     "\n");
+    std::string out;
+    CHECK(b.run(check + "cut.jsonl", &out) == 2);
+    CHECK_THAT(out, Catch::Contains("[bad_image] manifests/cut.jsonl:1 (id cut-short): image "));
+    CHECK_THAT(out, Catch::Contains("images/cut.png' is a truncated PNG (it ends before its IEND chunk)"));
+    CHECK_THAT(out, !Catch::Contains("libpng"));
+  }
   SECTION("the good manifest passes, every image decoded") {
     std::string out;
     CHECK(b.run("data check configs/base.yaml", &out) == 0);
@@ -100,10 +116,53 @@ TEST_CASE("broken records and images: data check names each one with its locatio
 TEST_CASE("broken data references found once the data loads: one clear message, exit 2", "[broken][cli]") {
   Broken b;
   const std::vector<Case> cases = {
-      {"missing manifest", "train configs/missing_manifest.yaml", {"cannot open manifest 'manifests/nope.jsonl'"}},
+      {"missing manifest", "train configs/missing_manifest.yaml",
+       {"1 problem(s) before training", "data.train: 'manifests/nope.jsonl' does not exist (read relative to"}},
       {"missing init_from checkpoint", "train configs/missing_checkpoint.yaml", {"init_from", "runs/none"}},
       {"stage 2 with nothing frozen", "train configs/adapter_unfrozen.yaml",
-       {"trainer adapter trains the projector alone", "freeze vision_model and language_model"}},
+       {"trainer adapter trains the projector alone, but nothing freezes vision_model"}},
+      // A glob the config-level check cannot decide: the trainer's own check sees the names.
+      {"stage 2 with a glob leaving the language model trainable",
+       "train configs/adapter_unfrozen.yaml --set 'optim.param_groups=[{match: \"vision_model.*\", freeze: true}]'",
+       {"trainer adapter trains the projector alone, but 'model.embed_tokens.weight' is trainable",
+        "freeze vision_model and language_model"}},
   };
   for (const auto& c : cases) check_case(b, c);
+}
+
+TEST_CASE("config check finds what train would refuse, every problem at once, without training", "[broken][cli]") {
+  Broken b;
+  const std::vector<Case> cases = {
+      {"missing manifest", "config check configs/missing_manifest.yaml", {"data.train: 'manifests/nope.jsonl' does not exist"}},
+      {"missing init_from checkpoint", "config check configs/missing_checkpoint.yaml",
+       {"init_from[0].checkpoint: checkpoint or run folder 'runs/none' does not exist", "run the stage that writes it first"}},
+      {"stage 2 with nothing frozen", "config check configs/adapter_unfrozen.yaml",
+       {"2 problem(s)", "nothing freezes vision_model; add {match: vision_model, freeze: true}", "nothing freezes language_model"}},
+      {"three missing files",
+       "config check configs/base.yaml --set data.val=gone.jsonl --set data.tokenizer=gone.model --set "
+       "'eval.sets=[{name: a, data: manifests}]'",
+       {"3 problem(s)", "data.val: 'gone.jsonl' does not exist", "data.tokenizer: 'gone.model' does not exist",
+        "eval.sets[0].data: 'manifests' is a folder"}},
+      {"a pair loss with eval.samples", "config check configs/base.yaml --set trainer=preference --set eval.samples=2",
+       {"eval.samples: loss 'dpo' scores given pairs and draws no completions"}},
+  };
+  for (const auto& c : cases) check_case(b, c);
+
+  // A stage-1 checkpoint holds no language model: named with what it does hold.
+  fs::create_directories(b.dir.file("stage1ck"));
+  test::write_file(b.dir.file("stage1ck/MANIFEST.json"), R"({"trainer": "contrastive", "files": {}})");
+  check_case(b, {"component the checkpoint lacks",
+                 "config check configs/base.yaml --set 'init_from=[{checkpoint: stage1ck, components: [language_model]}]'",
+                 {"init_from[0].components: stage1ck (trainer contrastive) has no language_model; it holds vision_model, "
+                  "text_model"}});
+  // The same config trains on, so nothing was made: no run folder.
+  CHECK_FALSE(fs::exists(b.dir.file("runs/base")));
+
+  std::string out;
+  CHECK(b.run("config check configs/base.yaml", &out) == 0);
+  CHECK_THAT(out, Catch::Contains("trainer: finetune"));
+  // A rule the check cannot decide without parameter names (a glob) is left to train's own check.
+  CHECK(b.run("config check configs/adapter_unfrozen.yaml --set 'optim.param_groups=[{match: \"*_model*\", freeze: "
+              "true}]'",
+              &out) == 0);
 }

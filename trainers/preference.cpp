@@ -17,6 +17,7 @@
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
+#include "trainers/preflight.h"
 
 namespace fs = std::filesystem;
 
@@ -130,6 +131,7 @@ nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const Pr
 
 TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
+  check_preflight(cfg, {/*files=*/true, /*init_from=*/false});  // init_from is read when a fresh run starts
   const int threads = prepare_run(cfg);
   const bool bf16 = resolve_precision(cfg.run.precision) == "bf16";
 
@@ -137,9 +139,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const nlohmann::json tokenizer = tokenizer_record(cfg.data.tokenizer);  // as loaded, for the checkpoints
   auto loss = preference_losses().create_or_throw(cfg.loss);
   const CompletionSampling* sampling = loss->sampling();
-  if (cfg.eval.samples > 0 && !sampling)
-    throw ConfigError("eval.samples: loss '" + cfg.loss.type + "' scores given pairs and draws no completions; "
-                      "only a sampling loss (grpo) uses it, so remove the key");
   std::vector<std::pair<std::string, std::shared_ptr<RewardFnImpl>>> rewards;
   if (sampling) {
     auto specs = cfg.rewards;
@@ -211,13 +210,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   std::unique_ptr<ReferenceCache> cache, val_cache;
   if (cfg.preference.cache_reference && !reference)
     spdlog::info("preference.cache_reference: loss '{}' builds no reference model; nothing to cache", cfg.loss.type);
-  if (cfg.preference.cache_reference && reference) {
-    if (sampling)
-      throw ConfigError("preference.cache_reference: loss '" + cfg.loss.type +
-                        "' samples new completions every step; there is nothing fixed to cache");
-    if (cfg.data.augment.random_resized_crop)
-      throw ConfigError("preference.cache_reference: data.augment.random_resized_crop changes the images every epoch, so "
-                        "cached reference log-probs would not match them; turn one of them off");
+  if (cfg.preference.cache_reference && reference) {  // preflight refused the combinations it cannot serve
     Progress timer(0, 1);
     const int b = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
     cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, train, b, tok.image_id(), bf16));

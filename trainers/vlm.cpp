@@ -19,6 +19,7 @@
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
+#include "trainers/preflight.h"
 #include "trainers/resume_state.h"
 
 namespace fs = std::filesystem;
@@ -287,6 +288,7 @@ void set_vlm_train_modes(VlmModel& model) {
 
 TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
+  check_preflight(cfg, {/*files=*/true, /*init_from=*/false});  // init_from is read when a fresh run starts
   const int threads = prepare_run(cfg);
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";
