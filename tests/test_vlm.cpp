@@ -504,6 +504,16 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   auto resumed = run_pipeline(load_pipeline(c.pipeline("cut")), quiet);
   REQUIRE_FALSE(resumed.interrupted);
   test::check_same_tensors(s3, final_weights(resumed.stages, "s3"));
+
+  // A wrong path in the last stage's config stops the pipeline before the first stage trains.
+  test::write_file(c.dir.file("stage3_bad.yaml"), "include: stage3.yaml\ndata: {train: " + c.dir.file("data/gone.jsonl") + "}\n");
+  const std::string bad = c.dir.file("pipeline-bad.yaml");
+  test::write_file(bad, "name: tiny\nout_dir: " + c.dir.file("bad") + "\nstages:\n  - {name: s2, config: " +
+                            c.dir.file("stage2.yaml") + "}\n  - {name: s3, config: " + c.dir.file("stage3_bad.yaml") + "}\n");
+  CHECK_THAT(message_of<ConfigError>([&] { run_pipeline(load_pipeline(bad), quiet); }),
+             Catch::Contains("pipeline tiny: problems before training:\n  stage s3 (" + c.dir.file("stage3_bad.yaml") +
+                             "): data.train: '" + c.dir.file("data/gone.jsonl") + "' does not exist"));
+  CHECK_FALSE(std::filesystem::exists(c.dir.file("bad/s2")));
 }
 
 TEST_CASE("adapter and finetune: stop at step k + resume equals an uninterrupted run, losses and weights bit for bit",
