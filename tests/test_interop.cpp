@@ -147,6 +147,13 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
                     &log) == 0);
     const auto f1 = load_safetensors(c.dir.file("f1.safetensors")), f2 = load_safetensors(c.dir.file("f2.safetensors"));
     test::check_same_tensors(f1, f2);
+    // Two <image> placeholders and one --image: named by the command, not by an internal function.
+    const std::string image_id = std::to_string(Tokenizer::load(c.dir.file("data/tok.model")).image_id());
+    CHECK(run_cli("forward " + trained.checkpoint + " --tokens 2," + image_id + "," + image_id + ",7 --image " + image +
+                      " --out " + c.dir.file("f9.safetensors"),
+                  &log) == 2);
+    CHECK_THAT(log, Catch::Contains("forward: the tokens hold 2 <image> placeholders (id " + image_id +
+                                    ") but --image gives one image"));
     // A checkpoint trained on a larger machine (run.threads 100000 there) still runs here: its
     // thread count is not the model's. The copy's MANIFEST is updated so the edit verifies.
     const std::string moved = c.dir.file("from_big_machine");

@@ -367,6 +367,9 @@ std::map<std::string, torch::Tensor> forward_outputs(torch::nn::Module& module, 
     const bool has_placeholder = images > 0;
     if (has_placeholder) {
       if (!pixels.defined()) throw ConfigError("forward: the tokens hold <image> but no --image was given");
+      if (images > 1)
+        throw ConfigError("forward: the tokens hold " + std::to_string(images) + " <image> placeholders (id " +
+                          std::to_string(tok.image_id()) + ") but --image gives one image; keep one placeholder");
       const auto inputs = vlm.build_inputs(pixels, {ids}, {std::vector<int64_t>(ids.size(), -100)}, tok.image_id());
       out["logits"] = vlm.llm->logits(vlm.llm->forward_hidden(inputs.embeds, inputs.attention_mask));
     } else {
