@@ -1,12 +1,18 @@
-// The pipeline report: every metric after every stage in one table, plots drawn from the stages'
-// metrics logs.
+// What a person reads: the pipeline report (every metric after every stage in one table, plots
+// drawn from the stages' metrics logs), and the progress lines of long evaluations.
 #include <catch2/catch.hpp>
 
 #include <opencv2/imgcodecs.hpp>
 
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
 #include <filesystem>
+#include <sstream>
 
 #include "core/checkpoint.h"
+#include "core/logging.h"
 #include "pipeline_fixtures.h"
 #include "test_helpers.h"
 #include "trainers/report.h"
@@ -66,4 +72,23 @@ TEST_CASE("pipeline report: a table of every metric per stage, curves from metri
 
   const auto flat = flatten_eval({{"vqa", {{"exact_match", 0.5}, {"records", 3}}}, {"loss", 1.25}});
   CHECK(flat == std::map<std::string, double>{{"vqa/exact_match", 0.5}, {"loss", 1.25}});
+}
+
+TEST_CASE("progress lines of a long loop: count, share, rate and ETA, at most one per interval", "[report][logging]") {
+  std::ostringstream os;
+  auto previous = spdlog::default_logger();
+  auto capture = std::make_shared<spdlog::logger>("capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(os));
+  capture->set_pattern("%v");
+  spdlog::set_default_logger(capture);
+  {
+    ProgressLog hourly("evaluation", "records", 10, 3600.0);
+    hourly.update(5);  // inside its interval: nothing
+    ProgressLog every("evaluation", "records", 10, 0.0);
+    every.update(4);
+    every.update(10);  // finished: the caller reports the result, not a progress line
+  }
+  spdlog::set_default_logger(previous);
+  const std::string text = os.str();
+  CHECK(std::count(text.begin(), text.end(), '\n') == 1);
+  CHECK_THAT(text, Catch::StartsWith("evaluation: 4/10 records (40%) | ") && Catch::Contains(" records/s | ETA "));
 }

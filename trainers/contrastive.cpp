@@ -160,7 +160,9 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   torch::NoGradGuard ng;
   std::vector<torch::Tensor> imgs, txts;
   std::vector<std::string> captions;
+  ProgressLog progress("evaluation: encoding", "pairs", data.size());
   for (int64_t b = 0; b < data.size(); b += eval.batch_size) {
+    progress.update(b);
     auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval.batch_size));
     AutocastGuard autocast(bf16);  // the encoders only; similarities below stay fp32
     imgs.push_back(model->encode_image(batch.pixels));

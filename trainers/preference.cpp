@@ -43,7 +43,9 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
   total.loss = torch::zeros({});
   std::map<std::string, std::pair<int64_t, int64_t>> right;  // level -> (preferred chosen, pairs)
   std::map<std::string, int64_t> likelier;                   // level -> pairs with p(y+) > p(y-)
+  ProgressLog progress("evaluation", "pairs", data.size());
   for (int64_t start = 0; start < data.size(); start += batch) {
+    progress.update(start);
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
     auto in = pair_passes(loss, policy, reference, data, b, image_id, bf16, mix_seed({seed, static_cast<uint64_t>(start)}),
@@ -97,7 +99,9 @@ nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const Pr
     const int64_t prompts_per_call = std::max<int64_t>(1, batch / G);
     double reward_sum = 0;
     std::map<std::string, std::pair<int64_t, int64_t>> right;  // type -> (right, asked); "" = all
+    ProgressLog progress(prefix.empty() ? "evaluation (greedy)" : "evaluation (sampled)", "prompts", data.size());
     for (int64_t start = 0; start < data.size(); start += prompts_per_call) {
+      progress.update(start);
       const int64_t end = std::min<int64_t>(data.size(), start + prompts_per_call);
       const auto b = data.range(start, end);
       const auto c = sample_completions(policy, tok, data, b, how, rewards, seed + static_cast<uint64_t>(start), bf16);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "core/logging.h"
 #include "core/safetensors.h"
 #include "trainers/vlm.h"
 
@@ -159,7 +160,9 @@ ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& referen
   ReferenceCache cache;
   for (const auto& p : cacheable) cache.logps[p.key()].resize(static_cast<size_t>(data.size()));
   torch::NoGradGuard ng;
+  ProgressLog progress("caching reference log-probs", "pairs", data.size());
   for (int64_t start = 0; start < data.size(); start += batch) {
+    progress.update(start);
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
     PreferenceInputs in;

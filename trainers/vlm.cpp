@@ -135,7 +135,9 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
     own_vocabulary = ObjectVocabulary::from_categories({categories.begin(), categories.end()});
   }
   const ObjectVocabulary& objects_vocabulary = vocabulary.empty() ? own_vocabulary : vocabulary;
+  ProgressLog progress("evaluation", "records", data.size());
   for (int64_t start = 0; start < data.size(); start += batch) {
+    progress.update(start);
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
     // Token loss with the right images, and with every image moved to the next sample: the gap

@@ -4,6 +4,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -83,6 +84,25 @@ std::string Progress::line(int64_t step_done, int64_t samples_per_step) const {
                 static_cast<int>(100.0 * step_done / std::max<int64_t>(1, total_)), steps_per_s * samples_per_step,
                 format_duration(eta).c_str());
   return buf;
+}
+
+ProgressLog::ProgressLog(std::string what, std::string unit, int64_t total, double every_s)
+    : what_(std::move(what)),
+      unit_(std::move(unit)),
+      total_(total),
+      every_s_(every_s),
+      start_(std::chrono::steady_clock::now()),
+      last_(start_) {}
+
+void ProgressLog::update(int64_t done) {
+  const auto now = std::chrono::steady_clock::now();
+  if (std::chrono::duration<double>(now - last_).count() < every_s_ || done >= total_) return;
+  last_ = now;
+  const double el = std::chrono::duration<double>(now - start_).count();
+  const double rate = el > 0 ? done / el : 0;
+  spdlog::info("{}: {}/{} {} ({}%) | {:.1f} {}/s | ETA {}", what_, done, total_, unit_,
+               static_cast<int>(100.0 * done / std::max<int64_t>(1, total_)), rate, unit_,
+               format_duration(rate > 0 ? (total_ - done) / rate : -1));
 }
 
 }  // namespace trialign
