@@ -289,6 +289,22 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     CHECK(torch::equal(half.at("visual_projection.weight"), w.to(torch::kBFloat16)));
     CHECK_THROWS_WITH(export_checkpoint(trained.checkpoint, exp, "fp32", 0), Catch::Contains("is not empty"));
   }
+  SECTION("stage 1 with max pooling: the vision tower alone, as a CLIPVisionModel") {
+    const auto trained = train_contrastive(c.config("clip.yaml", "pooled", {"model.vision.pooling=max"}), quiet());
+    const std::string exp = c.dir.file("exported_pooled");
+    export_checkpoint(trained.checkpoint, exp, "fp32", 0);
+    CHECK_FALSE(fs::exists(exp + "/model.safetensors"));
+    const auto cfgjson = nlohmann::json::parse(read_text_file(exp + "/vision_model/config.json"));
+    CHECK(cfgjson["architectures"][0] == "CLIPVisionModel");
+    const auto tower = load_safetensors(exp + "/vision_model/model.safetensors");
+    int64_t in_tower = 0;
+    for (const auto& [name, t] : load_safetensors(trained.checkpoint + "/model.safetensors"))
+      if (name.rfind("vision_model.", 0) == 0) {
+        ++in_tower;
+        CHECK(torch::equal(tower.at(name), t));
+      }
+    CHECK(static_cast<int64_t>(tower.size()) == in_tower);
+  }
 }
 
 namespace {

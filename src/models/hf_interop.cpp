@@ -350,8 +350,8 @@ nlohmann::json hf_config_json(const std::string& component, const RunConfig& cfg
     if (mc.vision.pooling != "cls")
       throw ConfigError("model.vision.pooling is " + mc.vision.pooling +
                         ": a Hugging Face CLIPModel embeds images by their CLS state, so it would not "
-                        "reproduce this model's image embeddings; export vision_model alone, or use the "
-                        "checkpoint's model.safetensors with init_from");
+                        "reproduce this model's image embeddings (`trialign export` writes such a model's vision "
+                        "tower alone, as a CLIPVisionModel)");
     auto t = tower(mc.text);
     t["vocab_size"] = mc.text.vocab_size;
     t["max_position_embeddings"] = mc.text.max_position_embeddings;

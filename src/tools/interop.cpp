@@ -212,6 +212,29 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
     fs::copy_file(cfg.data.tokenizer, sub + "/tokenizer.model", fs::copy_options::overwrite_existing);
     written.push_back(sub + "/tokenizer.model");
   };
+  auto component_part = [&](const std::string& comp) {
+    NamedTensors part;
+    const auto prefixes = component_prefixes(comp);
+    for (const auto& [n, t] : tensors)
+      for (const auto& p : prefixes)
+        if (n.rfind(p, 0) == 0) {
+          part.emplace_back(n, cast(t));
+          break;
+        }
+    return part;
+  };
+  if (!cfg.is_vlm() && cfg.model.vision.pooling != "cls") {
+    // A CLIPModel's image embedding is its pooled CLS state, so no CLIPModel reproduces this
+    // one's; the tower itself is an ordinary CLIPVisionModel (pooling has no weights), and it is
+    // what a LLaVA-style stage 2 reads.
+    spdlog::warn("export: model.vision.pooling is {}, which a Hugging Face CLIPModel cannot describe (it embeds images "
+                 "by their CLS state): writing the vision tower alone as {}/vision_model (CLIPVisionModel); the text "
+                 "tower and projections stay in {}/model.safetensors for init_from",
+                 cfg.model.vision.pooling, out_dir, dir);
+    write_folder((fs::path(out_dir) / "vision_model").string(), component_part("vision_model"),
+                 hf_config_json("vision_model", cfg));
+    return written;
+  }
   if (!cfg.is_vlm()) {
     NamedTensors all;
     for (const auto& [n, t] : tensors) all.emplace_back(n, cast(t));
@@ -233,16 +256,8 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
                    cfg.model.vision.kernel(), dir);
       continue;
     }
-    NamedTensors part;
-    const auto prefixes = component_prefixes(comp);
-    for (const auto& [n, t] : tensors)
-      for (const auto& p : prefixes)
-        if (n.rfind(p, 0) == 0) {
-          part.emplace_back(n, cast(t));
-          break;
-        }
     const std::string sub = (fs::path(out_dir) / comp).string();
-    write_folder(sub, part, hf_config_json(comp, cfg));
+    write_folder(sub, component_part(comp), hf_config_json(comp, cfg));
     if (comp == "language_model") copy_tokenizer(sub);
   }
   return written;
