@@ -62,6 +62,22 @@ void check_output_file(const std::string& path, const std::string& flag) {
     throw ConfigError(flag + " " + path + ": the folder " + folder.string() + " does not exist; create it first");
 }
 
+// CLI11 prints a default as TYPE:CHECK=VALUE ("INT:NUMBER >= 1=48"); this prints
+// "INT:NUMBER >= 1 [default: 48]".
+class HelpFormatter : public CLI::Formatter {
+ public:
+  std::string make_option_opts(const CLI::Option* opt) const override {
+    if (opt->get_default_str().empty() || !opt->get_option_text().empty() || opt->get_type_size() == 0)
+      return CLI::Formatter::make_option_opts(opt);
+    std::string out;
+    if (!opt->get_type_name().empty()) out += " " + get_label(opt->get_type_name());
+    if (opt->get_expected_max() == CLI::detail::expected_max_vector_size) out += " ...";
+    else if (opt->get_expected_min() > 1) out += " x " + std::to_string(opt->get_expected());
+    if (opt->get_required()) out += " " + get_label("REQUIRED");
+    return out + " [default: " + opt->get_default_str() + "]";
+  }
+};
+
 // CLI11's own number checks print their range as "0.000000 to 1.79e308" and let NaN through.
 CLI::Validator at_least(double low, bool inclusive) {
   return CLI::Validator(
@@ -412,6 +428,8 @@ int main(int argc, char** argv) {
   restart_with_passive_openmp(argv);
   CLI::App app{"trialign: train and align vision-language models from YAML configs"};
   app.require_subcommand(1);
+  app.option_defaults()->always_capture_default();  // --help shows each option's default
+  app.formatter(std::make_shared<HelpFormatter>());
   app.set_version_flag("--version", "trialign 0.1.0");
 
   // train
@@ -425,7 +443,8 @@ int main(int argc, char** argv) {
   train->add_option("--nproc", nproc,
                     "Data parallel on this machine: start N ranks (torchrun's variables, Gloo on loopback); "
                     "train.batch_size is per rank")
-      ->check(at_least(1, true));
+      ->check(at_least(1, true))
+      ->default_str("1 (one process, no ranks)");
 
   // bench
   BenchOptions bench_opt;
@@ -449,7 +468,7 @@ int main(int argc, char** argv) {
   int eval_threads = 0;
   auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
   eval->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
-  eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the config's data.val)");
+  eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the held-out sets of the checkpoint's config: eval.sets, else data.val)");
   eval->add_option("--suite", suites,
                    "auto (all the checkpoint supports), or a comma list: retrieval (stage 1: retrieval, hard "
                    "negatives, mutual kNN, CKA); vqa, pope, chair (stages 2-3: questions, yes/no probes, captions)")
@@ -465,7 +484,9 @@ int main(int argc, char** argv) {
   auto* run = app.add_subcommand("run", "Run a pipeline of stages (skips finished stages, resumes the current one)");
   run->add_option("pipeline", pipeline, "Pipeline (YAML)")->required()->check(CLI::ExistingFile);
   run->add_option("--set", sets, "Override a key in every stage's config (repeatable)");
-  run->add_option("--nproc", nproc, "Data parallel on this machine: run every stage on N ranks")->check(at_least(1, true));
+  run->add_option("--nproc", nproc, "Data parallel on this machine: run every stage on N ranks")
+      ->check(at_least(1, true))
+      ->default_str("1 (one process, no ranks)");
 
   // generate
   std::string gen_image, gen_prompt;
@@ -504,8 +525,8 @@ int main(int argc, char** argv) {
   shapes_cmd->add_option("--image-size", gen.image_size, "Image side in pixels");
   shapes_cmd->add_option("--min-objects", gen.min_objects, "Fewest objects per scene");
   shapes_cmd->add_option("--max-objects", gen.max_objects, "Most objects per scene");
-  shapes_cmd->add_option("--shapes", gen.shapes, "Shape vocabulary (default: all)")->delimiter(',');
-  shapes_cmd->add_option("--colours", gen.colours, "Colour vocabulary (default: all)")->delimiter(',');
+  shapes_cmd->add_option("--shapes", gen.shapes, "Shape vocabulary, comma separated")->delimiter(',');
+  shapes_cmd->add_option("--colours", gen.colours, "Colour vocabulary, comma separated")->delimiter(',');
 
   // tokenizer train
   auto* tokenizer = app.add_subcommand("tokenizer", "Tokenizer tools");
@@ -513,7 +534,7 @@ int main(int argc, char** argv) {
   TokenizerTrainOptions tok_opt;
   auto* tok_train = tokenizer->add_subcommand("train", "Train a sentencepiece model on manifest text");
   tok_train->add_option("--manifest", tok_opt.manifests, "Manifest(s) to read")->required()->check(CLI::ExistingFile);
-  tok_train->add_option("--field", tok_opt.fields, "Record field(s) holding text (default: caption)");
+  tok_train->add_option("--field", tok_opt.fields, "Record field(s) holding text");
   tok_train->add_option("--out", tok_opt.out_prefix, "Output prefix: writes PREFIX.model and PREFIX.vocab")->required();
   bool tok_overwrite = false;
   tok_train->add_flag("--overwrite", tok_overwrite, "Replace an existing PREFIX.model");
