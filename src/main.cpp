@@ -618,6 +618,9 @@ int main(int argc, char** argv) {
         throw ConfigError("--nproc " + std::to_string(nproc) + ": this machine has " + std::to_string(cores) +
                           " cores; use at most " + std::to_string(4 * cores) +
                           " ranks (one per core or per GPU is the usual choice)");
+      // Checked here once: every rank would print the same problems.
+      if (*train) check_preflight(load_run_config(config, sets), {/*files=*/true, /*init_from=*/false});
+      else check_pipeline_preflight(load_pipeline(pipeline, sets));
       // The same command line without --nproc, once per rank.
       std::vector<std::string> args;
       for (int i = 0; i < argc; ++i) {

@@ -161,6 +161,12 @@ TEST_CASE("config check finds what train would refuse, every problem at once, wi
   std::string out;
   CHECK(b.run("config check configs/base.yaml", &out) == 0);
   CHECK_THAT(out, Catch::Contains("trainer: finetune"));
+  // With --nproc the launcher checks once, before any rank starts: one message, not one per rank.
+  CHECK(b.run("train configs/missing_manifest.yaml --nproc 2", &out) == 2);
+  const std::string once = "problem(s) before training";
+  CHECK(out.find(once) != std::string::npos);
+  CHECK(out.find(once) == out.rfind(once));
+  CHECK_THAT(out, !Catch::Contains("rank 0 exited"));
   // A rule the check cannot decide without parameter names (a glob) is left to train's own check.
   CHECK(b.run("config check configs/adapter_unfrozen.yaml --set 'optim.param_groups=[{match: \"*_model*\", freeze: "
               "true}]'",

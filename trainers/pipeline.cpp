@@ -130,14 +130,7 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
 PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
   const auto& p = plan.pipeline;
   PipelineResult result;
-  // A wrong path in a late stage's config would otherwise stop the pipeline only after the
-  // stages before it have trained. Finished stages are not checked: they only skip.
-  std::string problems;
-  for (size_t i = 0; i < p.stages.size(); ++i)
-    if (!fs::exists(fs::path(plan.stages[i].run.out_dir) / "stage_done.json"))
-      for (const auto& q : preflight_problems(plan.stages[i], {/*files=*/true, /*init_from=*/false}))
-        problems += "\n  stage " + p.stages[i].name + " (" + p.stages[i].config + "): " + q;
-  if (!problems.empty()) throw ConfigError("pipeline " + p.name + ": problems before training:" + problems);
+  check_pipeline_preflight(plan);
   std::map<std::string, std::string> final_checkpoint;
   for (size_t i = 0; i < p.stages.size(); ++i) {
     const auto& stage = p.stages[i];

@@ -10,6 +10,7 @@
 #include "core/weight_files.h"
 #include "losses/preference.h"
 #include "models/vlm.h"
+#include "trainers/pipeline.h"
 
 namespace fs = std::filesystem;
 
@@ -146,6 +147,16 @@ void check_preflight(const RunConfig& cfg, const PreflightScope& scope) {
   std::string msg = cfg.source + ": " + std::to_string(problems.size()) + " problem(s) before training:";
   for (const auto& p : problems) msg += "\n  " + p;
   throw ConfigError(msg);
+}
+
+void check_pipeline_preflight(const PipelinePlan& plan) {
+  const auto& p = plan.pipeline;
+  std::string problems;
+  for (size_t i = 0; i < p.stages.size(); ++i)
+    if (!fs::exists(fs::path(plan.stages[i].run.out_dir) / "stage_done.json"))  // finished stages only skip
+      for (const auto& q : preflight_problems(plan.stages[i], {/*files=*/true, /*init_from=*/false}))
+        problems += "\n  stage " + p.stages[i].name + " (" + p.stages[i].config + "): " + q;
+  if (!problems.empty()) throw ConfigError("pipeline " + p.name + ": problems before training:" + problems);
 }
 
 }  // namespace trialign

@@ -11,6 +11,8 @@
 
 namespace trialign {
 
+struct PipelinePlan;
+
 struct PreflightScope {
   bool files = true;      // data.train, data.val, eval.sets[].data, data.tokenizer, data.image_root, ...
   bool init_from = true;  // init_from[].checkpoint resolves and holds the components asked for
@@ -23,5 +25,10 @@ std::vector<std::string> preflight_problems(const RunConfig& cfg, const Prefligh
 
 // Throws one ConfigError listing them all.
 void check_preflight(const RunConfig& cfg, const PreflightScope& scope = {});
+
+// The same for every stage of a pipeline that has not finished (no stage_done.json), files and
+// combinations only (init_from names stages that have yet to train): a wrong path in the last
+// stage's config would otherwise stop the pipeline only after the stages before it trained.
+void check_pipeline_preflight(const PipelinePlan& plan);
 
 }  // namespace trialign
