@@ -198,7 +198,7 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
 
 ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
-  check_preflight(cfg, {/*files=*/true, /*init_from=*/false});  // init_from is read when a fresh run starts
+  check_before_training(cfg, opt.resume);
   const int threads = prepare_run(cfg);
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";

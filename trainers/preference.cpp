@@ -135,7 +135,7 @@ nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const Pr
 
 TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
-  check_preflight(cfg, {/*files=*/true, /*init_from=*/false});  // init_from is read when a fresh run starts
+  check_before_training(cfg, opt.resume);
   const int threads = prepare_run(cfg);
   const bool bf16 = resolve_precision(cfg.run.precision) == "bf16";
 

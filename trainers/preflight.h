@@ -18,13 +18,18 @@ struct PreflightScope {
   bool init_from = true;  // init_from[].checkpoint resolves and holds the components asked for
 };
 
-// Every problem found, one line each, naming the dotted key (empty when there are none).
-// Combinations a trainer refuses (a pair loss with eval.samples, a cached reference with a
-// sampling loss, an adapter run whose language model would train) are checked whatever the scope.
-std::vector<std::string> preflight_problems(const RunConfig& cfg, const PreflightScope& scope = {});
-
-// Throws one ConfigError listing them all.
+// Throws one ConfigError listing every problem found, one line each naming the dotted key. Only
+// the files this trainer reads are checked. Combinations a trainer refuses are checked whatever
+// the scope: a pair loss with eval.samples, a cached reference with a sampling loss or with
+// random crops, an adapter run whose rules leave the vision tower or the language model
+// trainable.
 void check_preflight(const RunConfig& cfg, const PreflightScope& scope = {});
+
+// What a trainer runs first, before anything is written: files and combinations, and init_from
+// when the run starts fresh (`resume` "", or "auto" over a run folder without checkpoints); a
+// resumed run does not read init_from again (the preference trainer rebuilds its reference from
+// the checkpoints RUN/init_from.json recorded).
+void check_before_training(const RunConfig& cfg, const std::string& resume);
 
 // The same for every stage of a pipeline that has not finished (no stage_done.json), files and
 // combinations only (init_from names stages that have yet to train): a wrong path in the last
