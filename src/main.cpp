@@ -113,8 +113,8 @@ int cmd_bench(const std::string& config, const std::vector<std::string>& sets, c
 
 int cmd_config_check(const std::string& config, const std::vector<std::string>& sets) {
   RunConfig cfg = load_run_config(config, sets);
-  check_preflight(cfg);  // the files and checkpoints it names, and what its trainer would refuse
-  std::cout << resolved_yaml(cfg);
+  std::cout << resolved_yaml(cfg) << std::flush;
+  check_preflight(cfg);  // then the files and checkpoints it names, and what its trainer would refuse
   return kExitOk;
 }
 
@@ -468,7 +468,7 @@ int main(int argc, char** argv) {
   int eval_threads = 0;
   auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint (or a run's newest checkpoint)");
   eval->add_option("checkpoint", target, "Checkpoint directory or run directory")->required();
-  eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the held-out sets of the checkpoint's config: eval.sets, else data.val)");
+  eval->add_option("--data", eval_data, "Manifest to evaluate on (default: the checkpoint's held-out sets: data.val for stage 1, eval.sets (else data.val) for stages 2-3, eval.sets for preference)");
   eval->add_option("--suite", suites,
                    "auto (all the checkpoint supports), or a comma list: retrieval (stage 1: retrieval, hard "
                    "negatives, mutual kNN, CKA); vqa, pope, chair (stages 2-3: questions, yes/no probes, captions)")
@@ -525,8 +525,14 @@ int main(int argc, char** argv) {
   shapes_cmd->add_option("--image-size", gen.image_size, "Image side in pixels");
   shapes_cmd->add_option("--min-objects", gen.min_objects, "Fewest objects per scene");
   shapes_cmd->add_option("--max-objects", gen.max_objects, "Most objects per scene");
-  shapes_cmd->add_option("--shapes", gen.shapes, "Shape vocabulary, comma separated")->delimiter(',');
-  shapes_cmd->add_option("--colours", gen.colours, "Colour vocabulary, comma separated")->delimiter(',');
+  // Defaults shown as they are typed: comma separated.
+  auto commas = [](const std::vector<std::string>& v) { return fmt::format("{}", fmt::join(v, ",")); };
+  shapes_cmd->add_option("--shapes", gen.shapes, "Shape vocabulary, comma separated")
+      ->delimiter(',')
+      ->default_str(commas(gen.shapes));
+  shapes_cmd->add_option("--colours", gen.colours, "Colour vocabulary, comma separated")
+      ->delimiter(',')
+      ->default_str(commas(gen.colours));
 
   // tokenizer train
   auto* tokenizer = app.add_subcommand("tokenizer", "Tokenizer tools");
@@ -619,7 +625,7 @@ int main(int argc, char** argv) {
                           " cores; use at most " + std::to_string(4 * cores) +
                           " ranks (one per core or per GPU is the usual choice)");
       // Checked here once: every rank would print the same problems.
-      if (*train) check_preflight(load_run_config(config, sets), {/*files=*/true, /*init_from=*/false});
+      if (*train) check_before_training(load_run_config(config, sets), resume);
       else check_pipeline_preflight(load_pipeline(pipeline, sets));
       // The same command line without --nproc, once per rank.
       std::vector<std::string> args;
@@ -659,7 +665,15 @@ int main(int argc, char** argv) {
       return kExitOk;
     }
   } catch (const ConfigError& e) {
-    std::cerr << "error: " << e.what() << std::endl;
+    // Under torchrun or Slurm every rank reads the same config and finds the same problems: rank 0
+    // lists them, the others give the first line only.
+    const char* rank = std::getenv("RANK");
+    const std::string what = e.what();
+    if (rank && std::string(rank) != "0")
+      std::cerr << "error: rank " << rank << ": " << what.substr(0, what.find('\n')) << " (rank 0 lists every problem)"
+                << std::endl;
+    else
+      std::cerr << "error: " << what << std::endl;
     return kExitConfig;
   } catch (const DataError& e) {
     std::cerr << "error: " << e.what() << std::endl;
