@@ -7,7 +7,6 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <string_view>
 #include <vector>
 
@@ -27,15 +26,21 @@ cv::Mat load_image_rgb(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec))
     throw DataError("image '" + path + "' does not exist (check data.image_root and the record's image path)");
-  if (std::filesystem::file_size(path, ec) == 0) throw DataError("image '" + path + "' is an empty file");
+  const auto size = std::filesystem::file_size(path, ec);
+  if (ec) throw DataError("image '" + path + "' cannot be read (" + ec.message() + ")");
+  if (size == 0) throw DataError("image '" + path + "' is an empty file");
+  std::vector<uchar> bytes(static_cast<size_t>(size));
   std::ifstream in(path, std::ios::binary);
-  const std::vector<uchar> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (!in.good() && !in.eof()) throw DataError("image '" + path + "' cannot be read");
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
+  if (!in || static_cast<uintmax_t>(in.gcount()) != size)
+    throw DataError("image '" + path + "' cannot be read (unreadable, or it changed while being read)");
   // libpng prints its own "Read Error" to stderr before OpenCV returns an empty image for a PNG
   // cut short (a partial copy or download); recognised here, that is one message naming the file.
   static const std::string png_signature = "\x89PNG\r\n\x1a\n", iend = "IEND";
   const std::string_view view(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-  if (view.substr(0, 8) == png_signature && view.rfind(iend) == std::string_view::npos)
+  // IEND's type and CRC are a PNG's last 8 bytes (a writer may append more after them).
+  const size_t iend_at = view.rfind(iend);
+  if (view.substr(0, 8) == png_signature && (iend_at == std::string_view::npos || iend_at + 8 > view.size()))
     throw DataError("image '" + path + "' is a truncated PNG (it ends before its IEND chunk); copy or export it again");
   cv::Mat bgr;
   try {

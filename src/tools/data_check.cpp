@@ -108,24 +108,15 @@ ImageRefs image_refs(const PreferenceDataset& ds) { return sample_images(ds); }
 void decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem) {
   // Decoding is where a corrupt body behind a valid header shows; a run would meet it mid-way.
   std::set<std::string> seen;
-  const auto t0 = std::chrono::steady_clock::now();
-  auto last = t0;
+  ProgressLog progress("checking images", "images", static_cast<int64_t>(refs.size()), 5.0);
   int64_t done = 0;
-  const auto total = static_cast<int64_t>(refs.size());
   for (const auto& [where, path] : refs) {
-    ++done;
+    progress.update(done++);
     if (!seen.insert(path).second) continue;
     try {
       load_image_rgb(path);
     } catch (const DataError& e) {
       problem(where + ": " + e.what());
-    }
-    const auto now = std::chrono::steady_clock::now();
-    if (now - last > std::chrono::seconds(5)) {
-      last = now;
-      const double s = std::chrono::duration<double>(now - t0).count(), rate = done / std::max(1e-9, s);
-      spdlog::info("checking images: {}/{} ({:.0f}%) | {:.0f} images/s | ETA {}", done, total, 100.0 * done / total, rate,
-                   format_duration((total - done) / std::max(1e-9, rate)));
     }
   }
 }
