@@ -4,6 +4,7 @@
 // the file:line, record id or dotted key) and exit code 2, never a crash.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -117,10 +118,11 @@ TEST_CASE("broken data references found once the data loads: one clear message, 
   Broken b;
   const std::vector<Case> cases = {
       {"missing manifest", "train configs/missing_manifest.yaml",
-       {"1 problem(s) before training", "data.train: 'manifests/nope.jsonl' does not exist (read relative to"}},
+       {"1 problem(s) before training (relative paths are read from the working directory",
+        "data.train: 'manifests/nope.jsonl' does not exist; point it at a JSON or JSONL manifest"}},
       {"missing init_from checkpoint", "train configs/missing_checkpoint.yaml", {"init_from", "runs/none"}},
       {"stage 2 with nothing frozen", "train configs/adapter_unfrozen.yaml",
-       {"trainer adapter trains the projector alone, but nothing freezes vision_model"}},
+       {"trainer adapter trains the projector alone, but no rule freezes vision_model"}},
       // A glob the config-level check cannot decide: the trainer's own check sees the names.
       {"stage 2 with a glob leaving the language model trainable",
        "train configs/adapter_unfrozen.yaml --set 'optim.param_groups=[{match: \"vision_model.*\", freeze: true}]'",
@@ -135,14 +137,22 @@ TEST_CASE("config check finds what train would refuse, every problem at once, wi
   const std::vector<Case> cases = {
       {"missing manifest", "config check configs/missing_manifest.yaml", {"data.train: 'manifests/nope.jsonl' does not exist"}},
       {"missing init_from checkpoint", "config check configs/missing_checkpoint.yaml",
-       {"init_from[0].checkpoint: checkpoint or run folder 'runs/none' does not exist", "run the stage that writes it first"}},
+       {"init_from[0].checkpoint: 'runs/none' does not exist; run the stage that writes it first"}},
       {"stage 2 with nothing frozen", "config check configs/adapter_unfrozen.yaml",
-       {"2 problem(s)", "nothing freezes vision_model; add {match: vision_model, freeze: true}", "nothing freezes language_model"}},
-      {"three missing files",
-       "config check configs/base.yaml --set data.val=gone.jsonl --set data.tokenizer=gone.model --set "
-       "'eval.sets=[{name: a, data: manifests}]'",
-       {"3 problem(s)", "data.val: 'gone.jsonl' does not exist", "data.tokenizer: 'gone.model' does not exist",
-        "eval.sets[0].data: 'manifests' is a folder"}},
+       {"2 problem(s)", "no rule freezes vision_model; add {match: vision_model, freeze: true}", "no rule freezes language_model"}},
+      {"stage 2 with a rule naming the tower without freezing it",
+       "config check configs/adapter_unfrozen.yaml --set 'optim.param_groups=[{match: vision_model, lr: 0.1}, {match: "
+       "language_model, freeze: true}]'",
+       {"1 problem(s)", "optim.param_groups[0]: trainer adapter trains the projector alone, but this rule names "
+                        "vision_model without freezing it; set freeze: true there"}},
+      {"two missing files, relative",
+       "config check configs/base.yaml --set data.val=gone.jsonl --set data.tokenizer=gone.model",
+       {"2 problem(s) before training (relative paths are read from the working directory ",
+        "data.val: 'gone.jsonl' does not exist", "data.tokenizer: 'gone.model' does not exist"}},
+      {"an eval set that is a folder", "config check configs/base.yaml --set 'eval.sets=[{name: a, data: manifests}]'",
+       {"1 problem(s)", "eval.sets[0].data: 'manifests' is a folder"}},
+      {"an eval set without data", "config check configs/base.yaml --set 'eval.sets=[{name: a}]'",
+       {"eval.sets[0].data: missing: the manifest to evaluate on"}},
       {"a pair loss with eval.samples", "config check configs/base.yaml --set trainer=preference --set eval.samples=2",
        {"eval.samples: loss 'dpo' scores given pairs and draws no completions"}},
   };
@@ -155,18 +165,38 @@ TEST_CASE("config check finds what train would refuse, every problem at once, wi
                  "config check configs/base.yaml --set 'init_from=[{checkpoint: stage1ck, components: [language_model]}]'",
                  {"init_from[0].components: stage1ck (trainer contrastive) has no language_model; it holds vision_model, "
                   "text_model"}});
-  // The same config trains on, so nothing was made: no run folder.
-  CHECK_FALSE(fs::exists(b.dir.file("runs/base")));
 
   std::string out;
   CHECK(b.run("config check configs/base.yaml", &out) == 0);
   CHECK_THAT(out, Catch::Contains("trainer: finetune"));
+  // The resolved config comes first, then the problems: both shown.
+  CHECK(b.run("config check configs/missing_manifest.yaml", &out) == 2);
+  CHECK(out.find("trainer: finetune") < out.find("data.train: 'manifests/nope.jsonl' does not exist"));
+  // Files the trainer does not read are not required: data.val beside eval.sets (stages 2-3 then
+  // evaluate the sets), eval.sets under stage 1 (which evaluates data.val).
+  CHECK(b.run("config check configs/base.yaml --set data.val=gone.jsonl --set 'eval.sets=[{name: a, data: "
+              "manifests/good.jsonl}]'",
+              &out) == 0);
+  CHECK(b.run("config check configs/base.yaml --set trainer=contrastive --set 'eval.sets=[{name: a, data: gone.jsonl}]'",
+              &out) == 0);
+  // Under torchrun every rank finds the same problems: ranks other than 0 give one line.
+  ::setenv("RANK", "1", 1);
+  const int code = b.run("config check configs/missing_manifest.yaml", &out);
+  ::unsetenv("RANK");
+  CHECK(code == 2);
+  CHECK_THAT(out, Catch::Contains("error: rank 1: configs/missing_manifest.yaml: 1 problem(s) before training") &&
+                      Catch::Contains("(rank 0 lists every problem)"));
+  CHECK_THAT(out, !Catch::Contains("does not exist"));
   // With --nproc the launcher checks once, before any rank starts: one message, not one per rank.
   CHECK(b.run("train configs/missing_manifest.yaml --nproc 2", &out) == 2);
   const std::string once = "problem(s) before training";
   CHECK(out.find(once) != std::string::npos);
   CHECK(out.find(once) == out.rfind(once));
   CHECK_THAT(out, !Catch::Contains("rank 0 exited"));
+  // A fresh run checks init_from before its run folder is made (a resume would not read it).
+  CHECK(b.run("train configs/missing_checkpoint.yaml", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("init_from[0].checkpoint: 'runs/none' does not exist"));
+  CHECK_FALSE(fs::exists(b.dir.file("runs/base")));
   // A rule the check cannot decide without parameter names (a glob) is left to train's own check.
   CHECK(b.run("config check configs/adapter_unfrozen.yaml --set 'optim.param_groups=[{match: \"*_model*\", freeze: "
               "true}]'",

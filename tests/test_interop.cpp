@@ -304,6 +304,13 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
         CHECK(torch::equal(tower.at(name), t));
       }
     CHECK(static_cast<int64_t>(tower.size()) == in_tower);
+    // With overlapping patches as well, the tower has no Hugging Face form either: refused, nothing written.
+    const auto both = train_contrastive(
+        c.config("clip.yaml", "pooled_overlapping", {"model.vision.pooling=max", "model.vision.patch_kernel_size=16"}),
+        quiet());
+    CHECK_THROWS_WITH(export_checkpoint(both.checkpoint, c.dir.file("exported_both"), "fp32", 0),
+                      Catch::Contains("model.vision.patch_kernel_size is 16"));
+    CHECK_FALSE(fs::exists(c.dir.file("exported_both")));
   }
 }
 
@@ -598,6 +605,11 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   // Far more ranks than cores: refused before any rank starts.
   CHECK(run_cli("train " + ckpt + "/config.yaml --nproc 100000", &out) == 2);
   CHECK_THAT(out, Catch::Contains("--nproc 100000: this machine has") && Catch::Contains("use at most"));
+  // --help gives each default in one readable form, the check beside it.
+  CHECK(run_cli("generate --help", &out) == 0);
+  CHECK_THAT(out, Catch::Contains("--max-new-tokens INT:NUMBER >= 1 [default: 48]"));
+  CHECK(run_cli("data shapes --help", &out) == 0);
+  CHECK_THAT(out, Catch::Contains("[default: circle,square,triangle,star,diamond,cross]"));
   // Sampling settings that are not numbers, and a thread count no machine has, are refused up front.
   CHECK(run_cli("generate " + c.dir.file("a") + " --prompt hi --temperature nan", &out) != 0);
   CHECK_THAT(out, Catch::Contains("'nan' is not a number"));

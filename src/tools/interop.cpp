@@ -226,13 +226,13 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
   if (!cfg.is_vlm() && cfg.model.vision.pooling != "cls") {
     // A CLIPModel's image embedding is its pooled CLS state, so no CLIPModel reproduces this
     // one's; the tower itself is an ordinary CLIPVisionModel (pooling has no weights), and it is
-    // what a LLaVA-style stage 2 reads.
+    // what a LLaVA-style stage 2 reads. Unless it has overlapping patches: then this throws.
+    const nlohmann::json tower_config = hf_config_json("vision_model", cfg);
     spdlog::warn("export: model.vision.pooling is {}, which a Hugging Face CLIPModel cannot describe (it embeds images "
                  "by their CLS state): writing the vision tower alone as {}/vision_model (CLIPVisionModel); the text "
                  "tower and projections stay in {}/model.safetensors for init_from",
                  cfg.model.vision.pooling, out_dir, dir);
-    write_folder((fs::path(out_dir) / "vision_model").string(), component_part("vision_model"),
-                 hf_config_json("vision_model", cfg));
+    write_folder((fs::path(out_dir) / "vision_model").string(), component_part("vision_model"), tower_config);
     return written;
   }
   if (!cfg.is_vlm()) {
