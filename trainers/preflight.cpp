@@ -6,7 +6,6 @@
 
 #include "core/checkpoint.h"
 #include "core/errors.h"
-#include "core/logging.h"
 #include "core/weight_files.h"
 #include "losses/preference.h"
 #include "models/vlm.h"
