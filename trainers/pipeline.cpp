@@ -91,14 +91,10 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
       // A component the earlier stage's model does not have would only fail when this stage
       // starts, after the earlier one has trained: checked here, before any training.
       const RunConfig& upstream = plan.stages[static_cast<size_t>(from - seen.begin())];
-      const auto has = model_components(upstream.is_vlm());
-      for (const auto& c : init.components)
-        if (std::find(has.begin(), has.end(), c) == has.end()) {
-          std::string list;
-          for (const auto& h : has) list += (list.empty() ? "" : ", ") + h;
-          throw ConfigError(ik + ".components: stage '" + init.stage + "' (trainer " + upstream.trainer + ") has no " + c +
-                            "; its checkpoints hold " + list);
-        }
+      const auto lacking = components_lacking(upstream.trainer, init.components);
+      if (!lacking.empty())
+        throw ConfigError(ik + ".components: stage '" + init.stage + "' (trainer " + upstream.trainer + ") has no " +
+                          lacking.front() + "; its checkpoints hold " + components_held(upstream.trainer));
     }
     seen.push_back(s.name);
     if (!fs::exists(s.config)) throw ConfigError(key + ".config: '" + s.config + "' does not exist");

@@ -83,13 +83,9 @@ void check_init_from(const RunConfig& cfg, Problems& out) {
     }
     const std::string trainer = checkpoint_trainer(dir);
     if (trainer.empty()) continue;
-    const auto has = model_components(trainer != "contrastive");
-    for (const auto& c : init.components)
-      if (std::find(has.begin(), has.end(), c) == has.end()) {
-        std::string list;
-        for (const auto& h : has) list += (list.empty() ? "" : ", ") + h;
-        out.lines.push_back(key + ".components: " + dir + " (trainer " + trainer + ") has no " + c + "; it holds " + list);
-      }
+    for (const auto& c : components_lacking(trainer, init.components))
+      out.lines.push_back(key + ".components: " + dir + " (trainer " + trainer + ") has no " + c + "; it holds " +
+                          components_held(trainer));
   }
 }
 
@@ -165,6 +161,20 @@ std::string relative_note(bool relative_missing) {
 }
 
 }  // namespace
+
+std::vector<std::string> components_lacking(const std::string& trainer, const std::vector<std::string>& wanted) {
+  const auto has = model_components(trainer != "contrastive");
+  std::vector<std::string> lacking;
+  for (const auto& c : wanted)
+    if (std::find(has.begin(), has.end(), c) == has.end()) lacking.push_back(c);
+  return lacking;
+}
+
+std::string components_held(const std::string& trainer) {
+  std::string list;
+  for (const auto& h : model_components(trainer != "contrastive")) list += (list.empty() ? "" : ", ") + h;
+  return list;
+}
 
 void check_preflight(const RunConfig& cfg, const PreflightScope& scope) {
   const Problems found = find_problems(cfg, scope);

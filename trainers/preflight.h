@@ -25,6 +25,12 @@ struct PreflightScope {
 // trainable.
 void check_preflight(const RunConfig& cfg, const PreflightScope& scope = {});
 
+// init_from's component check, against an earlier pipeline stage's config and against a
+// checkpoint on disk: the components of `wanted` that a model of `trainer` lacks, and the
+// components it holds, comma separated.
+std::vector<std::string> components_lacking(const std::string& trainer, const std::vector<std::string>& wanted);
+std::string components_held(const std::string& trainer);
+
 // What a trainer runs first, before anything is written: files and combinations, and init_from
 // when the run starts fresh (`resume` "", or "auto" over a run folder without checkpoints); a
 // resumed run does not read init_from again (the preference trainer rebuilds its reference from
