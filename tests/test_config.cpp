@@ -218,6 +218,10 @@ TEST_CASE("resume config diff: a key added later with its default, or a number s
   const auto lr = saved.find("lr: 0.001\n");
   REQUIRE(lr != std::string::npos);
   saved.replace(lr, std::string("lr: 0.001\n").size(), "lr: 1.0e-3\n");
+  // Configs saved before numbers were written exactly held 10 significant digits (4/3 below).
+  const auto ratio = saved.find("ratio_max: 1.3333333333333333\n");
+  REQUIRE(ratio != std::string::npos);
+  saved.replace(ratio, std::string("ratio_max: 1.3333333333333333\n").size(), "ratio_max: 1.333333333\n");
   const auto same = diff_for_resume(saved, resolved_yaml(cfg));
   CHECK(same.safe.empty());
   CHECK(same.unsafe.empty());
@@ -225,4 +229,59 @@ TEST_CASE("resume config diff: a key added later with its default, or a number s
   RunConfig other = cfg;
   other.optim.weight_decay = 0.5;
   CHECK(diff_for_resume(saved, resolved_yaml(other)).unsafe == std::vector<std::string>{"optim.weight_decay"});
+  // So is a number that differs in its 9th significant digit.
+  RunConfig near = cfg;
+  near.data.augment.ratio_max = 1.333333343;
+  CHECK(diff_for_resume(saved, resolved_yaml(near)).unsafe == std::vector<std::string>{"data.augment.ratio_max"});
+}
+
+TEST_CASE("a component's defaults are written into the resolved config, and a changed default is a resume change",
+          "[config][resume]") {
+  TempDir d("cfg");
+  write_file(d.file("p.yaml"), std::string(kMinimal) + "trainer: preference\nloss:\n  type: dpo\n  loss_type: ipo\n");
+  const RunConfig c = load_run_config(d.file("p.yaml"));
+  // The option written keeps its value; every other DpoOptions field appears with its default.
+  CHECK(c.loss.options.find("loss_type")->scalar == "ipo");
+  REQUIRE(c.loss.options.find("beta") != nullptr);
+  CHECK(c.loss.options.find("beta")->scalar == "0.1");
+  CHECK(c.loss.options.find("label_smoothing")->scalar == "0");
+  CHECK(c.loss.options.find("reference_free")->scalar == "false");
+  CHECK(c.loss.options.find("sft_weight")->scalar == "0");
+  CHECK(c.model.projector.options.find("spatial_merge")->scalar == "1");
+  CHECK(c.model.projector.options.find("position_encoding")->scalar == "none");
+  const std::string yaml = resolved_yaml(c);
+  CHECK_THAT(yaml, Catch::Contains("beta: 0.1"));
+
+  // A checkpoint saved by a version whose default beta was 0.2 holds beta: 0.2; this version's
+  // 0.1 is then a change that alters training, though neither config wrote beta.
+  std::string older = yaml;
+  const auto at = older.find("beta: 0.1\n");
+  REQUIRE(at != std::string::npos);
+  older.replace(at, std::string("beta: 0.1\n").size(), "beta: 0.2\n");
+  CHECK(diff_for_resume(older, yaml).unsafe == std::vector<std::string>{"loss.beta"});
+  // A checkpoint from before defaults were written (no beta at all) is no change.
+  std::string bare = yaml;
+  bare.erase(bare.find("  beta: 0.1\n"), std::string("  beta: 0.1\n").size());
+  const auto same = diff_for_resume(bare, yaml);
+  CHECK(same.unsafe.empty());
+  CHECK(same.safe.empty());
+}
+
+TEST_CASE("--set TYPE.type=other with the file's options for the old type says how to replace the section",
+          "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("v.yaml"), std::string(kMinimal) +
+                                   "trainer: finetune\nmodel:\n  projector:\n    type: mlp2x_gelu\n    spatial_merge: 2\n");
+  const std::string msg = error_of([&] { load_run_config(d.file("v.yaml"), {"model.projector.type=resampler"}); });
+  CHECK_THAT(msg, Catch::Contains("v.yaml:8:20: model.projector.spatial_merge: unknown key 'spatial_merge'"));
+  CHECK_THAT(msg, Catch::Contains("model.projector.type: --set changed the type to 'resampler' but kept the options "
+                                  "the file wrote for its type; to replace the whole section pass --set "
+                                  "'model.projector={type: resampler}'"));
+  // The same --set where the file's options suit the new type: no hint, no error.
+  CHECK_NOTHROW(load_run_config(d.file("v.yaml"), {"model.projector.type=linear"}));
+  // An unknown option given by --set itself is its own mistake, not the file's: no hint.
+  const std::string typo = error_of(
+      [&] { load_run_config(d.file("v.yaml"), {"model.projector.type=linear", "model.projector.spatial_merj=2"}); });
+  CHECK_THAT(typo, Catch::Contains("did you mean 'spatial_merge'"));
+  CHECK_THAT(typo, !Catch::Contains("--set changed the type"));
 }

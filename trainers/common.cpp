@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <csignal>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <thread>
 
@@ -421,6 +422,21 @@ void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::strin
   out[prefix] = to_yaml(n);
 }
 
+// Two flattened values are the same, or numbers equal to 10 significant digits: configs saved
+// before 2026-12-07 wrote every number with 10 digits (1.333333333 for 4/3).
+bool same_value(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  auto number = [](const std::string& s, double& v) {
+    char* end = nullptr;
+    v = std::strtod(s.c_str(), &end);
+    while (end && (*end == '\n' || *end == ' ')) ++end;
+    return end != s.c_str() && end && *end == '\0' && std::isfinite(v);
+  };
+  double x = 0, y = 0;
+  if (!number(a, x) || !number(b, y)) return false;
+  return std::fabs(x - y) <= 1e-9 * std::max(std::fabs(x), std::fabs(y));
+}
+
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
                                "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
@@ -463,7 +479,7 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
   auto record = [&](const std::string& k) { (safe_to_change(k) ? d.safe : d.unsafe).push_back(k); };
   for (const auto& [k, v] : a) {
     auto it = b.find(k);
-    if (it == b.end() || it->second != v) record(k);
+    if (it == b.end() || !same_value(it->second, v)) record(k);
   }
   for (const auto& [k, v] : b)
     if (!a.count(k)) record(k);

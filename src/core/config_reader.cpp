@@ -36,10 +36,17 @@ std::string shown(const ConfigNode* n) {
 }
 
 std::string fmt_double(double v) {
-  std::ostringstream os;
-  os.precision(10);
-  os << v;
-  return os.str();
+  // The shortest of 10..17 significant digits that reads back as the same double: short for the
+  // values people write (1e-3, 0.1), exact for computed defaults such as ln(1 / 0.07).
+  std::string s;
+  for (int digits = 10; digits <= 17; ++digits) {
+    std::ostringstream os;
+    os.precision(digits);
+    os << v;
+    s = os.str();
+    if (std::strtod(s.c_str(), nullptr) == v) break;
+  }
+  return s;
 }
 
 

@@ -60,6 +60,10 @@ struct TypedSpec {
 
 template <class T, class = void>
 struct has_fields : std::false_type {};
+
+// A value as a config node (ConfigWriter::to_node, declared below): the defaults a reader records.
+template <class T>
+ConfigNode default_node(const T& value);
 template <class T>
 struct has_fields<T, std::void_t<decltype(std::declval<T&>().template fields<int>(std::declval<int&>()))>>
     : std::true_type {};
@@ -74,6 +78,8 @@ class ConfigReader {
     used_.push_back(key);
     if (!child || child->is_null()) {
       if constexpr (std::is_same_v<T, TypedSpec>) value.path = join(key);
+      else if constexpr (!std::is_same_v<T, ConfigNode>)
+        if (defaults_) defaults_->child(key) = default_node(value);
       return;  // keep the default
     }
     read_value(child, join(key), value);
@@ -99,6 +105,11 @@ class ConfigReader {
 
   // Reports keys present in the node but never asked for. Call after the last field.
   void finish();
+  // Every key asked for and absent gets its default written into `out` (a map), so that a
+  // component's options can be saved complete (Registry::create_filling). Top level only.
+  void record_defaults(ConfigNode* out) { defaults_ = out; }
+  // The keys asked for so far (known keys; the others in the node are unknown).
+  const std::vector<std::string>& asked() const { return used_; }
   ConfigErrors& errors() { return errors_; }
   const std::string& path() const { return path_; }
 
@@ -141,6 +152,7 @@ class ConfigReader {
   std::string path_;
   ConfigErrors& errors_;
   std::vector<std::string> used_;
+  ConfigNode* defaults_ = nullptr;
 };
 
 // Reads a whole struct from a root node (strict); collects errors.
@@ -185,5 +197,10 @@ class ConfigWriter {
  private:
   ConfigNode& out_;
 };
+
+template <class T>
+ConfigNode default_node(const T& value) {
+  return ConfigWriter::to_node(value);
+}
 
 }  // namespace trialign

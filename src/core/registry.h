@@ -71,6 +71,33 @@ class Registry {
 
   // Builds the component; problems with the type or its options go to `errors` (nullptr result).
   std::shared_ptr<Base> create(const TypedSpec& spec, ConfigErrors& errors, Args... args) const {
+    return create_recording(spec, errors, nullptr, args...);
+  }
+
+  // create, and on success the spec's options gain every option the factory asked for with its
+  // default value: the resolved config a run saves names each value it ran with, so a later
+  // version's other default is seen as a change on resume.
+  std::shared_ptr<Base> create_filling(TypedSpec& spec, ConfigErrors& errors, Args... args) const {
+    ConfigNode filled = spec.options;
+    filled.kind = ConfigNode::Kind::Map;
+    auto made = create_recording(spec, errors, &filled, args...);
+    if (made) spec.options = std::move(filled);
+    return made;
+  }
+
+  // Throwing form: every problem at once, as a ConfigError.
+  std::shared_ptr<Base> create_or_throw(const TypedSpec& spec, Args... args) const {
+    ConfigErrors errors;
+    auto made = create(spec, errors, args...);
+    errors.throw_if_any("cannot build " + kind_ + " '" + spec.type + "'");
+    return made;
+  }
+
+  const std::string& kind() const { return kind_; }
+
+ private:
+  std::shared_ptr<Base> create_recording(const TypedSpec& spec, ConfigErrors& errors, ConfigNode* defaults,
+                                         Args... args) const {
     Factory make;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -87,6 +114,7 @@ class Registry {
       make = it->second.make;
     }
     ConfigReader reader(&spec.options, spec.path, errors);
+    reader.record_defaults(defaults);
     std::shared_ptr<Base> made;
     try {
       made = make(reader, args...);
@@ -101,20 +129,25 @@ class Registry {
       return nullptr;
     }
     reader.finish();
+    retype_hint(spec, reader.asked(), errors);
     return errors.empty() ? made : nullptr;
   }
 
-  // Throwing form: every problem at once, as a ConfigError.
-  std::shared_ptr<Base> create_or_throw(const TypedSpec& spec, Args... args) const {
-    ConfigErrors errors;
-    auto made = create(spec, errors, args...);
-    errors.throw_if_any("cannot build " + kind_ + " '" + spec.type + "'");
-    return made;
+  // Unknown options after `--set PATH.type=NAME` changed the type of a section a file wrote: the
+  // file's options were meant for its own type; say how to replace the section instead.
+  static void retype_hint(const TypedSpec& spec, const std::vector<std::string>& asked, ConfigErrors& errors) {
+    if (spec.type_node.file.rfind("--set", 0) != 0) return;
+    for (const auto& [key, child] : spec.options.map)
+      if (std::find(asked.begin(), asked.end(), key) == asked.end() && !child.file.empty() &&
+          child.file.rfind("--set", 0) != 0) {
+        errors.add(&spec.type_node, spec.path + ".type",
+                   "--set changed the type to '" + spec.type + "' but kept the options the file wrote for its type; " +
+                       "to replace the whole section pass --set '" + spec.path + "={type: " + spec.type +
+                       "}' (with the new type's options inside the braces)");
+        return;
+      }
   }
 
-  const std::string& kind() const { return kind_; }
-
- private:
   std::string kind_;
   mutable std::mutex mu_;
   std::map<std::string, Entry> entries_;

@@ -171,12 +171,13 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
   if (cfg.loss.options.kind != ConfigNode::Kind::Map) cfg.loss.options.kind = ConfigNode::Kind::Map;
   if (errors.empty()) {
     cross_checks(cfg, tree, errors);
-    // Validates the `type:` components' own options.
+    // Validates the `type:` components' own options and writes their defaults in, so the
+    // resolved config names every value (create_filling).
     if (cfg.trainer == "preference") {
-      auto loss = preference_losses().create(cfg.loss, errors);
+      auto loss = preference_losses().create_filling(cfg.loss, errors);
       for (auto& r : cfg.rewards) {
         if (r.options.kind != ConfigNode::Kind::Map) r.options.kind = ConfigNode::Kind::Map;
-        reward_functions().create(r, errors);
+        reward_functions().create_filling(r, errors);
       }
       if (loss && !loss->sampling() && !cfg.rewards.empty())
         errors.add(tree.find("rewards"), "rewards",
@@ -184,8 +185,8 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
                    "rewards or use a loss that samples completions (grpo)");
     }
     if (cfg.is_vlm()) {
-      if (cfg.trainer != "preference") lm_losses().create(cfg.loss, errors);
-      auto proj = projectors().create(cfg.model.projector, errors,
+      if (cfg.trainer != "preference") lm_losses().create_filling(cfg.loss, errors);
+      auto proj = projectors().create_filling(cfg.model.projector, errors,
                                       ProjectorDims{cfg.model.vision.hidden_size, cfg.model.llm.hidden_size});
       const int64_t side = cfg.model.vision.image_size / cfg.model.vision.patch_size;
       try {
@@ -194,7 +195,7 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
         errors.add(tree.find("model") ? tree.find("model")->find("projector") : nullptr, "model.projector", e.what());
       }
     } else {
-      contrastive_losses().create(cfg.loss, errors);
+      contrastive_losses().create_filling(cfg.loss, errors);
     }
   }
   errors.throw_if_any("invalid config " + label);
