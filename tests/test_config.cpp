@@ -267,7 +267,7 @@ TEST_CASE("a component's defaults are written into the resolved config, and a ch
   CHECK(same.safe.empty());
 }
 
-TEST_CASE("--set TYPE.type=other with the file's options for the old type says how to replace the section",
+TEST_CASE("a --set of TYPE.type=other over the file's options for the old type says how to replace the section",
           "[config]") {
   TempDir d("cfg");
   write_file(d.file("v.yaml"), std::string(kMinimal) +
