@@ -93,6 +93,14 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     CHECK_THAT(out, Catch::Contains("images/cut.png' is a truncated PNG (it ends before its IEND chunk)"));
     CHECK_THAT(out, !Catch::Contains("libpng"));
   }
+  SECTION("--json reports a record that is not UTF-8 (its bytes written as U+FFFD), not a JSON library error") {
+    std::string out;
+    CHECK(b.run(check + "invalid_utf8.jsonl --json", &out) == 2);
+    INFO(out);
+    const auto j = nlohmann::json::parse(out);
+    CHECK(j["counts"]["invalid_utf8"] == 1);
+    CHECK_THAT(out, !Catch::Contains("type_error.316"));
+  }
   SECTION("the good manifest passes, every image decoded") {
     std::string out;
     CHECK(b.run("data check configs/base.yaml", &out) == 0);

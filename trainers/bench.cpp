@@ -25,6 +25,7 @@
 #include "trainers/contrastive.h"
 #include "trainers/preference_passes.h"
 #include "trainers/vlm.h"
+#include "core/json_text.h"
 
 namespace fs = std::filesystem;
 
@@ -465,7 +466,7 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   j["peak_rss_mb"] = peak_rss_mb();
   j["data_wait_share"] = step_sum > 0 ? wait_sum / step_sum : 0.0;
   j["decode_transform_images_per_s_per_core"] = decode;
-  const std::string text = j.dump(2) + "\n";
+  const std::string text = json_text(j, 2) + "\n";
   write_run_text(cfg, "bench.json", text);
   if (!opt.json_out.empty()) {
     std::ofstream f(opt.json_out);

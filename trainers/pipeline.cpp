@@ -13,6 +13,7 @@
 #include "trainers/preference.h"
 #include "trainers/preflight.h"
 #include "trainers/vlm.h"
+#include "core/json_text.h"
 
 namespace fs = std::filesystem;
 
@@ -195,14 +196,14 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
     final_checkpoint[stage.name] = r.checkpoint;
     entry = {{"checkpoint", r.checkpoint}, {"eval", r.final_eval}, {"skipped", false}};
     write_run_text(cfg, "stage_done.json",
-                   nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step}, {"eval", r.final_eval},
-                                  {"config", resolved_yaml(cfg)}, {"upstream", upstream},
-                                  {"upstream_weights", upstream_weights}}
-                           .dump(2) + "\n");
+                   json_text(nlohmann::json{{"checkpoint", r.checkpoint}, {"step", r.final_step}, {"eval", r.final_eval},
+                                            {"config", resolved_yaml(cfg)}, {"upstream", upstream},
+                                            {"upstream_weights", upstream_weights}},
+                             2) + "\n");
     result.stages[stage.name] = entry;
   }
   nlohmann::json summary = {{"pipeline", p.name}, {"stages", result.stages}};
-  if (rank() == 0) atomic_write_text((fs::path(p.out_dir) / "pipeline.json").string(), summary.dump(2) + "\n");
+  if (rank() == 0) atomic_write_text((fs::path(p.out_dir) / "pipeline.json").string(), json_text(summary, 2) + "\n");
   return result;
 }
 

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "core/errors.h"
+#include "core/json_text.h"
 
 namespace fs = std::filesystem;
 
@@ -164,7 +165,7 @@ CheckpointWriter::~CheckpointWriter() {
 
 std::string CheckpointWriter::path(const std::string& name) const { return (fs::path(tmp_) / name).string(); }
 
-void CheckpointWriter::add_json(const std::string& name, const nlohmann::json& j) { add_text(name, j.dump(2) + "\n"); }
+void CheckpointWriter::add_json(const std::string& name, const nlohmann::json& j) { add_text(name, json_text(j, 2) + "\n"); }
 
 void CheckpointWriter::add_text(const std::string& name, const std::string& text) {
   std::ofstream out(path(name), std::ios::binary | std::ios::trunc);
@@ -190,7 +191,7 @@ std::string CheckpointWriter::commit(int keep_last, int64_t keep_every) {
   }
   manifest["files"] = files;
   fault_point("checksummed");
-  atomic_write_text(path("MANIFEST.json"), manifest.dump(2) + "\n");
+  atomic_write_text(path("MANIFEST.json"), json_text(manifest, 2) + "\n");
   fsync_path(tmp_, true);
   fault_point("manifest");
 

@@ -1,4 +1,5 @@
 #include "core/logging.h"
+#include "core/json_text.h"
 
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -34,7 +35,7 @@ MetricsLog::MetricsLog(const std::string& path) : out_(path, std::ios::app) {
 
 void MetricsLog::write(const nlohmann::json& record) {
   if (!out_.is_open()) return;
-  out_ << record.dump() << '\n';
+  out_ << json_text(record) << '\n';
   out_.flush();
 }
 

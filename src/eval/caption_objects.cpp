@@ -6,6 +6,7 @@
 
 #include "core/errors.h"
 #include "data/shapes_world.h"
+#include "core/json_text.h"
 
 namespace trialign {
 
@@ -191,7 +192,7 @@ ObjectVocabulary ObjectVocabulary::load(const std::string& path) {
     std::vector<std::string> list;
     for (const auto& p : phrases) {
       if (!p.is_string() || caption_words(p.get<std::string>()).empty())
-        throw DataError(path + ": category '" + category + "' has a phrase that is not a non-empty string: " + p.dump());
+        throw DataError(path + ": category '" + category + "' has a phrase that is not a non-empty string: " + json_text(p));
       list.push_back(p.get<std::string>());
     }
     v.add(category, list);

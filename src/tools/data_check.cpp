@@ -18,6 +18,7 @@
 #include "data/tokenizer.h"
 #include "losses/preference.h"
 #include "models/vlm.h"
+#include "core/json_text.h"
 
 namespace fs = std::filesystem;
 
@@ -148,7 +149,7 @@ void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs) {
       spdlog::warn("data.check_images: {} of {} training images cannot be decoded (first: {}); train.on_bad_batch: skip "
                    "skips the steps that draw them",
                    bad.size(), files.size(), bad.front());
-      atomic_write_text(stamp, want.dump() + "\n");  // warned once for these files
+      atomic_write_text(stamp, json_text(want) + "\n");  // warned once for these files
       return;
     }
     std::string msg = "data.check_images: " + std::to_string(bad.size()) + " of " + std::to_string(files.size()) +
@@ -158,7 +159,7 @@ void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs) {
     if (bad.size() > 20) msg += "\n  ... and " + std::to_string(bad.size() - 20) + " more";
     throw DataError(msg);
   }
-  atomic_write_text(stamp, want.dump() + "\n");
+  atomic_write_text(stamp, json_text(want) + "\n");
   spdlog::info("data.check_images: {} training images decode ({})", files.size(),
                format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
 }
