@@ -23,7 +23,7 @@ DATA=data/shapes
 # newer data added ("where", "top", ...) in smaller pieces. Delete it, and runs/quickstart, to
 # get what a fresh clone trains.
 if [ ! -f "$DATA/val_pope.jsonl" ] || ! grep -q '"format_version": 4' "$DATA/shapes_world.json"; then
-  "$BIN" data shapes --out "$DATA" --train 10000 --val 1000 --seed 0
+  "$BIN" data shapes --out "$DATA" --train 10000 --val 1000 --seed 0 --overwrite
 fi
 if [ ! -f "$DATA/tokenizer.model" ]; then
   # BPE over captions and conversations: every shapes-world word becomes one piece.

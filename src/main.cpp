@@ -40,6 +40,7 @@
 #include "trainers/vlm.h"
 #include "tools/data_check.h"
 #include "tools/interop.h"
+#include "core/json_text.h"
 
 namespace fs = std::filesystem;
 using namespace trialign;
@@ -100,7 +101,7 @@ int cmd_train(const std::string& config, const std::vector<std::string>& sets, c
   auto result = train_any(cfg, opt);
   if (result.interrupted) return kExitInterrupted;
   if (!dist::is_main()) return kExitOk;
-  if (!result.final_eval.is_null()) std::cout << result.final_eval.dump(2) << std::endl;
+  if (!result.final_eval.is_null()) std::cout << json_text(result.final_eval, 2) << std::endl;
   return kExitOk;
 }
 
@@ -177,7 +178,7 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
     j[s.name]["data"] = s.data;
     for (auto& p : predictions) {
       p["set"] = s.name;
-      predictions_text += p.dump() + "\n";
+      predictions_text += json_text(p) + "\n";
     }
   }
   if (j.empty())
@@ -185,12 +186,12 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
                     " in the data (vqa: questions, pope: question_type pope/..., chair: captions of a scene or "
                     "records with \"objects\")");
   j["checkpoint"] = dir;
-  if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
+  if (!out.empty()) atomic_write_text(out, json_text(j, 2) + "\n");
   if (!predictions_out.empty()) {
     atomic_write_text(predictions_out, predictions_text);
     spdlog::info("eval: wrote the reply to each scored record to {}", predictions_out);
   }
-  std::cout << j.dump(2) << std::endl;
+  std::cout << json_text(j, 2) << std::endl;
   return kExitOk;
 }
 
@@ -227,8 +228,8 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
   auto j = evaluate_retrieval(model, ds, cfg.eval, resolve_precision(cfg.run.precision) == "bf16");
   j["checkpoint"] = dir;
   j["data"] = manifest;
-  if (!out.empty()) atomic_write_text(out, j.dump(2) + "\n");
-  std::cout << j.dump(2) << std::endl;
+  if (!out.empty()) atomic_write_text(out, json_text(j, 2) + "\n");
+  std::cout << json_text(j, 2) << std::endl;
   return kExitOk;
 }
 
@@ -292,7 +293,7 @@ int cmd_run(const std::string& pipeline, const std::vector<std::string>& sets) {
 int cmd_inspect(const std::string& path, bool tensors, bool verify, bool json) {
   init_logging();
   const auto j = inspect_weights(path, tensors, verify);
-  std::cout << (json ? j.dump(2) + "\n" : inspect_text(j)) << std::flush;
+  std::cout << (json ? json_text(j, 2) + "\n" : inspect_text(j)) << std::flush;
   return kExitOk;
 }
 
@@ -362,13 +363,20 @@ std::string in_flag_names(std::string msg) {
   return msg;
 }
 
-int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::GeneratorOptions opt) {
+int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::GeneratorOptions opt, bool overwrite) {
   init_logging();
   try {
     shapes::validate(opt);
   } catch (const std::invalid_argument& e) {
     throw ConfigError("data shapes: " + in_flag_names(e.what()));
   }
+  // The generator writes train.jsonl, val.jsonl, ... and images/train/000000.png onwards: in a
+  // folder that holds a dataset (this one's or a user's) those would be replaced file by file.
+  std::error_code ec;
+  if (!overwrite && fs::is_directory(out, ec) && !fs::is_empty(out, ec))
+    throw ConfigError("data shapes: --out " + out +
+                      " is not empty; the generator would replace its manifests and images. Choose a new folder, or "
+                      "pass --overwrite to regenerate the shapes world there (other files are left as they are)");
   int last = -1;
   auto summary = shapes::write_dataset(out, n_train, n_val, opt, [&](int64_t done, int64_t total) {
     const int pct = static_cast<int>(100 * done / std::max<int64_t>(1, total));
@@ -405,7 +413,7 @@ int cmd_data_check(const std::string& config, const std::vector<std::string>& se
   init_logging();
   const RunConfig cfg = load_run_config(config, sets);
   const auto r = check_data(cfg, images);
-  std::cout << (json ? r.report.dump(2) + "\n" : data_check_text(r)) << std::flush;
+  std::cout << (json ? json_text(r.report, 2) + "\n" : data_check_text(r)) << std::flush;
   return r.would_fail ? kExitConfig : kExitOk;
 }
 
@@ -522,6 +530,8 @@ int main(int argc, char** argv) {
   shapes_cmd->add_option("--train", n_train, "Training scenes")->check(at_least(0, true));
   shapes_cmd->add_option("--val", n_val, "Held-out scenes")->check(at_least(0, true));
   shapes_cmd->add_option("--seed", gen.seed, "Seed (same seed, same bytes)");
+  bool shapes_overwrite = false;
+  shapes_cmd->add_flag("--overwrite", shapes_overwrite, "Write into a folder that is not empty (replacing a dataset)");
   shapes_cmd->add_option("--image-size", gen.image_size, "Image side in pixels");
   shapes_cmd->add_option("--min-objects", gen.min_objects, "Fewest objects per scene");
   shapes_cmd->add_option("--max-objects", gen.max_objects, "Most objects per scene");
@@ -646,7 +656,7 @@ int main(int argc, char** argv) {
     if (*run) return cmd_run(pipeline, sets);
     if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
     if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_predictions, eval_threads);
-    if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen);
+    if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen, shapes_overwrite);
     if (*data_check) return cmd_data_check(config, sets, !no_images, check_json);
     if (*tok_train) return cmd_tokenizer_train(tok_opt, tok_overwrite);
     if (*inspect) return cmd_inspect(io_path, show_tensors, verify, as_json);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -132,7 +133,8 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
     CHECK_THAT(message_of<DataError>([&] {
                  import_weights(c.config("vlm.yaml", "unused"), {{"vision_model", bad}}, c.dir.file("imported_bad"));
                }),
-               Catch::Contains("holds 1 non-finite value(s) (NaN or inf); the weights given with --weights are damaged"));
+               Catch::Contains("component 'vision_model' holds NaN or infinite values in 1 tensor(s): "
+                                     "vision_model.embeddings.class_embedding"));
     CHECK_FALSE(has_checkpoints(c.dir.file("imported_bad")));
 
     // The same outputs through `trialign forward`, from the checkpoint and from config + weights.
@@ -426,6 +428,30 @@ TEST_CASE("Hugging Face weights written by hand: LLaVA names, two shards (fp32 +
     CHECK_THROWS_WITH(init_components(*model, InitFrom{c.dir.file("theta"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
                       Catch::Contains("model.llm.rope_theta: config.json has 500000.0, the run config 10000") &&
                           Catch::Contains("model.llm.num_hidden_layers: config.json has 3"));
+    // Another decoder architecture, and a size written as a string: named, not loaded as LLaMA.
+    write_model(c.dir.file("mistral"), "", "", R"({"model_type": "mistral", "hidden_size": 16, "sliding_window": 64})");
+    CHECK_THROWS_WITH(
+        init_components(*model, InitFrom{c.dir.file("mistral"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
+        Catch::Contains("model_type: config.json has \"mistral\"; trialign's language model is LLaMA"));
+    write_model(c.dir.file("strings"), "", "", R"({"model_type": "llama", "hidden_size": "16"})");
+    CHECK_THROWS_WITH(
+        init_components(*model, InitFrom{c.dir.file("strings"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
+        Catch::Contains("model.llm.hidden_size: config.json's hidden_size is \"16\", not a number"));
+    // Weights stored as integers, or holding a NaN: refused with the tensor's name.
+    std::map<std::string, torch::Tensor> good;
+    for (const auto& [n, t] : named_state(*model))
+      if (component_of(n) == "language_model") good[n] = t.detach().clone();
+    auto ints = good;
+    ints["model.norm.weight"] = ints["model.norm.weight"].to(torch::kInt32);
+    CHECK_THROWS_WITH(load_component(*model, ints, "language_model", "w.safetensors"),
+                      Catch::Contains("mis-shaped (1): model.norm.weight (stored as Int, a floating-point weight expected)"));
+    auto nan = good;
+    nan["model.layers.1.mlp.up_proj.weight"] = nan["model.layers.1.mlp.up_proj.weight"].clone();
+    nan["model.layers.1.mlp.up_proj.weight"].view(-1)[3] = std::nanf("");
+    CHECK_THROWS_WITH(load_component(*model, nan, "language_model", "w.safetensors"),
+                      Catch::Contains("w.safetensors: component 'language_model' holds NaN or infinite values in 1 "
+                                      "tensor(s): model.layers.1.mlp.up_proj.weight"));
+    CHECK(load_component(*model, good, "language_model", "w.safetensors") == static_cast<int64_t>(good.size()));
     // An index naming a shard that does not hold the tensor.
     write_model(c.dir.file("badindex"), "", "", "");
     std::string idx = read_text_file(c.dir.file("badindex/model.safetensors.index.json"));
@@ -489,6 +515,8 @@ TEST_CASE("SIGTERM through the command line: the step finishes, a checkpoint is 
   const auto info = verify_checkpoint(ckpt);
   CHECK(info.step >= 3);
   CHECK_THAT(read_text_file(log), Catch::Contains("continue with --resume auto"));
+  // Said when the signal arrived, before the step finished.
+  CHECK_THAT(read_text_file(log), Catch::Contains("trialign: stop requested: the run finishes its current step"));
   // Resume to two steps further (a safe change of train.steps).
   std::string out;
   CHECK(run_cli("train " + c.dir.file("clip.yaml") + " --set run.out_dir=" + run + " --set train.steps=" +
@@ -602,6 +630,28 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(crc32_file(ckpt + "/config.yaml") == config_crc);
   CHECK_FALSE(fs::exists(ckpt + "/train.log"));
   CHECK_NOTHROW(verify_checkpoint(ckpt));
+  // So is a folder holding what a run does not write (someone's files, the checkpoints folder),
+  // before anything there is touched.
+  fs::create_directories(c.dir.file("mine"));
+  write_file(c.dir.file("mine/config.yaml"), "my own notes\n");
+  write_file(c.dir.file("mine/notes.txt"), "more\n");
+  CHECK(run_cli("train " + ckpt + "/config.yaml --set run.out_dir=" + c.dir.file("mine"), &out) == 2);
+  CHECK_THAT(out, Catch::Contains("run.out_dir '" + c.dir.file("mine") + "' holds files a run does not write (notes.txt)"));
+  CHECK(read_text_file(c.dir.file("mine/config.yaml")) == "my own notes\n");
+  CHECK_FALSE(fs::exists(c.dir.file("mine/train.log")));
+  const std::string checkpoints = fs::path(ckpt).parent_path().string();
+  CHECK(run_cli("train " + ckpt + "/config.yaml --set run.out_dir=" + checkpoints, &out) == 2);
+  CHECK_THAT(out, Catch::Contains("run.out_dir '" + checkpoints + "' holds files a run does not write ("));
+  // A folder where an earlier attempt stopped before its first checkpoint is a run folder: the
+  // fresh run starts there, and the attempt's metrics are moved aside, not continued.
+  fs::create_directories(c.dir.file("retry"));
+  write_file(c.dir.file("retry/metrics.jsonl"), "{\"step\": 1, \"split\": \"train\", \"loss\": 99.0}\n");
+  write_file(c.dir.file("retry/train.log"), "earlier attempt\n");
+  CHECK(run_cli("train " + ckpt + "/config.yaml --set train.steps=1 --set run.out_dir=" + c.dir.file("retry"), &out) == 0);
+  CHECK(read_text_file(c.dir.file("retry/metrics.abandoned-1.jsonl")) ==
+        "{\"step\": 1, \"split\": \"train\", \"loss\": 99.0}\n");
+  CHECK_THAT(read_text_file(c.dir.file("retry/metrics.jsonl")), !Catch::Contains("99.0"));
+  CHECK_THAT(out, Catch::Contains("moved to metrics.abandoned-1.jsonl"));
   // Far more ranks than cores: refused before any rank starts.
   CHECK(run_cli("train " + ckpt + "/config.yaml --nproc 100000", &out) == 2);
   CHECK_THAT(out, Catch::Contains("--nproc 100000: this machine has") && Catch::Contains("use at most"));
@@ -640,7 +690,12 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(!fs::exists(c.dir.file("world")));
   // A smaller generation into the same folder names the images the larger one left behind.
   REQUIRE(run_cli("data shapes --out " + c.dir.file("world") + " --train 5 --val 2 --image-size 32", &out) == 0);
-  REQUIRE(run_cli("data shapes --out " + c.dir.file("world") + " --train 3 --val 2 --image-size 32", &out) == 0);
+  // A second run into the same folder replaces a dataset: only with --overwrite.
+  CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --train 3 --val 2 --image-size 32", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("data shapes: --out " + c.dir.file("world") +
+                                  " is not empty; the generator would replace its manifests and images"));
+  REQUIRE(run_cli("data shapes --out " + c.dir.file("world") + " --train 3 --val 2 --image-size 32 --overwrite", &out) ==
+          0);
   CHECK_THAT(out, Catch::Contains("2 images in " + c.dir.file("world") + "/images/train (images/train/000003.png "
                                   "onwards) are left from an earlier, larger generation"));
   CHECK_THAT(out, !Catch::Contains("images/val ("));

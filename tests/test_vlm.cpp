@@ -176,6 +176,24 @@ TEST_CASE("param_groups: per-module learning rates, and a rule that matches noth
   torch::optim::AdamW optim(plan.groups);
   set_lr_scaled(optim, plan.base_lrs, 0.5);
   CHECK(static_cast<torch::optim::AdamWOptions&>(optim.param_groups()[3].options()).lr() == Approx(2.5e-4));
+  // The log shows the lr of the source holding the most trainable weights, and names each source.
+  int64_t layers = 0, rest = 0;
+  for (const auto& [n, p] : plan.trainable) (n.find("model.layers.") != std::string::npos ? layers : rest) += p.numel();
+  CHECK(plan.logged_lr == (layers > rest ? 5e-4 : 1e-3));
+  CHECK(plan.lr_summary == "optim.lr 0.001 on " + std::to_string(rest) + " weights, param_groups[1] (model.layers.*) " +
+                               "0.0005 on " + std::to_string(layers) + " weights");
+
+  // Every trainable weight under a rule with its own lr: optim.lr reaches nothing, and the log says
+  // so (a sweep over --set optim.lr would otherwise change nothing unseen).
+  OptimConfig own;
+  own.lr = 1e-4;
+  own.param_groups = {{"vision_model", true, 0}, {"mm_projector", false, 2e-3}, {"language_model", false, 3e-3}};
+  const ParamPlan owned = plan_param_groups(named_params(model), own);
+  int64_t proj = 0, lm = 0;
+  for (const auto& [n, p] : owned.trainable) (component_of(n) == "mm_projector" ? proj : lm) += p.numel();
+  CHECK(owned.logged_lr == (lm > proj ? 3e-3 : 2e-3));
+  CHECK_THAT(owned.lr_summary, Catch::EndsWith("; optim.lr (0.0001) reaches no trainable parameter: set the rules' lr "
+                                               "to change these"));
 
   OptimConfig typo;
   typo.param_groups = {{"language_modle", true, 0}};

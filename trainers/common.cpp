@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <csignal>
+#include <cstring>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include <spdlog/spdlog.h>
@@ -30,6 +32,7 @@
 #include "core/logging.h"
 #include "core/safetensors.h"
 #include "trainers/resume_state.h"
+#include "core/json_text.h"
 
 namespace trialign {
 
@@ -73,9 +76,44 @@ int setup_threads(int requested) {
   return n;
 }
 
+namespace {
+
+void set_signal_rank(int rank);
+
+// A run folder without checkpoints may hold only what a run writes there (an earlier attempt
+// that stopped before its first save). Anything else means run.out_dir names someone's folder,
+// a pipeline's root or a checkpoints folder, whose files a run would overwrite or mix with its own.
+void check_run_folder(const std::string& out_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(out_dir, ec) || has_checkpoints(out_dir)) return;
+  static const std::set<std::string> ours = {"config.yaml", "train.log",   "metrics.jsonl",  "eval.json",
+                                             "image_check.json", "init_from.json", "stage_done.json", "checkpoints",
+                                             "bench.json",  "bench_images"};
+  std::vector<std::string> foreign;
+  for (const auto& e : fs::directory_iterator(out_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!ours.count(name) && name.rfind("metrics.abandoned-", 0) != 0) foreign.push_back(name);
+  }
+  if (foreign.empty()) return;
+  std::sort(foreign.begin(), foreign.end());
+  std::string list;
+  for (size_t i = 0; i < foreign.size() && i < 5; ++i) list += (i ? ", " : "") + foreign[i];
+  if (foreign.size() > 5) list += ", ... (" + std::to_string(foreign.size()) + " in all)";
+  throw ConfigError("run.out_dir '" + out_dir + "' holds files a run does not write (" + list +
+                    ") and no checkpoints: it is not a run folder, and the run's config.yaml, train.log, metrics.jsonl "
+                    "and eval.json would overwrite or mix with what is there. Choose a new or empty run.out_dir" +
+                    (std::count(foreign.begin(), foreign.end(), "pipeline.json") ? " (this is a pipeline's folder: its "
+                                                                                   "stages are the folders inside)"
+                                                                                 : ""));
+}
+
+}  // namespace
+
 int prepare_run(const RunConfig& cfg) {
   install_stop_handlers();
   dist::init(cfg.distributed);
+  set_signal_rank(dist::rank());
   std::error_code ec;
   // A checkpoint folder as run.out_dir: its config.yaml (and train.log) would be overwritten,
   // and the checkpoint would fail its own MANIFEST check from then on.
@@ -84,6 +122,7 @@ int prepare_run(const RunConfig& cfg) {
                       "' is a checkpoint folder (it holds MANIFEST.json), not a run folder; training there would "
                       "overwrite that checkpoint's files. Choose another run.out_dir (to start from these weights, "
                       "name the checkpoint in init_from)");
+  check_run_folder(cfg.run.out_dir);
   std::filesystem::create_directories(cfg.run.out_dir, ec);
   if (ec || !std::filesystem::is_directory(cfg.run.out_dir))
     throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
@@ -191,15 +230,19 @@ void set_lr(torch::optim::Optimizer& opt, double lr) {
 ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg) {
   const auto& rules = cfg.param_groups;
   std::vector<int64_t> hits(rules.size(), 0);
+  // Trainable weights per lr source (a rule's index, or -1 for optim.lr), for the log's lr.
+  std::map<int, int64_t> numel_by_source;
   std::vector<double> lrs;  // distinct peak lrs in order of first appearance
   std::vector<std::vector<std::pair<std::string, torch::Tensor>>> by_lr;
   ParamPlan plan;
   for (const auto& [name, p] : named) {
     const ParamGroupRule* rule = nullptr;
+    int rule_index = -1;
     for (size_t i = 0; i < rules.size() && !rule; ++i) {
       const auto& m = rules[i].match;
       if (m == component_of(name) || fnmatch(m.c_str(), name.c_str(), 0) == 0) {
         rule = &rules[i];
+        rule_index = static_cast<int>(i);
         ++hits[i];
       }
     }
@@ -211,6 +254,7 @@ ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tens
     p.requires_grad_(true);
     plan.trainable.emplace_back(name, p);
     const double lr = rule && rule->lr > 0 ? rule->lr : cfg.lr;
+    numel_by_source[rule && rule->lr > 0 ? rule_index : -1] += p.numel();
     auto it = std::find(lrs.begin(), lrs.end(), lr);
     if (it == lrs.end()) {
       lrs.push_back(lr);
@@ -226,6 +270,20 @@ ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tens
                         "such as 'model.layers.*'), or an earlier rule took all of them");
   if (plan.trainable.empty())
     throw ConfigError("optim.param_groups: every parameter is frozen; nothing would train");
+  // Which lr each source applies, largest first in the log; optim.lr named when it reaches nothing,
+  // so that `--set optim.lr=...` over rules that set their own lr is not mistaken for a change.
+  int64_t most = -1;
+  for (const auto& [source, numel] : numel_by_source) {
+    const double lr = source < 0 ? cfg.lr : rules[static_cast<size_t>(source)].lr;
+    if (numel > most) most = numel, plan.logged_lr = lr;
+    if (!plan.lr_summary.empty()) plan.lr_summary += ", ";
+    plan.lr_summary += (source < 0 ? std::string("optim.lr") : "param_groups[" + std::to_string(source) + "] (" +
+                                                                   rules[static_cast<size_t>(source)].match + ")") +
+                       " " + fmt::format("{:g}", lr) + " on " + std::to_string(numel) + " weights";
+  }
+  if (!numel_by_source.count(-1))
+    plan.lr_summary += "; optim.lr (" + fmt::format("{:g}", cfg.lr) +
+                       ") reaches no trainable parameter: set the rules' lr to change these";
   for (size_t k = 0; k < lrs.size(); ++k) {
     OptimConfig c = cfg;
     c.lr = lrs[k];
@@ -305,7 +363,7 @@ void save_optimizer_state(torch::optim::Optimizer& optim, const std::string& pat
       if (s.max_exp_avg_sq().defined()) tensors.emplace_back(name + "max_exp_avg_sq", s.max_exp_avg_sq());
     }
   }
-  save_safetensors(path, tensors, {{"format", "trialign.adamw"}, {"param_groups", groups.dump()}});
+  save_safetensors(path, tensors, {{"format", "trialign.adamw"}, {"param_groups", json_text(groups)}});
 }
 
 namespace {
@@ -450,13 +508,29 @@ bool safe_to_change(const std::string& key) {
 }
 
 std::atomic<bool> g_stop{false};
+std::atomic<int> g_signal_rank{0};  // the rank that says so when a signal arrives: 0
+
+void set_signal_rank(int rank) { g_signal_rank.store(rank); }
+
+// write(2) alone is safe in a signal handler (no logger, no allocation).
+void say_in_handler(const char* text) {
+  if (g_signal_rank.load() != 0) return;
+  const ssize_t ignored = ::write(STDERR_FILENO, text, std::strlen(text));
+  (void)ignored;
+}
 
 // First signal: finish the step and checkpoint. Second: the default action (terminate now).
+// Both are said at once: the step, or an evaluation in progress, may take a while to finish.
 extern "C" void on_stop_signal(int sig) {
   if (g_stop.exchange(true)) {
+    say_in_handler("\ntrialign: second stop signal: stopping now, without a checkpoint (the last one written "
+                   "stands)\n");
     std::signal(sig, SIG_DFL);
     std::raise(sig);
+    return;
   }
+  say_in_handler("\ntrialign: stop requested: the run finishes its current step (and any evaluation in progress), "
+                 "writes a checkpoint and exits with code 75; a second signal stops at once without one\n");
 }
 
 }  // namespace
@@ -488,11 +562,30 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
 
 namespace {
 
+// A fresh run in a folder where an earlier attempt stopped before its first checkpoint: that
+// attempt's metrics would otherwise be continued by this run's steps 1, 2, ... in one file.
+void set_aside_old_metrics(const std::string& run_dir) {
+  namespace fs = std::filesystem;
+  const fs::path old = fs::path(run_dir) / "metrics.jsonl";
+  std::error_code ec;
+  if (!fs::exists(old, ec) || fs::file_size(old, ec) == 0) return;
+  fs::path aside;
+  for (int k = 1;; ++k) {
+    aside = fs::path(run_dir) / ("metrics.abandoned-" + std::to_string(k) + ".jsonl");
+    if (!fs::exists(aside, ec)) break;
+  }
+  fs::rename(old, aside, ec);
+  if (ec) throw DataError("cannot move the earlier attempt's " + old.string() + " aside: " + ec.message());
+  spdlog::warn("{} held the metrics of an earlier attempt that wrote no checkpoint; moved to {}", old.string(),
+               aside.filename().string());
+}
+
 std::string select_resume_checkpoint_here(const std::string& run_dir, const std::string& resume) {
   if (resume.empty()) {
     if (has_checkpoints(run_dir))
       throw ConfigError("run.out_dir '" + run_dir +
                         "' already holds checkpoints: pass --resume auto to continue that run, or choose another run.out_dir");
+    set_aside_old_metrics(run_dir);
     return "";
   }
   auto warn = [](const std::string& w) { spdlog::warn(w); };
@@ -507,6 +600,7 @@ std::string select_resume_checkpoint_here(const std::string& run_dir, const std:
                     "replace them. Restore the files, pass --resume with a good copy, or move the checkpoints folder "
                     "aside to start fresh");
   if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);
+  if (dir.empty()) set_aside_old_metrics(run_dir);
   return dir;
 }
 
@@ -611,7 +705,7 @@ void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::st
   if (dist::is_main()) {
     result.final_eval = eval();
     if (!result.final_eval.is_null())
-      atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), result.final_eval.dump(2) + "\n");
+      atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), json_text(result.final_eval, 2) + "\n");
   }
   // The others leave only once rank 0 has written everything: a pipeline's next stage reads it.
   dist::barrier("waiting for rank 0 to finish the stage (final checkpoint and evaluation)");

@@ -108,6 +108,10 @@ struct ParamPlan {
   std::vector<std::string> frozen;                       // parameter names
   std::vector<torch::optim::OptimizerParamGroup> groups; // AdamW groups (decay / no decay per lr)
   std::vector<double> base_lrs;                          // peak lr of each group
+  // The peak lr the log shows: that of the rule or default holding the most trainable weights
+  // (optim.lr itself may reach no parameter when every trainable one has a rule's lr).
+  double logged_lr = 0;
+  std::string lr_summary;  // "mm_projector 0.002, language_model 0.002 (optim.lr 0.0001 reaches no parameter)"
 };
 ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg);
 // Sets every group's lr to base_lrs[g] * factor (factor = the schedule's multiplier).

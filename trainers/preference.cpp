@@ -18,6 +18,7 @@
 #include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
 #include "trainers/preflight.h"
+#include "core/json_text.h"
 
 namespace fs = std::filesystem;
 
@@ -183,7 +184,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   nlohmann::json resolved_inits = nlohmann::json::array();
   for (const auto& init : inits)
     resolved_inits.push_back({{"checkpoint", init_components(*model, init, cfg.model, cfg.data.tokenizer)}, {"components", init.components}});
-  if (resumed_from.empty()) write_run_text(cfg, "init_from.json", resolved_inits.dump(2) + "\n");
+  if (resumed_from.empty()) write_run_text(cfg, "init_from.json", json_text(resolved_inits, 2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)
     reference = frozen_copy(model, cfg.model);  // cfg.model's vocab was resolved by build_vlm_model
@@ -193,6 +194,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (const auto& p : model->named_parameters(true)) named.emplace_back(p.key(), p.value());
   ParamPlan plan = plan_param_groups(named, cfg.optim);
+  if (rank() == 0) spdlog::info("learning rates: {}", plan.lr_summary);
   std::vector<torch::Tensor> params;
   int64_t n_trainable = 0;
   for (const auto& [n, p] : plan.trainable) params.push_back(p), n_trainable += p.numel();
@@ -293,7 +295,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   StepGuard guard(cfg, opt, save);
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
-    const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
+    const double lr = lr_at(cfg.schedule, plan.logged_lr, step, steps);
     PreferenceBatch batch;
     if (!guard.next_batch(loader, step + 1, batch)) {  // skipped (train.on_bad_batch: skip)
       ++step;

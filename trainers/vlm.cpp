@@ -304,6 +304,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (const auto& p : model->named_parameters(true)) named.emplace_back(p.key(), p.value());
   ParamPlan plan = plan_param_groups(named, cfg.optim);
+  if (rank() == 0) spdlog::info("learning rates: {}", plan.lr_summary);
   if (cfg.trainer == "adapter")
     for (const auto& [name, p] : plan.trainable)
       if (component_of(name) != "mm_projector")
@@ -388,7 +389,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   };
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
-    const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
+    const double lr = lr_at(cfg.schedule, plan.logged_lr, step, steps);
     ConversationBatch batch;
     if (!guard.next_batch(loader, step + 1, batch)) {  // skipped (train.on_bad_batch: skip)
       ++step;

@@ -13,6 +13,7 @@
 #include "core/config_tree.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "core/json_text.h"
 #include "core/weight_files.h"
 #include "models/vlm.h"
 
@@ -118,7 +119,7 @@ int64_t load_component(torch::nn::Module& model, const std::map<std::string, tor
   auto in_component = [&](const std::string& n) {
     return std::any_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) { return starts_with(n, p); });
   };
-  std::vector<std::string> missing, mismatched, unexpected, skipped;
+  std::vector<std::string> missing, mismatched, unexpected, skipped, nonfinite;
   std::set<std::string> used;
   int64_t copied = 0, params = 0;
   torch::NoGradGuard ng;
@@ -138,6 +139,17 @@ int64_t load_component(torch::nn::Module& model, const std::map<std::string, tor
       mismatched.push_back(os.str());
       continue;
     }
+    // Integers cast into a float weight would load as nonsense (a norm weight of 1065353216).
+    if (dst.is_floating_point() && !it->second.is_floating_point()) {
+      mismatched.push_back(name + " (stored as " + std::string(c10::toString(it->second.scalar_type())) +
+                           ", a floating-point weight expected)");
+      continue;
+    }
+    // NaN or inf would surface as a non-finite loss at step 1, far from the file that holds it.
+    if (dst.is_floating_point() && !torch::isfinite(it->second).all().item<bool>()) {
+      nonfinite.push_back(name);
+      continue;
+    }
     dst.copy_(it->second.to(dst.device(), dst.scalar_type()));
     ++copied;
   }
@@ -154,6 +166,10 @@ int64_t load_component(torch::nn::Module& model, const std::map<std::string, tor
     if (recomputed_buffer(name) || (name == "lm_head.weight" && !has_lm_head)) skipped.push_back(name);
     else unexpected.push_back(name);
   }
+  if (!nonfinite.empty())
+    throw DataError(source + ": component '" + component + "' holds NaN or infinite values in " +
+                    std::to_string(nonfinite.size()) + " tensor(s): " + join(nonfinite) +
+                    "; these weights are damaged (or were saved from a run that diverged): use another copy");
   if (!missing.empty() || !mismatched.empty() || !unexpected.empty()) {
     std::string msg = source + " does not fit component '" + component + "' of this model:";
     if (!missing.empty()) msg += "\n  missing (" + std::to_string(missing.size()) + "): " + join(missing);
@@ -194,6 +210,11 @@ std::string init_components(torch::nn::Module& model, const InitFrom& init, cons
     tensors = load_safetensors(source);
   }
   int64_t copied = 0;
+  std::error_code ec;
+  if (hf && !fs::exists(config_json_path(init.checkpoint), ec))
+    spdlog::warn("init_from: no {} beside the weights, so the run config's sizes, rope_theta and norm eps were not "
+                 "checked against them (only tensor names and shapes are)",
+                 config_json_path(init.checkpoint));
   for (const auto& component : init.components) {
     if (hf) {
       const auto diff = check_hf_config(init.checkpoint, component, mc);
@@ -233,11 +254,15 @@ std::vector<std::string> check_hf_config(const std::string& weights, const std::
   };
   std::vector<std::string> diff;
   auto num = [&](const nlohmann::json* c, const char* field, double ours, const std::string& key) {
-    if (!c || !c->contains(field) || !(*c)[field].is_number()) return;
+    if (!c || !c->contains(field) || (*c)[field].is_null()) return;
+    if (!(*c)[field].is_number()) {
+      diff.push_back(key + ": config.json's " + field + " is " + json_text((*c)[field]) + ", not a number");
+      return;
+    }
     const double theirs = (*c)[field].get<double>();
     if (std::abs(theirs - ours) > 1e-9 * std::max(1.0, std::abs(ours))) {
       std::ostringstream os;
-      os << key << ": config.json has " << (*c)[field].dump() << ", the run config " << ours;
+      os << key << ": config.json has " << json_text((*c)[field]) << ", the run config " << ours;
       diff.push_back(os.str());
     }
   };
@@ -256,6 +281,13 @@ std::vector<std::string> check_hf_config(const std::string& weights, const std::
   };
   if (component == "language_model") {
     const auto* c = sub("llama", "text_config");
+    // Other decoders (Mistral, Qwen2, ...) may share LLaMA's tensor names and load without a
+    // complaint, then run without what differs (sliding-window attention, attention biases).
+    const std::string lm_type = c ? c->value("model_type", type) : type;
+    if (!lm_type.empty() && lm_type != "llama")
+      diff.push_back("model_type: config.json has \"" + lm_type +
+                     "\"; trialign's language model is LLaMA (LlamaForCausalLM), and weights of another architecture "
+                     "would run without what makes it differ: use LLaMA-architecture weights");
     const auto& l = mc.llm;
     if (l.vocab_size > 0) num(c, "vocab_size", l.vocab_size, "model.llm.vocab_size");
     num(c, "hidden_size", l.hidden_size, "model.llm.hidden_size");
@@ -272,7 +304,7 @@ std::vector<std::string> check_hf_config(const std::string& weights, const std::
                      (l.tie_word_embeddings ? "true" : "false"));
     str(c, "hidden_act", "silu", "(SwiGLU activation)");
     if (c && c->contains("rope_scaling") && !(*c)["rope_scaling"].is_null())
-      diff.push_back("rope_scaling: config.json sets " + (*c)["rope_scaling"].dump() + "; trialign's RoPE has no scaling");
+      diff.push_back("rope_scaling: config.json sets " + json_text((*c)["rope_scaling"]) + "; trialign's RoPE has no scaling");
   } else if (component == "vision_model") {
     const auto* c = sub("clip_vision_model", "vision_config");
     tower(c, mc.vision, "model.vision");
