@@ -15,6 +15,39 @@
 
 namespace trialign {
 
+namespace {
+
+// Why `path` is no image file: absent, or something that exists but is not a file.
+std::string not_a_file(const std::string& path) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  if (std::filesystem::is_directory(st)) return "is a folder, not an image file";
+  if (std::filesystem::exists(st)) return "is not a regular file (a device, pipe or socket)";
+  return "does not exist";
+}
+
+// A PNG's IHDR gives its size before anything is decoded (bytes 16-23, big-endian). A small
+// file can declare a huge image (a "decompression bomb": 2.6 MB holding 30000 x 30000 pixels
+// decodes to 2.7 GB, in every loader thread, every epoch).
+constexpr int64_t kMaxImagePixels = int64_t{1} << 27;  // 134M pixels, e.g. 11585 x 11585
+
+void check_png_size(const std::string& path, std::string_view bytes) {
+  if (bytes.size() < 24 || bytes.substr(12, 4) != "IHDR") return;
+  auto be32 = [&](size_t at) {
+    int64_t v = 0;
+    for (size_t k = 0; k < 4; ++k) v = (v << 8) | static_cast<unsigned char>(bytes[at + k]);
+    return v;
+  };
+  const int64_t w = be32(16), h = be32(20);
+  if (w * h > kMaxImagePixels)
+    throw DataError("image '" + path + "' is " + std::to_string(w) + " x " + std::to_string(h) +
+                    " pixels; images are resized to model.vision.image_size anyway, and decoding one this large takes " +
+                    std::to_string(w * h * 3 >> 20) + " MB per read: downscale it (the limit is " +
+                    std::to_string(kMaxImagePixels >> 20) + " megapixels)");
+}
+
+}  // namespace
+
 cv::Mat load_image_rgb(const std::string& path) {
   // A file that fails to decode becomes one DataError naming it; OpenCV's logged warnings about
   // the same file would only repeat it (some of its decoders still print to stderr themselves).
@@ -25,7 +58,7 @@ cv::Mat load_image_rgb(const std::string& path) {
   (void)quiet;
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec))
-    throw DataError("image '" + path + "' does not exist (check data.image_root and the record's image path)");
+    throw DataError("image '" + path + "' " + not_a_file(path) + " (check data.image_root and the record's image path)");
   const auto size = std::filesystem::file_size(path, ec);
   if (ec) throw DataError("image '" + path + "' cannot be read (" + ec.message() + ")");
   if (size == 0) throw DataError("image '" + path + "' is an empty file");
@@ -42,6 +75,7 @@ cv::Mat load_image_rgb(const std::string& path) {
   const size_t iend_at = view.rfind(iend);
   if (view.substr(0, 8) == png_signature && (iend_at == std::string_view::npos || iend_at + 8 > view.size()))
     throw DataError("image '" + path + "' is a truncated PNG (it ends before its IEND chunk); copy or export it again");
+  if (view.substr(0, 8) == png_signature) check_png_size(path, view);
   cv::Mat bgr;
   try {
     bgr = cv::imdecode(bytes, cv::IMREAD_COLOR);
@@ -113,7 +147,7 @@ std::string checked_image_path(const std::string& root, const std::string& image
   const std::string path = (std::filesystem::path(root) / image).string();
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec))
-    throw DataError(at + "image '" + path + "' does not exist (check data.image_root)");
+    throw DataError(at + "image '" + path + "' " + not_a_file(path) + " (check data.image_root)");
   if (std::filesystem::file_size(path, ec) == 0 || !cv::haveImageReader(path))
     throw DataError(at + "image '" + path + "' is empty or not an image format OpenCV can decode");
   return path;

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <new>
 #include <sstream>
 #include <thread>
 
@@ -127,6 +128,32 @@ struct LoadedVlm {
   VlmModel model{nullptr};
 };
 // use: the command, for the message when the tokenizer file is not the one it was trained with.
+// eval --set: what may differ from the checkpoint's config in an evaluation. The model and its
+// tokenizer are the checkpoint's; how bad records are treated, where images are and what to
+// evaluate are the user's (the messages about bad records name these keys).
+RunConfig with_eval_overrides(const RunConfig& cfg, const std::vector<std::string>& sets) {
+  if (sets.empty()) return cfg;
+  static const std::vector<std::string> allowed = {"data.on_bad_record", "data.on_too_long", "data.image_root",
+                                                   "data.val_limit", "data.max_seq_len", "eval."};
+  ConfigNode tree = parse_config_string(resolved_yaml(cfg), "checkpoint config");
+  for (const auto& s : sets) {
+    const std::string key = s.substr(0, s.find('='));
+    const bool ok = std::any_of(allowed.begin(), allowed.end(), [&](const std::string& a) {
+      return key == a || (a.back() == '.' && key.rfind(a, 0) == 0);
+    });
+    if (!ok)
+      throw ConfigError("eval --set " + key + ": an evaluation takes the checkpoint's model, tokenizer and data "
+                        "settings; only data.on_bad_record, data.on_too_long, data.image_root, data.val_limit, "
+                        "data.max_seq_len and eval.* can be set here");
+    apply_override(tree, s);
+  }
+  return run_config_from_tree(tree, "the checkpoint's config with --set");
+}
+
+bool sets_key(const std::vector<std::string>& sets, const std::string& key) {
+  return std::any_of(sets.begin(), sets.end(), [&](const std::string& s) { return s.rfind(key + "=", 0) == 0; });
+}
+
 LoadedVlm load_vlm(const std::string& dir, const std::string& use) {
   LoadedVlm v;
   v.cfg = checkpoint_config_of(dir);
@@ -139,13 +166,15 @@ LoadedVlm load_vlm(const std::string& dir, const std::string& use) {
 }
 
 int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vector<std::string>& suites,
-                 const std::string& out, const std::string& predictions_out) {
+                 const std::string& out, const std::string& predictions_out, const std::vector<std::string>& overrides) {
   auto v = load_vlm(dir, "eval");
+  v.cfg = with_eval_overrides(v.cfg, overrides);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
   std::vector<EvalSet> sets = v.cfg.eval.sets;
   if (!data.empty()) {
     sets = {EvalSet{"data", data, 0}};
-    v.cfg.data.image_root.clear();  // images of --data resolve against its own folder
+    // Images of --data resolve against its own folder, unless --set says where they are.
+    if (!sets_key(overrides, "data.image_root")) v.cfg.data.image_root.clear();
   }
   // A preference run's data.val holds pairs or prompts, not conversations: only eval.sets apply.
   else if (sets.empty() && !v.cfg.data.val.empty() && v.cfg.trainer != "preference")
@@ -196,7 +225,7 @@ int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vec
 }
 
 int cmd_eval(const std::string& target, const std::string& data, std::vector<std::string> suites, const std::string& out,
-             const std::string& predictions_out, int threads) {
+             const std::string& predictions_out, int threads, const std::vector<std::string>& overrides) {
   init_logging();
   check_output_file(out, "--out");
   check_output_file(predictions_out, "--predictions");
@@ -205,7 +234,7 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
   setup_threads(threads);
   const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
   verify_checkpoint(dir);
-  RunConfig cfg = checkpoint_config_of(dir);
+  RunConfig cfg = with_eval_overrides(checkpoint_config_of(dir), overrides);
   // --suite: auto (everything the checkpoint supports: no filter) or suite names.
   if (std::find(suites.begin(), suites.end(), "auto") != suites.end()) suites.clear();
   const std::vector<std::string> known = cfg.is_vlm() ? std::vector<std::string>{"vqa", "pope", "chair"}
@@ -214,7 +243,7 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
     if (std::find(known.begin(), known.end(), s) == known.end())
       throw ConfigError(fmt::format("--suite '{}': a {} checkpoint has the suites {} (or auto for all)", s, cfg.trainer,
                                     fmt::join(known, ", ")));
-  if (cfg.is_vlm()) return cmd_eval_vlm(dir, data, suites, out, predictions_out);
+  if (cfg.is_vlm()) return cmd_eval_vlm(dir, data, suites, out, predictions_out, overrides);
   if (!predictions_out.empty())
     throw ConfigError("--predictions: a " + cfg.trainer + " checkpoint scores retrieval over the whole set, not a reply "
                       "per record; --predictions is for checkpoints of stage 2 onwards (adapter, finetune, preference)");
@@ -486,6 +515,9 @@ int main(int argc, char** argv) {
                    "Also write each scored record's reply here (JSONL: set, id, where, question_type, reference, "
                    "reply, right; yes/no probes also said, hallucination); VLM checkpoints");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)")->check(at_least(0, true));
+  eval->add_option("--set", sets,
+                   "Override an evaluation key of the checkpoint's config (repeatable): data.on_bad_record, "
+                   "data.on_too_long, data.image_root, data.val_limit, data.max_seq_len, eval.*");
 
   // run (pipeline)
   std::string pipeline;
@@ -655,7 +687,7 @@ int main(int argc, char** argv) {
     if (*bench) return cmd_bench(config, sets, bench_opt);
     if (*run) return cmd_run(pipeline, sets);
     if (*generate_cmd) return cmd_generate(target, gen_image, gen_prompt, sampling, gen_threads);
-    if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_predictions, eval_threads);
+    if (*eval) return cmd_eval(target, eval_data, suites, eval_out, eval_predictions, eval_threads, sets);
     if (*shapes_cmd) return cmd_shapes(shapes_out, n_train, n_val, gen, shapes_overwrite);
     if (*data_check) return cmd_data_check(config, sets, !no_images, check_json);
     if (*tok_train) return cmd_tokenizer_train(tok_opt, tok_overwrite);
@@ -691,6 +723,13 @@ int main(int argc, char** argv) {
   } catch (const std::invalid_argument& e) {
     std::cerr << "error: " << e.what() << std::endl;
     return kExitConfig;
+  } catch (const std::bad_alloc&) {
+    // Whatever asked for the memory, the user's levers are the same few keys.
+    std::cerr << "error: out of memory (std::bad_alloc). Lower train.batch_size (raising train.grad_accum keeps the "
+                 "global batch), data.max_seq_len, data.workers or data.prefetch, or the model's size; the log's "
+                 "'memory estimate' line says what the run expected to need"
+              << std::endl;
+    return kExitRuntime;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;
     return kExitRuntime;

@@ -93,6 +93,31 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     CHECK_THAT(out, Catch::Contains("images/cut.png' is a truncated PNG (it ends before its IEND chunk)"));
     CHECK_THAT(out, !Catch::Contains("libpng"));
   }
+  SECTION("a PNG declaring a huge image is refused before decoding; a folder as the image is named as one") {
+    std::ifstream in(b.dir.file("images/ok.png"), std::ios::binary);
+    std::string png((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    REQUIRE(png.substr(12, 4) == "IHDR");
+    const std::string side("\x00\x00\x75\x30", 4);  // 30000, big-endian
+    png.replace(16, 4, side);
+    png.replace(20, 4, side);
+    test::write_file(b.dir.file("images/huge.png"), png);
+    fs::create_directories(b.dir.file("images/folder.png"));
+    auto record = [](const std::string& id, const std::string& image) {
+      return R"({"id": ")" + id + R"(", "image": ")" + image +
+             R"(", "conversations": [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, )"
+             R"({"from": "gpt", "value": "Red."}]})"
+             "\n";
+    };
+    test::write_file(b.dir.file("manifests/odd_images.jsonl"),
+                     record("bomb", "images/huge.png") + record("dir", "images/folder.png"));
+    std::string out;
+    CHECK(b.run(check + "odd_images.jsonl", &out) == 2);
+    CHECK_THAT(out, Catch::Contains("[bad_image] manifests/odd_images.jsonl:1 (id bomb): image ") &&
+                        Catch::Contains("images/huge.png' is 30000 x 30000 pixels") &&
+                        Catch::Contains("downscale it (the limit is 128 megapixels)"));
+    CHECK_THAT(out, Catch::Contains("[bad_image] manifests/odd_images.jsonl:2 (id dir): image ") &&
+                        Catch::Contains("images/folder.png' is a folder, not an image file"));
+  }
   SECTION("--json reports a record that is not UTF-8 (its bytes written as U+FFFD), not a JSON library error") {
     std::string out;
     CHECK(b.run(check + "invalid_utf8.jsonl --json", &out) == 2);

@@ -19,6 +19,7 @@
 #include "core/checkpoint.h"
 #include "core/checkpoint_tokenizer.h"
 #include "core/errors.h"
+#include "core/json_text.h"
 #include "core/safetensors.h"
 #include "core/weight_files.h"
 #include "data/manifest.h"
@@ -598,6 +599,23 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(n == records);
   const auto printed = nlohmann::json::parse(out.substr(out.find("{\n")));
   CHECK(printed.at("data").at("exact_match").get<double>() == Approx(static_cast<double>(right) / n));
+  // A record whose image is missing stops the evaluation, naming data.on_bad_record; eval --set
+  // takes that key (and the other evaluation keys), never the model's.
+  std::string with_bad = read_text_file(c.dir.file("data/val_vqa.jsonl"));
+  const std::string first_line = with_bad.substr(0, with_bad.find('\n') + 1);
+  nlohmann::json broken = nlohmann::json::parse(first_line);
+  broken["id"] = "lost-image";
+  broken["image"] = "no/such.png";
+  with_bad += json_text(broken) + "\n";
+  write_file(c.dir.file("data/with_bad.jsonl"), with_bad);
+  const std::string bad_eval = "eval " + c.dir.file("a") + " --data " + c.dir.file("data/with_bad.jsonl");
+  CHECK(run_cli(bad_eval, &out) == 2);
+  CHECK_THAT(out, Catch::Contains("lost-image") && Catch::Contains("data.on_bad_record"));
+  REQUIRE(run_cli(bad_eval + " --set data.on_bad_record=skip", &out) == 0);
+  const auto skipped = nlohmann::json::parse(out.substr(out.find("{\n")));
+  CHECK(skipped.at("data").at("exact_match").get<double>() == Approx(static_cast<double>(right) / n));
+  CHECK(run_cli(bad_eval + " --set model.llm.hidden_size=8", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("eval --set model.llm.hidden_size: an evaluation takes the checkpoint's model"));
 
   // Files the commands write never land inside a checkpoint: its model.safetensors stays as it was.
   const std::string model_file = ckpt + "/model.safetensors";

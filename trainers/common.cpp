@@ -676,6 +676,13 @@ nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t s
   rec["data_wait_s"] = data_wait_s;
   if (skipped_steps > 0) rec["skipped_steps"] = skipped_steps;
   log.write(rec);
+  // A gradient of exactly zero is not a small one: no trainable weight depends on the loss (a
+  // path cut by freezing, saturated or dead activations, a loss at a constant): said, not plotted.
+  if (grad_norm == 0.0 && dist::is_main())
+    spdlog::warn("step {}: the gradient norm is exactly 0, so this step changed nothing; if it stays 0, no trainable "
+                 "weight reaches the loss (check optim.param_groups, or the run diverged into dead activations); "
+                 "under GRPO it also happens when every group's completions got the same reward",
+                 step);
   return rec;
 }
 
