@@ -494,6 +494,14 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   CHECK(again.stages["s2"]["skipped"] == true);
   CHECK(again.stages["s3"]["skipped"] == true);
   CHECK(again.stages["s3"]["checkpoint"] == r.stages["s3"]["checkpoint"]);
+  // A copy of the pipeline folder is complete as well, and hands on its own checkpoints.
+  std::filesystem::copy(c.dir.file("run"), c.dir.file("copy"), std::filesystem::copy_options::recursive);
+  auto copied = run_pipeline(load_pipeline(c.pipeline("copy")), quiet);
+  CHECK(copied.stages["s2"]["skipped"] == true);
+  CHECK(copied.stages["s3"]["skipped"] == true);
+  CHECK(copied.stages["s3"]["checkpoint"].get<std::string>().rfind(c.dir.file("copy/s3/checkpoints/"), 0) == 0);
+  CHECK(copied.stages["s2"]["checkpoint"].get<std::string>().rfind(c.dir.file("copy/s2/checkpoints/"), 0) == 0);
+  std::filesystem::remove_all(c.dir.file("copy"));
 
   // Stage 2 deleted and trained again to the same weights: stage 3 is still complete and skipped.
   const std::string s2_manifest = r.stages["s2"]["checkpoint"].get<std::string>() + "/MANIFEST.json";

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "core/checkpoint.h"
+#include "core/config_tree.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "models/vlm.h"
@@ -155,7 +156,18 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
       } catch (const nlohmann::json::exception& e) {
         throw DataError(done_file + ": unreadable (" + e.what() + "); delete it to redo stage " + stage.name);
       }
-      const auto diff = diff_for_resume(done.value("config", std::string()), resolved_yaml(cfg));
+      // Where the upstream checkpoints lie may differ from when the stage finished (a pipeline
+      // folder copied or moved): that they hold the same weights is checked by their CRCs below.
+      RunConfig compared = cfg;
+      try {
+        const RunConfig before =
+            run_config_from_tree(parse_config_string(done.value("config", std::string()), done_file), done_file);
+        if (before.init_from.size() == compared.init_from.size())
+          for (size_t k = 0; k < compared.init_from.size(); ++k)
+            compared.init_from[k].checkpoint = before.init_from[k].checkpoint;
+      } catch (const std::exception&) {  // not a readable config: compared as text below
+      }
+      const auto diff = diff_for_resume(done.value("config", std::string()), resolved_yaml(compared));
       const bool steps_changed =
           std::find(diff.safe.begin(), diff.safe.end(), "train.steps") != diff.safe.end();
       if (!diff.unsafe.empty() || steps_changed) {
@@ -172,7 +184,12 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
         throw ConfigError("pipeline " + p.name + ": stage " + stage.name +
                           " was trained from other checkpoints of its init_from stages than the current ones; remove " +
                           dir + " to train it again from them");
-      const std::string ck = done.value("checkpoint", std::string());
+      // The stage's own copy of its final checkpoint first: the recorded path is where the stage
+      // was trained, which a copied pipeline folder does not change.
+      std::string ck = done.value("checkpoint", std::string());
+      const fs::path own = fs::path(dir) / "checkpoints" / fs::path(ck).filename();
+      std::error_code ec;
+      if (!ck.empty() && fs::exists(own / "MANIFEST.json", ec)) ck = own.string();
       if (fs::exists(ck)) {
         init_logging("", rank());
         spdlog::info("pipeline {}: stage {} ({}/{}) is complete ({}); skipping", p.name, stage.name, i + 1,
