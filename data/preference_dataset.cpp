@@ -47,7 +47,8 @@ Conversation prompt_of(const ManifestRecord& r, PreferenceDataset::Kind kind, st
 
 std::string response_field(const ManifestRecord& r, const char* field) {
   const std::string s = require_string(r, field);
-  if (s.empty()) throw DataError(r.where + " (id " + r.id + "): empty '" + field + "'");
+  if (s.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw DataError(r.where + " (id " + r.id + "): empty '" + field + "'" + (s.empty() ? "" : " (only whitespace)"));
   if (s.find("<image>") != std::string::npos) throw DataError(r.where + " (id " + r.id + "): <image> inside '" + field + "'");
   return s;
 }
@@ -123,6 +124,11 @@ PreferenceDataset::PreferenceDataset(const std::string& manifest, const DataConf
           throw DataError(r.where + " (id " + r.id + "): 'chosen' and 'rejected' are the same reply: nothing to prefer");
         s.chosen = with_reply(c, chosen, tok);
         s.rejected = with_reply(c, rejected, tok);
+        // Replies that differ only in spacing or in characters the tokenizer maps to <unk> are one
+        // sequence to the model: log 2 of loss and no gradient, whatever the text says.
+        if (s.chosen.ids == s.rejected.ids)
+          throw DataError(r.where + " (id " + r.id + "): 'chosen' and 'rejected' are the same reply once tokenized (they " +
+                          "differ only in spacing or in characters the tokenizer does not know): nothing to prefer");
         s.prompt = prompt_ids(s.chosen);
         length = std::max(s.chosen.expanded_length(tokens_per_image), s.rejected.expanded_length(tokens_per_image));
       } else {

@@ -118,6 +118,25 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     CHECK_THAT(out, Catch::Contains("[bad_image] manifests/odd_images.jsonl:2 (id dir): image ") &&
                         Catch::Contains("images/folder.png' is a folder, not an image file"));
   }
+  SECTION("preference pairs the model cannot tell apart: same ids after tokenizing, or a whitespace-only reply") {
+    test::write_file(b.dir.file("manifests/pref_tokens.jsonl"),
+                     R"({"id": "p0", "image": "images/ok.png", "prompt": "<image>\nDescribe the picture.", )"
+                     R"("chosen": "A red circle.", "rejected": "A blue square."})"
+                     "\n"
+                     R"({"id": "spaces", "image": "images/ok.png", "prompt": "<image>\nDescribe the picture.", )"
+                     R"("chosen": "A red circle.", "rejected": "A red circle. "})"
+                     "\n"
+                     R"({"id": "blank", "image": "images/ok.png", "prompt": "<image>\nDescribe the picture.", )"
+                     R"("chosen": "  ", "rejected": "A red circle."})"
+                     "\n");
+    std::string out;
+    CHECK(b.run("data check configs/base.yaml --set trainer=preference --set data.train=manifests/pref_tokens.jsonl",
+                &out) == 2);
+    CHECK_THAT(out, Catch::Contains("[chosen_equals_rejected] manifests/pref_tokens.jsonl:2 (id spaces): 'chosen' and "
+                                    "'rejected' are the same reply once tokenized"));
+    CHECK_THAT(out, Catch::Contains("[empty_text] manifests/pref_tokens.jsonl:3 (id blank): empty 'chosen' (only "
+                                    "whitespace)"));
+  }
   SECTION("--json reports a record that is not UTF-8 (its bytes written as U+FFFD), not a JSON library error") {
     std::string out;
     CHECK(b.run(check + "invalid_utf8.jsonl --json", &out) == 2);
