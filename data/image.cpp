@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string_view>
 #include <vector>
 
@@ -29,7 +30,15 @@ std::string not_a_file(const std::string& path) {
 // A PNG's IHDR gives its size before anything is decoded (bytes 16-23, big-endian). A small
 // file can declare a huge image (a "decompression bomb": 2.6 MB holding 30000 x 30000 pixels
 // decodes to 2.7 GB, in every loader thread, every epoch).
-constexpr int64_t kMaxImagePixels = int64_t{1} << 27;  // 134M pixels, e.g. 11585 x 11585
+constexpr int64_t kMaxImagePixels = int64_t{1} << 27;  // 128 Mi = 134M pixels, e.g. 11585 x 11585
+
+std::string fmt_megabytes(double bytes) {
+  std::ostringstream os;
+  os.setf(std::ios::fixed);
+  os.precision(0);
+  os << bytes / (1024.0 * 1024.0) << " MB";
+  return os.str();
+}
 
 void check_png_size(const std::string& path, std::string_view bytes) {
   if (bytes.size() < 24 || bytes.substr(12, 4) != "IHDR") return;
@@ -38,12 +47,13 @@ void check_png_size(const std::string& path, std::string_view bytes) {
     for (size_t k = 0; k < 4; ++k) v = (v << 8) | static_cast<unsigned char>(bytes[at + k]);
     return v;
   };
-  const int64_t w = be32(16), h = be32(20);
-  if (w * h > kMaxImagePixels)
+  const int64_t w = be32(16), h = be32(20);  // each < 2^32: compared by division, no overflow
+  if (w > 0 && h > 0 && w > kMaxImagePixels / h)
     throw DataError("image '" + path + "' is " + std::to_string(w) + " x " + std::to_string(h) +
                     " pixels; images are resized to model.vision.image_size anyway, and decoding one this large takes " +
-                    std::to_string(w * h * 3 >> 20) + " MB per read: downscale it (the limit is " +
-                    std::to_string(kMaxImagePixels >> 20) + " megapixels)");
+                    fmt_megabytes(3.0 * static_cast<double>(w) * static_cast<double>(h)) +
+                    " per read: downscale it (the limit is " + std::to_string(kMaxImagePixels >> 20) +
+                    " Mi pixels)");
 }
 
 }  // namespace

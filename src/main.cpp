@@ -127,14 +127,20 @@ struct LoadedVlm {
   Tokenizer tok;
   VlmModel model{nullptr};
 };
-// use: the command, for the message when the tokenizer file is not the one it was trained with.
+
+// Whatever asked for the memory, the user's levers are the same few keys.
+const char* const kOutOfMemoryAdvice =
+    "Training: lower train.batch_size (raising train.grad_accum keeps the global batch), data.max_seq_len, "
+    "data.workers or data.prefetch, or the model's size; the log's 'memory estimate' line says what the run expected "
+    "to need. Evaluation and generation: use a machine with more memory, or a smaller eval set";
+
 // eval --set: what may differ from the checkpoint's config in an evaluation. The model and its
 // tokenizer are the checkpoint's; how bad records are treated, where images are and what to
 // evaluate are the user's (the messages about bad records name these keys).
 RunConfig with_eval_overrides(const RunConfig& cfg, const std::vector<std::string>& sets) {
   if (sets.empty()) return cfg;
   static const std::vector<std::string> allowed = {"data.on_bad_record", "data.on_too_long", "data.image_root",
-                                                   "data.val_limit", "data.max_seq_len", "eval."};
+                                                   "data.max_seq_len", "data.max_text_len", "eval."};
   ConfigNode tree = parse_config_string(resolved_yaml(cfg), "checkpoint config");
   for (const auto& s : sets) {
     const std::string key = s.substr(0, s.find('='));
@@ -143,8 +149,8 @@ RunConfig with_eval_overrides(const RunConfig& cfg, const std::vector<std::strin
     });
     if (!ok)
       throw ConfigError("eval --set " + key + ": an evaluation takes the checkpoint's model, tokenizer and data "
-                        "settings; only data.on_bad_record, data.on_too_long, data.image_root, data.val_limit, "
-                        "data.max_seq_len and eval.* can be set here");
+                        "settings; only data.on_bad_record, data.on_too_long, data.image_root, data.max_seq_len, "
+                        "data.max_text_len and eval.* (e.g. eval.sets with a limit) can be set here");
     apply_override(tree, s);
   }
   return run_config_from_tree(tree, "the checkpoint's config with --set");
@@ -154,6 +160,7 @@ bool sets_key(const std::vector<std::string>& sets, const std::string& key) {
   return std::any_of(sets.begin(), sets.end(), [&](const std::string& s) { return s.rfind(key + "=", 0) == 0; });
 }
 
+// use: the command, for the message when the tokenizer file is not the one it was trained with.
 LoadedVlm load_vlm(const std::string& dir, const std::string& use) {
   LoadedVlm v;
   v.cfg = checkpoint_config_of(dir);
@@ -517,7 +524,7 @@ int main(int argc, char** argv) {
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)")->check(at_least(0, true));
   eval->add_option("--set", sets,
                    "Override an evaluation key of the checkpoint's config (repeatable): data.on_bad_record, "
-                   "data.on_too_long, data.image_root, data.val_limit, data.max_seq_len, eval.*");
+                   "data.on_too_long, data.image_root, data.max_seq_len, data.max_text_len, eval.*");
 
   // run (pipeline)
   std::string pipeline;
@@ -724,14 +731,18 @@ int main(int argc, char** argv) {
     std::cerr << "error: " << e.what() << std::endl;
     return kExitConfig;
   } catch (const std::bad_alloc&) {
-    // Whatever asked for the memory, the user's levers are the same few keys.
-    std::cerr << "error: out of memory (std::bad_alloc). Lower train.batch_size (raising train.grad_accum keeps the "
-                 "global batch), data.max_seq_len, data.workers or data.prefetch, or the model's size; the log's "
-                 "'memory estimate' line says what the run expected to need"
-              << std::endl;
+    std::cerr << "error: out of memory (std::bad_alloc). " << kOutOfMemoryAdvice << std::endl;
     return kExitRuntime;
   } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << std::endl;
+    const std::string what = e.what();
+    // LibTorch's CPU allocator reports with its own message (and a C++ backtrace) instead.
+    if (what.find("DefaultCPUAllocator: not enough memory") != std::string::npos ||
+        what.find("DefaultCPUAllocator: can't allocate memory") != std::string::npos) {
+      std::cerr << "error: out of memory (" << what.substr(0, what.find('\n')) << "). " << kOutOfMemoryAdvice
+                << std::endl;
+      return kExitRuntime;
+    }
+    std::cerr << "error: " << what << std::endl;
     return kExitRuntime;
   }
   return kExitOk;

@@ -114,7 +114,7 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     CHECK(b.run(check + "odd_images.jsonl", &out) == 2);
     CHECK_THAT(out, Catch::Contains("[bad_image] manifests/odd_images.jsonl:1 (id bomb): image ") &&
                         Catch::Contains("images/huge.png' is 30000 x 30000 pixels") &&
-                        Catch::Contains("downscale it (the limit is 128 megapixels)"));
+                        Catch::Contains("takes 2575 MB per read: downscale it (the limit is 128 Mi pixels)"));
     CHECK_THAT(out, Catch::Contains("[bad_image] manifests/odd_images.jsonl:2 (id dir): image ") &&
                         Catch::Contains("images/folder.png' is a folder, not an image file"));
   }

@@ -434,6 +434,10 @@ TEST_CASE("Hugging Face weights written by hand: LLaVA names, two shards (fp32 +
     CHECK_THROWS_WITH(
         init_components(*model, InitFrom{c.dir.file("mistral"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
         Catch::Contains("model_type: config.json has \"mistral\"; trialign's language model is LLaMA"));
+    // The original LLaVA's config.json: model_type llava beside LLaMA's own fields; no text_config.
+    write_model(c.dir.file("original"), "", "", R"({"model_type": "llava", "hidden_size": 16, "num_hidden_layers": 2})");
+    CHECK_NOTHROW(
+        init_components(*model, InitFrom{c.dir.file("original"), {"language_model"}}, cfg.model, cfg.data.tokenizer));
     write_model(c.dir.file("strings"), "", "", R"({"model_type": "llama", "hidden_size": "16"})");
     CHECK_THROWS_WITH(
         init_components(*model, InitFrom{c.dir.file("strings"), {"language_model"}}, cfg.model, cfg.data.tokenizer),
@@ -516,8 +520,11 @@ TEST_CASE("SIGTERM through the command line: the step finishes, a checkpoint is 
   const auto info = verify_checkpoint(ckpt);
   CHECK(info.step >= 3);
   CHECK_THAT(read_text_file(log), Catch::Contains("continue with --resume auto"));
-  // Said when the signal arrived, before the step finished.
-  CHECK_THAT(read_text_file(log), Catch::Contains("trialign: stop requested: the run finishes its current step"));
+  // Said when the signal arrived, before the checkpoint was written.
+  const std::string said = read_text_file(log);
+  const auto ack = said.find("trialign: stop requested: training finishes its current step");
+  REQUIRE(ack != std::string::npos);
+  CHECK(ack < said.find("stop requested: checkpoint"));
   // Resume to two steps further (a safe change of train.steps).
   std::string out;
   CHECK(run_cli("train " + c.dir.file("clip.yaml") + " --set run.out_dir=" + run + " --set train.steps=" +
@@ -648,28 +655,32 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK(crc32_file(ckpt + "/config.yaml") == config_crc);
   CHECK_FALSE(fs::exists(ckpt + "/train.log"));
   CHECK_NOTHROW(verify_checkpoint(ckpt));
-  // So is a folder holding what a run does not write (someone's files, the checkpoints folder),
-  // before anything there is touched.
-  fs::create_directories(c.dir.file("mine"));
+  // So is a folder that is plainly something else (a dataset with folders of its own, a run's
+  // checkpoints folder), before anything there is touched.
+  fs::create_directories(c.dir.file("mine/images"));
   write_file(c.dir.file("mine/config.yaml"), "my own notes\n");
-  write_file(c.dir.file("mine/notes.txt"), "more\n");
   CHECK(run_cli("train " + ckpt + "/config.yaml --set run.out_dir=" + c.dir.file("mine"), &out) == 2);
-  CHECK_THAT(out, Catch::Contains("run.out_dir '" + c.dir.file("mine") + "' holds files a run does not write (notes.txt)"));
+  CHECK_THAT(out, Catch::Contains("run.out_dir '" + c.dir.file("mine") + "' is a folder with subfolders of its own "
+                                  "(images), not a run folder"));
   CHECK(read_text_file(c.dir.file("mine/config.yaml")) == "my own notes\n");
   CHECK_FALSE(fs::exists(c.dir.file("mine/train.log")));
   const std::string checkpoints = fs::path(ckpt).parent_path().string();
   CHECK(run_cli("train " + ckpt + "/config.yaml --set run.out_dir=" + checkpoints, &out) == 2);
-  CHECK_THAT(out, Catch::Contains("run.out_dir '" + checkpoints + "' holds files a run does not write ("));
+  CHECK_THAT(out, Catch::Contains("run.out_dir '" + checkpoints + "' is a run's checkpoints folder"));
   // A folder where an earlier attempt stopped before its first checkpoint is a run folder: the
-  // fresh run starts there, and the attempt's metrics are moved aside, not continued.
+  // fresh run starts there, the attempt's metrics are moved aside, not continued, and other files
+  // (a scheduler's log) are left as they are.
   fs::create_directories(c.dir.file("retry"));
   write_file(c.dir.file("retry/metrics.jsonl"), "{\"step\": 1, \"split\": \"train\", \"loss\": 99.0}\n");
   write_file(c.dir.file("retry/train.log"), "earlier attempt\n");
+  write_file(c.dir.file("retry/slurm-42.out"), "scheduler log\n");
   CHECK(run_cli("train " + ckpt + "/config.yaml --set train.steps=1 --set run.out_dir=" + c.dir.file("retry"), &out) == 0);
   CHECK(read_text_file(c.dir.file("retry/metrics.abandoned-1.jsonl")) ==
         "{\"step\": 1, \"split\": \"train\", \"loss\": 99.0}\n");
   CHECK_THAT(read_text_file(c.dir.file("retry/metrics.jsonl")), !Catch::Contains("99.0"));
   CHECK_THAT(out, Catch::Contains("moved to metrics.abandoned-1.jsonl"));
+  CHECK_THAT(out, Catch::Contains("also holds slurm-42.out; left as they are"));
+  CHECK(read_text_file(c.dir.file("retry/slurm-42.out")) == "scheduler log\n");
   // Far more ranks than cores: refused before any rank starts.
   CHECK(run_cli("train " + ckpt + "/config.yaml --nproc 100000", &out) == 2);
   CHECK_THAT(out, Catch::Contains("--nproc 100000: this machine has") && Catch::Contains("use at most"));

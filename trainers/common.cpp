@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <csignal>
 #include <cstring>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -80,32 +81,43 @@ namespace {
 
 void set_signal_rank(int rank);
 
-// A run folder without checkpoints may hold only what a run writes there (an earlier attempt
-// that stopped before its first save). Anything else means run.out_dir names someone's folder,
-// a pipeline's root or a checkpoints folder, whose files a run would overwrite or mix with its own.
+// run.out_dir without checkpoints: a new folder, or one where an earlier attempt stopped before
+// its first save. Refused when it is plainly something else, whose files a run would mix with its
+// own: a pipeline's root, a run's checkpoints folder, or a folder with subfolders of its own
+// (a dataset, a home folder, /). Other files (a Slurm log, .gitkeep, an eval --out) are left as
+// they are, with a note. The signs are stable files, so every rank decides alike.
 void check_run_folder(const std::string& out_dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(out_dir, ec) || has_checkpoints(out_dir)) return;
-  static const std::set<std::string> ours = {"config.yaml", "train.log",   "metrics.jsonl",  "eval.json",
+  static const std::set<std::string> ours = {"config.yaml",    "train.log",       "metrics.jsonl", "eval.json",
                                              "image_check.json", "init_from.json", "stage_done.json", "checkpoints",
-                                             "bench.json",  "bench_images"};
-  std::vector<std::string> foreign;
+                                             "bench.json",     "bench_images"};
+  std::vector<std::string> folders, files;
+  bool pipeline = false, checkpoints = false;
   for (const auto& e : fs::directory_iterator(out_dir, ec)) {
     const std::string name = e.path().filename().string();
-    if (!ours.count(name) && name.rfind("metrics.abandoned-", 0) != 0) foreign.push_back(name);
+    if (ours.count(name) || name.rfind("metrics.abandoned-", 0) == 0) continue;
+    pipeline |= name == "pipeline.json";
+    checkpoints |= name == "latest" || name.rfind("step_", 0) == 0;
+    (e.is_directory(ec) ? folders : files).push_back(name);
   }
-  if (foreign.empty()) return;
-  std::sort(foreign.begin(), foreign.end());
-  std::string list;
-  for (size_t i = 0; i < foreign.size() && i < 5; ++i) list += (i ? ", " : "") + foreign[i];
-  if (foreign.size() > 5) list += ", ... (" + std::to_string(foreign.size()) + " in all)";
-  throw ConfigError("run.out_dir '" + out_dir + "' holds files a run does not write (" + list +
-                    ") and no checkpoints: it is not a run folder, and the run's config.yaml, train.log, metrics.jsonl "
-                    "and eval.json would overwrite or mix with what is there. Choose a new or empty run.out_dir" +
-                    (std::count(foreign.begin(), foreign.end(), "pipeline.json") ? " (this is a pipeline's folder: its "
-                                                                                   "stages are the folders inside)"
-                                                                                 : ""));
+  auto listed = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    std::string list;
+    for (size_t i = 0; i < v.size() && i < 5; ++i) list += (i ? ", " : "") + v[i];
+    if (v.size() > 5) list += ", ... (" + std::to_string(v.size()) + " in all)";
+    return list;
+  };
+  const std::string what = pipeline      ? "a pipeline's folder (its stages are the folders inside)"
+                           : checkpoints ? "a run's checkpoints folder (the run folder is the one above it)"
+                                         : "a folder with subfolders of its own (" + listed(folders) + ")";
+  if (pipeline || checkpoints || !folders.empty())
+    throw ConfigError("run.out_dir '" + out_dir + "' is " + what +
+                      ", not a run folder: the run's config.yaml, train.log, metrics.jsonl and checkpoints/ would mix "
+                      "with what is there. Choose a new or empty run.out_dir");
+  if (!files.empty() && dist::is_main())
+    spdlog::info("run.out_dir {} also holds {}; left as they are", out_dir, listed(files));
 }
 
 }  // namespace
@@ -270,7 +282,7 @@ ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tens
                         "such as 'model.layers.*'), or an earlier rule took all of them");
   if (plan.trainable.empty())
     throw ConfigError("optim.param_groups: every parameter is frozen; nothing would train");
-  // Which lr each source applies, largest first in the log; optim.lr named when it reaches nothing,
+  // Which lr each source applies (optim.lr, then the rules in order); optim.lr named when it reaches nothing,
   // so that `--set optim.lr=...` over rules that set their own lr is not mistaken for a change.
   int64_t most = -1;
   for (const auto& [source, numel] : numel_by_source) {
@@ -522,6 +534,7 @@ void say_in_handler(const char* text) {
 // First signal: finish the step and checkpoint. Second: the default action (terminate now).
 // Both are said at once: the step, or an evaluation in progress, may take a while to finish.
 extern "C" void on_stop_signal(int sig) {
+  const int saved_errno = errno;  // the interrupted code may be about to read it
   if (g_stop.exchange(true)) {
     say_in_handler("\ntrialign: second stop signal: stopping now, without a checkpoint (the last one written "
                    "stands)\n");
@@ -529,8 +542,9 @@ extern "C" void on_stop_signal(int sig) {
     std::raise(sig);
     return;
   }
-  say_in_handler("\ntrialign: stop requested: the run finishes its current step (and any evaluation in progress), "
+  say_in_handler("\ntrialign: stop requested: training finishes its current step (and any evaluation in progress), "
                  "writes a checkpoint and exits with code 75; a second signal stops at once without one\n");
+  errno = saved_errno;
 }
 
 }  // namespace
@@ -677,11 +691,14 @@ nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t s
   if (skipped_steps > 0) rec["skipped_steps"] = skipped_steps;
   log.write(rec);
   // A gradient of exactly zero is not a small one: no trainable weight depends on the loss (a
-  // path cut by freezing, saturated or dead activations, a loss at a constant): said, not plotted.
-  if (grad_norm == 0.0 && dist::is_main())
-    spdlog::warn("step {}: the gradient norm is exactly 0, so this step changed nothing; if it stays 0, no trainable "
-                 "weight reaches the loss (check optim.param_groups, or the run diverged into dead activations); "
-                 "under GRPO it also happens when every group's completions got the same reward",
+  // path cut by freezing, saturated or dead activations, a loss at a constant). Said once, at the
+  // third logged step in a row: one zero step happens (GRPO groups that all scored alike).
+  static int zero_streak = 0;
+  zero_streak = grad_norm == 0.0 ? zero_streak + 1 : 0;
+  if (zero_streak == 3 && dist::is_main())
+    spdlog::warn("step {}: the gradient norm has been exactly 0 at three logged steps in a row: the loss reaches no "
+                 "trainable weight (check optim.param_groups, or the run diverged into dead activations; under GRPO, "
+                 "every group's completions scored alike), so only AdamW's momentum and weight decay move the weights",
                  step);
   return rec;
 }
@@ -777,6 +794,12 @@ void StepGuard::skip(int64_t step, const std::string& why) {
 
 void install_stop_handlers() {
   g_stop.store(false);
+  // Until dist::init confirms it, the launcher's environment says which rank this is.
+  for (const char* var : {"RANK", "SLURM_PROCID"})
+    if (const char* v = std::getenv(var)) {
+      set_signal_rank(std::atoi(v));
+      break;
+    }
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
 }

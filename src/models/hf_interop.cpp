@@ -246,7 +246,8 @@ std::vector<std::string> check_hf_config(const std::string& weights, const std::
   } catch (const nlohmann::json::exception& e) {
     throw DataError(path + ": not valid JSON (" + e.what() + ")");
   }
-  const std::string type = j.value("model_type", std::string());
+  const std::string type =
+      j.contains("model_type") && j["model_type"].is_string() ? j["model_type"].get<std::string>() : std::string();
   auto sub = [&](const char* own_type, const char* key) -> const nlohmann::json* {
     if (type == own_type) return &j;
     if (j.contains(key) && j[key].is_object()) return &j[key];
@@ -283,7 +284,15 @@ std::vector<std::string> check_hf_config(const std::string& weights, const std::
     const auto* c = sub("llama", "text_config");
     // Other decoders (Mistral, Qwen2, ...) may share LLaMA's tensor names and load without a
     // complaint, then run without what differs (sliding-window attention, attention biases).
-    const std::string lm_type = c ? c->value("model_type", type) : type;
+    // The language model's own model_type: text_config's in a Hugging Face LLaVA folder, else the
+    // top level's (the original LLaVA writes "llava" / "llava_llama" beside LLaMA's fields).
+    std::string lm_type = type;
+    if (j.contains("text_config") && j["text_config"].is_object())
+      lm_type = j["text_config"].contains("model_type") && j["text_config"]["model_type"].is_string()
+                    ? j["text_config"]["model_type"].get<std::string>()
+                    : "";
+    else if (type == "llava" || type == "llava_llama")
+      lm_type = "llama";
     if (!lm_type.empty() && lm_type != "llama")
       diff.push_back("model_type: config.json has \"" + lm_type +
                      "\"; trialign's language model is LLaMA (LlamaForCausalLM), and weights of another architecture "

@@ -39,7 +39,7 @@ std::string problem_kind(const std::string& m) {
       {"is a truncated PNG", "bad_image"},
       {"is a folder, not an image file", "bad_image"},
       {"is not a regular file", "bad_image"},
-      {"megapixels)", "bad_image"},
+      {"Mi pixels)", "bad_image"},
       {"cannot be read", "bad_image"},
       {"placeholder", "image_placeholders"},
       {"<image> inside", "image_placeholders"},
