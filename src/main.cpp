@@ -137,20 +137,21 @@ const char* const kOutOfMemoryAdvice =
 // eval --set: what may differ from the checkpoint's config in an evaluation. The model and its
 // tokenizer are the checkpoint's; how bad records are treated, where images are and what to
 // evaluate are the user's (the messages about bad records name these keys).
+const std::vector<std::string> kEvalSettable = {"data.on_bad_record", "data.on_too_long", "data.image_root",
+                                                "data.max_seq_len",   "data.max_text_len", "eval.*"};
+
 RunConfig with_eval_overrides(const RunConfig& cfg, const std::vector<std::string>& sets) {
   if (sets.empty()) return cfg;
-  static const std::vector<std::string> allowed = {"data.on_bad_record", "data.on_too_long", "data.image_root",
-                                                   "data.max_seq_len", "data.max_text_len", "eval."};
   ConfigNode tree = parse_config_string(resolved_yaml(cfg), "checkpoint config");
   for (const auto& s : sets) {
     const std::string key = s.substr(0, s.find('='));
-    const bool ok = std::any_of(allowed.begin(), allowed.end(), [&](const std::string& a) {
-      return key == a || (a.back() == '.' && key.rfind(a, 0) == 0);
+    const bool ok = std::any_of(kEvalSettable.begin(), kEvalSettable.end(), [&](const std::string& a) {
+      return key == a || (a.back() == '*' && key.rfind(a.substr(0, a.size() - 1), 0) == 0);
     });
     if (!ok)
-      throw ConfigError("eval --set " + key + ": an evaluation takes the checkpoint's model, tokenizer and data "
-                        "settings; only data.on_bad_record, data.on_too_long, data.image_root, data.max_seq_len, "
-                        "data.max_text_len and eval.* (e.g. eval.sets with a limit) can be set here");
+      throw ConfigError(fmt::format("eval --set {}: an evaluation takes the checkpoint's model, tokenizer and data "
+                                    "settings; only {} can be set here (eval.sets with a limit, for instance)",
+                                    key, fmt::join(kEvalSettable, ", ")));
     apply_override(tree, s);
   }
   return run_config_from_tree(tree, "the checkpoint's config with --set");
@@ -523,8 +524,8 @@ int main(int argc, char** argv) {
                    "reply, right; yes/no probes also said, hallucination); VLM checkpoints");
   eval->add_option("--threads", eval_threads, "LibTorch threads (0 = all cores)")->check(at_least(0, true));
   eval->add_option("--set", sets,
-                   "Override an evaluation key of the checkpoint's config (repeatable): data.on_bad_record, "
-                   "data.on_too_long, data.image_root, data.max_seq_len, data.max_text_len, eval.*");
+                   fmt::format("Override an evaluation key of the checkpoint's config (repeatable): {}",
+                               fmt::join(kEvalSettable, ", ")));
 
   // run (pipeline)
   std::string pipeline;

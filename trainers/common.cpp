@@ -613,8 +613,10 @@ std::string select_resume_checkpoint_here(const std::string& run_dir, const std:
                     "/checkpoints' is damaged (the warnings above name the files); not starting over, which would "
                     "replace them. Restore the files, pass --resume with a good copy, or move the checkpoints folder "
                     "aside to start fresh");
-  if (dir.empty()) spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);
-  if (dir.empty()) set_aside_old_metrics(run_dir);
+  if (dir.empty()) {
+    spdlog::info("resume auto: no checkpoint in {}, starting fresh", run_dir);
+    set_aside_old_metrics(run_dir);
+  }
   return dir;
 }
 
