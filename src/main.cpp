@@ -162,9 +162,10 @@ bool sets_key(const std::vector<std::string>& sets, const std::string& key) {
 }
 
 // use: the command, for the message when the tokenizer file is not the one it was trained with.
-LoadedVlm load_vlm(const std::string& dir, const std::string& use) {
+// cfg: the checkpoint's config as the command has it (eval's carries its --set).
+LoadedVlm load_vlm(const std::string& dir, const std::string& use, RunConfig cfg) {
   LoadedVlm v;
-  v.cfg = checkpoint_config_of(dir);
+  v.cfg = std::move(cfg);
   check_checkpoint_tokenizer(dir, v.cfg.data.tokenizer, use);
   v.tok = Tokenizer::load(v.cfg.data.tokenizer);
   v.model = build_vlm_model(v.cfg, v.tok);
@@ -173,10 +174,10 @@ LoadedVlm load_vlm(const std::string& dir, const std::string& use) {
   return v;
 }
 
-int cmd_eval_vlm(const std::string& dir, const std::string& data, const std::vector<std::string>& suites,
-                 const std::string& out, const std::string& predictions_out, const std::vector<std::string>& overrides) {
-  auto v = load_vlm(dir, "eval");
-  v.cfg = with_eval_overrides(v.cfg, overrides);
+int cmd_eval_vlm(const std::string& dir, const RunConfig& cfg, const std::string& data,
+                 const std::vector<std::string>& suites, const std::string& out, const std::string& predictions_out,
+                 const std::vector<std::string>& overrides) {
+  auto v = load_vlm(dir, "eval", cfg);
   const bool bf16 = resolve_precision(v.cfg.run.precision) == "bf16";
   std::vector<EvalSet> sets = v.cfg.eval.sets;
   if (!data.empty()) {
@@ -251,7 +252,7 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
     if (std::find(known.begin(), known.end(), s) == known.end())
       throw ConfigError(fmt::format("--suite '{}': a {} checkpoint has the suites {} (or auto for all)", s, cfg.trainer,
                                     fmt::join(known, ", ")));
-  if (cfg.is_vlm()) return cmd_eval_vlm(dir, data, suites, out, predictions_out, overrides);
+  if (cfg.is_vlm()) return cmd_eval_vlm(dir, cfg, data, suites, out, predictions_out, overrides);
   if (!predictions_out.empty())
     throw ConfigError("--predictions: a " + cfg.trainer + " checkpoint scores retrieval over the whole set, not a reply "
                       "per record; --predictions is for checkpoints of stage 2 onwards (adapter, finetune, preference)");
@@ -278,7 +279,7 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
   verify_checkpoint(dir);
   if (!checkpoint_config_of(dir).is_vlm())
     throw ConfigError("generate: '" + dir + "' is a stage-1 (contrastive) checkpoint; it has no language model");
-  auto v = load_vlm(dir, "generate");
+  auto v = load_vlm(dir, "generate", checkpoint_config_of(dir));
   if (!image.empty() && v.cfg.data.drop_images)
     throw ConfigError("generate: '" + dir + "' was trained on text alone (data.drop_images); it cannot take --image");
   if (v.cfg.data.chat_template == "plain")
