@@ -21,6 +21,7 @@
 #include "losses/loss.h"
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
+#include "trainers/fused_adamw.h"
 #include "trainers/memory_estimate.h"
 #include "trainers/preflight.h"
 #include "trainers/resume_state.h"
@@ -212,7 +213,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   std::vector<torch::Tensor> params;
   int64_t n_params = 0;
   for (const auto& [n, p] : named) params.push_back(p), n_params += p.numel();
-  torch::optim::AdamW optimizer(adamw_groups(named, cfg.optim));
+  FusedAdamW optimizer(adamw_groups(named, cfg.optim));
 
   CaptionDataset train(cfg.data.train, cfg.data, tok, /*train=*/true);
   std::unique_ptr<CaptionDataset> val;
@@ -294,7 +295,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
       if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;
       continue;
     }
-    optimizer.zero_grad();
+    optimizer.release_grads();
     LossOutput out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
     reduce_gradients(cfg, params);
     const auto gnorm = guard.clip(step + 1, out.loss, params);

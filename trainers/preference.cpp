@@ -14,6 +14,7 @@
 #include "data/prefetch_loader.h"
 #include "losses/cross_entropy.h"
 #include "trainers/vlm.h"
+#include "trainers/fused_adamw.h"
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
 #include "trainers/memory_estimate.h"
@@ -198,7 +199,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   std::vector<torch::Tensor> params;
   int64_t n_trainable = 0;
   for (const auto& [n, p] : plan.trainable) params.push_back(p), n_trainable += p.numel();
-  torch::optim::AdamW optimizer(plan.groups);
+  FusedAdamW optimizer(plan.groups);
 
   const int64_t tpi = model->tokens_per_image();
   const auto kind = sampling ? PreferenceDataset::Kind::Prompts : PreferenceDataset::Kind::Pairs;
@@ -302,7 +303,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       if (after_step(cfg, opt, step, result, save, [&] { run_eval(step); })) return result;
       continue;
     }
-    optimizer.zero_grad();
+    optimizer.release_grads();
     LossOutput out;
     out.loss = torch::zeros({});
     // Ranks draw their own corrupted images and completions (one process: rank 0, unchanged).

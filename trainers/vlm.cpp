@@ -18,6 +18,7 @@
 #include "eval/representation.h"
 #include "models/hf_interop.h"
 #include "tools/data_check.h"
+#include "trainers/fused_adamw.h"
 #include "trainers/memory_estimate.h"
 #include "trainers/preflight.h"
 #include "trainers/resume_state.h"
@@ -316,7 +317,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   for (const auto& [n, p] : plan.trainable) params.push_back(p), n_trainable += p.numel();
   for (const auto& p : model->parameters())
     if (!p.requires_grad()) n_frozen += p.numel();
-  torch::optim::AdamW optimizer(plan.groups);
+  FusedAdamW optimizer(plan.groups);
 
   const int64_t tpi = model->tokens_per_image();
   ConversationDataset train(cfg.data.train, cfg.data, tok, tpi, /*train=*/true);
@@ -396,7 +397,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
       if (after_step(cfg, opt, step, result, save, eval_and_resume)) return result;
       continue;
     }
-    optimizer.zero_grad();
+    optimizer.release_grads();
     // The loss is normalised by the target tokens of the global batch (every rank's).
     const double step_tokens = sum_across_ranks(static_cast<double>(batch.target_tokens()), "all-reduce of token counts");
     LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16, step_tokens);
