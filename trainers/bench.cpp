@@ -23,6 +23,7 @@
 #include "losses/loss.h"
 #include "losses/preference.h"
 #include "trainers/contrastive.h"
+#include "trainers/fused_adamw.h"
 #include "trainers/preference_passes.h"
 #include "trainers/vlm.h"
 #include "core/json_text.h"
@@ -206,7 +207,44 @@ struct Measured {
   Timing timing;
   double flops = 0, samples = 0, tokens = 0;
   int64_t trainable_params = 0;
+  std::vector<std::vector<int64_t>> trainable_shapes;  // for the optimizer timing after the steps
 };
+
+void add_trainable(Measured& m, const torch::Tensor& p) {
+  m.trainable_params += p.numel();
+  m.trainable_shapes.push_back(p.sizes().vec());
+}
+
+// The AdamW update of weights shaped like the trained ones, timed with the fused optimizer the
+// trainers use and with LibTorch's (interleaved, median of 5 after 2 untimed each): what the
+// one-pass update saves per step on this machine. Seconds, {fused, LibTorch}.
+std::pair<double, double> optimizer_step_times(const std::vector<std::vector<int64_t>>& shapes, const OptimConfig& o) {
+  std::vector<torch::Tensor> params;
+  for (const auto& s : shapes) {
+    auto p = torch::randn(s).requires_grad_(true);
+    p.mutable_grad() = torch::randn(s);
+    params.push_back(p);
+  }
+  auto group = [&] {
+    std::vector<torch::optim::OptimizerParamGroup> g;
+    auto opts = std::make_unique<torch::optim::AdamWOptions>(o.lr);
+    opts->weight_decay(o.weight_decay).betas({o.betas[0], o.betas[1]}).eps(o.eps);
+    g.emplace_back(params, std::move(opts));
+    return g;
+  };
+  FusedAdamW fused(group());
+  torch::optim::AdamW reference(group());
+  std::vector<double> tf, tr;
+  for (int i = 0; i < 7; ++i) {
+    auto t0 = Clock::now();
+    fused.step();
+    if (i >= 2) tf.push_back(seconds_since(t0));
+    t0 = Clock::now();
+    reference.step();
+    if (i >= 2) tr.push_back(seconds_since(t0));
+  }
+  return {median(tf), median(tr)};
+}
 
 Measured bench_contrastive(RunConfig& cfg, const std::optional<Tokenizer>& tok, const std::vector<std::string>& images,
                            bool bf16, const BenchOptions& opt) {
@@ -216,8 +254,8 @@ Measured bench_contrastive(RunConfig& cfg, const std::optional<Tokenizer>& tok, 
   const auto named = trainable_params(model, *loss);
   std::vector<torch::Tensor> params;
   Measured m;
-  for (const auto& [n, p] : named) params.push_back(p), m.trainable_params += p.numel();
-  torch::optim::AdamW optimizer(adamw_groups(named, cfg.optim));
+  for (const auto& [n, p] : named) params.push_back(p), add_trainable(m, p);
+  FusedAdamW optimizer(adamw_groups(named, cfg.optim));
 
   // Every caption fills the context: [bos] random ids [eos].
   const int64_t T = cfg.data.max_text_len, V = cfg.model.text.vocab_size, B = cfg.train.batch_size;
@@ -243,7 +281,7 @@ Measured bench_contrastive(RunConfig& cfg, const std::optional<Tokenizer>& tok, 
   int64_t step = 0;
   m.timing = time_steps(loader, cfg.bench, opt, [&](const CaptionBatch& batch) {
     set_lr(optimizer, lr_at(cfg.schedule, cfg.optim.lr, step, total));
-    optimizer.zero_grad();
+    optimizer.release_grads();
     const auto out = contrastive_step(model, *loss, batch, cfg.train.grad_accum, bf16);
     if (guard.clip(++step, out.loss, params)) {
       optimizer.step();
@@ -305,7 +343,7 @@ Measured bench_vlm(RunConfig& cfg, const std::optional<Tokenizer>& tok, const st
                    bool bf16, const BenchOptions& opt) {
   VlmSetup s = build_vlm(cfg, tok);
   auto loss = lm_losses().create_or_throw(cfg.loss);
-  torch::optim::AdamW optimizer(s.plan.groups);
+  FusedAdamW optimizer(s.plan.groups);
   const int64_t B = cfg.train.batch_size, reply = cfg.bench.loss_tokens, prompt = cfg.bench.text_tokens - reply;
   const int64_t n = std::max<int64_t>(B, static_cast<int64_t>(images.size()));
   std::vector<ConversationSample> samples;
@@ -329,11 +367,11 @@ Measured bench_vlm(RunConfig& cfg, const std::optional<Tokenizer>& tok, const st
   Measured m;
   m.timing = time_steps(loader, cfg.bench, opt, [&](const ConversationBatch& batch) {
     set_lr_scaled(optimizer, s.plan.base_lrs, lr_at(cfg.schedule, 1.0, step, total));
-    optimizer.zero_grad();
+    optimizer.release_grads();
     const auto out = vlm_step(s.model, *loss, batch, cfg.train.grad_accum, s.image_id, bf16);
     if (guard.clip(++step, out.loss, s.params)) optimizer.step();
   });
-  for (const auto& p : s.params) m.trainable_params += p.numel();
+  for (const auto& p : s.params) add_trainable(m, p);
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, false);
   m.samples = static_cast<double>(B);
   m.tokens = static_cast<double>(B * (visual_tokens_per_image(cfg.model) + cfg.bench.text_tokens));
@@ -350,7 +388,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
   VlmSetup s = build_vlm(cfg, tok);
   VlmModel reference{nullptr};
   if (loss->needs_reference()) reference = frozen_copy(s.model, cfg.model);  // as the trainer builds it
-  torch::optim::AdamW optimizer(s.plan.groups);
+  FusedAdamW optimizer(s.plan.groups);
   const int64_t B = cfg.train.batch_size, reply = cfg.bench.loss_tokens, prompt = cfg.bench.text_tokens - reply;
   const int64_t n = std::max<int64_t>(B, static_cast<int64_t>(images.size()));
   std::vector<PreferenceSample> samples;
@@ -377,7 +415,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
   Measured m;
   m.timing = time_steps(loader, cfg.bench, opt, [&](const PreferenceBatch& batch) {
     set_lr_scaled(optimizer, s.plan.base_lrs, lr_at(cfg.schedule, 1.0, step, total));
-    optimizer.zero_grad();
+    optimizer.release_grads();
     double chosen_tokens = 0;
     for (auto i : batch.indices) chosen_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
     torch::Tensor total_loss = torch::zeros({});
@@ -392,7 +430,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
     }
     if (guard.clip(++step, total_loss, s.params)) optimizer.step();
   });
-  for (const auto& p : s.params) m.trainable_params += p.numel();
+  for (const auto& p : s.params) add_trainable(m, p);
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, !reference.is_empty());
   m.samples = static_cast<double>(B);
   m.tokens = static_cast<double>(2 * B * (visual_tokens_per_image(cfg.model) + cfg.bench.text_tokens));
@@ -435,6 +473,8 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   else m = bench_vlm(cfg, tok, images, bf16, opt);
 
   peak = std::max(peak, matmul_peak(cfg.bench.matmul_size, bf16));
+  const double rss = peak_rss_mb();  // before the optimizer timing's copies of the weights
+  const auto [adamw_fused, adamw_libtorch] = optimizer_step_times(m.trainable_shapes, cfg.optim);
   const double med = median(m.timing.step_s);
   const double step_sum = std::accumulate(m.timing.step_s.begin(), m.timing.step_s.end(), 0.0);
   const double wait_sum = std::accumulate(m.timing.wait_s.begin(), m.timing.wait_s.end(), 0.0);
@@ -463,7 +503,9 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   j["matmul_size"] = cfg.bench.matmul_size;
   j["matmul_peak_flops_per_s"] = peak;
   j["fraction_of_matmul_peak"] = m.flops / med / peak;
-  j["peak_rss_mb"] = peak_rss_mb();
+  j["peak_rss_mb"] = rss;
+  j["optimizer_step_s"] = adamw_fused;
+  j["optimizer_step_libtorch_s"] = adamw_libtorch;
   j["data_wait_share"] = step_sum > 0 ? wait_sum / step_sum : 0.0;
   j["decode_transform_images_per_s_per_core"] = decode;
   const std::string text = json_text(j, 2) + "\n";
@@ -498,6 +540,9 @@ std::string bench_table(const nlohmann::json& j) {
   row("matmul peak (n=" + std::to_string(j["matmul_size"].get<int64_t>()) + ")",
       num(j["matmul_peak_flops_per_s"].get<double>() / 1e9, 1) + " GFLOP/s");
   row("fraction of matmul peak", num(j["fraction_of_matmul_peak"].get<double>() * 100, 1) + " %");
+  row("AdamW update: fused / LibTorch's", num(j["optimizer_step_s"].get<double>() * 1e3, 1) + " / " +
+                                              num(j["optimizer_step_libtorch_s"].get<double>() * 1e3, 1) + " ms (" +
+                                              std::to_string(j["trainable_parameters"].get<int64_t>()) + " weights)");
   row("peak resident memory", num(j["peak_rss_mb"].get<double>(), 0) + " MiB");
   row("waiting for data", num(j["data_wait_share"].get<double>() * 100, 2) + " % of step time");
   row("decode + transform", num(j["decode_transform_images_per_s_per_core"].get<double>(), 0) + " images/s on one core");
