@@ -3,6 +3,9 @@
 // released gradients against zeroed ones.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
+#include <string>
+
 #include "trainers/fused_adamw.h"
 
 using namespace trialign;
@@ -46,6 +49,18 @@ torch::Tensor loss_at(const Params& p, int step) {
   return l;
 }
 
+// ATen runs its AVX2 kernels (no AVX-512 on this CPU) or its default ones (forced).
+bool exact_expected() {
+  const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
+  if (forced && std::string(forced) == "default") return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return !__builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 const torch::optim::AdamWParamState& state_of(const torch::optim::Optimizer& o, const torch::Tensor& p) {
   return static_cast<const torch::optim::AdamWParamState&>(
       *o.state().at(c10::guts::to_string(p.unsafeGetTensorImpl())));
@@ -77,15 +92,22 @@ TEST_CASE("fused AdamW gives LibTorch AdamW's weights and moments", "[optim]") {
     const auto& rs = state_of(ref_opt, r[i]);
     const auto& fs = state_of(fused_opt, f[i]);
     CHECK(fs.step() == rs.step());
-    // ...and identically: the kernel rounds each operation as LibTorch's kernels do. If a
-    // LibTorch build ever rounds differently, the tight tolerance below still holds and the
-    // exact check is only a warning.
+    // ...and identically: the kernel rounds each operation as LibTorch's kernels do. Checked
+    // bit for bit with ATen's AVX2 kernels and its default ones (ctest runs this case again
+    // with ATEN_CPU_CAPABILITY=default); with its AVX-512 kernels, not yet seen here, a
+    // difference is reported and only the tolerance is required.
     REQUIRE(torch::allclose(f[i], r[i], 1e-6, 1e-7));
     REQUIRE(torch::allclose(fs.exp_avg(), rs.exp_avg(), 1e-6, 1e-9));
     REQUIRE(torch::allclose(fs.exp_avg_sq(), rs.exp_avg_sq(), 1e-6, 1e-12));
-    CHECK_NOFAIL(torch::equal(f[i], r[i]));
-    CHECK_NOFAIL(torch::equal(fs.exp_avg(), rs.exp_avg()));
-    CHECK_NOFAIL(torch::equal(fs.exp_avg_sq(), rs.exp_avg_sq()));
+    if (exact_expected()) {
+      CHECK(torch::equal(f[i], r[i]));
+      CHECK(torch::equal(fs.exp_avg(), rs.exp_avg()));
+      CHECK(torch::equal(fs.exp_avg_sq(), rs.exp_avg_sq()));
+    } else {
+      CHECK_NOFAIL(torch::equal(f[i], r[i]));
+      CHECK_NOFAIL(torch::equal(fs.exp_avg(), rs.exp_avg()));
+      CHECK_NOFAIL(torch::equal(fs.exp_avg_sq(), rs.exp_avg_sq()));
+    }
   }
   // The parameter the loss stopped reaching still stepped (momentum and decay), as with zeros.
   CHECK(state_of(fused_opt, fused.plain[1]).step() == 6);

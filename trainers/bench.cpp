@@ -207,33 +207,42 @@ struct Measured {
   Timing timing;
   double flops = 0, samples = 0, tokens = 0;
   int64_t trainable_params = 0;
-  std::vector<std::vector<int64_t>> trainable_shapes;  // for the optimizer timing after the steps
+  // The optimizer's groups (options, parameter shapes), for the optimizer timing after the steps.
+  std::vector<std::pair<torch::optim::AdamWOptions, std::vector<std::vector<int64_t>>>> groups;
 };
 
-void add_trainable(Measured& m, const torch::Tensor& p) {
-  m.trainable_params += p.numel();
-  m.trainable_shapes.push_back(p.sizes().vec());
+void add_trainable(Measured& m, const torch::Tensor& p) { m.trainable_params += p.numel(); }
+
+void record_groups(Measured& m, torch::optim::Optimizer& opt) {
+  for (auto& g : opt.param_groups()) {
+    std::vector<std::vector<int64_t>> shapes;
+    for (const auto& p : g.params()) shapes.push_back(p.sizes().vec());
+    m.groups.emplace_back(static_cast<const torch::optim::AdamWOptions&>(g.options()), std::move(shapes));
+  }
 }
 
-// The AdamW update of weights shaped like the trained ones, timed with the fused optimizer the
-// trainers use and with LibTorch's (interleaved, median of 5 after 2 untimed each): what the
-// one-pass update saves per step on this machine. Seconds, {fused, LibTorch}.
-std::pair<double, double> optimizer_step_times(const std::vector<std::vector<int64_t>>& shapes, const OptimConfig& o) {
-  std::vector<torch::Tensor> params;
-  for (const auto& s : shapes) {
-    auto p = torch::randn(s).requires_grad_(true);
-    p.mutable_grad() = torch::randn(s);
-    params.push_back(p);
+// The AdamW update of weights shaped and grouped like the trained ones (the same decay and
+// no-decay groups), timed with the fused optimizer the trainers use and with LibTorch's
+// (interleaved, median of 5 after 2 untimed each): what the one-pass update saves per step on
+// this machine. Seconds, {fused, LibTorch}.
+std::pair<double, double> optimizer_step_times(const Measured& m) {
+  std::vector<std::vector<torch::Tensor>> params;
+  for (const auto& [options, shapes] : m.groups) {
+    params.emplace_back();
+    for (const auto& s : shapes) {
+      auto p = torch::randn(s).requires_grad_(true);
+      p.mutable_grad() = torch::randn(s);
+      params.back().push_back(p);
+    }
   }
-  auto group = [&] {
+  auto groups = [&] {
     std::vector<torch::optim::OptimizerParamGroup> g;
-    auto opts = std::make_unique<torch::optim::AdamWOptions>(o.lr);
-    opts->weight_decay(o.weight_decay).betas({o.betas[0], o.betas[1]}).eps(o.eps);
-    g.emplace_back(params, std::move(opts));
+    for (size_t i = 0; i < params.size(); ++i)
+      g.emplace_back(params[i], std::make_unique<torch::optim::AdamWOptions>(m.groups[i].first));
     return g;
   };
-  FusedAdamW fused(group());
-  torch::optim::AdamW reference(group());
+  FusedAdamW fused(groups());
+  torch::optim::AdamW reference(groups());
   std::vector<double> tf, tr;
   for (int i = 0; i < 7; ++i) {
     auto t0 = Clock::now();
@@ -292,6 +301,7 @@ Measured bench_contrastive(RunConfig& cfg, const std::optional<Tokenizer>& tok, 
   m.samples = static_cast<double>(B);
   const int64_t side = cfg.model.vision.image_size / cfg.model.vision.patch_size;
   m.tokens = static_cast<double>(B * (side * side + 1 + T));
+  record_groups(m, optimizer);
   return m;
 }
 
@@ -375,6 +385,7 @@ Measured bench_vlm(RunConfig& cfg, const std::optional<Tokenizer>& tok, const st
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, false);
   m.samples = static_cast<double>(B);
   m.tokens = static_cast<double>(B * (visual_tokens_per_image(cfg.model) + cfg.bench.text_tokens));
+  record_groups(m, optimizer);
   return m;
 }
 
@@ -434,6 +445,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, !reference.is_empty());
   m.samples = static_cast<double>(B);
   m.tokens = static_cast<double>(2 * B * (visual_tokens_per_image(cfg.model) + cfg.bench.text_tokens));
+  record_groups(m, optimizer);
   return m;
 }
 
@@ -474,7 +486,7 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
 
   peak = std::max(peak, matmul_peak(cfg.bench.matmul_size, bf16));
   const double rss = peak_rss_mb();  // before the optimizer timing's copies of the weights
-  const auto [adamw_fused, adamw_libtorch] = optimizer_step_times(m.trainable_shapes, cfg.optim);
+  const auto [adamw_fused, adamw_libtorch] = optimizer_step_times(m);
   const double med = median(m.timing.step_s);
   const double step_sum = std::accumulate(m.timing.step_s.begin(), m.timing.step_s.end(), 0.0);
   const double wait_sum = std::accumulate(m.timing.wait_s.begin(), m.timing.wait_s.end(), 0.0);

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 namespace trialign {
 namespace {
@@ -18,43 +20,57 @@ struct Coeffs {
   float neg_step;  // -lr / (1 - beta1^t)
 };
 
-// One element at a time, in LibTorch's order and rounding (aten add_ with alpha and addcmul_
-// are fused multiply-adds, as its vectorised kernels compute them; the divisions are not):
+// One element at a time, in the order and rounding of LibTorch's kernels:
 //   p <- p * decay
-//   m <- fma(g, 1 - beta1, m * beta1)
-//   v <- fma((1 - beta2) * g, g, v * beta2)
+//   m <- g * (1 - beta1) + m * beta1           (aten add_ with alpha: vec::fmadd)
+//   v <- ((1 - beta2) * g) * g + v * beta2     (aten addcmul_)
 //   p <- p + (-step * m) / (sqrt(v) / sqrt_bc2 + eps)
+// Where ATen runs its AVX2 / AVX-512 kernels, the two multiply-adds are fused (one rounding);
+// in its DEFAULT kernels (CPUs without AVX2+FMA, or ATEN_CPU_CAPABILITY=default) they are not.
 // A macro, so that each copy below is compiled (and vectorised) for its own instruction set.
-#define TRIALIGN_ADAMW_LOOP                                                  \
-  for (int64_t i = 0; i < n; ++i) {                                          \
-    const float gi = g[i];                                                   \
-    const float pv = p[i] * c.decay;                                         \
-    const float mv = __builtin_fmaf(gi, c.one_minus_beta1, m[i] * c.beta1);  \
-    const float vv = __builtin_fmaf(c.one_minus_beta2 * gi, gi, v[i] * c.beta2); \
-    const float denom = __builtin_sqrtf(vv) / c.sqrt_bc2 + c.eps;            \
-    m[i] = mv;                                                               \
-    v[i] = vv;                                                               \
-    p[i] = pv + (c.neg_step * mv) / denom;                                   \
+#define TRIALIGN_ADAMW_LOOP(MADD)                                          \
+  for (int64_t i = 0; i < n; ++i) {                                        \
+    const float gi = g[i];                                                 \
+    const float pv = p[i] * c.decay;                                       \
+    const float mv = MADD(gi, c.one_minus_beta1, m[i] * c.beta1);          \
+    const float vv = MADD(c.one_minus_beta2 * gi, gi, v[i] * c.beta2);     \
+    const float denom = __builtin_sqrtf(vv) / c.sqrt_bc2 + c.eps;          \
+    m[i] = mv;                                                             \
+    v[i] = vv;                                                             \
+    p[i] = pv + (c.neg_step * mv) / denom;                                 \
   }
+#define TRIALIGN_FUSED_MADD(a, b, c) __builtin_fmaf(a, b, c)
+#define TRIALIGN_PLAIN_MADD(a, b, c) ((a) * (b) + (c))  // two roundings: this file is built with -ffp-contract=off
 
-// With AVX2 and FMA: 8 floats per instruction and fma as one instruction. The plain copy calls
-// libm's fmaf per element: 8x slower on one core of an AMD EPYC (150 ms against 19 ms for the
-// 21.8 M weights of the stage-3 bench card), so it is only for CPUs without FMA.
-__attribute__((target("avx2,fma"))) void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
-                                                         Coeffs c) {
-  TRIALIGN_ADAMW_LOOP
+void adamw_range_plain(float* p, const float* g, float* m, float* v, int64_t n, Coeffs c) {
+  TRIALIGN_ADAMW_LOOP(TRIALIGN_PLAIN_MADD)
 }
 
-void adamw_range_plain(float* p, const float* g, float* m, float* v, int64_t n, Coeffs c) { TRIALIGN_ADAMW_LOOP }
+#if defined(__x86_64__)
+// 8 floats per instruction and each multiply-add one instruction.
+__attribute__((target("avx2,fma"))) void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
+                                                         Coeffs c) {
+  TRIALIGN_ADAMW_LOOP(TRIALIGN_FUSED_MADD)
+}
+#endif
 
 #undef TRIALIGN_ADAMW_LOOP
+#undef TRIALIGN_FUSED_MADD
+#undef TRIALIGN_PLAIN_MADD
 
 using RangeFn = void (*)(float*, const float*, float*, float*, int64_t, Coeffs);
 
+// The copy that rounds as the kernels ATen picked: it takes AVX2 (or AVX-512, whose fused
+// multiply-adds round the same) when the CPU has AVX2 and FMA, unless ATEN_CPU_CAPABILITY=default.
 RangeFn adamw_range() {
   static const RangeFn fn = [] {
+#if defined(__x86_64__)
+    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &adamw_range_avx2 : &adamw_range_plain;
+    if (!(forced && std::string(forced) == "default") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return &adamw_range_avx2;
+#endif
+    return &adamw_range_plain;
   }();
   return fn;
 }

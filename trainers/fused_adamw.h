@@ -2,11 +2,13 @@
 //
 // LibTorch's AdamW::step runs nine element-wise ops per parameter (decay, two moment updates
 // with two ops each, sqrt, divide, add eps, addcdiv) and allocates two parameter-sized
-// temporaries, so it streams each fp32 parameter through memory about 22 times: 96 ms a step
+// temporaries, so it streams each fp32 parameter through memory about 22 times: 84-88 ms a step
 // for the 21.8 M weights of the stage-3 bench card on 2 cores (docs/benchmarks.md). This
 // class computes the same per-element formula in one pass (read p, g, m, v; write p, m, v),
 // rounding each operation as LibTorch's kernels do, so the weights it produces are the ones
-// LibTorch's AdamW produces (asserted in tests/test_fused_adamw.cpp).
+// LibTorch's AdamW produces: bit for bit on an x86 CPU with AVX2+FMA (tests/test_fused_adamw.cpp
+// compares them; docs/benchmarks.md has the end-to-end check). On other architectures the plain
+// copy may differ from LibTorch's vector kernels in the last bit.
 //
 // It is a torch::optim::AdamW: options, param groups and AdamWParamState are LibTorch's, so
 // checkpoints, set_lr and the optimizer-state files work unchanged.
@@ -15,6 +17,9 @@
 // gradient instead of adding it to zeros: one memset and one add pass less per parameter). A
 // parameter that had a gradient before and gets none this step is updated as if its gradient
 // were zero, which is what zero_grad() followed by step() does.
+// Such a parameter adds nothing to the gradient-norm sum instead of a 0, which can change
+// that sum's last bit (summation order), so only runs where every step reaches every trained
+// parameter (all the shipped configs) are bit-identical to zero_grad() ones.
 #pragma once
 #include <torch/torch.h>
 
