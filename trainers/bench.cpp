@@ -211,8 +211,6 @@ struct Measured {
   std::vector<std::pair<torch::optim::AdamWOptions, std::vector<std::vector<int64_t>>>> groups;
 };
 
-void add_trainable(Measured& m, const torch::Tensor& p) { m.trainable_params += p.numel(); }
-
 void record_groups(Measured& m, torch::optim::Optimizer& opt) {
   for (auto& g : opt.param_groups()) {
     std::vector<std::vector<int64_t>> shapes;
@@ -263,7 +261,7 @@ Measured bench_contrastive(RunConfig& cfg, const std::optional<Tokenizer>& tok, 
   const auto named = trainable_params(model, *loss);
   std::vector<torch::Tensor> params;
   Measured m;
-  for (const auto& [n, p] : named) params.push_back(p), add_trainable(m, p);
+  for (const auto& [n, p] : named) params.push_back(p), m.trainable_params += p.numel();
   FusedAdamW optimizer(adamw_groups(named, cfg.optim));
 
   // Every caption fills the context: [bos] random ids [eos].
@@ -381,7 +379,7 @@ Measured bench_vlm(RunConfig& cfg, const std::optional<Tokenizer>& tok, const st
     const auto out = vlm_step(s.model, *loss, batch, cfg.train.grad_accum, s.image_id, bf16);
     if (guard.clip(++step, out.loss, s.params)) optimizer.step();
   });
-  for (const auto& p : s.params) add_trainable(m, p);
+  for (const auto& p : s.params) m.trainable_params += p.numel();
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, false);
   m.samples = static_cast<double>(B);
   m.tokens = static_cast<double>(B * (visual_tokens_per_image(cfg.model) + cfg.bench.text_tokens));
@@ -441,7 +439,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
     }
     if (guard.clip(++step, total_loss, s.params)) optimizer.step();
   });
-  for (const auto& p : s.params) add_trainable(m, p);
+  for (const auto& p : s.params) m.trainable_params += p.numel();
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, !reference.is_empty());
   m.samples = static_cast<double>(B);
   m.tokens = static_cast<double>(2 * B * (visual_tokens_per_image(cfg.model) + cfg.bench.text_tokens));
