@@ -96,9 +96,11 @@ TEST_CASE("fused AdamW gives LibTorch AdamW's weights and moments", "[optim]") {
     // bit for bit with ATen's AVX2 kernels and its default ones (ctest runs this case again
     // with ATEN_CPU_CAPABILITY=default); with its AVX-512 kernels, not yet seen here, a
     // difference is reported and only the tolerance is required.
-    REQUIRE(torch::allclose(f[i], r[i], 1e-6, 1e-7));
-    REQUIRE(torch::allclose(fs.exp_avg(), rs.exp_avg(), 1e-6, 1e-9));
-    REQUIRE(torch::allclose(fs.exp_avg_sq(), rs.exp_avg_sq(), 1e-6, 1e-12));
+    // The absolute parts are a few units in the last place of the moments' terms (m ~ 0.1-1,
+    // v ~ 0.01-1): where two terms cancel, one rounding more or less is that large.
+    REQUIRE(torch::allclose(f[i], r[i], 1e-6, 1e-6));
+    REQUIRE(torch::allclose(fs.exp_avg(), rs.exp_avg(), 1e-6, 1e-6));
+    REQUIRE(torch::allclose(fs.exp_avg_sq(), rs.exp_avg_sq(), 1e-6, 1e-6));
     if (exact_expected()) {
       CHECK(torch::equal(f[i], r[i]));
       CHECK(torch::equal(fs.exp_avg(), rs.exp_avg()));
@@ -111,4 +113,6 @@ TEST_CASE("fused AdamW gives LibTorch AdamW's weights and moments", "[optim]") {
   }
   // The parameter the loss stopped reaching still stepped (momentum and decay), as with zeros.
   CHECK(state_of(fused_opt, fused.plain[1]).step() == 6);
+  // The comparison is of the one-pass kernel: every parameter but the transposed one took it.
+  CHECK(fused_opt.one_pass_updates() == 4);
 }

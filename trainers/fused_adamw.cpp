@@ -101,6 +101,7 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
   }
+  one_pass_updates_ = 0;
   for (auto& group : param_groups()) {
     auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
     for (auto& p : group.params()) {
@@ -148,6 +149,7 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
         });
         // Written through raw pointers: tell autograd, as an in-place op would.
         for (auto* t : {&p, &m, &v}) t->unsafeGetTensorImpl()->bump_version();
+        ++one_pass_updates_;
         continue;
       }
       // Anything else (another dtype or device, a strided tensor, amsgrad): LibTorch's op sequence.

@@ -37,7 +37,11 @@ class FusedAdamW : public torch::optim::AdamW {
   // Sets every parameter's gradient to undefined (see above); call where zero_grad() was.
   void release_grads();
 
+  // How many parameters the last step() updated in one pass (the others took LibTorch's ops).
+  int64_t one_pass_updates() const { return one_pass_updates_; }
+
  private:
+  int64_t one_pass_updates_ = 0;
   std::unordered_set<const c10::TensorImpl*> had_grad_;  // parameters whose gradient was released
 };
 
