@@ -408,6 +408,8 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   } catch (const std::invalid_argument& e) {
     throw ConfigError("data shapes: " + in_flag_names(e.what()));
   }
+  if (n_train == 0 && n_val == 0)
+    throw ConfigError("data shapes: --train 0 and --val 0 would write empty manifests; ask for some scenes (e.g. --train 4000 --val 500)");
   // The generator writes train.jsonl, val.jsonl, ... and images/train/000000.png onwards: in a
   // folder that holds a dataset (this one's or a user's) those would be replaced file by file.
   std::error_code ec;

@@ -109,6 +109,21 @@ TEST_CASE("an include naming a folder, an empty --set value and a pipeline stage
              Catch::Contains("stages[1].init_from[0].components: stage 'a' (trainer contrastive) has no language_model; "
                              "its checkpoints hold vision_model, text_model, visual_projection, text_projection"));
   CHECK(load_pipeline(two_stages("[vision_model]")).stages.at(1).init_from.at(0).components.size() == 1);
+  // A stage's folder is the pipeline's out_dir/<name>: a set of run.out_dir or run.name would be
+  // overwritten without a word, so it is refused, from the stage's set, the pipeline's and --set.
+  for (const std::string set : {"{run.out_dir: elsewhere}", "{run: {name: other}}"}) {
+    write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - name: a\n    config: " +
+                                     d.file("a.yaml") + "\n    set: " + set + "\n");
+    CHECK_THAT(error_of([&] { load_pipeline(d.file("p.yaml")); }),
+               Catch::Contains(d.file("p.yaml") + ":6:") && Catch::Contains("a pipeline stage trains in the pipeline's out_dir/<stage name>"));
+  }
+  write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nset: {run.name: x}\nstages:\n  - {name: a, config: " +
+                                   d.file("a.yaml") + "}\n");
+  CHECK_THAT(error_of([&] { load_pipeline(d.file("p.yaml")); }), Catch::Contains(d.file("p.yaml") + ":3:") && Catch::Contains("set run.name:"));
+  write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: a, config: " + d.file("a.yaml") + "}\n");
+  CHECK_THAT(error_of([&] { load_pipeline(d.file("p.yaml"), {"run.out_dir=/tmp/x"}); }),
+             Catch::Contains("--set run.out_dir=/tmp/x: set run.out_dir:"));
+  CHECK(load_pipeline(d.file("p.yaml"), {"train.steps=5"}).stages.at(0).run.out_dir == d.file("out") + "/a");
 }
 
 TEST_CASE("overrides with --set set typed values, creates nested keys and is validated like the file", "[config]") {

@@ -137,6 +137,13 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
                Catch::Contains("component 'vision_model' holds NaN or infinite values in 1 tensor(s): "
                                      "vision_model.embeddings.class_embedding"));
     CHECK_FALSE(has_checkpoints(c.dir.file("imported_bad")));
+    // A component the model does not have (a typo, or a stage-1 name for a VLM) is named with the list.
+    CHECK_THAT(message_of<ConfigError>([&] {
+                 import_weights(c.config("vlm.yaml", "unused"), {{"text_model", bad}}, c.dir.file("imported_bad"));
+               }),
+               Catch::Contains("--weights text_model=" + bad + ": 'text_model' is not a component of a vision-language "
+                               "model (trainer finetune); its components are vision_model, mm_projector, language_model"));
+    CHECK_FALSE(has_checkpoints(c.dir.file("imported_bad")));
 
     // The same outputs through `trialign forward`, from the checkpoint and from config + weights.
     const std::string image = c.dir.file("data/images/val/000000.png");
@@ -716,6 +723,8 @@ TEST_CASE("checkpoints record their tokenizer: resume, init_from and eval refuse
   CHECK_THAT(out, Catch::Contains("error: data shapes: --shapes: unknown value 'blob'; known values are: circle"));
   CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --image-size 8", &out) == 2);
   CHECK_THAT(out, Catch::Contains("error: data shapes: --image-size = 8 is too small; use at least 16"));
+  CHECK(run_cli("data shapes --out " + c.dir.file("world") + " --train 0 --val 0", &out) == 2);
+  CHECK_THAT(out, Catch::Contains("error: data shapes: --train 0 and --val 0 would write empty manifests"));
   CHECK(!fs::exists(c.dir.file("world")));
   // A smaller generation into the same folder names the images the larger one left behind.
   REQUIRE(run_cli("data shapes --out " + c.dir.file("world") + " --train 5 --val 2 --image-size 32", &out) == 0);

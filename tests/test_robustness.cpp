@@ -3,6 +3,7 @@
 // and stop; a stopped run resumes from the last good state.
 #include <catch2/catch.hpp>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 
@@ -14,7 +15,10 @@
 #include "data/shapes_world.h"
 #include "data/tokenizer.h"
 #include "test_helpers.h"
+#include "trainers/common.h"
 #include "trainers/contrastive.h"
+
+#include <unistd.h>
 
 namespace fs = std::filesystem;
 using namespace trialign;
@@ -34,6 +38,9 @@ struct Corpus {
     trialign::test::train_test_tokenizer(dir.file("data/train.jsonl"), dir.file("data/tok"), 48);
   }
   RunConfig config(const std::string& out, int64_t steps, std::vector<std::string> extra = {}) const {
+    return trialign::test::config_from_overrides(sets(out, steps, std::move(extra)), "faults");
+  }
+  std::vector<std::string> sets(const std::string& out, int64_t steps, std::vector<std::string> extra = {}) const {
     std::vector<std::string> sets = {
         "data.train=" + dir.file("data/train.jsonl"), "data.tokenizer=" + dir.file("data/tok.model"),
         "data.image_size=32", "data.max_text_len=24", "data.workers=1", "run.out_dir=" + dir.file(out),
@@ -44,7 +51,7 @@ struct Corpus {
         "train.batch_size=8", "train.steps=" + std::to_string(steps), "train.log_every=1", "train.save_every=1",
         "train.keep_last=20", "optim.lr=2e-3", "schedule.warmup_steps=0"};
     sets.insert(sets.end(), extra.begin(), extra.end());
-    return trialign::test::config_from_overrides(sets, "faults");
+    return sets;
   }
   std::map<std::string, torch::Tensor> weights(const std::string& run, int64_t step) const;
 };
@@ -173,4 +180,100 @@ TEST_CASE("a batch that cannot be built (an image with a corrupt body): skip or 
     const auto clean = train_contrastive(c.config("clean", 4), quiet());
     CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
   }
+}
+
+TEST_CASE("a run folder another process trains in is refused before anything is written, and is free after a run",
+          "[faults][lock]") {
+  Corpus c;
+  const std::string run = c.dir.file("busy");
+  fs::create_directories(run);
+  std::vector<std::string> files_before;
+  {
+    // flock locks belong to an open file, so a second open in this same process is refused just
+    // as another process would be.
+    const RunFolderLock other = RunFolderLock::acquire(run);
+    REQUIRE(other.held());
+    const std::string msg = test::message_of<ConfigError>([&] { train_contrastive(c.config("busy", 2), quiet()); });
+    CHECK_THAT(msg, Catch::Contains("run.out_dir '" + run + "' is in use by another trialign process (pid " +
+                                    std::to_string(::getpid()) + " on "));
+    CHECK_THAT(msg, Catch::Contains("choose another run.out_dir"));
+    for (const auto& e : fs::directory_iterator(run)) files_before.push_back(e.path().filename().string());
+    CHECK(files_before == std::vector<std::string>{".trialign.lock"});  // no config.yaml, train.log, metrics
+  }
+  CHECK(train_contrastive(c.config("busy", 2), quiet()).final_step == 2);
+  CHECK(RunFolderLock::acquire(run).held());  // the trainer let go when it returned
+
+  // Across processes, through the CLI: flock(1) holds the lock while trialign runs under it, one
+  // process and two ranks (rank 0 holds the folder; both ranks must stop, neither hangs).
+  std::string cmd = "flock " + c.dir.file("cli") + "/.trialign.lock " + TRIALIGN_BINARY + " train " +
+                    test::source_dir() + "/configs/stage1_contrastive.yaml";
+  for (const auto& s : c.sets("cli", 2, {"data.val=" + c.dir.file("data/train.jsonl")})) cmd += " --set '" + s + "'";
+  fs::create_directories(c.dir.file("cli"));
+  for (const std::string nproc : {"", " --nproc 2"}) {
+    INFO("trialign train" << nproc);
+    std::string out;
+    CHECK(test::run_command(cmd + nproc, &out) == 2);
+    CHECK_THAT(out, Catch::Contains("run.out_dir '" + c.dir.file("cli") + "' is in use by another trialign process"));
+    CHECK(!fs::exists(c.dir.file("cli/train.log")));
+    CHECK(!fs::exists(c.dir.file("cli/checkpoints")));
+  }
+  std::string out;
+  CHECK(test::run_command(cmd.substr(cmd.find(TRIALIGN_BINARY)), &out) == 0);  // free: the same command trains
+  CHECK(fs::exists(c.dir.file("cli/checkpoints/latest")));
+}
+
+TEST_CASE("a stop signal during an evaluation abandons it: the checkpoint comes at once, and resuming equals a clean run",
+          "[faults][resume]") {
+  Corpus c;
+  // The training records double as held-out pairs: only the evaluation's timing matters here.
+  const std::vector<std::string> ev = {"data.val=" + c.dir.file("data/train.jsonl"), "train.eval_every=2",
+                                       "train.save_every=0", "data.check_images=false"};
+  const auto clean = train_contrastive(c.config("clean", 4, ev), quiet());
+  REQUIRE(clean.final_eval.contains("i2t/R@1"));
+  struct HookReset {
+    ~HookReset() { set_evaluation_hook({}); }
+  } reset;
+  int64_t stop_at = -1;
+  std::vector<int64_t> begun;
+  set_evaluation_hook([&](int64_t step) {
+    begun.push_back(step);
+    if (step == stop_at) std::raise(SIGTERM);  // the real handler: as if Ctrl-C came as it began
+  });
+  auto val_steps = [&](const std::string& run) {
+    std::vector<int64_t> steps;
+    std::ifstream in(c.dir.file(run) + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (j["split"] == "val") steps.push_back(j["step"].get<int64_t>());
+    }
+    return steps;
+  };
+  SECTION("the evaluation after step 2: abandoned, checkpoint of step 2, resume goes on to 4") {
+    stop_at = 2;
+    const auto r = train_contrastive(c.config("run", 4, ev), quiet());
+    CHECK(r.interrupted);
+    CHECK(r.final_step == 2);
+    CHECK(fs::path(r.checkpoint).filename() == "step_00000002");
+    CHECK(val_steps("run").empty());  // an abandoned evaluation records nothing
+    CHECK(begun == std::vector<int64_t>{2});
+  }
+  SECTION("the final evaluation: the final checkpoint stands, no eval.json, resume evaluates") {
+    stop_at = 4;
+    const auto r = train_contrastive(c.config("run", 4, ev), quiet());
+    CHECK(r.interrupted);  // exit 75: a pipeline does not take the stage as done
+    CHECK(r.final_step == 4);
+    CHECK(fs::path(r.checkpoint).filename() == "step_00000004");
+    CHECK(!fs::exists(c.dir.file("run/eval.json")));
+    CHECK(val_steps("run") == std::vector<int64_t>{2});
+    CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
+  }
+  stop_at = -1;
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  const auto r = train_contrastive(c.config("run", 4, ev), resume);
+  CHECK(!r.interrupted);
+  CHECK(r.final_step == 4);
+  CHECK(r.final_eval == clean.final_eval);
+  CHECK(fs::exists(c.dir.file("run/eval.json")));
+  CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
 }

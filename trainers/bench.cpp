@@ -460,7 +460,8 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--json", opt.json_out}, {"--profile", opt.profile}})
     if (!path.empty() && !std::ofstream(path, std::ios::app))
       throw ConfigError("bench " + flag + ": cannot write '" + path + "' (does its folder exist?)");
-  const int threads = prepare_run(cfg);
+  const PreparedRun prepared = prepare_run(cfg);  // holds run.out_dir until this returns
+  const int threads = prepared.threads;
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";
   torch::manual_seed(cfg.run.seed);

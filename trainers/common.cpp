@@ -22,7 +22,9 @@
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
+#include <fcntl.h>
 #include <malloc.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include "core/checkpoint.h"
@@ -92,7 +94,7 @@ void check_run_folder(const std::string& out_dir) {
   if (!fs::is_directory(out_dir, ec) || has_checkpoints(out_dir)) return;
   static const std::set<std::string> ours = {"config.yaml",    "train.log",       "metrics.jsonl", "eval.json",
                                              "image_check.json", "init_from.json", "stage_done.json", "checkpoints",
-                                             "bench.json",     "bench_images"};
+                                             "bench.json",     "bench_images",     ".trialign.lock"};
   std::vector<std::string> folders, files;
   bool pipeline = false, checkpoints = false;
   for (const auto& e : fs::directory_iterator(out_dir, ec)) {
@@ -122,7 +124,56 @@ void check_run_folder(const std::string& out_dir) {
 
 }  // namespace
 
-int prepare_run(const RunConfig& cfg) {
+RunFolderLock RunFolderLock::acquire(const std::string& out_dir) {
+  const std::string path = (std::filesystem::path(out_dir) / ".trialign.lock").string();
+  // O_CLOEXEC: processes this one starts (a plugin build, --nproc ranks) must not inherit the hold.
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    spdlog::warn("cannot open {} ({}): run.out_dir is not locked against a second run", path, std::strerror(errno));
+    return RunFolderLock();
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err != EWOULDBLOCK) {
+      ::close(fd);
+      spdlog::warn("cannot lock {} ({}): run.out_dir is not locked against a second run", path, std::strerror(err));
+      return RunFolderLock();
+    }
+    char buf[256] = {0};
+    const ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+    ::close(fd);
+    std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    throw ConfigError("run.out_dir '" + out_dir + "' is in use by another trialign process" +
+                      (holder.empty() ? std::string() : " (" + holder + ")") +
+                      ": two runs in one folder would mix their checkpoints and metrics. Wait for it to finish "
+                      "(or stop it: it checkpoints on Ctrl-C / SIGTERM), or choose another run.out_dir");
+  }
+  // Who holds it, for the message above; the lock itself is the flock, not this text.
+  char host[128] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  const std::string who = "pid " + std::to_string(::getpid()) + " on " + host + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, who.data(), who.size(), 0) < 0)
+    spdlog::debug("cannot write the holder into {}", path);
+  RunFolderLock lock;
+  lock.fd_ = fd;
+  return lock;
+}
+
+RunFolderLock& RunFolderLock::operator=(RunFolderLock&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.fd_;
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+RunFolderLock::~RunFolderLock() {
+  if (fd_ >= 0) ::close(fd_);  // closing the last descriptor releases the flock
+}
+
+PreparedRun prepare_run(const RunConfig& cfg) {
   install_stop_handlers();
   dist::init(cfg.distributed);
   set_signal_rank(dist::rank());
@@ -138,6 +189,23 @@ int prepare_run(const RunConfig& cfg) {
   std::filesystem::create_directories(cfg.run.out_dir, ec);
   if (ec || !std::filesystem::is_directory(cfg.run.out_dir))
     throw ConfigError("run.out_dir: cannot create '" + cfg.run.out_dir + "': " + ec.message());
+  PreparedRun prepared;
+  // Rank 0 alone writes the folder, so it alone holds it; every rank learns the outcome, so all
+  // stop alike instead of the others waiting in a collective for a rank that has gone.
+  std::string refused;
+  if (dist::is_main()) {
+    try {
+      prepared.lock = RunFolderLock::acquire(cfg.run.out_dir);
+    } catch (const ConfigError& e) {
+      refused = e.what();
+    }
+  }
+  const double n_refused = dist::active() ? dist::sum(refused.empty() ? 0.0 : 1.0, "run.out_dir lock")
+                                          : (refused.empty() ? 0.0 : 1.0);
+  if (n_refused > 0)
+    throw ConfigError(!refused.empty() ? refused
+                                       : "run.out_dir '" + cfg.run.out_dir +
+                                             "' is in use by another trialign process (rank 0 names it)");
   init_logging((std::filesystem::path(cfg.run.out_dir) / "train.log").string(), dist::rank());
   // Ranks sharing a machine share its cores: "all cores" means this rank's part of them.
   int threads = cfg.run.threads;
@@ -148,7 +216,8 @@ int prepare_run(const RunConfig& cfg) {
     spdlog::info("data parallel: {} ranks ({} per machine), backend {}; train.batch_size {} per rank = {} samples per step",
                  dist::world_size(), dist::local_world_size(), dist::backend(), cfg.train.batch_size,
                  global_batch(cfg));
-  return threads;
+  prepared.threads = threads;
+  return prepared;
 }
 
 int64_t global_batch(const RunConfig& cfg) { return static_cast<int64_t>(cfg.train.batch_size) * dist::world_size(); }
@@ -532,7 +601,7 @@ void say_in_handler(const char* text) {
 }
 
 // First signal: finish the step and checkpoint. Second: the default action (terminate now).
-// Both are said at once: the step, or an evaluation in progress, may take a while to finish.
+// Both are said at once: the step in progress may take a while to finish.
 extern "C" void on_stop_signal(int sig) {
   const int saved_errno = errno;  // the interrupted code may be about to read it
   if (g_stop.exchange(true)) {
@@ -542,8 +611,8 @@ extern "C" void on_stop_signal(int sig) {
     std::raise(sig);
     return;
   }
-  say_in_handler("\ntrialign: stop requested: training finishes its current step (and any evaluation in progress), "
-                 "writes a checkpoint and exits with code 75; a second signal stops at once without one\n");
+  say_in_handler("\ntrialign: stop requested: training finishes its current step (an evaluation in progress is "
+                 "abandoned), writes a checkpoint and exits with code 75; a second signal stops at once without one\n");
   errno = saved_errno;
 }
 
@@ -665,8 +734,8 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                    cfg.schedule.type, cfg.train.steps);
   }
   if (info.step >= cfg.train.steps && dist::is_main())
-    spdlog::warn("resume: the checkpoint is at step {} and train.steps is {}: nothing is left to train; raise "
-                 "train.steps to continue",
+    spdlog::warn("resume: the checkpoint is at step {} and train.steps is {}: nothing is left to train, only the final "
+                 "evaluation runs; raise train.steps to train on",
                  info.step, cfg.train.steps);
   return info.step;
 }
@@ -709,7 +778,8 @@ bool after_step(const RunConfig& cfg, const TrainOptions& opt, int64_t step, Tra
                 const std::function<std::string()>& save, const std::function<void()>& eval) {
   const int64_t steps = cfg.train.steps;
   // Rank 0 evaluates while the others wait at the next step's first collective.
-  if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps && dist::is_main()) eval();
+  if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step != steps && dist::is_main())
+    evaluate_unless_stopped([&] { return eval(), nlohmann::json(); }, step);
   // Agreed by every rank, so all of them stop after the same step.
   if (dist::any(stop_requested() || step == opt.stop_at_step)) {
     result.checkpoint = dist::broadcast_string(save_on_main(save));
@@ -729,13 +799,22 @@ void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::st
   result.final_step = step;
   result.checkpoint = start < step ? save_on_main(save) : resumed_from;  // a resumed, finished run: nothing new to save
   if (dist::is_main()) {
-    result.final_eval = eval();
-    if (!result.final_eval.is_null())
-      atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), json_text(result.final_eval, 2) + "\n");
+    if (const auto j = evaluate_unless_stopped(eval, step)) {
+      result.final_eval = *j;
+      if (!result.final_eval.is_null())
+        atomic_write_text((std::filesystem::path(cfg.run.out_dir) / "eval.json").string(), json_text(result.final_eval, 2) + "\n");
+    } else {
+      // The weights are final and saved; only the figures are missing. Reported as a stop (exit
+      // 75), so a pipeline does not take the stage as done, and --resume auto evaluates again.
+      result.interrupted = true;
+      spdlog::warn("the final checkpoint {} is written; continue with --resume auto to run the final evaluation",
+                   result.checkpoint);
+    }
   }
   // The others leave only once rank 0 has written everything: a pipeline's next stage reads it.
   dist::barrier("waiting for rank 0 to finish the stage (final checkpoint and evaluation)");
   result.checkpoint = dist::broadcast_string(result.checkpoint);
+  result.interrupted = dist::any(result.interrupted);  // every rank's pipeline stops alike
   spdlog::info("{} done: {} steps in {}, checkpoint {}", cfg.run.name, step - start, format_duration(elapsed_s),
                result.checkpoint);
 }
@@ -807,5 +886,26 @@ void install_stop_handlers() {
 }
 
 bool stop_requested() { return g_stop.load(); }
+
+void stop_point() {
+  if (stop_requested()) throw EvaluationStopped();
+}
+
+static std::function<void(int64_t)>& evaluation_hook() {
+  static std::function<void(int64_t)> hook;
+  return hook;
+}
+
+void set_evaluation_hook(std::function<void(int64_t step)> hook) { evaluation_hook() = std::move(hook); }
+
+std::optional<nlohmann::json> evaluate_unless_stopped(const std::function<nlohmann::json()>& eval, int64_t step) {
+  try {
+    if (evaluation_hook()) evaluation_hook()(step);
+    return eval();
+  } catch (const EvaluationStopped&) {
+    spdlog::warn("evaluation at step {} abandoned: stop requested (its figures are not recorded)", step);
+    return std::nullopt;
+  }
+}
 
 }  // namespace trialign

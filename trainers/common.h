@@ -52,9 +52,38 @@ bool passive_openmp();
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
 int setup_threads(int requested);
 
+// run.out_dir held by this process (rank 0) for as long as the trainer runs: an exclusive
+// flock on RUN/.trialign.lock, so a second run into the same folder (another terminal, a job
+// submitted twice) is refused before it writes a file, instead of interleaving its checkpoints
+// and metrics with the first's. The kernel drops the lock when the process ends, however it
+// ends, so a killed run leaves nothing stale behind. Move-only; released on destruction.
+class RunFolderLock {
+ public:
+  RunFolderLock() = default;
+  // Takes the lock or throws ConfigError naming the process holding it. A filesystem without
+  // locks (some network mounts) gets a warning and no lock.
+  static RunFolderLock acquire(const std::string& out_dir);
+  RunFolderLock(RunFolderLock&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  RunFolderLock& operator=(RunFolderLock&& o) noexcept;
+  RunFolderLock(const RunFolderLock&) = delete;
+  RunFolderLock& operator=(const RunFolderLock&) = delete;
+  ~RunFolderLock();
+  bool held() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
+
+// What prepare_run sets up; the trainer keeps it until it returns.
+struct PreparedRun {
+  int threads = 1;     // LibTorch intra-op threads in use
+  RunFolderLock lock;  // rank 0's hold on run.out_dir (empty on other ranks)
+};
+
 // What every trainer does first: stop handlers (SIGTERM/SIGINT), run.out_dir created (a clear
-// ConfigError when it cannot be), logging to RUN/train.log, threads. Returns the thread count.
-int prepare_run(const RunConfig& cfg);
+// ConfigError when it cannot be) and locked (a ConfigError when another process trains there),
+// logging to RUN/train.log, threads.
+PreparedRun prepare_run(const RunConfig& cfg);
 
 // Data parallel (core/distributed.h), the trainers' side of it. All are no-ops in one process.
 int64_t global_batch(const RunConfig& cfg);  // samples per optimizer step over all ranks
@@ -203,5 +232,20 @@ class StepGuard {
 // kExitInterrupted.
 void install_stop_handlers();  // also clears a previous request
 bool stop_requested();
+
+// A stop request met inside an evaluation (held-out loss, generation, probes: minutes on a large
+// set). The evaluation is abandoned rather than finished, so the checkpoint the stop asks for is
+// not held up past a scheduler's grace period (Slurm's KillWait is 30 s by default).
+struct EvaluationStopped : std::runtime_error {
+  EvaluationStopped() : std::runtime_error("evaluation abandoned: stop requested") {}
+};
+// Called once per batch by the evaluation loops: throws EvaluationStopped after a stop signal.
+void stop_point();
+// eval(), or nullopt (with a warning naming the step) when a stop signal abandoned it. The
+// trainers evaluate through this, so an abandoned evaluation writes no metrics.
+std::optional<nlohmann::json> evaluate_unless_stopped(const std::function<nlohmann::json()>& eval, int64_t step);
+// Tests: called with the step as each evaluation through evaluate_unless_stopped begins (0 = the
+// one before the first step); a test raises SIGTERM there to stop in mid-evaluation. Empty by default.
+void set_evaluation_hook(std::function<void(int64_t step)> hook);
 
 }  // namespace trialign

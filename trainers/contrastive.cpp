@@ -164,6 +164,7 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   ProgressLog progress("evaluation: encoding", "pairs", data.size());
   for (int64_t b = 0; b < data.size(); b += eval.batch_size) {
     progress.update(b);
+    stop_point();  // a stop signal abandons the evaluation
     auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval.batch_size));
     AutocastGuard autocast(bf16);  // the encoders only; similarities below stay fp32
     imgs.push_back(model->encode_image(batch.pixels));
@@ -200,7 +201,8 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
 ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
   check_before_training(cfg, opt.resume);
-  const int threads = prepare_run(cfg);
+  const PreparedRun prepared = prepare_run(cfg);  // holds run.out_dir until this returns
+  const int threads = prepared.threads;
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";
   torch::manual_seed(cfg.run.seed);
@@ -278,7 +280,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   };
 
   if (cfg.eval.at_start && start == 0 && rank() == 0) {  // the starting point of the held-out curves
-    const auto before = run_eval(0);
+    const auto before = evaluate_unless_stopped([&] { return run_eval(0); }, 0).value_or(nlohmann::json());
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
   }

@@ -33,10 +33,21 @@ uint32_t model_weights_crc(const std::string& checkpoint) {
 }
 
 // {a.b: v} sets a -> b to v, keeping v's file:line for error messages.
+// run.out_dir and run.name are the pipeline's to choose (each stage trains in OUT_DIR/NAME, and
+// the next stage's init_from points there): a set of either would be overwritten without a word.
+void refuse_stage_folder_key(const std::string& key, const ConfigNode* value, const std::string& where) {
+  const bool nested = key == "run" && value && value->is_map() && (value->find("out_dir") || value->find("name"));
+  if (key == "run.out_dir" || key == "run.name" || nested)
+    throw ConfigError(where + ": set " + (nested ? std::string("run.out_dir / run.name") : key) +
+                      ": a pipeline stage trains in the pipeline's out_dir/<stage name>, which later stages and the "
+                      "report read; set the pipeline's out_dir (or the stage's name) instead");
+}
+
 void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& where) {
   if (sets.is_null()) return;
   if (!sets.is_map()) throw ConfigError(where + ": 'set' must map dotted keys to values, e.g. {train.steps: 300}");
   for (const auto& [key, value] : sets.map) {
+    refuse_stage_folder_key(key, &value, value.where());
     ConfigNode* node = &root;
     std::stringstream ks(key);
     std::string part;
@@ -103,7 +114,10 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
     ConfigNode run = load_config_file(s.config);
     apply_sets(run, p.set, path);
     apply_sets(run, s.set, path);
-    for (const auto& o : overrides) apply_override(run, o);
+    for (const auto& o : overrides) {
+      refuse_stage_folder_key(o.substr(0, o.find('=')), nullptr, "--set " + o);
+      apply_override(run, o);
+    }
     run.child("run").child("out_dir") = ConfigNode::make_scalar(stage_dir(p, s.name));
     run.child("run").child("name") = ConfigNode::make_scalar(s.name);
     if (!s.init_from.empty()) {

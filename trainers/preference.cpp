@@ -48,6 +48,7 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
   ProgressLog progress("evaluation", "pairs", data.size());
   for (int64_t start = 0; start < data.size(); start += batch) {
     progress.update(start);
+    stop_point();  // a stop signal abandons the evaluation
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
     auto in = pair_passes(loss, policy, reference, data, b, image_id, bf16, mix_seed({seed, static_cast<uint64_t>(start)}),
@@ -104,6 +105,7 @@ nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const Pr
     ProgressLog progress(prefix.empty() ? "evaluation (greedy)" : "evaluation (sampled)", "prompts", data.size());
     for (int64_t start = 0; start < data.size(); start += prompts_per_call) {
       progress.update(start);
+      stop_point();  // a stop signal abandons the evaluation
       const int64_t end = std::min<int64_t>(data.size(), start + prompts_per_call);
       const auto b = data.range(start, end);
       const auto c = sample_completions(policy, tok, data, b, how, rewards, seed + static_cast<uint64_t>(start), bf16);
@@ -138,7 +140,8 @@ nlohmann::json evaluate_prompts(VlmModel& policy, const Tokenizer& tok, const Pr
 TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
   check_before_training(cfg, opt.resume);
-  const int threads = prepare_run(cfg);
+  const PreparedRun prepared = prepare_run(cfg);  // holds run.out_dir until this returns
+  const int threads = prepared.threads;
   const bool bf16 = resolve_precision(cfg.run.precision) == "bf16";
 
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
@@ -286,7 +289,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   };
 
   if (cfg.eval.at_start && start == 0 && rank() == 0) {
-    const auto before = run_eval(0);
+    const auto before = evaluate_unless_stopped([&] { return run_eval(0); }, 0).value_or(nlohmann::json());
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
   }

@@ -139,6 +139,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
   ProgressLog progress("evaluation", "records", data.size());
   for (int64_t start = 0; start < data.size(); start += batch) {
     progress.update(start);
+    stop_point();  // a stop signal abandons the evaluation
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);
     // Token loss with the right images, and with every image moved to the next sample: the gap
@@ -292,7 +293,8 @@ void set_vlm_train_modes(VlmModel& model) {
 TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   RunConfig cfg = cfg_in;
   check_before_training(cfg, opt.resume);
-  const int threads = prepare_run(cfg);
+  const PreparedRun prepared = prepare_run(cfg);  // holds run.out_dir until this returns
+  const int threads = prepared.threads;
   const std::string precision = resolve_precision(cfg.run.precision);
   const bool bf16 = precision == "bf16";
   torch::manual_seed(cfg.run.seed);
@@ -376,7 +378,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   };
 
   if (cfg.eval.at_start && start == 0 && rank() == 0) {  // the starting point of the held-out curves
-    const auto before = run_eval(0);
+    const auto before = evaluate_unless_stopped([&] { return run_eval(0); }, 0).value_or(nlohmann::json());
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
   }

@@ -277,6 +277,15 @@ std::shared_ptr<torch::nn::Module> build_model_with_weights(RunConfig& cfg, cons
   std::shared_ptr<torch::nn::Module> model;
   if (cfg.is_vlm()) model = build_vlm_model(cfg, tok).ptr();
   else model = build_clip_model(cfg, tok).ptr();
+  const auto components = model_components(cfg.is_vlm());
+  for (const auto& s : sources)
+    if (std::find(components.begin(), components.end(), s.component) == components.end()) {
+      std::string list;
+      for (const auto& c : components) list += (list.empty() ? "" : ", ") + c;
+      throw ConfigError("--weights " + s.component + "=" + s.path + ": '" + s.component + "' is not a component of " +
+                        (cfg.is_vlm() ? "a vision-language" : "a contrastive") + " model (trainer " + cfg.trainer +
+                        "); its components are " + list);
+    }
   for (const auto& s : sources) init_components(*model, InitFrom{s.path, {s.component}}, cfg.model, cfg.data.tokenizer);
   model->eval();
   return model;
