@@ -277,3 +277,32 @@ TEST_CASE("a stop signal during an evaluation abandons it: the checkpoint comes 
   CHECK(fs::exists(c.dir.file("run/eval.json")));
   CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
 }
+
+TEST_CASE("checkpoints record the training manifest, and resuming after it changed says so", "[faults][resume]") {
+  Corpus c;
+  TrainOptions stop = quiet();
+  stop.stop_at_step = 2;
+  REQUIRE(train_contrastive(c.config("run", 4), stop).interrupted);
+  const std::string manifest = c.dir.file("data/train.jsonl");
+  const std::string text = read_text_file(manifest);
+  const auto state = nlohmann::json::parse(read_text_file(find_latest_checkpoint(c.dir.file("run")) + "/trainer_state.json"));
+  CHECK(state["data"]["path"] == manifest);
+  CHECK(state["data"]["bytes"] == text.size());
+  CHECK(state["data"]["crc32"] == crc32_bytes(text.data(), text.size()));
+  CHECK(state["data"]["records"] == 32);
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  const std::string warning = "resume: data.train " + manifest + " is not the file the checkpoint's run read";
+  SECTION("the same file: no warning") {
+    CHECK(train_contrastive(c.config("run", 4), resume).final_step == 4);
+    CHECK_THAT(read_text_file(c.dir.file("run/train.log")), !Catch::Contains(warning));
+  }
+  SECTION("one record removed: resumed with a warning naming both sizes") {
+    const std::string shorter = text.substr(0, text.rfind('\n', text.size() - 2) + 1);
+    test::write_file(manifest, shorter);
+    CHECK(train_contrastive(c.config("run", 4), resume).final_step == 4);
+    CHECK_THAT(read_text_file(c.dir.file("run/train.log")),
+               Catch::Contains(warning + " (" + std::to_string(text.size()) + " bytes, 32 records") &&
+                   Catch::Contains("then; " + std::to_string(shorter.size()) + " bytes"));
+  }
+}

@@ -697,6 +697,34 @@ std::string select_resume_checkpoint(const std::string& run_dir, const std::stri
   return dist::broadcast_string(dist::is_main() ? select_resume_checkpoint_here(run_dir, resume) : std::string());
 }
 
+nlohmann::json train_data_record(const RunConfig& cfg, int64_t records) {
+  std::error_code ec;
+  const auto bytes = std::filesystem::file_size(cfg.data.train, ec);
+  if (ec) return nlohmann::json();  // the loader has read it; a file that vanished since is not this check's to report
+  return {{"path", cfg.data.train}, {"bytes", bytes}, {"crc32", crc32_file(cfg.data.train)}, {"records", records}};
+}
+
+namespace {
+
+// The manifest orders the samples, so an edited one (records added, removed, reordered) makes the
+// resumed run see other batches than the run it continues would have: allowed, but said.
+void warn_if_train_data_changed(const nlohmann::json& saved, const RunConfig& cfg) try {
+  if (!saved.is_object() || !dist::is_main()) return;  // checkpoints from before the record
+  const nlohmann::json now = train_data_record(cfg, -1);
+  if (now.is_null() || (now["bytes"] == saved.value("bytes", nlohmann::json()) &&
+                        now["crc32"] == saved.value("crc32", nlohmann::json())))
+    return;
+  spdlog::warn("resume: data.train {} is not the file the checkpoint's run read ({} bytes, {} records, CRC32 {:08x} "
+               "then; {} bytes, CRC32 {:08x} now): the resumed run sees other batches than an uninterrupted run would. "
+               "Restore the file for an exact resume, or start a new run with init_from naming the checkpoint",
+               cfg.data.train, saved.value("bytes", int64_t{0}), saved.value("records", int64_t{0}),
+               saved.value("crc32", uint32_t{0}), now["bytes"].get<int64_t>(), now["crc32"].get<uint32_t>());
+} catch (const nlohmann::json::exception&) {
+  // A hand-edited record of the wrong types: the check is advice, not a condition of resuming.
+}
+
+}  // namespace
+
 int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
   const auto info = verify_checkpoint(dir);
   if (info.trainer != cfg.trainer)
@@ -704,8 +732,11 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                       cfg.trainer + "'");
   // The sample order is a function of the global batch, so it resumes only at the same world size.
   int saved_world = 1;
+  nlohmann::json saved_data;
   try {
-    saved_world = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json")).value("world_size", 1);
+    const auto state = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json"));
+    saved_world = state.value("world_size", 1);
+    saved_data = state.value("data", nlohmann::json());
   } catch (const nlohmann::json::exception& e) {
     throw DataError(dir + "/trainer_state.json: unreadable (" + e.what() + ")");
   }
@@ -716,6 +747,7 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                       std::to_string(saved_world) + " rank(s) (--nproc / torchrun --nproc_per_node), or start a new run " +
                       "with init_from naming this checkpoint");
   check_checkpoint_tokenizer(dir, cfg.data.tokenizer, "resume");
+  warn_if_train_data_changed(saved_data, cfg);
   const auto diff = diff_for_resume(read_text_file(dir + "/config.yaml"), resolved_yaml(cfg));
   if (!diff.unsafe.empty()) {
     std::string keys;

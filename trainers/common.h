@@ -168,9 +168,14 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
 // (or starts fresh when there is none); a path may name a checkpoint or a run folder.
 std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume);
 
+// The training manifest a run reads, as its checkpoints record it (trainer_state.json "data"):
+// {path, bytes, crc32, records}. Read once when the run starts.
+nlohmann::json train_data_record(const RunConfig& cfg, int64_t records);
+
 // Verifies a checkpoint before resuming from it: written by cfg.trainer, checksums intact, and
 // a saved config that differs from cfg only in safe keys (the differences are logged). Throws
-// ConfigError naming the differing keys otherwise. Returns the checkpoint's step.
+// ConfigError naming the differing keys otherwise. Warns when data.train is no longer the file
+// the checkpoint's run read (the sample order after resuming would differ). Returns the step.
 int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
 
 // After loading the checkpoint of `step`: sets later checkpoints aside and drops their records

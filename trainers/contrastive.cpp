@@ -120,7 +120,8 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
 namespace {
 
 std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveLossImpl& loss,
-                            torch::optim::Optimizer& optim, int64_t step, const nlohmann::json& tokenizer) {
+                            torch::optim::Optimizer& optim, int64_t step, const nlohmann::json& tokenizer,
+                            const nlohmann::json& data) {
   CheckpointWriter w(cfg.run.out_dir, step, "contrastive");
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "clip"}});
   save_safetensors(w.path("loss.safetensors"), named_state(loss), {{"type", cfg.loss.type}});
@@ -130,7 +131,8 @@ std::string save_checkpoint(const RunConfig& cfg, ClipModel& model, ContrastiveL
                                     {"step", step},
                                     {"samples_seen", step * global_batch(cfg)},
                                     {"world_size", world_size()},
-                                    {"tokenizer", tokenizer}});
+                                    {"tokenizer", tokenizer},
+                                    {"data", data}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -254,6 +256,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
 
   MetricsLog metrics = open_metrics_log(cfg);
   const int64_t steps = cfg.train.steps, B = global_batch(cfg);
+  const nlohmann::json data_record = train_data_record(cfg, static_cast<int64_t>(train.size()));  // for the checkpoints
   EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<CaptionBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); },
@@ -286,7 +289,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   }
   model->train();
   int64_t step = start;
-  auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step, tokenizer); };
+  auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step, tokenizer, data_record); };
   StepGuard guard(cfg, opt, save);
   while (step < steps) {
     const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);

@@ -208,6 +208,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const auto kind = sampling ? PreferenceDataset::Kind::Prompts : PreferenceDataset::Kind::Pairs;
   const int64_t reserve = sampling ? sampling->max_new_tokens : 0;
   PreferenceDataset train(cfg.data.train, cfg.data, tok, tpi, kind, /*train=*/true, 0, reserve);
+  const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
   std::unique_ptr<PreferenceDataset> val;
   if (!cfg.data.val.empty())
     val = std::make_unique<PreferenceDataset>(cfg.data.val, cfg.data, tok, tpi, kind, false, cfg.data.val_limit, reserve);
@@ -295,7 +296,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   }
   set_vlm_train_modes(model);
   int64_t step = start;
-  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer); };
+  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer, data_record); };
   StepGuard guard(cfg, opt, save);
   while (step < steps) {
     set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));

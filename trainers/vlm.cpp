@@ -257,7 +257,7 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
 }
 
 std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step,
-                                const nlohmann::json& tokenizer) {
+                                const nlohmann::json& tokenizer, const nlohmann::json& data) {
   CheckpointWriter w(cfg.run.out_dir, step, cfg.trainer);
   save_safetensors(w.path("model.safetensors"), named_state(*model), {{"format", "pt"}, {"component", "vlm"}});
   save_optimizer_state(optim, w.path("optimizer.safetensors"));
@@ -266,7 +266,8 @@ std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::op
                                     {"step", step},
                                     {"samples_seen", step * global_batch(cfg)},
                                     {"world_size", world_size()},
-                                    {"tokenizer", tokenizer}});
+                                    {"tokenizer", tokenizer},
+                                    {"data", data}});
   w.add_text("config.yaml", resolved_yaml(cfg));
   return w.commit(cfg.train.keep_last, cfg.train.keep_every);
 }
@@ -354,6 +355,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
 
   MetricsLog metrics = open_metrics_log(cfg);
   const int64_t steps = cfg.train.steps, B = global_batch(cfg);
+  const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
   EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<ConversationBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); }, start, steps,
@@ -384,7 +386,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   }
   set_vlm_train_modes(model);
   int64_t step = start;
-  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer); };
+  auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer, data_record); };
   StepGuard guard(cfg, opt, save);
   auto eval_and_resume = [&] {
     run_eval(step);

@@ -67,9 +67,10 @@ TrainResult train_vlm(const RunConfig& cfg, const TrainOptions& opt);
 
 // Checkpoint of a VLM trainer (adapter, finetune, preference): model.safetensors (every
 // parameter, Hugging Face names), optimizer.safetensors, rng.safetensors, trainer_state.json, config.yaml.
-// tokenizer: tokenizer_record of the file the run loaded at its start (core/checkpoint_tokenizer.h).
+// tokenizer: tokenizer_record of the file the run loaded at its start (core/checkpoint_tokenizer.h);
+// data: train_data_record of its training manifest (trainers/common.h).
 std::string save_vlm_checkpoint(const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim, int64_t step,
-                                const nlohmann::json& tokenizer);
+                                const nlohmann::json& tokenizer, const nlohmann::json& data);
 // Restores what save_vlm_checkpoint wrote after check_resume_checkpoint; returns the step.
 int64_t load_vlm_checkpoint(const std::string& dir, const RunConfig& cfg, VlmModel& model, torch::optim::Optimizer& optim);
 // Train mode, except components with no trainable parameter (eval mode: no dropout or batch
