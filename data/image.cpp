@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "core/errors.h"
@@ -27,7 +28,7 @@ std::string not_a_file(const std::string& path) {
   return "does not exist";
 }
 
-// A PNG's IHDR gives its size before anything is decoded (bytes 16-23, big-endian). A small
+// An image's header gives its size before anything is decoded (declared_size below). A small
 // file can declare a huge image (a "decompression bomb": 2.6 MB holding 30000 x 30000 pixels
 // decodes to 2.7 GB, in every loader thread, every epoch).
 constexpr int64_t kMaxImagePixels = int64_t{1} << 27;  // 128 Mi = 134M pixels, e.g. 11585 x 11585
@@ -40,20 +41,65 @@ std::string fmt_megabytes(double bytes) {
   return os.str();
 }
 
-void check_png_size(const std::string& path, std::string_view bytes) {
-  if (bytes.size() < 24 || bytes.substr(12, 4) != "IHDR") return;
-  auto be32 = [&](size_t at) {
-    int64_t v = 0;
-    for (size_t k = 0; k < 4; ++k) v = (v << 8) | static_cast<unsigned char>(bytes[at + k]);
-    return v;
-  };
-  const int64_t w = be32(16), h = be32(20);  // each < 2^32: compared by division, no overflow
-  if (w > 0 && h > 0 && w > kMaxImagePixels / h)
+void refuse_huge(const std::string& path, int64_t w, int64_t h) {
+  if (w > 0 && h > 0 && w > kMaxImagePixels / h)  // each < 2^32: compared by division, no overflow
     throw DataError("image '" + path + "' is " + std::to_string(w) + " x " + std::to_string(h) +
                     " pixels; images are resized to model.vision.image_size anyway, and decoding one this large takes " +
                     fmt_megabytes(3.0 * static_cast<double>(w) * static_cast<double>(h)) +
                     " per read: downscale it (the limit is " + std::to_string(kMaxImagePixels >> 20) +
                     " Mi pixels)");
+}
+
+int64_t be(std::string_view b, size_t at, size_t n) {
+  int64_t v = 0;
+  for (size_t k = 0; k < n; ++k) v = (v << 8) | static_cast<unsigned char>(b[at + k]);
+  return v;
+}
+
+int64_t le(std::string_view b, size_t at, size_t n) {
+  int64_t v = 0;
+  for (size_t k = n; k-- > 0;) v = (v << 8) | static_cast<unsigned char>(b[at + k]);
+  return v;
+}
+
+// The width and height an image file declares in its header, read without decoding, for the
+// formats users' data comes in: PNG (IHDR, bytes 16-23, big-endian), JPEG (the first
+// start-of-frame segment: height and width as 16-bit big-endian at 5 and 7 past its marker) and
+// WebP (lossy "VP8 ": 14-bit little-endian at 26 and 28; lossless "VP8L": two 14-bit fields, minus
+// one, from byte 21; extended "VP8X": 24-bit canvas size minus one at 24 and 27). {0, 0} when the
+// header says nothing (the decoder then judges the file).
+std::pair<int64_t, int64_t> declared_size(std::string_view b) {
+  if (b.substr(0, 8) == "\x89PNG\r\n\x1a\n" && b.size() >= 24 && b.substr(12, 4) == "IHDR")
+    return {be(b, 16, 4), be(b, 20, 4)};
+  if (b.size() >= 4 && static_cast<unsigned char>(b[0]) == 0xFF && static_cast<unsigned char>(b[1]) == 0xD8) {
+    size_t i = 2;
+    while (i + 4 <= b.size() && static_cast<unsigned char>(b[i]) == 0xFF) {
+      const unsigned m = static_cast<unsigned char>(b[i + 1]);
+      if (m == 0xFF) {  // fill byte before a marker
+        ++i;
+        continue;
+      }
+      if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {  // markers without a length
+        i += 2;
+        continue;
+      }
+      if (m == 0xD9 || m == 0xDA) break;  // end of image, or the scan: no frame header before it
+      const bool sof = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
+      if (sof && i + 9 <= b.size()) return {be(b, i + 7, 2), be(b, i + 5, 2)};
+      i += 2 + static_cast<size_t>(be(b, i + 2, 2));
+    }
+    return {0, 0};
+  }
+  if (b.size() >= 30 && b.substr(0, 4) == "RIFF" && b.substr(8, 4) == "WEBP") {
+    const std::string_view chunk = b.substr(12, 4);
+    if (chunk == "VP8 ") return {le(b, 26, 2) & 0x3FFF, le(b, 28, 2) & 0x3FFF};
+    if (chunk == "VP8L") {
+      const int64_t bits = le(b, 21, 4);
+      return {(bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1};
+    }
+    if (chunk == "VP8X") return {le(b, 24, 3) + 1, le(b, 27, 3) + 1};
+  }
+  return {0, 0};
 }
 
 }  // namespace
@@ -85,7 +131,8 @@ cv::Mat load_image_rgb(const std::string& path) {
   const size_t iend_at = view.rfind(iend);
   if (view.substr(0, 8) == png_signature && (iend_at == std::string_view::npos || iend_at + 8 > view.size()))
     throw DataError("image '" + path + "' is a truncated PNG (it ends before its IEND chunk); copy or export it again");
-  if (view.substr(0, 8) == png_signature) check_png_size(path, view);
+  const auto [declared_w, declared_h] = declared_size(view);
+  refuse_huge(path, declared_w, declared_h);
   cv::Mat bgr;
   try {
     bgr = cv::imdecode(bytes, cv::IMREAD_COLOR);

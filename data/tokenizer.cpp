@@ -2,6 +2,9 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -124,6 +127,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
   Tokenizer t;
   t.sp_ = std::shared_ptr<void>(handle, [](void* h) { spm().unload(h); });
   t.path_ = path;
+  t.coverage_ = std::make_shared<CoverageState>();
   t.vocab_size_ = api.piece_size(handle);
   t.pad_id_ = api.special_id(handle, 0);
   t.unk_id_ = api.special_id(handle, 1);
@@ -135,6 +139,12 @@ Tokenizer Tokenizer::load(const std::string& path) {
   return t;
 }
 
+struct Tokenizer::CoverageState {
+  std::atomic<int64_t> tokens{0}, unknown{0};
+  std::mutex mu;  // first_unknown only: taken on the rare encode that meets an unk
+  std::string first_unknown;
+};
+
 std::vector<int> Tokenizer::encode(const std::string& text) const {
   int* ids = nullptr;
   int n = 0;
@@ -142,7 +152,43 @@ std::vector<int> Tokenizer::encode(const std::string& text) const {
     throw DataError("tokenizer '" + path_ + "' failed to encode a text of " + std::to_string(text.size()) + " bytes");
   std::vector<int> out(ids, ids + n);
   spm().free_buffer(ids);
+  if (coverage_) {
+    const auto unknown = unk_id_ < 0 ? 0 : std::count(out.begin(), out.end(), unk_id_);
+    coverage_->tokens += static_cast<int64_t>(out.size());
+    if (unknown > 0) {
+      coverage_->unknown += unknown;
+      std::lock_guard<std::mutex> lock(coverage_->mu);
+      if (coverage_->first_unknown.empty()) coverage_->first_unknown = text.substr(0, 80);
+    }
+  }
   return out;
+}
+
+Tokenizer::Coverage Tokenizer::coverage_since(const Coverage& before) const {
+  Coverage c = coverage();
+  c.tokens -= before.tokens;
+  c.unknown -= before.unknown;
+  return c;
+}
+
+std::string unknown_tokens_note(const Tokenizer::Coverage& c, const std::string& set, const std::string& tokenizer_path) {
+  if (c.unknown <= 0) return "";
+  char share[32];
+  std::snprintf(share, sizeof share, "%.2f%%", 100.0 * static_cast<double>(c.unknown) / static_cast<double>(std::max<int64_t>(1, c.tokens)));
+  return set + ": " + std::to_string(c.unknown) + " of " + std::to_string(c.tokens) + " tokens (" + share +
+         ") are unknown to the tokenizer " + tokenizer_path + " (first in \"" + c.first_unknown +
+         "\"): the model can neither read nor write those characters. Train a tokenizer on this data "
+         "(`trialign tokenizer train`) or use one with byte fallback";
+}
+
+Tokenizer::Coverage Tokenizer::coverage() const {
+  Coverage c;
+  if (!coverage_) return c;
+  c.tokens = coverage_->tokens.load();
+  c.unknown = coverage_->unknown.load();
+  std::lock_guard<std::mutex> lock(coverage_->mu);
+  c.first_unknown = coverage_->first_unknown;
+  return c;
 }
 
 std::string Tokenizer::decode(const std::vector<int>& ids) const {

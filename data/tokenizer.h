@@ -4,6 +4,7 @@
 // sentencepiece itself is reached through libtrialign_spm.so (src/spm_shim/spm_shim.h explains
 // why); it is found next to libtrialign_core.so, or at $TRIALIGN_SPM_LIBRARY.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,8 +27,21 @@ class Tokenizer {
   int image_id() const { return image_id_; }  // -1 when the model has no `<image>` piece
   const std::string& path() const { return path_; }
 
+  // What encode() has produced so far (shared by copies of this tokenizer): a tokenizer that does
+  // not cover the data's characters (trained on other text, no byte fallback) turns them into
+  // unk, which the model can neither read nor learn to write. Trainers and `data check` report it.
+  struct Coverage {
+    int64_t tokens = 0, unknown = 0;
+    std::string first_unknown;  // the first text encoded with an unk in it (cut to 80 bytes)
+  };
+  Coverage coverage() const;
+  // The encodes between `before` and now (first_unknown is the first ever seen).
+  Coverage coverage_since(const Coverage& before) const;
+
  private:
+  struct CoverageState;
   std::shared_ptr<void> sp_;  // shim handle
+  std::shared_ptr<CoverageState> coverage_;
   int vocab_size_ = 0, pad_id_ = 0, bos_id_ = -1, eos_id_ = -1, unk_id_ = 0, image_id_ = -1;
   std::string path_;
 };
@@ -44,6 +58,10 @@ struct TokenizerTrainOptions {
 // "conversations" is listed). Throws DataError when no text is found or sentencepiece fails.
 // Returns the number of sentences used.
 int64_t train_tokenizer(const TokenizerTrainOptions& opt);
+
+// "" when `c` has no unk; otherwise one line for a log or report: how many tokens of `set` are
+// unk, an example text, and what to do about it.
+std::string unknown_tokens_note(const Tokenizer::Coverage& c, const std::string& set, const std::string& tokenizer_path);
 
 // [bos] text [eos], truncated to max_len keeping eos, as the CLIP text encoder expects.
 std::vector<int64_t> encode_for_text_encoder(const Tokenizer& tok, const std::string& text, int max_len);

@@ -3,12 +3,16 @@
 // of config mistake. Each is run through the command line and must give its own message (naming
 // the file:line, record id or dotted key) and exit code 2, never a crash.
 #include <catch2/catch.hpp>
+#include <opencv2/imgcodecs.hpp>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 
+#include "core/checkpoint.h"
+#include "core/errors.h"
+#include "data/image.h"
 #include "data/tokenizer.h"
 #include "test_helpers.h"
 #include "tools/data_check.h"
@@ -118,6 +122,47 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     CHECK_THAT(out, Catch::Contains("[bad_image] manifests/odd_images.jsonl:2 (id dir): image ") &&
                         Catch::Contains("images/folder.png' is a folder, not an image file"));
   }
+  SECTION("a JPEG or WebP declaring a huge image is refused before decoding, the same image at its size decodes") {
+    const cv::Mat small(16, 24, CV_8UC3, cv::Scalar(0, 0, 255));
+    auto encoded = [&](const std::string& ext) {
+      std::vector<uchar> buf;
+      REQUIRE(cv::imencode(ext, small, buf));
+      return std::string(buf.begin(), buf.end());
+    };
+    std::string jpg = encoded(".jpg"), webp_lossless = encoded(".webp");
+    std::vector<uchar> lossy_buf;
+    REQUIRE(cv::imencode(".webp", small, lossy_buf, {cv::IMWRITE_WEBP_QUALITY, 90}));
+    std::string webp(lossy_buf.begin(), lossy_buf.end());
+    test::write_file(b.dir.file("images/small.jpg"), jpg);
+    test::write_file(b.dir.file("images/small.webp"), webp);
+    test::write_file(b.dir.file("images/small_lossless.webp"), webp_lossless);
+    for (const char* name : {"images/small.jpg", "images/small.webp", "images/small_lossless.webp"})
+      CHECK(load_image_rgb(b.dir.file(name)).size() == cv::Size(24, 16));
+    // JPEG: the baseline frame header (FF C0), height then width, 16-bit big-endian.
+    const size_t sof = jpg.find("\xFF\xC0");
+    REQUIRE(sof != std::string::npos);
+    REQUIRE(static_cast<unsigned char>(jpg[sof + 5]) * 256 + static_cast<unsigned char>(jpg[sof + 6]) == 16);
+    jpg.replace(sof + 5, 4, std::string("\x75\x30\x75\x30", 4));  // 30000 x 30000
+    test::write_file(b.dir.file("images/huge.jpg"), jpg);
+    // WebP, lossy: 14-bit little-endian width and height at bytes 26 and 28.
+    REQUIRE(webp.substr(12, 4) == "VP8 ");
+    REQUIRE(static_cast<unsigned char>(webp[26]) == 24);
+    webp.replace(26, 4, std::string("\xFF\x3F\xFF\x3F", 4));  // 16383 x 16383
+    test::write_file(b.dir.file("images/huge.webp"), webp);
+    // WebP, lossless: width - 1 and height - 1 in the low 28 bits of the little-endian word at 21.
+    REQUIRE(webp_lossless.substr(12, 4) == "VP8L");
+    REQUIRE((static_cast<unsigned char>(webp_lossless[21]) | (static_cast<unsigned char>(webp_lossless[22]) & 0x3F) << 8) == 23);
+    webp_lossless[21] = '\xFF', webp_lossless[22] = '\xFF', webp_lossless[23] = '\xFF';
+    webp_lossless[24] = static_cast<char>((static_cast<unsigned char>(webp_lossless[24]) & 0xF0) | 0x0F);  // 16384 x 16384
+    test::write_file(b.dir.file("images/huge_lossless.webp"), webp_lossless);
+    CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file("images/huge.jpg")); }),
+               Catch::Contains("images/huge.jpg' is 30000 x 30000 pixels") &&
+                   Catch::Contains("takes 2575 MB per read: downscale it (the limit is 128 Mi pixels)"));
+    CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file("images/huge.webp")); }),
+               Catch::Contains("images/huge.webp' is 16383 x 16383 pixels") && Catch::Contains("768 MB per read"));
+    CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file("images/huge_lossless.webp")); }),
+               Catch::Contains("images/huge_lossless.webp' is 16384 x 16384 pixels") && Catch::Contains("768 MB per read"));
+  }
   SECTION("preference pairs the model cannot tell apart: same ids after tokenizing, or a whitespace-only reply") {
     test::write_file(b.dir.file("manifests/pref_tokens.jsonl"),
                      R"({"id": "p0", "image": "images/ok.png", "prompt": "<image>\nDescribe the picture.", )"
@@ -149,6 +194,26 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     std::string out;
     CHECK(b.run("data check configs/base.yaml", &out) == 0);
     CHECK_THAT(out, Catch::Contains("no problems found (every image decoded)"));
+    CHECK_THAT(out, !Catch::Contains("unknown to the tokenizer"));
+    CHECK(b.run("data check configs/base.yaml --json", &out) == 0);
+    const auto j = nlohmann::json::parse(out);
+    CHECK(j["manifests"][0]["unknown_tokens"] == 0);
+    CHECK(j["manifests"][0]["tokens"] > 0);
+  }
+  SECTION("text the tokenizer does not cover: a note with the count, not a problem") {
+    std::string good = read_text_file(b.dir.file("manifests/good.jsonl"));
+    const auto at = good.find("Red.");
+    good.replace(at, 4, "\u2603 \u2603.");  // two snowmen in good-0's reply, each alone between spaces
+    test::write_file(b.dir.file("manifests/snow.jsonl"), good);
+    std::string out;
+    CHECK(b.run("data check configs/base.yaml --set data.train=manifests/snow.jsonl --json", &out) == 0);
+    const auto j = nlohmann::json::parse(out);
+    CHECK(j["manifests"][0]["unknown_tokens"] == 2);
+    REQUIRE(j["notes"].size() == 1);
+    CHECK_THAT(j["notes"][0].get<std::string>(), Catch::StartsWith("data.train: 2 of ") &&
+                                                     Catch::Contains("are unknown to the tokenizer tok.model"));
+    CHECK(b.run("data check configs/base.yaml --set data.train=manifests/snow.jsonl", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("note: data.train: 2 of ") && Catch::Contains("no problems found"));
   }
   SECTION("every problem of a set at once, counted by kind; skip policies turn the exit code to 0") {
     std::string out;

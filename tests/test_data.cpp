@@ -5,6 +5,8 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include <algorithm>
+#include <cstdio>
 #include <set>
 
 #include "core/errors.h"
@@ -89,6 +91,24 @@ TEST_CASE("tokenizer: train, reload, round trip and special ids", "[data][tokeni
   REQUIRE(truncated.size() == 4);
   CHECK(truncated[3] == tok.eos_id());
   CHECK(truncated[1] == ids[0]);
+  // Coverage: every encode counts its tokens and its unk; a character the training text never had
+  // (the snowman) is unk, once per occurrence here (each stands alone between spaces).
+  const auto before = tok.coverage();
+  const std::string unseen = "a red \u2603 circle \u2603";
+  const auto unseen_ids = tok.encode(unseen);
+  CHECK(std::count(unseen_ids.begin(), unseen_ids.end(), tok.unk_id()) == 2);
+  tok.encode(text);
+  const auto c = tok.coverage_since(before);
+  CHECK(c.unknown == 2);
+  CHECK(c.tokens == static_cast<int64_t>(unseen_ids.size() + ids.size()));
+  CHECK(c.first_unknown == unseen);
+  char share[32];
+  std::snprintf(share, sizeof share, "%.2f%%", 200.0 / static_cast<double>(c.tokens));
+  CHECK_THAT(unknown_tokens_note(c, "data.train", "tok.model"),
+             Catch::StartsWith("data.train: 2 of " + std::to_string(c.tokens) + " tokens (" + share +
+                               ") are unknown to the tokenizer tok.model (first in \"" + unseen + "\")") &&
+                 Catch::Contains("Train a tokenizer on this data"));
+  CHECK(unknown_tokens_note(tok.coverage_since(tok.coverage()), "data.train", "tok.model").empty());
   CHECK_THAT(data_error([&] { Tokenizer::load(d.file("none.model")); }), Catch::Contains("does not exist"));
   CHECK_THAT(data_error([&] { Tokenizer::load(d.path.string()); }),
              Catch::Contains("tokenizer model '" + d.path.string() + "' is a folder; point data.tokenizer at the .model file"));

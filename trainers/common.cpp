@@ -697,6 +697,11 @@ std::string select_resume_checkpoint(const std::string& run_dir, const std::stri
   return dist::broadcast_string(dist::is_main() ? select_resume_checkpoint_here(run_dir, resume) : std::string());
 }
 
+void warn_unknown_tokens(const Tokenizer& tok, const Tokenizer::Coverage& before, const RunConfig& cfg) {
+  const std::string note = unknown_tokens_note(tok.coverage_since(before), "data.train", cfg.data.tokenizer);
+  if (!note.empty() && dist::is_main()) spdlog::warn(note);
+}
+
 nlohmann::json train_data_record(const RunConfig& cfg, int64_t records) {
   std::error_code ec;
   const auto bytes = std::filesystem::file_size(cfg.data.train, ec);

@@ -15,6 +15,7 @@
 #include "core/errors.h"
 #include "core/logging.h"
 #include "core/run_config.h"
+#include "data/tokenizer.h"
 
 namespace trialign {
 
@@ -167,6 +168,10 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
 // run.out_dir that already holds checkpoints is refused; "auto" takes the newest complete one
 // (or starts fresh when there is none); a path may name a checkpoint or a run folder.
 std::string select_resume_checkpoint(const std::string& run_dir, const std::string& resume);
+
+// After the training set is loaded (encoded since `before`): rank 0 warns when the tokenizer
+// turned part of it into unk (data/tokenizer.h, unknown_tokens_note).
+void warn_unknown_tokens(const Tokenizer& tok, const Tokenizer::Coverage& before, const RunConfig& cfg);
 
 // The training manifest a run reads, as its checkpoints record it (trainer_state.json "data"):
 // {path, bytes, crc32, records}. Read once when the run starts.

@@ -219,7 +219,9 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   for (const auto& [n, p] : named) params.push_back(p), n_params += p.numel();
   FusedAdamW optimizer(adamw_groups(named, cfg.optim));
 
+  const auto encoded_before = tok.coverage();
   CaptionDataset train(cfg.data.train, cfg.data, tok, /*train=*/true);
+  warn_unknown_tokens(tok, encoded_before, cfg);
   std::unique_ptr<CaptionDataset> val;
   if (!cfg.data.val.empty()) val = std::make_unique<CaptionDataset>(cfg.data.val, cfg.data, tok, false, cfg.data.val_limit);
   spdlog::info("stage 1 (contrastive, loss {}): {} train pairs{}, {} val pairs, {:.2f}M trainable parameters, {} threads, "

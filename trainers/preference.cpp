@@ -207,7 +207,9 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const int64_t tpi = model->tokens_per_image();
   const auto kind = sampling ? PreferenceDataset::Kind::Prompts : PreferenceDataset::Kind::Pairs;
   const int64_t reserve = sampling ? sampling->max_new_tokens : 0;
+  const auto encoded_before = tok.coverage();
   PreferenceDataset train(cfg.data.train, cfg.data, tok, tpi, kind, /*train=*/true, 0, reserve);
+  warn_unknown_tokens(tok, encoded_before, cfg);
   const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
   std::unique_ptr<PreferenceDataset> val;
   if (!cfg.data.val.empty())

@@ -323,7 +323,9 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   FusedAdamW optimizer(plan.groups);
 
   const int64_t tpi = model->tokens_per_image();
+  const auto encoded_before = tok.coverage();
   ConversationDataset train(cfg.data.train, cfg.data, tok, tpi, /*train=*/true);
+  warn_unknown_tokens(tok, encoded_before, cfg);
   std::vector<std::pair<std::string, std::unique_ptr<ConversationDataset>>> evals;
   if (!cfg.eval.sets.empty()) {
     for (const auto& s : cfg.eval.sets)

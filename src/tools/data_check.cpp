@@ -182,7 +182,8 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
                        true, cfg.eval.sets[i].limit});
 
   DataCheckResult r;
-  nlohmann::json manifests = nlohmann::json::array(), problems = nlohmann::json::array();
+  nlohmann::json manifests = nlohmann::json::array(), problems = nlohmann::json::array(),
+                 notes = nlohmann::json::array();
   std::map<std::string, int64_t> counts;
   auto add = [&](const std::string& role, const std::string& message, const std::string& policy) {
     const std::string kind = problem_kind(message);
@@ -193,6 +194,7 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
   std::vector<std::pair<std::string, ImageRefs>> images;  // per set
   for (const auto& s : sources) {
     Loaded l;
+    const auto before = tok.coverage();
     {
       ProblemCollector collector;
       try {
@@ -202,7 +204,16 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
       }
       for (const auto& p : collector.problems) add(s.role, p.message, p.policy);
     }
-    manifests.push_back({{"set", s.role}, {"path", s.path}, {"usable_records", l.usable}, {"images", l.images.size()}});
+    const auto coverage = tok.coverage_since(before);
+    manifests.push_back({{"set", s.role},
+                         {"path", s.path},
+                         {"usable_records", l.usable},
+                         {"images", l.images.size()},
+                         {"tokens", coverage.tokens},
+                         {"unknown_tokens", coverage.unknown}});
+    // Not a problem the run stops on, but a model that cannot see part of its text: said apart.
+    const std::string note = unknown_tokens_note(coverage, s.role, cfg.data.tokenizer);
+    if (!note.empty()) notes.push_back(note);
     images.emplace_back(s.role, std::move(l.images));
   }
 
@@ -213,6 +224,7 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
   r.report = {{"config", cfg.source},
               {"manifests", manifests},
               {"problems", problems},
+              {"notes", notes},
               {"counts", counts},
               {"images_decoded", decode_images},
               {"would_fail", r.would_fail}};
@@ -225,6 +237,7 @@ std::string data_check_text(const DataCheckResult& r, size_t max_lines) {
   for (const auto& m : j["manifests"])
     out += fmt::format("{}: {} usable records, {} images ({})\n", m["set"].get<std::string>(),
                        m["usable_records"].get<int64_t>(), m["images"].get<int64_t>(), m["path"].get<std::string>());
+  for (const auto& n : j.value("notes", nlohmann::json::array())) out += "note: " + n.get<std::string>() + "\n";
   const auto& problems = j["problems"];
   size_t shown = 0;
   for (const auto& p : problems) {
