@@ -109,6 +109,7 @@ int cmd_train(const std::string& config, const std::vector<std::string>& sets, c
 int cmd_bench(const std::string& config, const std::vector<std::string>& sets, const BenchOptions& opt) {
   const RunConfig cfg = load_run_config(config, sets);
   const auto j = run_bench(cfg, opt);
+  if (j.is_null()) return kExitInterrupted;  // stopped by a signal; it said so
   std::cout << bench_table(j) << std::flush;
   return kExitOk;
 }
@@ -358,6 +359,29 @@ int cmd_import(const std::string& config, const std::vector<std::string>& sets, 
   spdlog::info("imported into {} (use it as init_from: [{{checkpoint: {}, components: [...]}}])", dir, out);
   std::cout << dir << std::endl;
   return kExitOk;
+}
+
+// --tokens "1,15,27": every item an integer (an empty one is a mistake, not token 0).
+std::vector<int64_t> parse_token_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  for (size_t start = 0;;) {
+    const size_t end = text.find(',', start);
+    const std::string item = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    size_t used = 0;
+    int64_t id = 0;
+    try {
+      id = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size())
+      throw ConfigError("--tokens '" + text + "': " +
+                        (item.empty() ? std::string("an empty token id") : "'" + item + "' is not an integer") +
+                        "; give comma-separated integers, e.g. --tokens 1,15,27");
+    ids.push_back(id);
+    if (end == std::string::npos) return ids;
+    start = end + 1;
+  }
 }
 
 int cmd_forward(const std::string& target, const std::string& config, const std::vector<std::string>& sets,
@@ -632,7 +656,8 @@ int main(int argc, char** argv) {
   forward->add_option("--config", fwd_config, "Run config describing the model")->check(CLI::ExistingFile);
   forward->add_option("--weights", io_weights, "COMPONENT=PATH (repeatable), with --config");
   forward->add_option("--set", sets, "Override a config key (repeatable), with --config");
-  forward->add_option("--tokens", fwd.tokens, "Token ids, comma-separated")->delimiter(',');
+  std::string fwd_tokens;  // parsed below: CLI11 would drop empty items of "2,,7" and read "" as 0
+  forward->add_option("--tokens", fwd_tokens, "Token ids, comma-separated");
   forward->add_option("--text", fwd.text, "Text, tokenised as in training");
   forward->add_option("--image", fwd.image, "Image file")->check(CLI::ExistingFile);
   forward->add_option("--out", io_out, "Output .safetensors file")->required();
@@ -705,7 +730,10 @@ int main(int argc, char** argv) {
     if (*inspect) return cmd_inspect(io_path, show_tensors, verify, as_json);
     if (*export_cmd) return cmd_export(io_path, io_out, export_dtype, shard_mb);
     if (*import_cmd) return cmd_import(io_config, sets, io_weights, io_out);
-    if (*forward) return cmd_forward(io_path, fwd_config, sets, io_weights, fwd, io_out);
+    if (*forward) {
+      if (forward->count("--tokens")) fwd.tokens = parse_token_ids(fwd_tokens);
+      return cmd_forward(io_path, fwd_config, sets, io_weights, fwd, io_out);
+    }
     if (*losses) {
       for (const auto& n : contrastive_losses().names())
         std::cout << n << "\tcontrastive (stage 1)\t" << contrastive_losses().help(n) << "\n";

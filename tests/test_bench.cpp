@@ -2,7 +2,15 @@
 // its own step times, and activation checkpointing equal to the plain forward and backward.
 #include <catch2/catch.hpp>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <thread>
 #include <set>
 
 #include "core/errors.h"
@@ -136,6 +144,46 @@ TEST_CASE("bench: stage-1 card figures follow from its step times and shapes", "
     CHECK_THAT(test::message_of<ConfigError>([&] { train_any(cfg, test::quiet()); }),
                Catch::Contains("bench.card is true"));
   }
+}
+
+TEST_CASE("bench: a stop signal ends it between steps, exit 75, no figures written", "[bench][cli]") {
+  test::TempDir dir("bench-stop");
+  const std::string run = dir.file("run"), log = dir.file("bench.out");
+  std::vector<std::string> args = {TRIALIGN_BINARY, "bench", test::source_dir() + "/configs/bench/stage1.yaml"};
+  for (auto s : tiny_card("contrastive", run)) {
+    if (s.rfind("bench.steps=", 0) == 0) s = "bench.steps=100000";  // far more than the test waits for
+    args.push_back("--set"), args.push_back(s);
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen(log.c_str(), "w", stdout);
+    std::freopen(log.c_str(), "a", stderr);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(TRIALIGN_BINARY, argv.data());
+    ::_exit(127);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  bool stepping = false;
+  while (!stepping && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    stepping = text.find("bench step 3/100001") != std::string::npos;
+  }
+  ::kill(pid, stepping ? SIGINT : SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  std::ifstream in(log);
+  const std::string said((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  INFO(said);
+  REQUIRE(stepping);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 75);
+  CHECK_THAT(said, Catch::Contains("bench stopped by a signal before its last step: no figures written"));
+  CHECK_THAT(said, !Catch::Contains("bench step 100001/100001"));
+  CHECK(!std::filesystem::exists(run + "/bench.json"));
 }
 
 TEST_CASE("bench: stage-3 and DPO cards count the frozen tower once and the reference forward only", "[bench]") {

@@ -31,6 +31,23 @@ TEST_CASE("unknown key names file, line, dotted path and a suggestion", "[config
   CHECK_THAT(msg, Catch::Contains(d.file("a.yaml") + ":6:16: optim.weight_decy: unknown key 'weight_decy'; did you mean 'weight_decay'?"));
 }
 
+TEST_CASE("a tab in the indentation and a YAML merge key are named as such", "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("tab.yaml"), std::string(kMinimal) + "train:\n\tsteps: 3\n");  // line 5
+  CHECK_THAT(error_of([&] { load_run_config(d.file("tab.yaml")); }),
+             Catch::StartsWith(d.file("tab.yaml") + ":5:") && Catch::Contains(": YAML syntax error: ") &&
+                 Catch::EndsWith("; line 5 is indented with a tab, and YAML indents with spaces only"));
+  // A tab inside a value is no indentation, and a syntax error elsewhere gets no tab hint.
+  write_file(d.file("ok.yaml"), std::string(kMinimal) + "run:\n  name: \"a\\tb\"\n  out_dir: \"x\ty\"\n");
+  CHECK_NOTHROW(load_run_config(d.file("ok.yaml")));
+  write_file(d.file("bad.yaml"), std::string(kMinimal) + "train: [1, 2\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("bad.yaml")); }),
+             Catch::Contains("YAML syntax error") && !Catch::Contains("indented with a tab"));
+  write_file(d.file("merge.yaml"), std::string(kMinimal) + "train:\n  <<: {steps: 3}\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("merge.yaml")); }),
+             Catch::Contains("train.<<: unknown key '<<': YAML merge keys ('<<: *anchor') are not supported"));
+}
+
 TEST_CASE("wrong types and out-of-range values are all reported together", "[config]") {
   TempDir d("cfg");
   write_file(d.file("a.yaml"), std::string(kMinimal) +

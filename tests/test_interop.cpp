@@ -164,6 +164,14 @@ TEST_CASE("export -> import: every tensor comes back identical, sharded or not, 
                   &log) == 2);
     CHECK_THAT(log, Catch::Contains("forward: the tokens hold 2 <image> placeholders (id " + image_id +
                                     ") but --image gives one image"));
+    // An empty --tokens (or an empty item in the list) is an error, not token 0.
+    for (const std::string tokens : {"''", "2,,7", "2,7,"}) {
+      CHECK(run_cli("forward " + trained.checkpoint + " --tokens " + tokens + " --out " + c.dir.file("f10.safetensors"), &log) == 2);
+      CHECK_THAT(log, Catch::Contains("': an empty token id; give comma-separated integers, e.g. --tokens 1,15,27"));
+    }
+    CHECK(run_cli("forward " + trained.checkpoint + " --tokens 2,x7 --out " + c.dir.file("f10.safetensors"), &log) == 2);
+    CHECK_THAT(log, Catch::Contains("--tokens '2,x7': 'x7' is not an integer"));
+    CHECK(!fs::exists(c.dir.file("f10.safetensors")));
     // A checkpoint trained on a larger machine (run.threads 100000 there) still runs here: its
     // thread count is not the model's. The copy's MANIFEST is updated so the edit verifies.
     const std::string moved = c.dir.file("from_big_machine");

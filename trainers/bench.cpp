@@ -157,6 +157,11 @@ std::vector<int64_t> random_ids(int64_t n, int64_t lo, int64_t hi, uint64_t seed
   return ids;
 }
 
+// A stop signal (SIGINT / SIGTERM) between bench steps.
+struct BenchStopped : std::runtime_error {
+  BenchStopped() : std::runtime_error("bench stopped") {}
+};
+
 struct Timing {
   std::vector<double> step_s, wait_s;
 };
@@ -170,6 +175,7 @@ Timing time_steps(PrefetchLoader<Batch>& loader, const BenchSection& b, const Be
   const int64_t total = b.warmup + b.steps;
   std::unique_ptr<torch::autograd::profiler::RecordProfile> profiler;
   for (int64_t s = 0; s < total; ++s) {
+    if (stop_requested()) throw BenchStopped();  // Ctrl-C: no figures from a partial run
     if (s == b.warmup && !opt.profile.empty())
       profiler = std::make_unique<torch::autograd::profiler::RecordProfile>(opt.profile);
     const auto t0 = Clock::now();
@@ -479,9 +485,14 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
                cfg.run.precision == "auto" ? std::string(bf16 ? " (auto: CPU has native bf16)" : " (auto: no native bf16 on this CPU)")
                                            : "");
   Measured m;
-  if (!cfg.is_vlm()) m = bench_contrastive(cfg, tok, images, bf16, opt);
-  else if (cfg.trainer == "preference") m = bench_preference(cfg, tok, images, bf16, opt);
-  else m = bench_vlm(cfg, tok, images, bf16, opt);
+  try {
+    if (!cfg.is_vlm()) m = bench_contrastive(cfg, tok, images, bf16, opt);
+    else if (cfg.trainer == "preference") m = bench_preference(cfg, tok, images, bf16, opt);
+    else m = bench_vlm(cfg, tok, images, bf16, opt);
+  } catch (const BenchStopped&) {
+    spdlog::warn("bench stopped by a signal before its last step: no figures written");
+    return nlohmann::json();
+  }
 
   peak = std::max(peak, matmul_peak(cfg.bench.matmul_size, bf16));
   const double rss = peak_rss_mb();  // before the optimizer timing's copies of the weights

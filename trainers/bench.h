@@ -46,8 +46,9 @@ struct BenchOptions {
   std::string profile;   // write a Chrome trace of the timed steps here (LibTorch's autograd profiler)
 };
 
-// Runs the bench and returns its figures (also written to RUN/bench.json). Throws ConfigError for
-// what it cannot bench (GRPO's sampling, multi-process launches, shapes that do not fit).
+// Runs the bench and returns its figures (also written to RUN/bench.json); null when a stop signal
+// ended it early (nothing written). Throws ConfigError for what it cannot bench (GRPO's sampling,
+// multi-process launches, shapes that do not fit).
 nlohmann::json run_bench(const RunConfig& cfg, const BenchOptions& opt);
 
 // The table `trialign bench` prints.

@@ -109,7 +109,9 @@ void ConfigReader::finish() {
     if (std::find(used_.begin(), used_.end(), kv.first) != used_.end()) continue;
     const std::string best = closest_name(kv.first, used_);
     std::string msg = "unknown key '" + kv.first + "'";
-    if (!best.empty()) msg += "; did you mean '" + best + "'?";
+    if (kv.first == "<<") msg += ": YAML merge keys ('<<: *anchor') are not supported; repeat the keys, or share them "
+                                 "with include: (a file of common keys)";
+    else if (!best.empty()) msg += "; did you mean '" + best + "'?";
     else {
       std::string list;
       for (const auto& u : used_) list += (list.empty() ? "" : ", ") + u;

@@ -93,8 +93,18 @@ ConfigNode parse_yaml(const std::string& text, const std::string& file) {
   try {
     return convert(YAML::Load(text), file);
   } catch (const YAML::Exception& e) {
+    // yaml-cpp reports a tab in the indentation by what it then fails to parse ("illegal map
+    // value", "end of map not found"): say what is wrong on the line it names, or the one before.
+    std::string hint;
+    std::istringstream lines(text);
+    std::string line;
+    for (int k = 0; std::getline(lines, line) && k <= e.mark.line; ++k) {
+      const size_t indent_end = line.find_first_not_of(" \t");
+      if (k + 1 >= e.mark.line && line.substr(0, indent_end).find('\t') != std::string::npos)
+        hint = "; line " + std::to_string(k + 1) + " is indented with a tab, and YAML indents with spaces only";
+    }
     throw ConfigError(file + ":" + std::to_string(e.mark.line + 1) + ":" +
-                      std::to_string(e.mark.column + 1) + ": YAML syntax error: " + e.msg);
+                      std::to_string(e.mark.column + 1) + ": YAML syntax error: " + e.msg + hint);
   }
 }
 
