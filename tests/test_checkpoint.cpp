@@ -175,6 +175,38 @@ TEST_CASE("a damaged or partial checkpoint is detected, named, and skipped by re
   CHECK(find_latest_checkpoint(d.path.string()) == (d.path / "checkpoints" / "step_00000001").string());
 }
 
+TEST_CASE("damaged training state (optimizer, RNG) stops a resume but not the readers of the weights", "[checkpoint]") {
+  TempDir d("ckpt_state");
+  for (int64_t step : {1, 2}) {
+    CheckpointWriter w(d.path.string(), step, "contrastive");
+    w.add_text("model.safetensors", std::string(1000, static_cast<char>('a' + step)));
+    w.add_text("optimizer.safetensors", std::string(2000, 'o'));
+    w.add_text("rng.safetensors", std::string(100, 'r'));
+    w.commit(5);
+  }
+  const fs::path older = d.path / "checkpoints" / "step_00000001", newest = d.path / "checkpoints" / "step_00000002";
+  for (const char* file : {"optimizer.safetensors", "rng.safetensors"}) {
+    INFO(file);
+    const std::string path = (newest / file).string();
+    const std::string good = read_text_file(path);
+    write_file(path, std::string(good.size(), 'x'));  // same size, wrong checksum
+    CHECK_THROWS_WITH(verify_checkpoint(newest.string()), Catch::Contains(path + "' fails its checksum"));
+    CHECK(verify_checkpoint(newest.string(), CheckpointUse::Weights).step == 2);
+    std::vector<std::string> warnings;
+    auto warn = [&](const std::string& w) { warnings.push_back(w); };
+    CHECK(resolve_checkpoint(d.path.string(), warn) == older.string());  // resume: the newest whole one
+    CHECK(warnings.size() == 1);
+    CHECK(resolve_checkpoint(d.path.string(), warn, CheckpointUse::Weights) == newest.string());
+    CHECK(warnings.size() == 1);
+    write_file(path, good);
+  }
+  // The weights themselves damaged: readers skip the checkpoint too.
+  write_file((newest / "model.safetensors").string(), std::string(1000, 'x'));
+  CHECK_THROWS_WITH(verify_checkpoint(newest.string(), CheckpointUse::Weights),
+                    Catch::Contains((newest / "model.safetensors").string() + "' fails its checksum"));
+  CHECK(resolve_checkpoint(d.path.string(), {}, CheckpointUse::Weights) == older.string());
+}
+
 TEST_CASE("resume auto refuses to start over when every checkpoint is damaged", "[checkpoint]") {
   TempDir d("ckpt_all_bad");
   CHECK(select_resume_checkpoint(d.path.string(), "auto").empty());  // nothing there: a fresh start

@@ -238,10 +238,11 @@ std::string CheckpointWriter::commit(int keep_last, int64_t keep_every) {
 }
 
 namespace {
-void check_manifest(const std::string& dir, const std::string& mpath, const nlohmann::json& m, CheckpointInfo& info);
+void check_manifest(const std::string& dir, const std::string& mpath, const nlohmann::json& m, CheckpointInfo& info,
+                    CheckpointUse use);
 }
 
-CheckpointInfo verify_checkpoint(const std::string& dir) {
+CheckpointInfo verify_checkpoint(const std::string& dir, CheckpointUse use) {
   const std::string mpath = (fs::path(dir) / "MANIFEST.json").string();
   std::ifstream in(mpath);
   if (!in) throw DataError("checkpoint '" + dir + "' is incomplete: no MANIFEST.json (interrupted save?)");
@@ -255,7 +256,7 @@ CheckpointInfo verify_checkpoint(const std::string& dir) {
   info.dir = dir;
   info.manifest = m;
   try {
-    check_manifest(dir, mpath, m, info);
+    check_manifest(dir, mpath, m, info, use);
   } catch (const nlohmann::json::exception& e) {
     throw DataError(mpath + ": damaged manifest: " + e.what());
   }
@@ -264,7 +265,13 @@ CheckpointInfo verify_checkpoint(const std::string& dir) {
 
 namespace {
 
-void check_manifest(const std::string& dir, const std::string& mpath, const nlohmann::json& m, CheckpointInfo& info) {
+// Read by a resume only (trainers/resume_state.h); optimizer.pt is the older optimizer format.
+bool resume_only(const std::string& file) {
+  return file == "optimizer.safetensors" || file == "optimizer.pt" || file == "rng.safetensors";
+}
+
+void check_manifest(const std::string& dir, const std::string& mpath, const nlohmann::json& m, CheckpointInfo& info,
+                    CheckpointUse use) {
   if (!m.is_object() || !m.contains("format_version") || !m["format_version"].is_number_integer())
     throw DataError(mpath + ": no format_version");
   if (m["format_version"].get<int>() > kCheckpointFormatVersion)
@@ -275,6 +282,7 @@ void check_manifest(const std::string& dir, const std::string& mpath, const nloh
   info.trainer = m.value("trainer", std::string());
   if (!m.contains("files") || !m["files"].is_object() || m["files"].empty()) throw DataError(mpath + ": no file list");
   for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
+    if (use == CheckpointUse::Weights && resume_only(it.key())) continue;
     const std::string f = (fs::path(dir) / it.key()).string();
     std::error_code ec;
     if (!fs::is_regular_file(f, ec)) throw DataError("checkpoint file '" + f + "' is missing");
@@ -310,18 +318,19 @@ std::vector<std::string> set_aside_checkpoints_after(const std::string& run_dir,
   return moved;
 }
 
-std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn) {
+std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn,
+                               CheckpointUse use) {
   std::error_code ec;
   if (!fs::exists(path, ec)) throw DataError("checkpoint or run folder '" + path + "' does not exist");
   if (fs::exists(fs::path(path) / "MANIFEST.json", ec)) return path;
-  const std::string latest = find_latest_checkpoint(path, warn);
+  const std::string latest = find_latest_checkpoint(path, warn, use);
   if (latest.empty())
     throw DataError("'" + path + "' is neither a checkpoint folder nor a run folder with a complete checkpoint");
   return latest;
 }
 
 std::string find_latest_checkpoint(const std::string& run_dir,
-                                   const std::function<void(const std::string&)>& warn) {
+                                   const std::function<void(const std::string&)>& warn, CheckpointUse use) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return "";
@@ -331,7 +340,7 @@ std::string find_latest_checkpoint(const std::string& run_dir,
   std::sort(steps.rbegin(), steps.rend());
   for (const auto& d : steps) {
     try {
-      verify_checkpoint(d);
+      verify_checkpoint(d, use);
       return d;
     } catch (const DataError& e) {
       if (warn) warn(std::string("skipping checkpoint: ") + e.what());

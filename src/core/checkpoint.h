@@ -59,12 +59,20 @@ struct CheckpointInfo {
   nlohmann::json manifest;
 };
 
-// Verifies MANIFEST.json and every file's size and checksum; throws DataError naming the file.
-CheckpointInfo verify_checkpoint(const std::string& dir);
+// What a checkpoint is opened for. Resume reads every file; Weights (eval, generate, forward,
+// export, init_from) reads all but the training state that only a resume needs (the optimizer's
+// moments and the RNG), so damage there does not lock intact weights away, and those files'
+// checksums (twice the weights' size for AdamW) are not read.
+enum class CheckpointUse { Resume, Weights };
 
-// A checkpoint folder as given, or a run folder's newest complete checkpoint. Throws DataError
-// when the path does not exist or holds no complete checkpoint.
-std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn = {});
+// Verifies MANIFEST.json and the size and checksum of every file `use` reads; throws DataError
+// naming the file.
+CheckpointInfo verify_checkpoint(const std::string& dir, CheckpointUse use = CheckpointUse::Resume);
+
+// A checkpoint folder as given, or a run folder's newest checkpoint complete for `use`. Throws
+// DataError when the path does not exist or holds no such checkpoint.
+std::string resolve_checkpoint(const std::string& path, const std::function<void(const std::string&)>& warn = {},
+                               CheckpointUse use = CheckpointUse::Resume);
 
 // True when RUN/checkpoints holds any step folder, complete or not (no checksums read).
 bool has_checkpoints(const std::string& run_dir);
@@ -88,6 +96,7 @@ void set_checkpoint_fault_hook(std::function<void(const char* point)> hook);
 // The newest complete, verified checkpoint under RUN/checkpoints, or "" when there is none.
 // Damaged or partial directories are skipped with a warning through `warn`.
 std::string find_latest_checkpoint(const std::string& run_dir,
-                                   const std::function<void(const std::string&)>& warn = {});
+                                   const std::function<void(const std::string&)>& warn = {},
+                                   CheckpointUse use = CheckpointUse::Resume);
 
 }  // namespace trialign

@@ -195,12 +195,12 @@ std::string init_components(torch::nn::Module& model, const InitFrom& init, cons
     tensors = load_weights(init.checkpoint);
   } else {
     try {
-      used = resolve_checkpoint(init.checkpoint, [](const std::string& w) { spdlog::warn(w); });
+      used = resolve_checkpoint(init.checkpoint, [](const std::string& w) { spdlog::warn(w); }, CheckpointUse::Weights);
     } catch (const DataError& e) {
       throw DataError(std::string("init_from: ") + e.what() +
                       " (a fresh run takes its starting weights from there: run that stage first, or fix the path)");
     }
-    verify_checkpoint(used);
+    verify_checkpoint(used, CheckpointUse::Weights);
     for (const auto& c : init.components)
       if (c == "text_model" || c == "language_model") {
         check_checkpoint_tokenizer(used, tokenizer, "init_from " + c);

@@ -169,8 +169,8 @@ std::string inspect_text(const nlohmann::json& j) {
 std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir,
                                            const std::string& dtype, uint64_t max_shard_bytes) {
   const auto type = dtype_of(dtype);
-  const std::string dir = resolve_checkpoint(checkpoint, [](const std::string& w) { spdlog::warn(w); });
-  const auto info = verify_checkpoint(dir);
+  const std::string dir = resolve_checkpoint(checkpoint, [](const std::string& w) { spdlog::warn(w); }, CheckpointUse::Weights);
+  const auto info = verify_checkpoint(dir, CheckpointUse::Weights);
   std::error_code ec;
   if (fs::exists(out_dir, ec) && !fs::is_empty(out_dir, ec))
     throw ConfigError("export: '" + out_dir + "' exists and is not empty; choose a new folder");
@@ -316,8 +316,8 @@ std::string import_weights(RunConfig cfg, const std::vector<WeightSource>& sourc
 }
 
 std::shared_ptr<torch::nn::Module> load_checkpoint_model(const std::string& checkpoint, RunConfig* cfg_out) {
-  const std::string dir = resolve_checkpoint(checkpoint, [](const std::string& w) { spdlog::warn(w); });
-  verify_checkpoint(dir);
+  const std::string dir = resolve_checkpoint(checkpoint, [](const std::string& w) { spdlog::warn(w); }, CheckpointUse::Weights);
+  verify_checkpoint(dir, CheckpointUse::Weights);
   RunConfig cfg = checkpoint_config_of(dir);
   check_checkpoint_tokenizer(dir, cfg.data.tokenizer, "forward");
   auto model = build_model_with_weights(cfg, {});
