@@ -4,6 +4,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -72,21 +73,27 @@ std::pair<int64_t, int64_t> declared_size(std::string_view b) {
   if (b.substr(0, 8) == "\x89PNG\r\n\x1a\n" && b.size() >= 24 && b.substr(12, 4) == "IHDR")
     return {be(b, 16, 4), be(b, 20, 4)};
   if (b.size() >= 4 && static_cast<unsigned char>(b[0]) == 0xFF && static_cast<unsigned char>(b[1]) == 0xD8) {
+    // Walked as libjpeg reads it: bytes between segments that are not a marker are skipped (it
+    // warns and decodes on), so a frame header placed after junk is found here too.
     size_t i = 2;
-    while (i + 4 <= b.size() && static_cast<unsigned char>(b[i]) == 0xFF) {
+    while (i + 4 <= b.size()) {
+      if (static_cast<unsigned char>(b[i]) != 0xFF) {
+        ++i;
+        continue;
+      }
       const unsigned m = static_cast<unsigned char>(b[i + 1]);
       if (m == 0xFF) {  // fill byte before a marker
         ++i;
         continue;
       }
-      if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {  // markers without a length
+      if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {  // no marker, or one without a length
         i += 2;
         continue;
       }
       if (m == 0xD9 || m == 0xDA) break;  // end of image, or the scan: no frame header before it
       const bool sof = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
       if (sof && i + 9 <= b.size()) return {be(b, i + 7, 2), be(b, i + 5, 2)};
-      i += 2 + static_cast<size_t>(be(b, i + 2, 2));
+      i += 2 + static_cast<size_t>(std::max<int64_t>(2, be(b, i + 2, 2)));
     }
     return {0, 0};
   }

@@ -141,8 +141,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
 
 struct Tokenizer::CoverageState {
   std::atomic<int64_t> tokens{0}, unknown{0};
-  std::mutex mu;  // first_unknown only: taken on the rare encode that meets an unk
-  std::string first_unknown;
+  std::mutex mu;  // example only: taken on the rare encode that meets an unk
+  std::string example;
 };
 
 std::vector<int> Tokenizer::encode(const std::string& text) const {
@@ -156,9 +156,12 @@ std::vector<int> Tokenizer::encode(const std::string& text) const {
     const auto unknown = unk_id_ < 0 ? 0 : std::count(out.begin(), out.end(), unk_id_);
     coverage_->tokens += static_cast<int64_t>(out.size());
     if (unknown > 0) {
-      coverage_->unknown += unknown;
+      // The latest such text, so any window with an unk in it (coverage_since) shows one of its own.
+      size_t cut = std::min<size_t>(text.size(), 80);
+      while (cut < text.size() && cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;  // whole UTF-8 characters
       std::lock_guard<std::mutex> lock(coverage_->mu);
-      if (coverage_->first_unknown.empty()) coverage_->first_unknown = text.substr(0, 80);
+      coverage_->unknown += unknown;
+      coverage_->example = text.substr(0, cut);
     }
   }
   return out;
@@ -176,7 +179,7 @@ std::string unknown_tokens_note(const Tokenizer::Coverage& c, const std::string&
   char share[32];
   std::snprintf(share, sizeof share, "%.2f%%", 100.0 * static_cast<double>(c.unknown) / static_cast<double>(std::max<int64_t>(1, c.tokens)));
   return set + ": " + std::to_string(c.unknown) + " of " + std::to_string(c.tokens) + " tokens (" + share +
-         ") are unknown to the tokenizer " + tokenizer_path + " (first in \"" + c.first_unknown +
+         ") are unknown to the tokenizer " + tokenizer_path + " (e.g. in \"" + c.example +
          "\"): the model can neither read nor write those characters. Train a tokenizer on this data "
          "(`trialign tokenizer train`) or use one with byte fallback";
 }
@@ -187,7 +190,7 @@ Tokenizer::Coverage Tokenizer::coverage() const {
   c.tokens = coverage_->tokens.load();
   c.unknown = coverage_->unknown.load();
   std::lock_guard<std::mutex> lock(coverage_->mu);
-  c.first_unknown = coverage_->first_unknown;
+  c.example = coverage_->example;
   return c;
 }
 

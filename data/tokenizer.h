@@ -32,10 +32,10 @@ class Tokenizer {
   // unk, which the model can neither read nor learn to write. Trainers and `data check` report it.
   struct Coverage {
     int64_t tokens = 0, unknown = 0;
-    std::string first_unknown;  // the first text encoded with an unk in it (cut to 80 bytes)
+    std::string example;  // the latest text encoded with an unk in it (at most 80 bytes)
   };
   Coverage coverage() const;
-  // The encodes between `before` and now (first_unknown is the first ever seen).
+  // The encodes between `before` and now (the example is one of them when any had an unk).
   Coverage coverage_since(const Coverage& before) const;
 
  private:

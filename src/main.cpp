@@ -242,8 +242,8 @@ int cmd_eval(const std::string& target, const std::string& data, std::vector<std
   if (!out.empty() && !predictions_out.empty() && fs::absolute(out).lexically_normal() == fs::absolute(predictions_out).lexically_normal())
     throw ConfigError("--out and --predictions both name " + out + "; the one written last would replace the other");
   setup_threads(threads);
-  const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
-  verify_checkpoint(dir);
+  const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); }, CheckpointUse::Weights);
+  verify_checkpoint(dir, CheckpointUse::Weights);
   RunConfig cfg = with_eval_overrides(checkpoint_config_of(dir), overrides);
   // --suite: auto (everything the checkpoint supports: no filter) or suite names.
   if (std::find(suites.begin(), suites.end(), "auto") != suites.end()) suites.clear();
@@ -276,8 +276,8 @@ int cmd_generate(const std::string& target, const std::string& image, const std:
                  const SamplingOptions& sampling, int threads) {
   init_logging();
   setup_threads(threads);
-  const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); });
-  verify_checkpoint(dir);
+  const std::string dir = resolve_checkpoint(target, [](const std::string& w) { spdlog::warn(w); }, CheckpointUse::Weights);
+  verify_checkpoint(dir, CheckpointUse::Weights);
   if (!checkpoint_config_of(dir).is_vlm())
     throw ConfigError("generate: '" + dir + "' is a stage-1 (contrastive) checkpoint; it has no language model");
   auto v = load_vlm(dir, "generate", checkpoint_config_of(dir));
@@ -367,16 +367,18 @@ std::vector<int64_t> parse_token_ids(const std::string& text) {
   for (size_t start = 0;;) {
     const size_t end = text.find(',', start);
     const std::string item = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    const size_t first = item.find_first_not_of(' '), last = item.find_last_not_of(' ');
+    const std::string trimmed = first == std::string::npos ? "" : item.substr(first, last - first + 1);
     size_t used = 0;
     int64_t id = 0;
     try {
-      id = std::stoll(item, &used);
-    } catch (const std::exception&) {
+      id = std::stoll(trimmed, &used);
+    } catch (const std::exception&) {  // not a number, or beyond 64 bits
       used = 0;
     }
-    if (item.empty() || used != item.size())
+    if (trimmed.empty() || used != trimmed.size())
       throw ConfigError("--tokens '" + text + "': " +
-                        (item.empty() ? std::string("an empty token id") : "'" + item + "' is not an integer") +
+                        (trimmed.empty() ? std::string("an empty token id") : "'" + trimmed + "' is not a token id") +
                         "; give comma-separated integers, e.g. --tokens 1,15,27");
     ids.push_back(id);
     if (end == std::string::npos) return ids;
@@ -656,7 +658,7 @@ int main(int argc, char** argv) {
   forward->add_option("--config", fwd_config, "Run config describing the model")->check(CLI::ExistingFile);
   forward->add_option("--weights", io_weights, "COMPONENT=PATH (repeatable), with --config");
   forward->add_option("--set", sets, "Override a config key (repeatable), with --config");
-  std::string fwd_tokens;  // parsed below: CLI11 would drop empty items of "2,,7" and read "" as 0
+  std::vector<std::string> fwd_tokens;  // parsed below: CLI11 would drop empty items of "2,,7" and read "" as 0
   forward->add_option("--tokens", fwd_tokens, "Token ids, comma-separated");
   forward->add_option("--text", fwd.text, "Text, tokenised as in training");
   forward->add_option("--image", fwd.image, "Image file")->check(CLI::ExistingFile);
@@ -731,7 +733,11 @@ int main(int argc, char** argv) {
     if (*export_cmd) return cmd_export(io_path, io_out, export_dtype, shard_mb);
     if (*import_cmd) return cmd_import(io_config, sets, io_weights, io_out);
     if (*forward) {
-      if (forward->count("--tokens")) fwd.tokens = parse_token_ids(fwd_tokens);
+      if (forward->count("--tokens")) {
+        std::string joined;  // "--tokens 1 2 3" and "--tokens 1,2,3" alike
+        for (size_t i = 0; i < fwd_tokens.size(); ++i) joined += (i ? "," : "") + fwd_tokens[i];
+        fwd.tokens = parse_token_ids(joined);
+      }
       return cmd_forward(io_path, fwd_config, sets, io_weights, fwd, io_out);
     }
     if (*losses) {

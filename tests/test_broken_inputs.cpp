@@ -144,6 +144,8 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     REQUIRE(static_cast<unsigned char>(jpg[sof + 5]) * 256 + static_cast<unsigned char>(jpg[sof + 6]) == 16);
     jpg.replace(sof + 5, 4, std::string("\x75\x30\x75\x30", 4));  // 30000 x 30000
     test::write_file(b.dir.file("images/huge.jpg"), jpg);
+    // The same after a junk byte before the frame header, which libjpeg skips with a warning.
+    test::write_file(b.dir.file("images/huge_junk.jpg"), jpg.substr(0, sof) + "j" + jpg.substr(sof));
     // WebP, lossy: 14-bit little-endian width and height at bytes 26 and 28.
     REQUIRE(webp.substr(12, 4) == "VP8 ");
     REQUIRE(static_cast<unsigned char>(webp[26]) == 24);
@@ -155,9 +157,10 @@ TEST_CASE("broken records and images: data check names each one with its locatio
     webp_lossless[21] = '\xFF', webp_lossless[22] = '\xFF', webp_lossless[23] = '\xFF';
     webp_lossless[24] = static_cast<char>((static_cast<unsigned char>(webp_lossless[24]) & 0xF0) | 0x0F);  // 16384 x 16384
     test::write_file(b.dir.file("images/huge_lossless.webp"), webp_lossless);
-    CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file("images/huge.jpg")); }),
-               Catch::Contains("images/huge.jpg' is 30000 x 30000 pixels") &&
-                   Catch::Contains("takes 2575 MB per read: downscale it (the limit is 128 Mi pixels)"));
+    for (const char* name : {"images/huge.jpg", "images/huge_junk.jpg"})
+      CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file(name)); }),
+                 Catch::Contains(std::string(name) + "' is 30000 x 30000 pixels") &&
+                     Catch::Contains("takes 2575 MB per read: downscale it (the limit is 128 Mi pixels)"));
     CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file("images/huge.webp")); }),
                Catch::Contains("images/huge.webp' is 16383 x 16383 pixels") && Catch::Contains("768 MB per read"));
     CHECK_THAT(test::message_of<DataError>([&] { load_image_rgb(b.dir.file("images/huge_lossless.webp")); }),

@@ -140,6 +140,8 @@ TEST_CASE("an include naming a folder, an empty --set value and a pipeline stage
   write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: a, config: " + d.file("a.yaml") + "}\n");
   CHECK_THAT(error_of([&] { load_pipeline(d.file("p.yaml"), {"run.out_dir=/tmp/x"}); }),
              Catch::Contains("--set run.out_dir=/tmp/x: set run.out_dir:"));
+  CHECK_THAT(error_of([&] { load_pipeline(d.file("p.yaml"), {"run={out_dir: /tmp/x}"}); }),
+             Catch::Contains("--set run={out_dir: /tmp/x}: set run.out_dir:"));
   CHECK(load_pipeline(d.file("p.yaml"), {"train.steps=5"}).stages.at(0).run.out_dir == d.file("out") + "/a");
 }
 

@@ -101,14 +101,19 @@ TEST_CASE("tokenizer: train, reload, round trip and special ids", "[data][tokeni
   const auto c = tok.coverage_since(before);
   CHECK(c.unknown == 2);
   CHECK(c.tokens == static_cast<int64_t>(unseen_ids.size() + ids.size()));
-  CHECK(c.first_unknown == unseen);
+  CHECK(c.example == unseen);
   char share[32];
   std::snprintf(share, sizeof share, "%.2f%%", 200.0 / static_cast<double>(c.tokens));
   CHECK_THAT(unknown_tokens_note(c, "data.train", "tok.model"),
              Catch::StartsWith("data.train: 2 of " + std::to_string(c.tokens) + " tokens (" + share +
-                               ") are unknown to the tokenizer tok.model (first in \"" + unseen + "\")") &&
+                               ") are unknown to the tokenizer tok.model (e.g. in \"" + unseen + "\")") &&
                  Catch::Contains("Train a tokenizer on this data"));
   CHECK(unknown_tokens_note(tok.coverage_since(tok.coverage()), "data.train", "tok.model").empty());
+  // The example is cut to whole UTF-8 characters: 79 bytes and a 3-byte snowman keep the 79.
+  const auto before_long = tok.coverage();
+  const std::string long_text = std::string(79, 'a') + "\u2603";
+  tok.encode(long_text);
+  CHECK(tok.coverage_since(before_long).example == std::string(79, 'a'));
   CHECK_THAT(data_error([&] { Tokenizer::load(d.file("none.model")); }), Catch::Contains("does not exist"));
   CHECK_THAT(data_error([&] { Tokenizer::load(d.path.string()); }),
              Catch::Contains("tokenizer model '" + d.path.string() + "' is a folder; point data.tokenizer at the .model file"));

@@ -248,8 +248,10 @@ TEST_CASE("a stop signal during an evaluation abandons it: the checkpoint comes 
     }
     return steps;
   };
+  std::vector<int64_t> resumed_val_steps;
   SECTION("the evaluation after step 2: abandoned, checkpoint of step 2, resume goes on to 4") {
     stop_at = 2;
+    resumed_val_steps = {4};
     const auto r = train_contrastive(c.config("run", 4, ev), quiet());
     CHECK(r.interrupted);
     CHECK(r.final_step == 2);
@@ -259,6 +261,7 @@ TEST_CASE("a stop signal during an evaluation abandons it: the checkpoint comes 
   }
   SECTION("the final evaluation: the final checkpoint stands, no eval.json, resume evaluates") {
     stop_at = 4;
+    resumed_val_steps = {2, 4};
     const auto r = train_contrastive(c.config("run", 4, ev), quiet());
     CHECK(r.interrupted);  // exit 75: a pipeline does not take the stage as done
     CHECK(r.final_step == 4);
@@ -276,6 +279,10 @@ TEST_CASE("a stop signal during an evaluation abandons it: the checkpoint comes 
   CHECK(r.final_eval == clean.final_eval);
   CHECK(fs::exists(c.dir.file("run/eval.json")));
   CHECK(same(c.weights("run", 4), c.weights("clean", 4)));
+  CHECK(val_steps("clean") == std::vector<int64_t>{2, 4});
+  // An abandoned evaluation in mid-run stays unrecorded; an abandoned final one is recorded by
+  // the resume, once.
+  CHECK(val_steps("run") == resumed_val_steps);
 }
 
 TEST_CASE("checkpoints record the training manifest, and resuming after it changed says so", "[faults][resume]") {

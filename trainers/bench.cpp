@@ -491,6 +491,9 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
     else m = bench_vlm(cfg, tok, images, bf16, opt);
   } catch (const BenchStopped&) {
     spdlog::warn("bench stopped by a signal before its last step: no figures written");
+    std::error_code ec;  // the --json file opened before the steps, unless it held something already
+    if (!opt.json_out.empty() && std::filesystem::file_size(opt.json_out, ec) == 0 && !ec)
+      std::filesystem::remove(opt.json_out, ec);
     return nlohmann::json();
   }
 

@@ -843,6 +843,9 @@ void finish_run(const RunConfig& cfg, int64_t start, int64_t step, const std::st
     } else {
       // The weights are final and saved; only the figures are missing. Reported as a stop (exit
       // 75), so a pipeline does not take the stage as done, and --resume auto evaluates again.
+      // An eval.json of an earlier finish (before train.steps was raised) describes other weights.
+      std::error_code ec;
+      std::filesystem::remove(std::filesystem::path(cfg.run.out_dir) / "eval.json", ec);
       result.interrupted = true;
       spdlog::warn("the final checkpoint {} is written; continue with --resume auto to run the final evaluation",
                    result.checkpoint);
@@ -934,6 +937,11 @@ static std::function<void(int64_t)>& evaluation_hook() {
 }
 
 void set_evaluation_hook(std::function<void(int64_t step)> hook) { evaluation_hook() = std::move(hook); }
+
+bool eval_record_due(const RunConfig& cfg, int64_t step, int64_t start) {
+  std::error_code ec;
+  return step > start || (step > 0 && !std::filesystem::exists(std::filesystem::path(cfg.run.out_dir) / "eval.json", ec));
+}
 
 std::optional<nlohmann::json> evaluate_unless_stopped(const std::function<nlohmann::json()>& eval, int64_t step) {
   try {

@@ -254,6 +254,11 @@ void stop_point();
 // eval(), or nullopt (with a warning naming the step) when a stop signal abandoned it. The
 // trainers evaluate through this, so an abandoned evaluation writes no metrics.
 std::optional<nlohmann::json> evaluate_unless_stopped(const std::function<nlohmann::json()>& eval, int64_t step);
+// Whether the evaluation at `step` writes its val record to metrics.jsonl: after this process's
+// training steps always; for a resumed, finished run (step == start) only when its final
+// evaluation was abandoned (no RUN/eval.json), so the record is written once either way.
+bool eval_record_due(const RunConfig& cfg, int64_t step, int64_t start);
+
 // Tests: called with the step as each evaluation through evaluate_unless_stopped begins (0 = the
 // one before the first step); a test raises SIGTERM there to stop in mid-evaluation. Empty by default.
 void set_evaluation_hook(std::function<void(int64_t step)> hook);

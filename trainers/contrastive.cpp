@@ -280,7 +280,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
         if (k.rfind("negatives/", 0) == 0) line += fmt::format(" {} {:.3f}", k.substr(10), v.get<double>());
       spdlog::info("eval step {}: true caption above its hard negative:{}", step, line);
     }
-    if (step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", j}});  // not again for a finished run
+    if (eval_record_due(cfg, step, start)) metrics.write({{"step", step}, {"split", "val"}, {"eval", j}});  // not again for a finished run
     return j;
   };
 

@@ -115,7 +115,11 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
     apply_sets(run, p.set, path);
     apply_sets(run, s.set, path);
     for (const auto& o : overrides) {
-      refuse_stage_folder_key(o.substr(0, o.find('=')), nullptr, "--set " + o);
+      const size_t eq = o.find('=');
+      const std::string key = o.substr(0, eq), value = eq == std::string::npos ? "" : o.substr(eq + 1);
+      // --set 'run={out_dir: x}' sets the key inside a mapping
+      const bool nested = key == "run" && (value.find("out_dir") != std::string::npos || value.find("name") != std::string::npos);
+      refuse_stage_folder_key(nested ? "run.out_dir" : key, nullptr, "--set " + o);
       apply_override(run, o);
     }
     run.child("run").child("out_dir") = ConfigNode::make_scalar(stage_dir(p, s.name));

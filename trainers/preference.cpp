@@ -286,7 +286,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
         if (v.is_number_float()) line += fmt::format(" {} {:.3f}", k, v.get<double>());
       spdlog::info("eval step {} [{}]:{}", step, name, line);
     }
-    if (!all.is_null() && step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", all}});
+    if (!all.is_null() && eval_record_due(cfg, step, start)) metrics.write({{"step", step}, {"split", "val"}, {"eval", all}});
     set_vlm_train_modes(model);
     return all;
   };

@@ -377,7 +377,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
       spdlog::info("eval step {} [{}]:{}", step, name, line);
       all[name] = j;
     }
-    if (!all.is_null() && step > start) metrics.write({{"step", step}, {"split", "val"}, {"eval", all}});
+    if (!all.is_null() && eval_record_due(cfg, step, start)) metrics.write({{"step", step}, {"split", "val"}, {"eval", all}});
     return all;
   };
 
