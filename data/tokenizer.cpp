@@ -153,7 +153,7 @@ std::vector<int> Tokenizer::encode(const std::string& text) const {
   std::vector<int> out(ids, ids + n);
   spm().free_buffer(ids);
   if (coverage_) {
-    const auto unknown = unk_id_ < 0 ? 0 : std::count(out.begin(), out.end(), unk_id_);
+    const auto unknown = std::count(out.begin(), out.end(), unk_id_);  // unk_id_ -1 (none) matches no id
     coverage_->tokens += static_cast<int64_t>(out.size());
     if (unknown > 0) {
       // The latest such text, so any window with an unk in it (coverage_since) shows one of its own.

@@ -200,9 +200,7 @@ PreparedRun prepare_run(const RunConfig& cfg) {
       refused = e.what();
     }
   }
-  const double n_refused = dist::active() ? dist::sum(refused.empty() ? 0.0 : 1.0, "run.out_dir lock")
-                                          : (refused.empty() ? 0.0 : 1.0);
-  if (n_refused > 0)
+  if (dist::sum(refused.empty() ? 0.0 : 1.0, "run.out_dir lock") > 0)
     throw ConfigError(!refused.empty() ? refused
                                        : "run.out_dir '" + cfg.run.out_dir +
                                              "' is in use by another trialign process (rank 0 names it)");

@@ -33,21 +33,33 @@ uint32_t model_weights_crc(const std::string& checkpoint) {
 }
 
 // {a.b: v} sets a -> b to v, keeping v's file:line for error messages.
+// The scalar at run.<key>, "" when there is none.
+std::string run_value(const ConfigNode& root, const std::string& key) {
+  const ConfigNode* run = root.find("run");
+  const ConfigNode* n = run ? run->find(key) : nullptr;
+  return n && n->kind == ConfigNode::Kind::Scalar ? n->scalar : std::string();
+}
+
 // run.out_dir and run.name are the pipeline's to choose (each stage trains in OUT_DIR/NAME, and
-// the next stage's init_from points there): a set of either would be overwritten without a word.
-void refuse_stage_folder_key(const std::string& key, const ConfigNode* value, const std::string& where) {
-  const bool nested = key == "run" && value && value->is_map() && (value->find("out_dir") || value->find("name"));
-  if (key == "run.out_dir" || key == "run.name" || nested)
-    throw ConfigError(where + ": set " + (nested ? std::string("run.out_dir / run.name") : key) +
+// the next stage's init_from points there). A set that changes either, however it is spelled
+// (dotted, nested, a flow map in --set), would be overwritten without a word: refused, naming it.
+// `own`: the stage config as read. `where`: the set's source when its value carries no location
+// of its own ("--set ..."); "" = the value's file:line.
+void refuse_stage_folder_change(const ConfigNode& root, const ConfigNode& own, const std::string& where) {
+  for (const std::string key : {"out_dir", "name"}) {
+    if (run_value(root, key) == run_value(own, key)) continue;
+    const ConfigNode* run = root.find("run");
+    const ConfigNode* n = run ? run->find(key) : nullptr;
+    throw ConfigError((!where.empty() ? where : n ? n->where() : std::string("set")) + ": set run." + key +
                       ": a pipeline stage trains in the pipeline's out_dir/<stage name>, which later stages and the "
                       "report read; set the pipeline's out_dir (or the stage's name) instead");
+  }
 }
 
 void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& where) {
   if (sets.is_null()) return;
   if (!sets.is_map()) throw ConfigError(where + ": 'set' must map dotted keys to values, e.g. {train.steps: 300}");
   for (const auto& [key, value] : sets.map) {
-    refuse_stage_folder_key(key, &value, value.where());
     ConfigNode* node = &root;
     std::stringstream ks(key);
     std::string part;
@@ -112,15 +124,14 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
     seen.push_back(s.name);
     if (!fs::exists(s.config)) throw ConfigError(key + ".config: '" + s.config + "' does not exist");
     ConfigNode run = load_config_file(s.config);
+    const ConfigNode own = run;  // its run.out_dir and run.name are replaced below
     apply_sets(run, p.set, path);
+    refuse_stage_folder_change(run, own, "");
     apply_sets(run, s.set, path);
+    refuse_stage_folder_change(run, own, "");
     for (const auto& o : overrides) {
-      const size_t eq = o.find('=');
-      const std::string key = o.substr(0, eq), value = eq == std::string::npos ? "" : o.substr(eq + 1);
-      // --set 'run={out_dir: x}' sets the key inside a mapping
-      const bool nested = key == "run" && (value.find("out_dir") != std::string::npos || value.find("name") != std::string::npos);
-      refuse_stage_folder_key(nested ? "run.out_dir" : key, nullptr, "--set " + o);
       apply_override(run, o);
+      refuse_stage_folder_change(run, own, "--set " + o);
     }
     run.child("run").child("out_dir") = ConfigNode::make_scalar(stage_dir(p, s.name));
     run.child("run").child("name") = ConfigNode::make_scalar(s.name);
