@@ -227,6 +227,23 @@ TEST_CASE("bench: stage-3 and DPO cards count the frozen tower once and the refe
     }
   }
 
+  SECTION("micro-batches on threads: recorded in the JSON, the same work, figures from the step times") {
+    for (const std::string trainer : {"finetune", "preference"}) {
+      INFO(trainer);
+      auto s = tiny_card(trainer, dir.file("mb_" + trainer));
+      s.push_back("train.grad_accum=2");
+      s.push_back("train.micro_batch_threads=2");
+      const auto c = test::config_from_overrides(s, "card");
+      const auto r = run_bench(c, o);
+      CHECK(r["grad_accum"] == 2);
+      CHECK(r["micro_batch_threads"] == 2);
+      CHECK(r["blas_threads"] == 1);  // each GEMM on its micro-batch's thread
+      check_figures(r, c, 4, (trainer == "finetune" ? 1 : 2) * 4 * (4 + 8));
+      CHECK(r["model_flops_per_step"].get<double>() ==
+            Approx((trainer == "finetune" ? j : d)["model_flops_per_step"].get<double>()));
+    }
+  }
+
   SECTION("GRPO's sampling is refused by name") {
     auto s = tiny_card("preference", dir.file("grpo"));
     s.push_back("loss.type=grpo");

@@ -69,4 +69,13 @@ TEST_CASE("memory estimate: the VLM counts the LLM over max_seq_len and the visi
   CHECK(estimate_memory(cfg, 0, 0).activations == Approx(llm));
   cfg.trainer = "preference";  // chosen and rejected: twice the sequences
   CHECK(estimate_memory(cfg, 0, 0).activations == Approx(2 * llm));
+  // Two micro-batches of 1 at once: the activations of both, and a gradient set per thread.
+  cfg.train.grad_accum = 2;
+  cfg.train.micro_batch_threads = 2;
+  const auto m = estimate_memory(cfg, 100, 10);
+  CHECK(m.activations == Approx(2 * llm));
+  CHECK(m.gradients == Approx(4.0 * 10 * 3));
+  cfg.train.micro_batch_threads = 1;  // in order: one micro-batch of 1, one gradient set
+  CHECK(estimate_memory(cfg, 0, 0).activations == Approx(llm));
+  CHECK(estimate_memory(cfg, 100, 10).gradients == Approx(4.0 * 10));
 }

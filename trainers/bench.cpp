@@ -377,12 +377,13 @@ Measured bench_vlm(RunConfig& cfg, const std::optional<Tokenizer>& tok, const st
                                            0, total, cfg.data.workers, cfg.data.prefetch);
   TrainOptions topt;
   StepGuard guard(cfg, topt, [] { return std::string(); });
+  MicroBatchThreads micro_threads(cfg.train.micro_batch_threads, at::get_num_threads(), s.params);
   int64_t step = 0;
   Measured m;
   m.timing = time_steps(loader, cfg.bench, opt, [&](const ConversationBatch& batch) {
     set_lr_scaled(optimizer, s.plan.base_lrs, lr_at(cfg.schedule, 1.0, step, total));
     optimizer.release_grads();
-    const auto out = vlm_step(s.model, *loss, batch, cfg.train.grad_accum, s.image_id, bf16);
+    const auto out = vlm_step(s.model, *loss, batch, cfg.train.grad_accum, s.image_id, bf16, 0, &micro_threads);
     if (guard.clip(++step, out.loss, s.params)) optimizer.step();
   });
   for (const auto& p : s.params) m.trainable_params += p.numel();
@@ -426,6 +427,7 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
   TrainOptions topt;
   StepGuard guard(cfg, topt, [] { return std::string(); });
   VlmModel* ref = reference.is_empty() ? nullptr : &reference;
+  MicroBatchThreads micro_threads(cfg.train.micro_batch_threads, at::get_num_threads(), s.params);
   int64_t step = 0;
   Measured m;
   m.timing = time_steps(loader, cfg.bench, opt, [&](const PreferenceBatch& batch) {
@@ -434,15 +436,14 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
     double chosen_tokens = 0;
     for (auto i : batch.indices) chosen_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
     torch::Tensor total_loss = torch::zeros({});
-    for (int64_t j = 0; j < accum; ++j) {
+    const auto outs = run_micro_batches(&micro_threads, accum, [&](int64_t j) {
       auto in = pair_passes(*loss, s.model, ref, data, batch.slice(j * mb, (j + 1) * mb), s.image_id, bf16,
                             mix_seed({cfg.run.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(j)}));
       in.share = static_cast<double>(mb) / static_cast<double>(B);
       in.step_response_tokens = std::max(1.0, chosen_tokens);
-      auto o = loss->forward(in);
-      o.loss.backward();
-      total_loss = total_loss + o.loss.detach();
-    }
+      return loss->forward(in);
+    });
+    for (const auto& o : outs) total_loss = total_loss + o.loss;
     if (guard.clip(++step, total_loss, s.params)) optimizer.step();
   });
   for (const auto& p : s.params) m.trainable_params += p.numel();
@@ -511,9 +512,12 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   j["precision"] = precision;
   j["threads"] = threads;
   j["omp_wait_policy"] = std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "";
-  j["blas_threads"] = passive_openmp() ? threads : 1;  // what setup_threads gave OpenBLAS
+  // What setup_threads gave OpenBLAS; one per call while micro-batches run at once.
+  j["blas_threads"] = cfg.train.micro_batch_threads > 1 ? 1 : passive_openmp() ? threads : 1;
   j["data_workers"] = cfg.data.workers;
   j["batch_size"] = cfg.train.batch_size;
+  j["grad_accum"] = cfg.train.grad_accum;
+  j["micro_batch_threads"] = cfg.train.micro_batch_threads;
   j["trainable_parameters"] = m.trainable_params;
   j["warmup_steps"] = cfg.bench.warmup;
   j["timed_steps"] = cfg.bench.steps;
@@ -554,7 +558,11 @@ std::string bench_table(const nlohmann::json& j) {
   };
   o << "bench " << j["name"].get<std::string>() << " (" << j["trainer"].get<std::string>() << ", "
     << j["precision"].get<std::string>() << ", " << j["threads"].get<int>() << " threads, OpenBLAS "
-    << j["blas_threads"].get<int>() << ", OMP_WAIT_POLICY " << j["omp_wait_policy"].get<std::string>() << ")\n";
+    << j["blas_threads"].get<int>() << ", OMP_WAIT_POLICY " << j["omp_wait_policy"].get<std::string>()
+    << (j.value("micro_batch_threads", 1) > 1 ? ", " + std::to_string(j["micro_batch_threads"].get<int>()) + " of " +
+                                                    std::to_string(j["grad_accum"].get<int>()) + " micro-batches at once"
+                                              : std::string())
+    << ")\n";
   row("median step", num(j["median_step_s"].get<double>() * 1e3, 1) + " ms (" + std::to_string(j["timed_steps"].get<int64_t>()) +
                          " timed steps after " + std::to_string(j["warmup_steps"].get<int64_t>()) + " warm-up)");
   row("steps/s", num(j["steps_per_s"].get<double>(), 3));

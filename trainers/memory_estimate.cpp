@@ -23,9 +23,12 @@ double stack_activation_bytes(double s, double b, double h, double a, int layers
 MemoryEstimate estimate_memory(const RunConfig& cfg, int64_t n_params, int64_t n_trainable) {
   MemoryEstimate m;
   m.parameters = 4.0 * static_cast<double>(n_params);
-  m.gradients = 4.0 * static_cast<double>(n_trainable);
+  // Micro-batches on threads: each running one holds its own gradients until they are added
+  // into .grad (trainers/micro_batches.h), and its activations.
+  const int at_once = cfg.train.micro_batch_threads > 1 ? cfg.train.micro_batch_threads : 0;
+  m.gradients = 4.0 * static_cast<double>(n_trainable) * (1 + at_once);
   m.optimizer = 8.0 * static_cast<double>(n_trainable);  // AdamW: exp_avg and exp_avg_sq
-  const double micro = static_cast<double>(cfg.train.batch_size) / cfg.train.grad_accum;
+  const double micro = static_cast<double>(cfg.train.batch_size) / cfg.train.grad_accum * std::max(1, at_once);
   const auto& v = cfg.model.vision;
   auto tower = [](double s, double b, const TowerDims& d) {
     return stack_activation_bytes(s, b, d.hidden_size, d.num_attention_heads, d.num_hidden_layers,
@@ -87,14 +90,15 @@ std::string human(double bytes) {
 
 std::string report_memory(const RunConfig& cfg, const MemoryEstimate& m, double available) {
   spdlog::info("memory estimate: {} (parameters {}, gradients {}, AdamW state {}, activations ~{} at {} samples per "
-               "micro-batch){}",
+               "micro-batch{}){}",
                human(m.total()), human(m.parameters), human(m.gradients), human(m.optimizer), human(m.activations),
                cfg.train.batch_size / cfg.train.grad_accum,
+               cfg.train.micro_batch_threads > 1 ? fmt::format(", {} at once", cfg.train.micro_batch_threads) : std::string(),
                available > 0 ? "; " + human(available) + " available" : std::string());
   if (available <= 0 || m.total() <= 0.9 * available) return "";
   const std::string w = fmt::format(
       "the run may not fit in memory: about {} needed, {} available. Lower train.batch_size or raise "
-      "train.grad_accum (activations scale with the micro-batch), set gradient_checkpointing: true under model.llm / "
+      "train.grad_accum (activations scale with the micro-batch) or lower train.micro_batch_threads, set gradient_checkpointing: true under model.llm / "
       "model.vision / model.text, or lower data.max_seq_len / max_text_len",
       human(m.total()), human(available));
   spdlog::warn(w);

@@ -203,6 +203,8 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   int64_t n_trainable = 0;
   for (const auto& [n, p] : plan.trainable) params.push_back(p), n_trainable += p.numel();
   FusedAdamW optimizer(plan.groups);
+  MicroBatchThreads micro_threads(cfg.train.micro_batch_threads, threads, params);
+  log_micro_batch_threads(cfg, threads);
 
   const int64_t tpi = model->tokens_per_image();
   const auto kind = sampling ? PreferenceDataset::Kind::Prompts : PreferenceDataset::Kind::Pairs;
@@ -337,33 +339,31 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
         double chosen_tokens = 0;
         for (auto i : batch.indices) chosen_tokens += static_cast<double>(response_tokens(train.sample(i).chosen.labels));
         chosen_tokens = sum_across_ranks(chosen_tokens, "all-reduce of token counts");
-        for (int64_t j = 0; j < accum; ++j) {
+        const auto outs = run_micro_batches(&micro_threads, accum, [&](int64_t j) {
           const auto micro = batch.slice(j * m, (j + 1) * m);
           auto in = pair_passes(*loss, model, ref, train, micro, tok.image_id(), bf16,
                                 mix_seed({step_seed, static_cast<uint64_t>(j)}), cache.get());
           in.share = static_cast<double>(m) / static_cast<double>(B * W);
           in.step_response_tokens = std::max(1.0, chosen_tokens);
-          auto o = run_loss(in);
-          o.loss.backward();
-          add_metrics(out, o);
-        }
+          return run_loss(in);
+        });
+        for (const auto& o : outs) add_metrics(out, o);
       } else {
         const auto c = sample_completions(model, tok, train, batch, *sampling, rewards, step_seed, bf16);
         const int64_t G = sampling->group_size, S = B * G;
         double tokens = 0;
         for (const auto& l : c.labels) tokens += static_cast<double>(response_tokens(l));
         tokens = sum_across_ranks(tokens, "all-reduce of token counts");
-        for (int64_t j = 0; j < accum; ++j) {
+        const auto outs = run_micro_batches(&micro_threads, accum, [&](int64_t j) {
           auto in = completion_passes(*loss, model, ref, c, j * m * G, (j + 1) * m * G, tok.image_id(), bf16);
           in.share = static_cast<double>(m * G) / static_cast<double>(S * W);
           in.step_response_tokens = std::max(1.0, tokens);
           in.rewards = c.rewards;
           in.group_size = G;
           in.row_begin = j * m * G;
-          auto o = run_loss(in);
-          o.loss.backward();
-          add_metrics(out, o);
-        }
+          return run_loss(in);
+        });
+        for (const auto& o : outs) add_metrics(out, o);
         for (const auto& [name, v] : c.reward_means) out.metrics["reward/" + name] = torch::tensor(v / W);
       }
     } catch (const std::invalid_argument& e) {

@@ -42,12 +42,10 @@ VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok) {
 
 
 LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& b, int accum, int64_t image_id, bool bf16,
-                    double step_tokens) {
+                    double step_tokens, MicroBatchThreads* threads) {
   const double normaliser = std::max(1.0, step_tokens > 0 ? step_tokens : static_cast<double>(b.target_tokens()));
   const int64_t m = b.size() / accum;
-  LossOutput total;
-  total.loss = torch::zeros({});
-  for (int j = 0; j < accum; ++j) {
+  const auto outs = run_micro_batches(threads, accum, [&](int64_t j) {
     const auto micro = b.slice(j * m, j + 1 == accum ? b.size() : (j + 1) * m);
     torch::Tensor logits, targets;
     {
@@ -62,9 +60,12 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
       targets = next.index({keep});                          // [n]
       logits = model->llm->logits(rows);                     // [n, V]
     }
-    auto out = loss.forward({logits.to(torch::kFloat32), targets, normaliser});
-    out.loss.backward();
-    total.loss += out.loss.detach();
+    return loss.forward({logits.to(torch::kFloat32), targets, normaliser});
+  });
+  LossOutput total;
+  total.loss = torch::zeros({});
+  for (const auto& out : outs) {
+    total.loss += out.loss;
     for (const auto& [k, v] : out.metrics)
       total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;  // shares of the step add up
   }
@@ -321,6 +322,8 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   for (const auto& p : model->parameters())
     if (!p.requires_grad()) n_frozen += p.numel();
   FusedAdamW optimizer(plan.groups);
+  MicroBatchThreads micro_threads(cfg.train.micro_batch_threads, threads, params);
+  log_micro_batch_threads(cfg, threads);
 
   const int64_t tpi = model->tokens_per_image();
   const auto encoded_before = tok.coverage();
@@ -406,7 +409,8 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     optimizer.release_grads();
     // The loss is normalised by the target tokens of the global batch (every rank's).
     const double step_tokens = sum_across_ranks(static_cast<double>(batch.target_tokens()), "all-reduce of token counts");
-    LossOutput out = vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16, step_tokens);
+    LossOutput out =
+        vlm_step(model, *loss, batch, cfg.train.grad_accum, tok.image_id(), bf16, step_tokens, &micro_threads);
     reduce_gradients(cfg, params);
     const auto gnorm = guard.clip(step + 1, out.loss, params);
     if (gnorm) optimizer.step();

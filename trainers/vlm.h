@@ -18,6 +18,7 @@
 #include "models/generate.h"
 #include "models/vlm.h"
 #include "trainers/common.h"
+#include "trainers/micro_batches.h"
 
 namespace trialign {
 
@@ -28,9 +29,10 @@ VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok);
 // One optimizer step's forward and backward over a batch split into `accum` micro-batches of
 // equal sample count. The loss is normalised by the target tokens of the whole batch, so the
 // accumulated gradient equals the one-big-batch gradient. Under data parallel `step_tokens` is
-// the global batch's target tokens (all ranks); 0 = this batch's. Returns the loss and metrics.
+// the global batch's target tokens (all ranks); 0 = this batch's. threads (when given) runs
+// micro-batches at once (trainers/micro_batches.h). Returns the loss and metrics.
 LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& batch, int accum, int64_t image_id,
-                    bool bf16, double step_tokens = 0);
+                    bool bf16, double step_tokens = 0, MicroBatchThreads* threads = nullptr);
 
 // The token that ends a reply in the chat template: eos, or pad for a tokenizer without eos.
 int64_t reply_end_id(const Tokenizer& tok);

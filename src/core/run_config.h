@@ -260,6 +260,9 @@ struct TrainSection {
   int64_t steps = 1000;         // optimizer steps
   int batch_size = 64;          // samples per optimizer step (all micro-batches together)
   int grad_accum = 1;           // micro-batches per step; batch_size must divide evenly
+  // Micro-batches of a step run at once, each on its own thread with run.threads / this many
+  // LibTorch threads (trainers/micro_batches.h); at most grad_accum. VLM and preference trainers.
+  int micro_batch_threads = 1;
   int64_t log_every = 10;
   int64_t eval_every = 0;       // 0 = only at the end
   int64_t save_every = 0;       // 0 = only at the end
@@ -275,6 +278,7 @@ struct TrainSection {
     v("steps", steps, at_least(1));
     v("batch_size", batch_size, at_least(1));
     v("grad_accum", grad_accum, at_least(1));
+    v("micro_batch_threads", micro_batch_threads, at_least(1));
     v("log_every", log_every, at_least(1));
     v("eval_every", eval_every, at_least(0));
     v("save_every", save_every, at_least(0));
