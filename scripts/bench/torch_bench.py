@@ -5,17 +5,23 @@ backward, gradient clipping to 1.0 and AdamW. Batches are random tensors made be
 loop, so the Python side does no data work at all (trialign's figures include its data pipeline).
 
     python3 scripts/bench/torch_bench.py stage1|stage3|dpo [--precision fp32|bf16] [--threads 2]
-        [--warmup 3] [--steps 10] [--free norm,rope,softmax,act]
+        [--warmup 3] [--steps 10] [--free norm,rope,softmax,act] [--micro-threads N]
 
 --free is a what-if for timing only: the named element-wise ops cost nothing (norms and RoPE
 return their input, attention skips its softmax, the MLP activation becomes a sum: quick-GELU
 returns its input, SwiGLU's silu(gate) * up becomes gate + up, so every matmul stays). The loss is
 then meaningless, but the step time is an upper bound on what fusing those ops could save.
 
+--micro-threads N (stage3, dpo) cuts the batch into N micro-batches and runs them at once, each
+on its own Python thread with threads / N LibTorch threads, then adds their gradients in order:
+what trialign's train.micro_batch_threads does, written in Python (LibTorch releases the GIL inside
+each op). Start it with OPENBLAS_NUM_THREADS=1, as trialign gives each GEMM one thread then.
+
 Prints one JSON line: median step time, steps/s, samples/s. Needs Debian's python3-torch (the
 same LibTorch build trialign links against).
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import statistics
@@ -216,12 +222,14 @@ def make_case(name):
         data = [(torch.randn(batch, 3, IMAGE, IMAGE), torch.randint(4, TEXT_VOCAB, (batch, TEXT_CTX)),
                  torch.full((batch,), TEXT_CTX)) for _ in range(4)]
         step_loss = lambda d: model.loss(*d)
+        micro = None  # in-batch negatives: the loss needs the whole batch
         tokens = batch * (n_img + 1 + TEXT_CTX)
     elif name == "stage3":
         model, batch = Vlm(), 16
         model.vision.requires_grad_(False)
         data = [(torch.randn(batch, 3, IMAGE, IMAGE), torch.randint(4, VOCAB, (batch, TEXT_TOKENS))) for _ in range(4)]
         step_loss = lambda d: -model.logps(*d).mean()
+        micro = lambda d, j, n: tuple(t[j * batch // n:(j + 1) * batch // n] for t in d)
         tokens = batch * (n_img + TEXT_TOKENS)
     elif name == "dpo":
         model, batch, beta = Vlm(), 8, 0.1
@@ -244,14 +252,19 @@ def make_case(name):
             pol = model.logps(*d).sum(-1)
             with torch.no_grad():
                 ref = reference.logps(*d).sum(-1)
-            margin = (pol[:batch] - ref[:batch]) - (pol[batch:] - ref[batch:])
+            n = pol.shape[0] // 2  # pairs: chosen rows, then rejected rows
+            margin = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
             return -F.logsigmoid(beta * margin).mean()
+
+        def micro(d, j, n):  # pairs j*batch/n .. (j+1)*batch/n, chosen and rejected
+            a, b = j * batch // n, (j + 1) * batch // n
+            return tuple(torch.cat([t[a:b], t[batch + a:batch + b]]) for t in d)
 
         tokens = 2 * batch * (n_img + TEXT_TOKENS)
     else:
         raise SystemExit(f"unknown case {name}: stage1 | stage3 | dpo")
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, data, step_loss, batch, tokens
+    return model, params, data, step_loss, micro, batch, tokens
 
 
 def main():
@@ -262,29 +275,50 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--free", default="", help="comma list of norm, rope, softmax, act (timing what-if)")
+    ap.add_argument("--micro-threads", type=int, default=1, help="micro-batches at once, one thread each (stage3, dpo)")
     a = ap.parse_args()
     FREE.update(x for x in a.free.split(",") if x)
     unknown = FREE - {"norm", "rope", "softmax", "act"}
     if unknown:
         raise SystemExit(f"--free: unknown op(s) {sorted(unknown)}; choose from norm, rope, softmax, act")
     torch.set_num_threads(a.threads)
-    model, params, data, step_loss, batch, tokens = make_case(a.case)
+    model, params, data, step_loss, micro, batch, tokens = make_case(a.case)
+    n = a.micro_threads
+    if n > 1 and micro is None:
+        raise SystemExit(f"--micro-threads: {a.case} scores the whole batch at once; use stage3 or dpo")
     model.train()
     opt = adamw(params)
+    pool = concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
+
+    def micro_grads(d, j):
+        torch.set_num_threads(max(1, a.threads // n))  # this thread's OpenMP count
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = step_loss(micro(d, j, n)) / n  # equal micro-batches: the mean of means
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
     times = []
     for s in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = step_loss(data[s % len(data)])
-        loss.backward()
+        d = data[s % len(data)]
+        if pool is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                loss = step_loss(d)
+            loss.backward()
+        else:
+            grads = list(pool.map(lambda j: micro_grads(d, j), range(n)))
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    for g in grads:
+                        if g[i] is not None:
+                            p.grad = g[i].clone() if p.grad is None else p.grad.add_(g[i])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if s >= a.warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     print(json.dumps({"case": a.case, "framework": "pytorch " + torch.__version__, "precision": a.precision,
-                      "threads": a.threads, "free": sorted(FREE), "median_step_s": med, "steps_per_s": 1 / med,
+                      "threads": a.threads, "micro_threads": n, "free": sorted(FREE), "median_step_s": med, "steps_per_s": 1 / med,
                       "samples_per_s": batch / med, "tokens_per_s": tokens / med, "step_s": times}))
 
 
