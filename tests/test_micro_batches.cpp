@@ -89,6 +89,9 @@ TEST_CASE("micro-batches on threads: workers run at once, each with its share of
       std::lock_guard<std::mutex> lock(m);
       ids.insert(std::this_thread::get_id());
     }
+    // After a LibTorch op: its parallel_for (compiled inside LibTorch, with OpenMP) sets the
+    // thread's count from the process-wide default on first use, unless the worker did first.
+    (void)torch::rand({1 << 16}).exp_().sum().item<float>();
     worker_threads[static_cast<size_t>(j)] = at::get_num_threads();
     // Each micro-batch waits for the other to start: it can only see it when both run at once.
     // (The bound only keeps a broken pool from hanging the suite.)
@@ -119,7 +122,10 @@ TEST_CASE("micro-batches on threads: a failing micro-batch is reported and the p
   } catch (const std::runtime_error& e) {
     CHECK(std::string(e.what()) == "micro-batch 1 broke");
   }
+  // Micro-batches 0 and 1 ran; 2 may have started before 1's failure was known (a worker runs at
+  // most one ahead of the additions); none after.
   CHECK(ran.load() >= 2);
+  CHECK(ran.load() <= 3);
   // What micro-batch 0 added stays, as with backward() in order; nothing after the failure is added.
   REQUIRE(p.w.grad().defined());
   CHECK(torch::equal(p.w.grad(), torch::tensor({0.0f, 1.0f, 0.0f})));
@@ -141,14 +147,57 @@ TEST_CASE("micro-batches on threads: config keys are checked against grad_accum 
                test::config_from_overrides(with({"trainer=finetune", "train.micro_batch_threads=2"}), "c");
              }),
              Catch::Contains("train.micro_batch_threads: 2 micro-batches at once, but a step has train.grad_accum = 1; "
-                             "set train.grad_accum to a multiple of 2"));
+                             "set train.grad_accum to a multiple of 2") &&
+                 Catch::Contains("or lower train.micro_batch_threads"));
+  // Stage 1 gets the one message that applies to it, whatever its grad_accum.
+  const auto contrastive = error_of([&] { test::config_from_overrides(with({"train.micro_batch_threads=2"}), "c"); });
+  CHECK_THAT(contrastive, Catch::Contains("train.micro_batch_threads: applies to the VLM and preference trainers"));
+  CHECK_THAT(contrastive, !Catch::Contains("train.grad_accum = 1"));
   CHECK_THAT(error_of([&] {
-               test::config_from_overrides(with({"train.grad_accum=2", "train.micro_batch_threads=2"}), "c");
+               test::config_from_overrides(with({"trainer=finetune", "train.grad_accum=2", "train.micro_batch_threads=2",
+                                                 "model.llm.gradient_checkpointing=true"}),
+                                           "c");
              }),
-             Catch::Contains("train.micro_batch_threads: applies to the VLM and preference trainers"));
+             Catch::Contains("model.llm.gradient_checkpointing: cannot be combined with train.micro_batch_threads > 1"));
   CHECK_THAT(error_of([&] { test::config_from_overrides(with({"train.micro_batch_threads=0"}), "c"); }),
              Catch::Contains("train.micro_batch_threads"));
   const auto ok = test::config_from_overrides(
       with({"trainer=preference", "train.grad_accum=4", "train.micro_batch_threads=2"}), "c");
   CHECK(ok.train.micro_batch_threads == 2);
+}
+
+TEST_CASE("micro-batches on threads: added in micro-batch order when they finish in reverse, shared gradients copied",
+          "[micro_batches]") {
+  // In fp32, (1 + 1e8) - 1e8 = 0 but (-1e8 + 1e8) + 1 = 1: the order of the additions shows.
+  const std::vector<float> scale = {1.0f, 1e8f, -1e8f};
+  auto in_order = [&](int threads) {
+    auto w = torch::zeros({1}).requires_grad_();
+    MicroBatchThreads pool(threads, threads, {w});
+    std::atomic<int> finished{0};
+    pool.run(3, [&](int64_t j) {
+      // Micro-batch j waits until every later one has finished (bounded so a broken pool fails
+      // instead of hanging): they finish 2, 1, 0.
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (threads == 3 && finished.load() < 2 - j && std::chrono::steady_clock::now() < give_up)
+        std::this_thread::yield();
+      LossOutput o;
+      o.loss = (w * scale[static_cast<size_t>(j)]).sum();
+      ++finished;
+      return o;
+    });
+    return w.grad().item<float>();
+  };
+  CHECK(in_order(1) == 0.0f);  // backward() in order
+  CHECK(in_order(3) == 0.0f);  // finished in reverse, added in order
+
+  // `a + b` hands both parameters the same gradient tensor: each .grad must be its own.
+  auto a = torch::zeros({3}).requires_grad_(), b = torch::zeros({3}).requires_grad_();
+  MicroBatchThreads pool(2, 2, {a, b});
+  pool.run(2, [&](int64_t j) {
+    LossOutput o;
+    o.loss = ((a + b) * torch::tensor({1.0f, 2.0f, 3.0f}) * static_cast<double>(j + 1)).sum();
+    return o;
+  });
+  CHECK(torch::equal(a.grad(), torch::tensor({3.0f, 6.0f, 9.0f})));
+  CHECK(torch::equal(b.grad(), torch::tensor({3.0f, 6.0f, 9.0f})));
 }

@@ -98,8 +98,9 @@ std::string report_memory(const RunConfig& cfg, const MemoryEstimate& m, double 
   if (available <= 0 || m.total() <= 0.9 * available) return "";
   const std::string w = fmt::format(
       "the run may not fit in memory: about {} needed, {} available. Lower train.batch_size or raise "
-      "train.grad_accum (activations scale with the micro-batch) or lower train.micro_batch_threads, set gradient_checkpointing: true under model.llm / "
-      "model.vision / model.text, or lower data.max_seq_len / max_text_len",
+      "train.grad_accum (activations scale with the micro-batch), lower train.micro_batch_threads, set "
+      "gradient_checkpointing: true under model.llm / model.vision / model.text (with train.micro_batch_threads 1), "
+      "or lower data.max_seq_len / max_text_len",
       human(m.total()), human(available));
   spdlog::warn(w);
   return w;

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "core/distributed.h"
+#include "core/errors.h"
 
 namespace trialign {
 
@@ -13,6 +14,8 @@ namespace {
 
 // OpenBLAS keeps one global thread count. Concurrent callers of a threaded OpenBLAS queue up
 // for its one pool, so while micro-batches run at once each GEMM runs on its caller's thread.
+// (Debian's LibTorch links the pthreads OpenBLAS; an OpenMP build of OpenBLAS would also set the
+// calling thread's OpenMP count here, as setup_threads' call already would.)
 class OneBlasThread {
  public:
   OneBlasThread() {
@@ -35,8 +38,9 @@ class OneBlasThread {
 };
 
 // Adds one micro-batch's gradients (aligned with params) into the parameters' .grad, as
-// autograd's accumulation does: the first one becomes .grad (copied when its layout is not the
-// parameter's, e.g. the expanded gradient of a sum), later ones are added in place.
+// autograd's accumulation does: the first one becomes .grad, unless its layout is not the
+// parameter's (the expanded gradient of a sum) or autograd handed the same tensor or memory to
+// another parameter too (the gradient of `w + v`): then a copy does. Later ones add in place.
 void accumulate(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads) {
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -45,7 +49,8 @@ void accumulate(const std::vector<torch::Tensor>& params, const std::vector<torc
     auto p = params[i];
     if (p.grad().defined()) {
       p.mutable_grad().add_(g);
-    } else if (g.sizes() == p.sizes() && g.strides() == p.strides() && g.is_non_overlapping_and_dense()) {
+    } else if (g.sizes() == p.sizes() && g.strides() == p.strides() && g.is_non_overlapping_and_dense() &&
+               g.use_count() == 1 && g.storage().use_count() == 1) {
       p.mutable_grad() = g;
     } else {
       p.mutable_grad() = torch::empty_like(p).copy_(g);
@@ -70,9 +75,19 @@ std::vector<LossOutput> run_in_order(int64_t count, const std::function<LossOutp
 MicroBatchThreads::MicroBatchThreads(int threads, int intra_threads, std::vector<torch::Tensor> params)
     : params_(std::move(params)) {
   if (threads <= 1) return;
+  const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  if (threads > 4 * cores)
+    throw ConfigError("train.micro_batch_threads: " + std::to_string(threads) + " threads, but this machine has " +
+                      std::to_string(cores) + " cores; use at most " + std::to_string(4 * cores) +
+                      " (one per core is the point)");
   const int caller = at::get_num_threads();
   const int intra = std::max(1, intra_threads / threads);
-  for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i, intra] { worker_loop(i, intra); });
+  try {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i, intra] { worker_loop(i, intra); });
+  } catch (...) {  // a thread that cannot start: the started ones must be joined, not destroyed
+    stop_workers();
+    throw;
+  }
   // Each worker sets its own OpenMP thread count (libgomp keeps it per thread); the call also
   // sets LibTorch's process-wide default for threads yet to start, so the caller's count is set
   // again once they all have.
@@ -82,13 +97,16 @@ MicroBatchThreads::MicroBatchThreads(int threads, int intra_threads, std::vector
   at::set_num_threads(caller);
 }
 
-MicroBatchThreads::~MicroBatchThreads() {
+MicroBatchThreads::~MicroBatchThreads() { stop_workers(); }
+
+void MicroBatchThreads::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 void MicroBatchThreads::worker_loop(int /*index*/, int intra) {
@@ -107,7 +125,12 @@ void MicroBatchThreads::worker_loop(int /*index*/, int intra) {
     const std::function<void(int64_t)>* job = nullptr;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stopping_ || (job_ && !aborted_ && next_task_ < job_count_); });
+      // At most one micro-batch per worker ahead of the caller's additions: that bounds the
+      // gradient sets waiting in memory, whatever order the micro-batches finish in.
+      const int64_t ahead = static_cast<int64_t>(workers_.size());
+      wake_.wait(lock, [&] {
+        return stopping_ || (job_ && !aborted_ && next_task_ < job_count_ && next_task_ < added_ + ahead);
+      });
       if (stopping_) return;
       task = next_task_++;
       job = job_;
@@ -127,8 +150,12 @@ std::vector<LossOutput> MicroBatchThreads::run(int64_t count, const std::functio
   std::vector<std::vector<torch::Tensor>> grads(static_cast<size_t>(count));
   std::vector<std::exception_ptr> errors(static_cast<size_t>(count));
   std::vector<char> done(static_cast<size_t>(count), 0);
+  // The caller's grad mode reaches the workers (thread-local state); autocast is set by the
+  // bodies themselves.
+  const bool grad_mode = torch::GradMode::is_enabled();
   const std::function<void(int64_t)> job = [&](int64_t j) {
     const auto k = static_cast<size_t>(j);
+    torch::AutoGradMode mode(grad_mode);
     try {
       auto o = body(j);
       grads[k] = torch::autograd::grad({o.loss}, params_, {}, false, false, /*allow_unused=*/true);
@@ -148,7 +175,7 @@ std::vector<LossOutput> MicroBatchThreads::run(int64_t count, const std::functio
     std::lock_guard<std::mutex> lock(mutex_);
     job_ = &job;
     job_count_ = count;
-    next_task_ = finished_ = 0;
+    next_task_ = finished_ = added_ = 0;
     aborted_ = false;
   }
   wake_.notify_all();
@@ -173,6 +200,11 @@ std::vector<LossOutput> MicroBatchThreads::run(int64_t count, const std::functio
       }
     }
     grads[k].clear();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      added_ = j + 1;  // a worker may take the next micro-batch
+    }
+    wake_.notify_all();
   }
   {
     std::unique_lock<std::mutex> lock(mutex_);

@@ -44,6 +44,7 @@ class MicroBatchThreads {
 
  private:
   void worker_loop(int index, int intra);
+  void stop_workers();
 
   std::vector<torch::Tensor> params_;
   std::vector<std::thread> workers_;
@@ -52,6 +53,7 @@ class MicroBatchThreads {
   // The current job: tasks are taken in order by whichever worker is free.
   const std::function<void(int64_t)>* job_ = nullptr;
   int64_t job_count_ = 0, next_task_ = 0, finished_ = 0;
+  int64_t added_ = 0;  // micro-batches whose gradients the caller has added (or dropped)
   int ready_ = 0;
   bool aborted_ = false;  // a micro-batch failed: start no more
   bool stopping_ = false;

@@ -288,10 +288,14 @@ def main():
         raise SystemExit(f"--micro-threads: {a.case} scores the whole batch at once; use stage3 or dpo")
     model.train()
     opt = adamw(params)
-    pool = concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
+    # Each worker sets its OpenMP count once (per thread in libgomp; setting it per step would also
+    # clear oneDNN's primitive cache). Unlike trialign, the gradients are added only once every
+    # micro-batch is done, so the additions do not overlap the other micro-batch's work.
+    per_thread = max(1, a.threads // n)
+    pool = concurrent.futures.ThreadPoolExecutor(n, initializer=torch.set_num_threads,
+                                                 initargs=(per_thread,)) if n > 1 else None
 
     def micro_grads(d, j):
-        torch.set_num_threads(max(1, a.threads // n))  # this thread's OpenMP count
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             loss = step_loss(micro(d, j, n)) / n  # equal micro-batches: the mean of means
         return torch.autograd.grad(loss, params, allow_unused=True)

@@ -32,15 +32,28 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     errors.add(at("train.grad_accum"), "train.grad_accum",
                "train.batch_size (" + std::to_string(c.train.batch_size) + ") must be a multiple of grad_accum (" +
                    std::to_string(c.train.grad_accum) + ")");
-  if (c.train.micro_batch_threads > c.train.grad_accum)
-    errors.add(at("train.micro_batch_threads"), "train.micro_batch_threads",
-               std::to_string(c.train.micro_batch_threads) + " micro-batches at once, but a step has train.grad_accum = " +
-                   std::to_string(c.train.grad_accum) + "; set train.grad_accum to a multiple of " +
-                   std::to_string(c.train.micro_batch_threads) + " (the same batch, cut into that many micro-batches)");
-  if (c.train.micro_batch_threads > 1 && c.trainer == "contrastive")
+  if (c.train.micro_batch_threads > 1 && c.trainer == "contrastive") {
     errors.add(at("train.micro_batch_threads"), "train.micro_batch_threads",
                "applies to the VLM and preference trainers; stage 1's loss scores the whole batch at once (its "
                "micro-batches re-encode for the gradient cache), so set it to 1 for trainer: contrastive");
+  } else if (c.train.micro_batch_threads > c.train.grad_accum) {
+    errors.add(at("train.micro_batch_threads"), "train.micro_batch_threads",
+               std::to_string(c.train.micro_batch_threads) + " micro-batches at once, but a step has train.grad_accum = " +
+                   std::to_string(c.train.grad_accum) + "; set train.grad_accum to a multiple of " +
+                   std::to_string(c.train.micro_batch_threads) +
+                   " (the same batch, cut into that many micro-batches; train.batch_size must divide by it), or "
+                   "lower train.micro_batch_threads");
+  }
+  if (c.train.micro_batch_threads > 1)
+    for (const auto& [key, on] : {std::pair<const char*, bool>{"model.vision", c.model.vision.gradient_checkpointing},
+                                  {"model.text", c.model.text.gradient_checkpointing},
+                                  {"model.llm", c.model.llm.gradient_checkpointing}})
+      if (on)
+        errors.add(at(std::string(key) + ".gradient_checkpointing"), std::string(key) + ".gradient_checkpointing",
+                   "cannot be combined with train.micro_batch_threads > 1: the recomputed layers add their weights' "
+                   "gradients straight into the weights from every thread at once, so the threads' timing would "
+                   "decide the sum's rounding; choose one of the two (both save memory per step: checkpointing "
+                   "trades time for it, fewer threads trade speed)");
   const auto& v = c.model.vision;
   if (v.image_size != c.data.image_size)
     errors.add(at("model.vision.image_size"), "model.vision.image_size",
