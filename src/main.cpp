@@ -762,6 +762,9 @@ int main(int argc, char** argv) {
     else
       std::cerr << "error: " << what << std::endl;
     return kExitConfig;
+  } catch (const StoppedBeforeTraining& e) {
+    std::cerr << "stopped: " << e.what() << std::endl;
+    return kExitInterrupted;
   } catch (const DataError& e) {
     std::cerr << "error: " << e.what() << std::endl;
     return kExitConfig;

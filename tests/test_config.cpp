@@ -43,6 +43,10 @@ TEST_CASE("a tab in the indentation and a YAML merge key are named as such", "[c
   write_file(d.file("bad.yaml"), std::string(kMinimal) + "train: [1, 2\n");
   CHECK_THAT(error_of([&] { load_run_config(d.file("bad.yaml")); }),
              Catch::Contains("YAML syntax error") && !Catch::Contains("indented with a tab"));
+  // A blank line holding a tab, next to a syntax error of another kind, indents nothing.
+  write_file(d.file("blank_tab.yaml"), std::string(kMinimal) + "train: [1, 2\n\t\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("blank_tab.yaml")); }),
+             Catch::Contains("YAML syntax error") && !Catch::Contains("indented with a tab"));
   write_file(d.file("merge.yaml"), std::string(kMinimal) + "train:\n  <<: {steps: 3}\n");
   CHECK_THAT(error_of([&] { load_run_config(d.file("merge.yaml")); }),
              Catch::Contains("train.<<: unknown key '<<': YAML merge keys ('<<: *anchor') are not supported"));

@@ -16,6 +16,7 @@
 #include "data/tokenizer.h"
 #include "test_helpers.h"
 #include "trainers/common.h"
+#include "tools/data_check.h"
 #include "trainers/contrastive.h"
 
 #include <unistd.h>
@@ -213,9 +214,20 @@ TEST_CASE("a run folder another process trains in is refused before anything is 
     INFO("trialign train" << nproc);
     std::string out;
     CHECK(test::run_command(cmd + nproc, &out) == 2);
-    CHECK_THAT(out, Catch::Contains("run.out_dir '" + c.dir.file("cli") + "' is in use by another trialign process"));
+    // flock(1) created the file and wrote no holder: not taken for a trialign process.
+    CHECK_THAT(out, Catch::Contains("run.out_dir '" + c.dir.file("cli") + "' is locked by another process:"));
     CHECK(!fs::exists(c.dir.file("cli/train.log")));
     CHECK(!fs::exists(c.dir.file("cli/checkpoints")));
+  }
+  {
+    // The text of a trialign process that has ended, with something else holding the lock now.
+    char host[128] = {0};
+    ::gethostname(host, sizeof(host) - 1);
+    test::write_file(c.dir.file("cli/.trialign.lock"), "pid 999999999 on " + std::string(host) + "\n");
+    std::string stale;
+    CHECK(test::run_command(cmd, &stale) == 2);
+    CHECK_THAT(stale, Catch::Contains("is locked by another process (not pid 999999999, the last trialign process "
+                                      "recorded there: it has ended)"));
   }
   std::string out;
   CHECK(test::run_command(cmd.substr(cmd.find(TRIALIGN_BINARY)), &out) == 0);  // free: the same command trains
@@ -283,6 +295,70 @@ TEST_CASE("a stop signal during an evaluation abandons it: the checkpoint comes 
   // An abandoned evaluation in mid-run stays unrecorded; an abandoned final one is recorded by
   // the resume, once.
   CHECK(val_steps("run") == resumed_val_steps);
+}
+
+TEST_CASE("a stop signal before the first step: no step trains, no checkpoint, and the next start is a clean run",
+          "[faults][resume]") {
+  Corpus c;
+  const std::vector<std::string> ev = {"data.val=" + c.dir.file("data/train.jsonl"), "eval.at_start=true"};
+  const auto clean = train_contrastive(c.config("clean", 2, ev), quiet());
+  struct HookReset {
+    ~HookReset() {
+      set_evaluation_hook({});
+      set_before_training_hook({});
+    }
+  } reset;
+  std::vector<std::string> phases;
+  set_before_training_hook([&](const std::string& during) { phases.push_back(during); });
+  std::string expected;
+  size_t phases_seen = 0;  // the phases that ended before the stop: the image check, then the evaluation
+  SECTION("during the evaluation before the first step") {
+    phases_seen = 2;
+    set_evaluation_hook([](int64_t step) {
+      if (step == 0) std::raise(SIGTERM);  // the real handler, as the evaluation begins
+    });
+    expected = "stop requested during the evaluation before the first step (eval.at_start), before the first training "
+               "step: nothing was trained and no checkpoint written";
+  }
+  SECTION("during the check of the training images") {
+    set_before_training_hook([&](const std::string& during) {
+      phases.push_back(during);
+      if (during.find("check of the training images") != std::string::npos) std::raise(SIGTERM);
+    });
+    phases_seen = 1;
+    expected = "stop requested during the check of the training images (data.check_images)";
+  }
+  CHECK_THAT(test::message_of<StoppedBeforeTraining>([&] { train_contrastive(c.config("run", 2, ev), quiet()); }),
+             Catch::Contains(expected));
+  CHECK(phases.size() == phases_seen);
+  CHECK_FALSE(fs::exists(c.dir.file("run/checkpoints")));
+  {
+    std::ifstream in(c.dir.file("run/metrics.jsonl"));
+    for (std::string line; std::getline(in, line);) CHECK(nlohmann::json::parse(line)["split"] != "train");
+  }
+  set_evaluation_hook({});
+  set_before_training_hook({});
+  TrainOptions resume = quiet();
+  resume.resume = "auto";  // finds no checkpoint: starts from the beginning
+  const auto r = train_contrastive(c.config("run", 2, ev), resume);
+  CHECK(r.final_step == 2);
+  CHECK(r.start_eval == clean.start_eval);
+  CHECK(same(c.weights("run", 2), c.weights("clean", 2)));
+}
+
+TEST_CASE("the image check before training stops early when asked, recording nothing", "[faults][data]") {
+  Corpus c;
+  auto cfg = c.config("run", 1);
+  std::filesystem::create_directories(cfg.run.out_dir);
+  const std::string bad = c.dir.file("bad.png");
+  test::write_file(bad, "\x89PNG\r\n\x1a\n not really");
+  const ImageRefs refs = {{"bad.jsonl:1", bad}, {"bad.jsonl:2", bad}};
+  int asked = 0;
+  check_images_before_training(cfg, refs, [&] { return ++asked > 0; });  // stop before the first image
+  CHECK(asked == 1);
+  CHECK_FALSE(fs::exists(cfg.run.out_dir + "/image_check.json"));
+  CHECK_THAT(test::message_of<DataError>([&] { check_images_before_training(cfg, refs, [] { return false; }); }),
+             Catch::Contains("data.check_images: 1 of 1 training images cannot be decoded"));
 }
 
 TEST_CASE("checkpoints record the training manifest, and resuming after it changed says so", "[faults][resume]") {

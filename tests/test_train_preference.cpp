@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -408,6 +410,24 @@ TEST_CASE("grpo trainer: rewards from sampled completions, exact resume", "[pref
   auto rest = train_preference(c.config("grpo-cut", cfg), resume);
   CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 1, r.logged_losses.end()));
   test::check_same_tensors(weights(r), weights(rest));
+}
+
+TEST_CASE("dpo: a stop signal while reference log-probs are cached stops the run before its first step",
+          "[preference][faults]") {
+  TinyPreferenceCorpus c;
+  struct HookReset {
+    ~HookReset() { set_before_training_hook({}); }
+  } reset;
+  set_before_training_hook([](const std::string& during) {
+    if (during.find("reference log-probs") != std::string::npos) std::raise(SIGTERM);
+  });
+  const std::string yaml = "data: {train: " + c.pairs() + "}\npreference: {cache_reference: true}\n";
+  CHECK_THAT(test::message_of<StoppedBeforeTraining>([&] { train_preference(c.config("stop", yaml), quiet()); }),
+             Catch::Contains("stop requested during the caching of reference log-probs (preference.cache_reference)"));
+  CHECK_FALSE(std::filesystem::exists(c.dir.file("stop/checkpoints")));
+  set_before_training_hook({});
+  const auto r = train_preference(c.config("stop", yaml), quiet());  // the next start trains
+  CHECK(r.final_step == 4);
 }
 
 TEST_CASE("micro-batches on threads: mdpo and grpo give the losses and weights of the same micro-batches in order",

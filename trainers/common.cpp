@@ -14,6 +14,7 @@
 #include <cstring>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -122,6 +123,23 @@ void check_run_folder(const std::string& out_dir) {
     spdlog::info("run.out_dir {} also holds {}; left as they are", out_dir, listed(files));
 }
 
+// Who holds a run folder's lock, from the text its last trialign holder wrote ("pid N on HOST").
+// The flock is what counts: a process that is not trialign (a `flock` command, a copy of the
+// descriptor) can hold it with an older holder's text still in the file.
+std::string describe_lock_holder(const std::string& holder) {
+  char host[128] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  long pid = 0;
+  char on[128] = {0};
+  if (holder.empty() || std::sscanf(holder.c_str(), "pid %ld on %127s", &pid, on) != 2 || pid <= 0)
+    return "is locked by another process";
+  if (std::string(on) != host) return "is in use by another trialign process (" + holder + ", as it recorded)";
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)
+    return "is locked by another process (not pid " + std::to_string(pid) +
+           ", the last trialign process recorded there: it has ended)";
+  return "is in use by another trialign process (" + holder + ")";
+}
+
 }  // namespace
 
 RunFolderLock RunFolderLock::acquire(const std::string& out_dir) {
@@ -144,8 +162,7 @@ RunFolderLock RunFolderLock::acquire(const std::string& out_dir) {
     ::close(fd);
     std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-    throw ConfigError("run.out_dir '" + out_dir + "' is in use by another trialign process" +
-                      (holder.empty() ? std::string() : " (" + holder + ")") +
+    throw ConfigError("run.out_dir '" + out_dir + "' " + describe_lock_holder(holder) +
                       ": two runs in one folder would mix their checkpoints and metrics. Wait for it to finish "
                       "(or stop it: it checkpoints on Ctrl-C / SIGTERM), or choose another run.out_dir");
   }
@@ -935,6 +952,22 @@ static std::function<void(int64_t)>& evaluation_hook() {
 }
 
 void set_evaluation_hook(std::function<void(int64_t step)> hook) { evaluation_hook() = std::move(hook); }
+
+static std::function<void(const std::string&)>& before_training_hook() {
+  static std::function<void(const std::string&)> hook;
+  return hook;
+}
+
+void set_before_training_hook(std::function<void(const std::string&)> hook) { before_training_hook() = std::move(hook); }
+
+void stop_before_training_if_requested(const std::string& during) {
+  if (before_training_hook()) before_training_hook()(during);
+  if (dist::any(stop_requested()))
+    throw StoppedBeforeTraining("stop requested during " + during +
+                                ", before the first training step: nothing was trained and no checkpoint written "
+                                "(run the same command again; with --resume auto a run that has checkpoints goes on "
+                                "from its last one)");
+}
 
 bool eval_record_due(const RunConfig& cfg, int64_t step, int64_t start) {
   std::error_code ec;

@@ -259,6 +259,14 @@ std::optional<nlohmann::json> evaluate_unless_stopped(const std::function<nlohma
 // evaluation was abandoned (no RUN/eval.json), so the record is written once either way.
 bool eval_record_due(const RunConfig& cfg, int64_t step, int64_t start);
 
+// Called by every rank after each phase before the first training step (`during` names it):
+// throws StoppedBeforeTraining when a stop signal reached any rank, so a run stopped while it
+// checks images, caches reference log-probs or evaluates its starting point trains no step.
+void stop_before_training_if_requested(const std::string& during);
+// Tests: called with the phase's name as stop_before_training_if_requested begins; a test
+// raises SIGTERM there. Empty by default.
+void set_before_training_hook(std::function<void(const std::string& during)> hook);
+
 // Tests: called with the step as each evaluation through evaluate_unless_stopped begins (0 = the
 // one before the first step); a test raises SIGTERM there to stop in mid-evaluation. Empty by default.
 void set_evaluation_hook(std::function<void(int64_t step)> hook);

@@ -238,7 +238,8 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
                  "pairs, and a repeated pair's copies count as negatives of each other; lower train.batch_size to {} "
                  "or fewer, or add data",
                  global_batch(cfg), cfg.train.batch_size, world_size(), train.size(), train.size() / world_size());
-  if (rank() == 0) check_images_before_training(cfg, image_refs(train));
+  if (rank() == 0) check_images_before_training(cfg, image_refs(train), stop_requested);
+  stop_before_training_if_requested("the check of the training images (data.check_images)");
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
@@ -289,6 +290,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
   }
+  stop_before_training_if_requested("the evaluation before the first step (eval.at_start)");
   model->train();
   int64_t step = start;
   auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step, tokenizer, data_record); };

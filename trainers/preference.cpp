@@ -230,6 +230,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     const int b = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
     cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, train, b, tok.image_id(), bf16));
     if (val) val_cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, *val, b, tok.image_id(), bf16));
+    stop_before_training_if_requested("the caching of reference log-probs (preference.cache_reference)");
     bool still_needed = false;
     for (const auto& p : loss->passes()) still_needed = still_needed || (p.model == "reference" && !cache->covers(p));
     spdlog::info("reference log-probs of {} pairs cached in {}{}", train.size(), format_duration(timer.elapsed()),
@@ -250,7 +251,8 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     if (reference) held *= 2;
     report_memory(cfg, estimate_memory(cfg, held, n_trainable), available_memory_bytes());
   }
-  if (rank() == 0) check_images_before_training(cfg, image_refs(train));
+  if (rank() == 0) check_images_before_training(cfg, image_refs(train), stop_requested);
+  stop_before_training_if_requested("the check of the training images (data.check_images)");
 
   int64_t start = 0;
   if (!resumed_from.empty()) {
@@ -298,6 +300,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
   }
+  stop_before_training_if_requested("the evaluation before the first step (eval.at_start)");
   set_vlm_train_modes(model);
   int64_t step = start;
   auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer, data_record); };

@@ -162,6 +162,7 @@ ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& referen
   torch::NoGradGuard ng;
   ProgressLog progress("caching reference log-probs", "pairs", data.size());
   for (int64_t start = 0; start < data.size(); start += batch) {
+    if (stop_requested()) break;  // the caller stops the run before its first step
     progress.update(start);
     const int64_t end = std::min<int64_t>(data.size(), start + batch);
     const auto b = data.range(start, end);

@@ -50,6 +50,9 @@ struct ReferenceCache {
   // The cached rows of `indices`, left-aligned like response_logps.
   SequenceLogps rows(const std::string& key, const std::vector<int64_t>& indices) const;
 };
+// Log-probs of the reference passes the loss asks for with clean images, over every pair of
+// `data`. A stop signal ends it early with rows missing: the caller then stops the run
+// (stop_before_training_if_requested) before any step reads them.
 ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& reference, const PreferenceDataset& data,
                                      int batch, int64_t image_id, bool bf16);
 

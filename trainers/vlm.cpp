@@ -344,7 +344,8 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
                train.truncated() ? " (" + std::to_string(train.truncated()) + " truncated)" : std::string(),
                n_trainable / 1e6, n_frozen / 1e6, tpi, threads, precision);
   report_memory(cfg, estimate_memory(cfg, n_trainable + n_frozen, n_trainable), available_memory_bytes());
-  if (rank() == 0) check_images_before_training(cfg, image_refs(train));
+  if (rank() == 0) check_images_before_training(cfg, image_refs(train), stop_requested);
+  stop_before_training_if_requested("the check of the training images (data.check_images)");
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
@@ -389,6 +390,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
     if (!before.is_null()) metrics.write({{"step", 0}, {"split", "val"}, {"eval", before}});
     result.start_eval = before;
   }
+  stop_before_training_if_requested("the evaluation before the first step (eval.at_start)");
   set_vlm_train_modes(model);
   int64_t step = start;
   auto save = [&] { return save_vlm_checkpoint(cfg, model, optimizer, step, tokenizer, data_record); };

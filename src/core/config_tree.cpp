@@ -100,6 +100,7 @@ ConfigNode parse_yaml(const std::string& text, const std::string& file) {
     std::string line;
     for (int k = 0; std::getline(lines, line) && k <= e.mark.line; ++k) {
       const size_t indent_end = line.find_first_not_of(" \t");
+      if (indent_end == std::string::npos) continue;  // a blank line's whitespace indents nothing
       if (k + 1 >= e.mark.line && line.substr(0, indent_end).find('\t') != std::string::npos)
         hint = "; line " + std::to_string(k + 1) + " is indented with a tab, and YAML indents with spaces only";
     }

@@ -25,4 +25,11 @@ struct DataError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A stop signal (SIGTERM/SIGINT) that came before the first training step: while the training
+// images were checked, reference log-probs cached or the evaluation before the first step ran.
+// Nothing was trained and no checkpoint written; main() exits with kExitInterrupted.
+struct StoppedBeforeTraining : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace trialign

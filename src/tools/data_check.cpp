@@ -109,12 +109,14 @@ ImageRefs image_refs(const CaptionDataset& ds) {
 ImageRefs image_refs(const ConversationDataset& ds) { return sample_images(ds); }
 ImageRefs image_refs(const PreferenceDataset& ds) { return sample_images(ds); }
 
-void decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem) {
+bool decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem,
+                   const std::function<bool()>& stop) {
   // Decoding is where a corrupt body behind a valid header shows; a run would meet it mid-way.
   std::set<std::string> seen;
   ProgressLog progress("checking images", "images", static_cast<int64_t>(refs.size()), 5.0);
   int64_t done = 0;
   for (const auto& [where, path] : refs) {
+    if (stop && stop()) return false;
     progress.update(done++);
     if (!seen.insert(path).second) continue;
     try {
@@ -123,9 +125,10 @@ void decode_images(const ImageRefs& refs, const std::function<void(const std::st
       problem(where + ": " + e.what());
     }
   }
+  return true;
 }
 
-void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs) {
+void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs, const std::function<bool()>& stop) {
   if (!cfg.data.check_images || refs.empty()) return;
   // What was checked: every distinct file with its size and modification time.
   std::set<std::string> files;
@@ -146,7 +149,7 @@ void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs) {
   }
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::string> bad;
-  decode_images(refs, [&](const std::string& p) { bad.push_back(p); });
+  if (!decode_images(refs, [&](const std::string& p) { bad.push_back(p); }, stop)) return;  // nothing recorded
   if (!bad.empty()) {
     if (cfg.train.on_bad_batch == "skip") {
       spdlog::warn("data.check_images: {} of {} training images cannot be decoded (first: {}); train.on_bad_batch: skip "

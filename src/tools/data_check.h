@@ -37,14 +37,17 @@ ImageRefs image_refs(const ConversationDataset& ds);
 ImageRefs image_refs(const PreferenceDataset& ds);
 
 // Decodes each distinct image once, logging progress (count, rate, ETA) on long lists; calls
-// `problem` with "location: message" for each that fails.
-void decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem);
+// `problem` with "location: message" for each that fails. Returns false when `stop` (asked
+// before each image) said to stop first.
+bool decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem,
+                   const std::function<bool()>& stop = {});
 
 // data.check_images, before the first step (rank 0): decode_images over the training images,
 // skipped when RUN/image_check.json records the same files (paths, sizes, modification times)
 // as already checked. Failures: one DataError listing them (train.on_bad_batch: stop), or a
-// warning with their count (skip: their steps will be skipped).
-void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs);
+// warning with their count (skip: their steps will be skipped). `stop` (a stop signal) ends the
+// check early with nothing recorded; the caller decides what to do.
+void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs, const std::function<bool()>& stop = {});
 
 // The report as lines a person reads: per manifest, the problems (first `max_lines`), counts by kind.
 std::string data_check_text(const DataCheckResult& r, size_t max_lines = 50);
