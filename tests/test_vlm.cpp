@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 
@@ -605,6 +606,40 @@ TEST_CASE("micro-batches on threads: stage 3 gives the losses and weights of the
   test::check_same_tensors(a, b);
   const auto oa = load_safetensors(in_order.checkpoint + "/optimizer.safetensors");
   test::check_same_tensors(oa, load_safetensors(threaded.checkpoint + "/optimizer.safetensors"));
+}
+
+TEST_CASE("stage 3: a stop signal during the final evaluation keeps the final checkpoint; the resume evaluates it",
+          "[vlm][resume]") {
+  TinyVlmCorpus c;
+  auto config = [&](const std::string& out) {
+    return load_run_config(c.dir.file("stage3.yaml"), {"run.out_dir=" + c.dir.file(out)});
+  };
+  TrainOptions quiet;
+  quiet.quiet = true;
+  const auto clean = train_vlm(config("clean"), quiet);
+  REQUIRE(clean.final_eval.contains("vqa"));
+  struct HookReset {
+    ~HookReset() { set_evaluation_hook({}); }
+  } reset;
+  // The real handler, as the final evaluation (after step 3) begins: its generation loop stops
+  // at its first batch.
+  set_evaluation_hook([](int64_t step) {
+    if (step == 3) std::raise(SIGTERM);
+  });
+  const auto stopped = train_vlm(config("run"), quiet);
+  CHECK(stopped.interrupted);
+  CHECK(stopped.final_step == 3);
+  CHECK(stopped.final_eval.is_null());
+  CHECK_FALSE(std::filesystem::exists(c.dir.file("run/eval.json")));
+  set_evaluation_hook({});
+  TrainOptions resume = quiet;
+  resume.resume = "auto";
+  const auto r = train_vlm(config("run"), resume);
+  CHECK_FALSE(r.interrupted);
+  CHECK(r.final_eval == clean.final_eval);
+  CHECK(std::filesystem::exists(c.dir.file("run/eval.json")));
+  test::check_same_tensors(load_safetensors(clean.checkpoint + "/model.safetensors"),
+                           load_safetensors(r.checkpoint + "/model.safetensors"));
 }
 
 TEST_CASE("conversation data: sequences too long after image expansion are caught at load", "[vlm][data]") {
