@@ -608,7 +608,7 @@ TEST_CASE("micro-batches on threads: stage 3 gives the losses and weights of the
   test::check_same_tensors(oa, load_safetensors(threaded.checkpoint + "/optimizer.safetensors"));
 }
 
-TEST_CASE("stage 3: a stop signal during the final evaluation keeps the final checkpoint; the resume evaluates it",
+TEST_CASE("stage 3: a stop signal during the final evaluation keeps the final checkpoint, and the resume evaluates it",
           "[vlm][resume]") {
   TinyVlmCorpus c;
   auto config = [&](const std::string& out) {
