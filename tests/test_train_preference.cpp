@@ -430,6 +430,32 @@ TEST_CASE("dpo: a stop signal while reference log-probs are cached stops the run
   CHECK(r.final_step == 4);
 }
 
+TEST_CASE("dpo: a stop signal during the final evaluation keeps the final checkpoint, and the resume evaluates it",
+          "[preference][faults]") {
+  TinyPreferenceCorpus c;
+  const std::string yaml = "data: {train: " + c.pairs() + ", val: " + c.dir.file("data/val_pref.jsonl") + "}\n";
+  const auto clean = train_preference(c.config("clean", yaml), quiet());
+  REQUIRE(clean.final_eval["val"].contains("preference_accuracy"));
+  struct HookReset {
+    ~HookReset() { set_evaluation_hook({}); }
+  } reset;
+  set_evaluation_hook([](int64_t step) {
+    if (step == 4) std::raise(SIGTERM);  // the real handler, as the final evaluation begins
+  });
+  const auto stopped = train_preference(c.config("run", yaml), quiet());
+  CHECK(stopped.interrupted);
+  CHECK(stopped.final_step == 4);
+  CHECK(stopped.final_eval.is_null());
+  CHECK_FALSE(std::filesystem::exists(c.dir.file("run/eval.json")));
+  set_evaluation_hook({});
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  const auto r = train_preference(c.config("run", yaml), resume);
+  CHECK_FALSE(r.interrupted);
+  CHECK(r.final_eval == clean.final_eval);
+  test::check_same_tensors(weights(clean), weights(r));
+}
+
 TEST_CASE("micro-batches on threads: mdpo and grpo give the losses and weights of the same micro-batches in order",
           "[preference][micro_batches][slow]") {
   TinyPreferenceCorpus c;
