@@ -435,7 +435,8 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
     optimizer.release_grads();
     double chosen_tokens = 0;
     for (auto i : batch.indices) chosen_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
-    torch::Tensor total_loss = torch::zeros({});
+    LossOutput total;
+    total.loss = torch::zeros({});
     const auto outs = run_micro_batches(&micro_threads, accum, [&](int64_t j) {
       auto in = pair_passes(*loss, s.model, ref, data, batch.slice(j * mb, (j + 1) * mb), s.image_id, bf16,
                             mix_seed({cfg.run.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(j)}));
@@ -443,8 +444,8 @@ Measured bench_preference(RunConfig& cfg, const std::optional<Tokenizer>& tok, c
       in.step_response_tokens = std::max(1.0, chosen_tokens);
       return loss->forward(in);
     });
-    for (const auto& o : outs) total_loss = total_loss + o.loss;
-    if (guard.clip(++step, total_loss, s.params)) optimizer.step();
+    for (const auto& o : outs) add_output(total, o);
+    if (guard.clip(++step, total.loss, s.params)) optimizer.step();
   });
   for (const auto& p : s.params) m.trainable_params += p.numel();
   m.flops = bench_step_flops(cfg, s.trainable, s.projector_weights, !reference.is_empty());

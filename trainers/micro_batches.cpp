@@ -19,21 +19,24 @@ namespace {
 class OneBlasThread {
  public:
   OneBlasThread() {
-    using Get = int (*)();
-    auto* get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-    set_ = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-    if (get && set_) {
-      previous_ = get();
-      set_(1);
+    if (api().get && api().set) {
+      previous_ = api().get();
+      api().set(1);
     }
   }
   ~OneBlasThread() {
-    if (set_ && previous_ > 0) set_(previous_);
+    if (previous_ > 0) api().set(previous_);
   }
 
  private:
-  using Set = void (*)(int);
-  Set set_ = nullptr;
+  struct Api {  // looked up once, not every step
+    int (*get)() = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    void (*set)(int) = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  };
+  static const Api& api() {
+    static const Api a;
+    return a;
+  }
   int previous_ = 0;
 };
 
@@ -83,7 +86,7 @@ MicroBatchThreads::MicroBatchThreads(int threads, int intra_threads, std::vector
   const int caller = at::get_num_threads();
   const int intra = std::max(1, intra_threads / threads);
   try {
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i, intra] { worker_loop(i, intra); });
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, intra] { worker_loop(intra); });
   } catch (...) {  // a thread that cannot start: the started ones must be joined, not destroyed
     stop_workers();
     throw;
@@ -109,7 +112,7 @@ void MicroBatchThreads::stop_workers() {
   workers_.clear();
 }
 
-void MicroBatchThreads::worker_loop(int /*index*/, int intra) {
+void MicroBatchThreads::worker_loop(int intra) {
   // LibTorch sets a thread's OpenMP count from its process-wide default the first time the
   // thread runs parallel work (lazily, flagged per thread); get_num_threads() does that inside
   // LibTorch first, so that the count set next is the one that stays.
@@ -213,6 +216,11 @@ std::vector<LossOutput> MicroBatchThreads::run(int64_t count, const std::functio
   }
   if (first_error) std::rethrow_exception(first_error);
   return outs;
+}
+
+void add_output(LossOutput& total, const LossOutput& out) {
+  total.loss = total.loss.defined() ? total.loss + out.loss.detach() : out.loss.detach();
+  for (const auto& [k, v] : out.metrics) total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;
 }
 
 void log_micro_batch_threads(const RunConfig& cfg, int intra_threads) {

@@ -43,7 +43,7 @@ class MicroBatchThreads {
   std::vector<LossOutput> run(int64_t count, const std::function<LossOutput(int64_t)>& body);
 
  private:
-  void worker_loop(int index, int intra);
+  void worker_loop(int intra);
   void stop_workers();
 
   std::vector<torch::Tensor> params_;
@@ -58,6 +58,9 @@ class MicroBatchThreads {
   bool aborted_ = false;  // a micro-batch failed: start no more
   bool stopping_ = false;
 };
+
+// Adds one micro-batch's loss (detached) and metrics into a step's total: shares of the step add up.
+void add_output(LossOutput& total, const LossOutput& out);
 
 // The run's log line (rank 0) when train.micro_batch_threads > 1.
 void log_micro_batch_threads(const RunConfig& cfg, int intra_threads);

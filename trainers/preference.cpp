@@ -27,11 +27,6 @@ namespace trialign {
 
 namespace {
 
-void add_metrics(LossOutput& total, const LossOutput& out) {
-  total.loss += out.loss.detach();
-  for (const auto& [k, v] : out.metrics) total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;
-}
-
 // Held-out pairs: the loss and its metrics (means over pairs), and per hallucination level the
 // share of pairs whose implicit reward prefers the chosen reply:
 // (p(y+) - r(y+)) > (p(y-) - r(y-)), reference terms 0 for a reference-free loss.
@@ -57,7 +52,7 @@ nlohmann::json evaluate_pairs(PreferenceLossImpl& loss, VlmModel& policy, VlmMod
     in.step_response_tokens = 0;
     for (auto i : b.indices) in.step_response_tokens += static_cast<double>(response_tokens(data.sample(i).chosen.labels));
     in.step_response_tokens = std::max(1.0, in.step_response_tokens * data.size() / static_cast<double>(end - start));
-    add_metrics(total, loss.forward(in));
+    add_output(total, loss.forward(in));
     const auto policy_margin = (in.at("policy/chosen").sum() - in.at("policy/rejected").sum()).contiguous();
     auto margin = policy_margin;
     if (in.logps.count("reference/chosen") && in.logps.count("reference/rejected"))
@@ -350,7 +345,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
           in.step_response_tokens = std::max(1.0, chosen_tokens);
           return run_loss(in);
         });
-        for (const auto& o : outs) add_metrics(out, o);
+        for (const auto& o : outs) add_output(out, o);
       } else {
         const auto c = sample_completions(model, tok, train, batch, *sampling, rewards, step_seed, bf16);
         const int64_t G = sampling->group_size, S = B * G;
@@ -366,7 +361,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
           in.row_begin = j * m * G;
           return run_loss(in);
         });
-        for (const auto& o : outs) add_metrics(out, o);
+        for (const auto& o : outs) add_output(out, o);
         for (const auto& [name, v] : c.reward_means) out.metrics["reward/" + name] = torch::tensor(v / W);
       }
     } catch (const std::invalid_argument& e) {

@@ -64,11 +64,7 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
   });
   LossOutput total;
   total.loss = torch::zeros({});
-  for (const auto& out : outs) {
-    total.loss += out.loss;
-    for (const auto& [k, v] : out.metrics)
-      total.metrics[k] = total.metrics.count(k) ? total.metrics[k] + v : v;  // shares of the step add up
-  }
+  for (const auto& out : outs) add_output(total, out);
   total.metrics["tokens"] = torch::tensor(static_cast<double>(b.target_tokens()));  // this rank's; summed when logged
   return total;
 }
