@@ -33,11 +33,18 @@ TEST_CASE("model FLOPs of the towers, worked by hand", "[bench][flops]") {
   // QK^T and AV 4*5*5*4 = 400
   CHECK(vision_forward_flops(v) == Approx(2064));
   CHECK(vision_forward_flops(v, 0) == Approx(384));  // a tap at the embeddings runs no layer
+  // Pooled at CLS, the layer computes k and v for all 5 tokens (2*5*2*16 = 320) and q, o, the MLP
+  // (2*(2*16 + 2*32) = 192) and QK^T, AV (4*5*4 = 80) for the CLS row: 384 + 592.
+  CHECK(vision_pooled_flops(v) == Approx(976));
+  v.pooling = "mean";  // every patch's last state is read
+  CHECK(vision_pooled_flops(v) == Approx(2064));
 
   TextConfig t;
   t.hidden_size = 4, t.intermediate_size = 8, t.num_hidden_layers = 2;
-  // per layer 2*3*(64 + 64) + 4*3*3*4 = 912, two layers, projection 2*4*5 = 40
-  CHECK(text_forward_flops(t, 3, 5) == Approx(1864));
+  // layer 1: 2*3*(64 + 64) + 4*3*3*4 = 912; layer 2 at the end-of-text row only: k, v for all
+  // 3 tokens 2*3*32 = 192, q, o, MLP for the row 2*(32 + 64) = 192, QK^T and AV 4*3*4 = 48;
+  // projection 2*4*5 = 40
+  CHECK(text_forward_flops(t, 3, 5) == Approx(912 + 432 + 40));
 
   LlamaConfig l;  // head_dim 4, one KV head: k and v are 8 -> 4
   l.vocab_size = 10, l.hidden_size = 8, l.intermediate_size = 6, l.num_hidden_layers = 1, l.num_attention_heads = 2,
@@ -114,7 +121,7 @@ TEST_CASE("bench: stage-1 card figures follow from its step times and shapes", "
   resolved.model.text.vocab_size = 50;
   CHECK(j["model_flops_per_step"].get<double>() == Approx(bench_step_flops(resolved, {}, 0, false)));
   CHECK(j["model_flops_per_step"].get<double>() ==
-        Approx(3.0 * 4 * (vision_forward_flops(cfg.model.vision) + 2.0 * 16 * 8 + text_forward_flops(cfg.model.text, 8, 8))));
+        Approx(3.0 * 4 * (vision_pooled_flops(cfg.model.vision) + 2.0 * 16 * 8 + text_forward_flops(cfg.model.text, 8, 8))));
   SECTION("an output file that cannot be written is refused before the steps") {
     BenchOptions bad;
     bad.quiet = true;

@@ -43,6 +43,12 @@ double layer_flops(double s, double d, double kv, double f, int mlp_matrices) {
   return 2.0 * s * (2.0 * d * d + 2.0 * d * kv + mlp_matrices * d * f) + 4.0 * s * s * d;
 }
 
+// The same layer read at one row of the s: keys and values for every token, the query, output
+// projection, MLP and attention products for that row.
+double pooled_layer_flops(double s, double d, double kv, double f, int mlp_matrices) {
+  return 2.0 * s * 2.0 * d * kv + 2.0 * (2.0 * d * d + mlp_matrices * d * f) + 4.0 * s * d;
+}
+
 }  // namespace
 
 double vision_forward_flops(const VisionConfig& v, int layers) {
@@ -51,10 +57,21 @@ double vision_forward_flops(const VisionConfig& v, int layers) {
   return patch + (layers < 0 ? v.num_hidden_layers : layers) * layer_flops(p + 1, d, d, v.intermediate_size, 2);
 }
 
+double vision_pooled_flops(const VisionConfig& v) {
+  const int L = v.num_hidden_layers;
+  if (v.pooling != "cls" || L == 0) return vision_forward_flops(v);
+  const double p = static_cast<double>(v.image_size / v.patch_size) * (v.image_size / v.patch_size);
+  const double d = v.hidden_size;
+  return vision_forward_flops(v, L - 1) + pooled_layer_flops(p + 1, d, d, v.intermediate_size, 2);
+}
+
 double text_forward_flops(const TextConfig& t, int64_t tokens, int projection_dim) {
-  const double d = t.hidden_size;
-  return t.num_hidden_layers * layer_flops(static_cast<double>(tokens), d, d, t.intermediate_size, 2) +
-         2.0 * d * projection_dim;
+  const double d = t.hidden_size, s = static_cast<double>(tokens);
+  const int L = t.num_hidden_layers;
+  const double layers = L == 0 ? 0.0
+                               : (L - 1) * layer_flops(s, d, d, t.intermediate_size, 2) +
+                                     pooled_layer_flops(s, d, d, t.intermediate_size, 2);
+  return layers + 2.0 * d * projection_dim;
 }
 
 double llm_forward_flops(const LlamaConfig& l, int64_t positions, int64_t head_positions) {
@@ -71,7 +88,7 @@ double bench_step_flops(const RunConfig& cfg, const std::set<std::string>& train
   const double B = static_cast<double>(cfg.train.batch_size);
   const auto& m = cfg.model;
   if (!cfg.is_vlm()) {  // both towers and their projections train
-    const double image = vision_forward_flops(m.vision) + 2.0 * m.vision.hidden_size * m.projection_dim;
+    const double image = vision_pooled_flops(m.vision) + 2.0 * m.vision.hidden_size * m.projection_dim;
     return 3.0 * B * (image + text_forward_flops(m.text, cfg.data.max_text_len, m.projection_dim));
   }
   // Visual tokens per image and the sequence length after the placeholder expands.

@@ -23,7 +23,12 @@ namespace trialign {
 // A ViT image: patch embedding + `layers` layers over 1 + P tokens (-1: all; the VLM runs the
 // layers up to its model.vision_feature_layer).
 double vision_forward_flops(const VisionConfig& v, int layers = -1);
-// A text of `tokens` positions through the text encoder, plus its projection to `projection_dim`.
+// A ViT image to its pooled state. With CLS pooling the last layer computes keys and values for
+// every token and the rest for the CLS row alone (ClipEncoder::forward_rows); mean and max
+// pooling read every token, so they cost vision_forward_flops(v).
+double vision_pooled_flops(const VisionConfig& v);
+// A text of `tokens` positions through the text encoder to its end-of-text state (the last layer
+// on that row alone, as for CLS), plus its projection to `projection_dim`.
 double text_forward_flops(const TextConfig& t, int64_t tokens, int projection_dim);
 // A sequence of `positions` through the LLaMA decoder, and the LM head on `head_positions` of them
 // (the trainers compute logits only where a label follows).

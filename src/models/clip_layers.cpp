@@ -1,5 +1,6 @@
 #include "models/clip_layers.h"
 
+#include "models/fast_ops.h"
 #include "models/recompute.h"
 
 #include <cmath>
@@ -7,7 +8,7 @@
 namespace trialign {
 
 torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x) {
-  if (name == "quick_gelu") return x * torch::sigmoid(1.702 * x);
+  if (name == "quick_gelu") return quick_gelu(x);  // x * sigmoid(1.702 x), one pass each way in fp32
   return torch::gelu(x);
 }
 
@@ -26,10 +27,23 @@ torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x, const torch::Te
   // [B, T, D] -> [B, H, T, Dh]
   auto split = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };
   auto q = split(q_proj(x)), k = split(k_proj(x)), v = split(v_proj(x));
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  auto scores = attention_matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   if (mask.defined()) scores = scores + mask;                // [B, H, T, T]
   auto attn = torch::softmax(scores, -1);
-  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  auto out = attention_matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  return out_proj(out);
+}
+
+torch::Tensor ClipAttentionImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& row_mask,
+                                              const torch::Tensor& rows) {
+  const auto B = x.size(0), T = x.size(1), D = x.size(2);
+  auto kv = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };  // [B, H, T, Dh]
+  const auto xr = x.gather(1, rows.view({B, 1, 1}).expand({B, 1, D}));                                // [B, 1, D]
+  auto q = q_proj(xr).view({B, 1, heads_, head_dim_}).transpose(1, 2);                                // [B, H, 1, Dh]
+  auto k = kv(k_proj(x)), v = kv(v_proj(x));
+  auto scores = attention_matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  if (row_mask.defined()) scores = scores + row_mask;  // [B, H, 1, T]
+  auto out = attention_matmul(torch::softmax(scores, -1), v).transpose(1, 2).reshape({B, 1, heads_ * head_dim_});
   return out_proj(out);
 }
 
@@ -55,6 +69,21 @@ torch::Tensor ClipEncoderLayerImpl::forward(const torch::Tensor& x, const torch:
   return h + mlp(layer_norm2(h));
 }
 
+torch::Tensor ClipEncoderLayerImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& mask,
+                                                 const torch::Tensor& rows) {
+  const auto B = x.size(0), T = x.size(1), D = x.size(2);
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == B, "forward_rows: rows must be [", B, "], got ", rows.sizes());
+  torch::Tensor row_mask;  // [T, T] -> the rows' own lines, [B, 1, 1, T]
+  if (mask.defined()) {
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T && mask.size(1) == T, "forward_rows: mask must be [", T, ", ", T,
+                "], got ", mask.sizes());
+    row_mask = mask.index_select(0, rows).view({B, 1, 1, T});
+  }
+  const auto xr = x.gather(1, rows.view({B, 1, 1}).expand({B, 1, D}));  // [B, 1, D]
+  auto h = xr + self_attn->forward_rows(layer_norm1(x), row_mask, rows);
+  return h + mlp(layer_norm2(h));
+}
+
 ClipEncoderImpl::ClipEncoderImpl(const ClipBlockConfig& c, int num_layers) : recompute_(c.gradient_checkpointing) {
   layers = register_module("layers", torch::nn::ModuleList());
   for (int i = 0; i < num_layers; ++i) layers->push_back(ClipEncoderLayer(c));
@@ -72,6 +101,15 @@ torch::Tensor ClipEncoderImpl::forward(const torch::Tensor& x, const torch::Tens
     if (hidden_states) hidden_states->push_back(h);
   }
   return h;
+}
+
+torch::Tensor ClipEncoderImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& mask, const torch::Tensor& rows) {
+  const int64_t n = static_cast<int64_t>(layers->size());
+  if (n == 0) return x.gather(1, rows.view({-1, 1, 1}).expand({x.size(0), 1, x.size(2)})).squeeze(1);
+  auto h = forward(x, mask, nullptr, n - 1);
+  auto* last = layers[n - 1]->as<ClipEncoderLayer>();
+  auto top = [last, mask, rows](const torch::Tensor& in) { return last->forward_rows(in, mask, rows); };
+  return (recompute_ ? checkpointed(top, h, *last) : top(h)).squeeze(1);  // [B, D]
 }
 
 }  // namespace trialign

@@ -78,6 +78,13 @@ VisionOutput ClipVisionTransformerImpl::forward(const torch::Tensor& pixels, boo
   return out;
 }
 
+torch::Tensor ClipVisionTransformerImpl::pooled(const torch::Tensor& pixels) {
+  if (pooling_ != "cls") return forward(pixels).pooled;  // mean / max read every patch's last state
+  auto x = pre_layrnorm(embeddings(pixels));
+  const auto cls = torch::zeros({x.size(0)}, torch::TensorOptions().dtype(torch::kLong).device(x.device()));
+  return post_layernorm(encoder->forward_rows(x, torch::Tensor(), cls));  // [B, D]
+}
+
 namespace {
 
 // Python-style index `layer` into n hidden states, or a ConfigError naming the valid range.
@@ -125,10 +132,9 @@ torch::Tensor ClipTextTransformerImpl::forward(const torch::Tensor& ids, const t
   auto x = token_embedding(ids) + position_embedding->weight.slice(0, 0, T).unsqueeze(0);  // [B, T, D]
   // Causal additive mask [T, T]: position t attends to <= t.
   auto mask = torch::full({T, T}, -std::numeric_limits<float>::infinity(), x.options()).triu(1);
-  auto h = final_layer_norm(encoder(x, mask));                                           // [B, T, D]
-  auto eot = (lengths - 1).clamp_min(0).to(torch::kLong);                                // [B]
-  auto idx = eot.view({-1, 1, 1}).expand({h.size(0), 1, h.size(2)});
-  return h.gather(1, idx).squeeze(1);                                                    // [B, D]
+  // Only the end-of-text row of the last layer is read, so that layer runs on it alone.
+  auto eot = (lengths - 1).clamp_min(0).to(torch::kLong).to(x.device());                 // [B]
+  return final_layer_norm(encoder->forward_rows(x, mask, eot));                           // [B, D]
 }
 
 ClipModelImpl::ClipModelImpl(const ModelConfig& c) {
@@ -145,7 +151,7 @@ ClipModelImpl::ClipModelImpl(const ModelConfig& c) {
 
 torch::Tensor ClipModelImpl::encode_image(const torch::Tensor& pixels) {
   // fp32 before normalising: under bf16 autocast the towers run in bf16, the loss does not.
-  return torch::nn::functional::normalize(visual_projection(vision_model(pixels).pooled).to(torch::kFloat32),
+  return torch::nn::functional::normalize(visual_projection(vision_model->pooled(pixels)).to(torch::kFloat32),
                                           torch::nn::functional::NormalizeFuncOptions().dim(-1));
 }
 

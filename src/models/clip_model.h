@@ -36,6 +36,8 @@ class ClipVisionTransformerImpl : public torch::nn::Module {
  public:
   explicit ClipVisionTransformerImpl(const VisionConfig& c);
   VisionOutput forward(const torch::Tensor& pixels, bool output_hidden_states = false);
+  // forward(pixels).pooled, [B, D]; with CLS pooling the last layer runs on the CLS rows only.
+  torch::Tensor pooled(const torch::Tensor& pixels);
   // What select_vision_features(forward(pixels, true), layer) returns, [B, P, D], running only the
   // layers up to the tapped one (LLaVA's -2 skips the last layer's work).
   torch::Tensor patch_features(const torch::Tensor& pixels, int layer);

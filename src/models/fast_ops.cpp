@@ -1,0 +1,217 @@
+#include "models/fast_ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+
+#include <cmath>
+
+#include "core/blas.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace trialign {
+
+namespace {
+
+constexpr float kQuickGeluScale = 1.702f;
+
+// fp32 on the CPU outside autocast: under bf16 autocast the composite ops run as before.
+bool fast_path(const torch::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && !at::autocast::is_cpu_enabled();
+}
+
+// --- quick-GELU ------------------------------------------------------------------------------
+// y = x s with s = sigmoid(1.702 x); dy/dx = s + 1.702 x s (1 - s).
+
+void quick_gelu_plain(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] / (1.0f + std::exp(-kQuickGeluScale * x[i]));
+}
+
+void quick_gelu_grad_plain(const float* x, const float* g, float* dx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = 1.0f / (1.0f + std::exp(-kQuickGeluScale * x[i]));
+    dx[i] = g[i] * (s + kQuickGeluScale * x[i] * s * (1.0f - s));
+  }
+}
+
+#if defined(__x86_64__)
+// exp(t) for 8 floats: t = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n
+// through the exponent bits (Cephes' expf coefficients; within 2 ulp of exp on the clamped
+// range, which keeps 2^n a normal float; beyond it sigmoid is 0 or 1 to float precision anyway).
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 t) {
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), t);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 sigmoid_scaled8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(x, _mm256_set1_ps(-kQuickGeluScale)))));
+}
+
+__attribute__((target("avx2,fma"))) void quick_gelu_avx2(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(v, sigmoid_scaled8(v)));
+  }
+  quick_gelu_plain(x + i, y + i, n - i);
+}
+
+__attribute__((target("avx2,fma"))) void quick_gelu_grad_avx2(const float* x, const float* g, float* dx, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), scale = _mm256_set1_ps(kQuickGeluScale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i), s = sigmoid_scaled8(v);
+    // s + 1.702 x s (1 - s)
+    const __m256 d = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(scale, v), s), _mm256_sub_ps(one, s), s);
+    _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(g + i), d));
+  }
+  quick_gelu_grad_plain(x + i, g + i, dx + i, n - i);
+}
+#endif
+
+bool use_avx2() {
+  static const bool yes = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
+constexpr int64_t kGrain = 1 << 14;
+
+class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& input) {
+    const auto x = input.contiguous();
+    auto y = torch::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
+#if defined(__x86_64__)
+      if (use_avx2()) return quick_gelu_avx2(xp + b, yp + b, e - b);
+#endif
+      quick_gelu_plain(xp + b, yp + b, e - b);
+    });
+    ctx->save_for_backward({x});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto x = ctx->get_saved_variables()[0];
+    const auto g = grads[0].contiguous();
+    auto dx = torch::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>();
+    float* dp = dx.data_ptr<float>();
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
+#if defined(__x86_64__)
+      if (use_avx2()) return quick_gelu_grad_avx2(xp + b, gp + b, dp + b, e - b);
+#endif
+      quick_gelu_grad_plain(xp + b, gp + b, dp + b, e - b);
+    });
+    return {dx};
+  }
+};
+
+// --- attention products ----------------------------------------------------------------------
+
+// One operand's [rows, cols] matrices in BLAS terms: unit stride along cols (row-major, ld = the
+// row stride) or along rows (stored transposed, ld = the column stride). Else not usable in place.
+struct Layout {
+  bool ok = false, trans = false;
+  int64_t ld = 0;
+};
+
+Layout layout_of(const torch::Tensor& t) {
+  const int64_t rows = t.size(2), cols = t.size(3), s_row = t.stride(2), s_col = t.stride(3);
+  if (s_col == 1 && s_row >= std::max<int64_t>(cols, 1)) return {true, false, s_row};
+  if (s_row == 1 && s_col >= std::max<int64_t>(rows, 1)) return {true, true, s_col};
+  return {};
+}
+
+// c = a b for 4-D fp32 CPU tensors with one unit stride in each matrix; false = not done.
+bool batched_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c) {
+  if (!have_sgemm()) return false;
+  auto A = a, Bm = b;
+  Layout la = layout_of(A), lb = layout_of(Bm);
+  if (!la.ok) A = A.contiguous(), la = layout_of(A);
+  if (!lb.ok) Bm = Bm.contiguous(), lb = layout_of(Bm);
+  const int64_t B = a.size(0), H = a.size(1), M = a.size(2), K = a.size(3), N = b.size(3);
+  c = torch::empty({B, H, M, N}, a.options());
+  const float *ap = A.data_ptr<float>(), *bp = Bm.data_ptr<float>();
+  float* cp = c.data_ptr<float>();
+  const int64_t a0 = A.stride(0), a1 = A.stride(1), b0 = Bm.stride(0), b1 = Bm.stride(1);
+  // Each task is whole matrices; a grain of 1 would also do, but a few per task keeps the
+  // per-task cost below the GEMM's for the smallest heads.
+  OneBlasThread one;
+  at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / H, hi = i % H;
+      sgemm_row_major(la.trans, lb.trans, M, N, K, ap + bi * a0 + hi * a1, la.ld, bp + bi * b0 + hi * b1, lb.ld,
+                      cp + i * M * N, N);
+    }
+  });
+  return true;
+}
+
+torch::Tensor matmul_no_grad(const torch::Tensor& a, const torch::Tensor& b) {
+  torch::Tensor c;
+  if (batched_gemm(a, b, c)) return c;
+  torch::NoGradGuard ng;
+  return torch::matmul(a, b);
+}
+
+class AttentionMatmulFn : public torch::autograd::Function<AttentionMatmulFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return matmul_no_grad(a, b);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& a = saved[0];
+    const auto& b = saved[1];
+    const auto g = grads[0];  // [B, H, M, N]
+    torch::Tensor ga, gb;
+    if (ctx->needs_input_grad(0)) ga = matmul_no_grad(g, b.transpose(-2, -1));  // [B, H, M, K]
+    if (ctx->needs_input_grad(1)) gb = matmul_no_grad(a.transpose(-2, -1), g);  // [B, H, K, N]
+    return {ga, gb};
+  }
+};
+
+}  // namespace
+
+torch::Tensor quick_gelu(const torch::Tensor& x) {
+  if (!fast_path(x) || x.numel() == 0) return x * torch::sigmoid(1.702 * x);
+  return QuickGeluFn::apply(x);
+}
+
+torch::Tensor attention_matmul(const torch::Tensor& a, const torch::Tensor& b) {
+  if (!fast_path(a) || !fast_path(b) || a.dim() != 4 || b.dim() != 4 || a.size(0) != b.size(0) ||
+      a.size(1) != b.size(1) || a.size(3) != b.size(2) || a.numel() == 0 || b.numel() == 0 || !have_sgemm())
+    return torch::matmul(a, b);
+  return AttentionMatmulFn::apply(a, b);
+}
+
+}  // namespace trialign
