@@ -1,16 +1,44 @@
 #include "trainers/micro_batches.h"
 
+#include <dlfcn.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 
-#include "core/blas.h"
 #include "core/distributed.h"
 #include "core/errors.h"
 
 namespace trialign {
 
 namespace {
+
+// OpenBLAS keeps one global thread count. Concurrent callers of a threaded OpenBLAS queue up
+// for its one pool, so while micro-batches run at once each GEMM runs on its caller's thread.
+// (Debian's LibTorch links the pthreads OpenBLAS; an OpenMP build of OpenBLAS would also set the
+// calling thread's OpenMP count here, as setup_threads' call already would.)
+class OneBlasThread {
+ public:
+  OneBlasThread() {
+    if (api().get && api().set) {
+      previous_ = api().get();
+      api().set(1);
+    }
+  }
+  ~OneBlasThread() {
+    if (previous_ > 0) api().set(previous_);
+  }
+
+ private:
+  struct Api {  // looked up once, not every step
+    int (*get)() = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    void (*set)(int) = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  };
+  static const Api& api() {
+    static const Api a;
+    return a;
+  }
+  int previous_ = 0;
+};
 
 // Adds one micro-batch's gradients (aligned with params) into the parameters' .grad, as
 // autograd's accumulation does: the first one becomes .grad, unless its layout is not the

@@ -5,7 +5,7 @@ backward, gradient clipping to 1.0 and AdamW. Batches are random tensors made be
 loop, so the Python side does no data work at all (trialign's figures include its data pipeline).
 
     python3 scripts/bench/torch_bench.py stage1|stage3|dpo [--precision fp32|bf16] [--threads 2]
-        [--warmup 3] [--steps 10] [--free norm,rope,softmax,act] [--micro-threads N]
+        [--warmup 3] [--steps 10] [--free norm,rope,softmax,act] [--micro-threads N] [--pooled-top]
 
 --free is a what-if for timing only: the named element-wise ops cost nothing (norms and RoPE
 return their input, attention skips its softmax, the MLP activation becomes a sum: quick-GELU
@@ -16,6 +16,10 @@ then meaningless, but the step time is an upper bound on what fusing those ops c
 on its own Python thread with threads / N LibTorch threads, then adds their gradients in order:
 what trialign's train.micro_batch_threads does, written in Python (LibTorch releases the GIL inside
 each op). Start it with OPENBLAS_NUM_THREADS=1, as trialign gives each GEMM one thread then.
+
+--pooled-top (stage1) runs each tower's last layer on its pooled row only (CLS, end-of-text), as
+trialign does: keys and values from every token, the query, output projection and MLP for that row.
+The loop as a user writes it, like Hugging Face's CLIPModel, runs the whole last layer.
 
 Prints one JSON line: median step time, steps/s, samples/s. Needs Debian's python3-torch (the
 same LibTorch build trialign links against).
@@ -37,6 +41,7 @@ TEXT_CTX, TEXT_VOCAB = 32, 2048
 LLM_H, LLM_LAYERS, LLM_HEADS, LLM_KV, LLM_MLP, VOCAB = 512, 6, 8, 8, 1408, 2048
 TEXT_TOKENS, LOSS_TOKENS = 48, 24
 FREE = set()  # --free: element-wise ops that cost nothing (a timing what-if, see the docstring)
+POOLED_TOP = False  # --pooled-top: the towers' last layer on the pooled rows only
 
 
 def softmax(s):
@@ -59,14 +64,15 @@ class Attention(nn.Module):
         self.h, self.dh = heads, d // heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, rows=None):  # rows: one query row per sample, or all
         b, t, d = x.shape
-        split = lambda y: y.view(b, t, self.h, self.dh).transpose(1, 2)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        split = lambda y: y.view(b, -1, self.h, self.dh).transpose(1, 2)
+        xq = x if rows is None else x[torch.arange(b), rows].unsqueeze(1)
+        q, k, v = split(self.q_proj(xq)), split(self.k_proj(x)), split(self.v_proj(x))
         s = q @ k.transpose(-2, -1) / math.sqrt(self.dh)
         if mask is not None:
-            s = s + mask
-        return self.out_proj((softmax(s) @ v).transpose(1, 2).reshape(b, t, d))
+            s = s + (mask if rows is None else mask[rows].view(b, 1, 1, t))
+        return self.out_proj((softmax(s) @ v).transpose(1, 2).reshape(b, -1, d))
 
 
 class EncoderLayer(nn.Module):  # pre-LN, quick-GELU MLP
@@ -75,8 +81,9 @@ class EncoderLayer(nn.Module):  # pre-LN, quick-GELU MLP
         self.self_attn, self.layer_norm1, self.layer_norm2 = Attention(d, heads), norm(d), norm(d)
         self.fc1, self.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
 
-    def forward(self, x, mask=None):
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def forward(self, x, mask=None, rows=None):
+        h = self.layer_norm1(x)
+        x = (x if rows is None else x[torch.arange(x.shape[0]), rows].unsqueeze(1)) + self.self_attn(h, mask, rows)
         return x + self.fc2(quick_gelu(self.fc1(self.layer_norm2(x))))
 
 
@@ -89,13 +96,15 @@ class Vit(nn.Module):
         self.pos = nn.Parameter(torch.randn(n + 1, WIDTH) * 0.02)
         self.pre, self.post = norm(WIDTH), norm(WIDTH)
         self.layers = nn.ModuleList(EncoderLayer(WIDTH, HEADS, MLP) for _ in range(LAYERS))
+        self.pooled = False  # only CLS is read (stage 1), so --pooled-top may prune the last layer
 
     def forward(self, pixels):  # every hidden state: [embeddings, layer 1, ..., layer L]
         x = self.patch(pixels).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1) + self.pos
         states = [self.pre(x)]
-        for layer in self.layers:
-            states.append(layer(states[-1]))
+        for i, layer in enumerate(self.layers):
+            top = POOLED_TOP and self.pooled and i == len(self.layers) - 1
+            states.append(layer(states[-1], rows=torch.zeros(x.shape[0], dtype=torch.long) if top else None))
         return states
 
 
@@ -109,16 +118,18 @@ class TextEncoder(nn.Module):  # causal, pooled at the end-of-text token
 
     def forward(self, ids, lengths):
         x = self.tok(ids) + self.pos[: ids.shape[1]]
-        for layer in self.layers:
-            x = layer(x, self.mask)
+        for i, layer in enumerate(self.layers):
+            top = POOLED_TOP and i == len(self.layers) - 1
+            x = layer(x, self.mask, lengths - 1 if top else None)
         x = self.final(x)
-        return x[torch.arange(ids.shape[0]), lengths - 1]
+        return x[:, 0] if POOLED_TOP else x[torch.arange(ids.shape[0]), lengths - 1]
 
 
 class Clip(nn.Module):
     def __init__(self):
         super().__init__()
         self.vision, self.text = Vit(), TextEncoder()
+        self.vision.pooled = True
         self.visual_projection = nn.Linear(WIDTH, EMBED, bias=False)
         self.text_projection = nn.Linear(WIDTH, EMBED, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -276,7 +287,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--free", default="", help="comma list of norm, rope, softmax, act (timing what-if)")
     ap.add_argument("--micro-threads", type=int, default=1, help="micro-batches at once, one thread each (stage3, dpo)")
+    ap.add_argument("--pooled-top", action="store_true", help="stage1: each tower's last layer on its pooled row only")
     a = ap.parse_args()
+    global POOLED_TOP
+    POOLED_TOP = a.pooled_top
     FREE.update(x for x in a.free.split(",") if x)
     unknown = FREE - {"norm", "rope", "softmax", "act"}
     if unknown:
@@ -322,7 +336,7 @@ def main():
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     print(json.dumps({"case": a.case, "framework": "pytorch " + torch.__version__, "precision": a.precision,
-                      "threads": a.threads, "micro_threads": n, "free": sorted(FREE), "median_step_s": med, "steps_per_s": 1 / med,
+                      "threads": a.threads, "micro_threads": n, "free": sorted(FREE), "pooled_top": POOLED_TOP, "median_step_s": med, "steps_per_s": 1 / med,
                       "samples_per_s": batch / med, "tokens_per_s": tokens / med, "step_s": times}))
 
 

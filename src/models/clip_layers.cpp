@@ -27,10 +27,10 @@ torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x, const torch::Te
   // [B, T, D] -> [B, H, T, Dh]
   auto split = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };
   auto q = split(q_proj(x)), k = split(k_proj(x)), v = split(v_proj(x));
-  auto scores = attention_matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   if (mask.defined()) scores = scores + mask;                // [B, H, T, T]
   auto attn = torch::softmax(scores, -1);
-  auto out = attention_matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return out_proj(out);
 }
 
@@ -41,9 +41,9 @@ torch::Tensor ClipAttentionImpl::forward_rows(const torch::Tensor& x, const torc
   const auto xr = x.gather(1, rows.view({B, 1, 1}).expand({B, 1, D}));                                // [B, 1, D]
   auto q = q_proj(xr).view({B, 1, heads_, head_dim_}).transpose(1, 2);                                // [B, H, 1, Dh]
   auto k = kv(k_proj(x)), v = kv(v_proj(x));
-  auto scores = attention_matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   if (row_mask.defined()) scores = scores + row_mask;  // [B, H, 1, T]
-  auto out = attention_matmul(torch::softmax(scores, -1), v).transpose(1, 2).reshape({B, 1, heads_ * head_dim_});
+  auto out = torch::matmul(torch::softmax(scores, -1), v).transpose(1, 2).reshape({B, 1, heads_ * head_dim_});
   return out_proj(out);
 }
 

@@ -4,8 +4,8 @@
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
-
-#include "core/blas.h"
+#include <cstdlib>
+#include <string>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -16,6 +16,15 @@ namespace trialign {
 namespace {
 
 constexpr float kQuickGeluScale = 1.702f;
+
+// TRIALIGN_FAST_OPS=0 turns the kernels off (LibTorch's composite ops everywhere), to compare.
+bool enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("TRIALIGN_FAST_OPS");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
 
 // fp32 on the CPU outside autocast: under bf16 autocast the composite ops run as before.
 bool fast_path(const torch::Tensor& t) {
@@ -132,86 +141,11 @@ class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
   }
 };
 
-// --- attention products ----------------------------------------------------------------------
-
-// One operand's [rows, cols] matrices in BLAS terms: unit stride along cols (row-major, ld = the
-// row stride) or along rows (stored transposed, ld = the column stride). Else not usable in place.
-struct Layout {
-  bool ok = false, trans = false;
-  int64_t ld = 0;
-};
-
-Layout layout_of(const torch::Tensor& t) {
-  const int64_t rows = t.size(2), cols = t.size(3), s_row = t.stride(2), s_col = t.stride(3);
-  if (s_col == 1 && s_row >= std::max<int64_t>(cols, 1)) return {true, false, s_row};
-  if (s_row == 1 && s_col >= std::max<int64_t>(rows, 1)) return {true, true, s_col};
-  return {};
-}
-
-// c = a b for 4-D fp32 CPU tensors with one unit stride in each matrix; false = not done.
-bool batched_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c) {
-  if (!have_sgemm()) return false;
-  auto A = a, Bm = b;
-  Layout la = layout_of(A), lb = layout_of(Bm);
-  if (!la.ok) A = A.contiguous(), la = layout_of(A);
-  if (!lb.ok) Bm = Bm.contiguous(), lb = layout_of(Bm);
-  const int64_t B = a.size(0), H = a.size(1), M = a.size(2), K = a.size(3), N = b.size(3);
-  c = torch::empty({B, H, M, N}, a.options());
-  const float *ap = A.data_ptr<float>(), *bp = Bm.data_ptr<float>();
-  float* cp = c.data_ptr<float>();
-  const int64_t a0 = A.stride(0), a1 = A.stride(1), b0 = Bm.stride(0), b1 = Bm.stride(1);
-  // Each task is whole matrices; a grain of 1 would also do, but a few per task keeps the
-  // per-task cost below the GEMM's for the smallest heads.
-  OneBlasThread one;
-  at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bi = i / H, hi = i % H;
-      sgemm_row_major(la.trans, lb.trans, M, N, K, ap + bi * a0 + hi * a1, la.ld, bp + bi * b0 + hi * b1, lb.ld,
-                      cp + i * M * N, N);
-    }
-  });
-  return true;
-}
-
-torch::Tensor matmul_no_grad(const torch::Tensor& a, const torch::Tensor& b) {
-  torch::Tensor c;
-  if (batched_gemm(a, b, c)) return c;
-  torch::NoGradGuard ng;
-  return torch::matmul(a, b);
-}
-
-class AttentionMatmulFn : public torch::autograd::Function<AttentionMatmulFn> {
- public:
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
-    ctx->save_for_backward({a, b});
-    return matmul_no_grad(a, b);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& a = saved[0];
-    const auto& b = saved[1];
-    const auto g = grads[0];  // [B, H, M, N]
-    torch::Tensor ga, gb;
-    if (ctx->needs_input_grad(0)) ga = matmul_no_grad(g, b.transpose(-2, -1));  // [B, H, M, K]
-    if (ctx->needs_input_grad(1)) gb = matmul_no_grad(a.transpose(-2, -1), g);  // [B, H, K, N]
-    return {ga, gb};
-  }
-};
-
 }  // namespace
 
 torch::Tensor quick_gelu(const torch::Tensor& x) {
-  if (!fast_path(x) || x.numel() == 0) return x * torch::sigmoid(1.702 * x);
+  if (!enabled() || !fast_path(x) || x.numel() == 0) return x * torch::sigmoid(1.702 * x);
   return QuickGeluFn::apply(x);
-}
-
-torch::Tensor attention_matmul(const torch::Tensor& a, const torch::Tensor& b) {
-  if (!fast_path(a) || !fast_path(b) || a.dim() != 4 || b.dim() != 4 || a.size(0) != b.size(0) ||
-      a.size(1) != b.size(1) || a.size(3) != b.size(2) || a.numel() == 0 || b.numel() == 0 || !have_sgemm())
-    return torch::matmul(a, b);
-  return AttentionMatmulFn::apply(a, b);
 }
 
 }  // namespace trialign

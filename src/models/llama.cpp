@@ -4,7 +4,6 @@
 #include <limits>
 
 #include "core/errors.h"
-#include "models/fast_ops.h"
 #include "models/recompute.h"
 
 namespace trialign {
@@ -86,10 +85,10 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
     k = k.repeat_interleave(rep, 1);
     v = v.repeat_interleave(rep, 1);
   }
-  auto scores = attention_matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   scores = scores + mask.to(scores.scalar_type());                        // [B, Hq, T, T_past + T]
   auto attn = torch::softmax(at_least_fp32(scores), -1).to(v.scalar_type());
-  auto out = attention_matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj(out);
 }
 
