@@ -10,9 +10,10 @@ TEST_CASE("quick_gelu: x * sigmoid(1.702 x) and its gradient, within float round
   torch::manual_seed(1);
   // [25, 40] = 125 blocks of 8; the same as a strided view (every other column); 995 values, so
   // 3 past the last block of 8. The first row holds extremes: sigmoid saturates to 0 and 1
-  // (x = +-100, +-1e4), and 0 and -1e-3.
+  // (x = +-100, +-1e4, -1e38: x s is -0 there, not -1e38 times the smallest float), 0 and -1e-3.
   auto base = torch::randn({25, 80}) * 4;
-  base[0][0] = 100, base[0][1] = -100, base[0][2] = 0, base[0][3] = 1e4, base[0][4] = -1e4, base[0][5] = -1e-3;
+  base[0][0] = 100, base[0][1] = -100, base[0][2] = 0, base[0][3] = 1e4, base[0][4] = -1e4, base[0][5] = -1e-3,
+  base[0][6] = -1e38, base[0][7] = 52;
   for (const auto& input : {base.slice(1, 0, 40).contiguous(), base.slice(1, 0, 80, 2), base.reshape({-1}).slice(0, 0, 995)}) {
     INFO("shape " << input.sizes() << (input.is_contiguous() ? " contiguous" : " strided"));
     auto x1 = input.clone().requires_grad_(), x2 = input.clone().requires_grad_();

@@ -72,7 +72,9 @@ torch::Tensor ClipEncoderLayerImpl::forward(const torch::Tensor& x, const torch:
 torch::Tensor ClipEncoderLayerImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& mask,
                                                  const torch::Tensor& rows) {
   const auto B = x.size(0), T = x.size(1), D = x.size(2);
-  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == B, "forward_rows: rows must be [", B, "], got ", rows.sizes());
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == B && rows.scalar_type() == torch::kLong && rows.device() == x.device(),
+              "forward_rows: rows must be int64 [", B, "] on ", x.device(), ", got ", rows.scalar_type(), " ",
+              rows.sizes(), " on ", rows.device());
   torch::Tensor row_mask;  // [T, T] -> the rows' own lines, [B, 1, 1, T]
   if (mask.defined()) {
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T && mask.size(1) == T, "forward_rows: mask must be [", T, ", ", T,

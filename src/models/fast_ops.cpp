@@ -66,9 +66,12 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 t) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// sigmoid(1.702 x). Where -1.702 x passes exp8's clamp the true value is below the smallest
+// normal float: 0 exactly, so x s is -0 (and NaN for x = -inf) as in LibTorch's ops.
 __attribute__((target("avx2,fma"))) inline __m256 sigmoid_scaled8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(x, _mm256_set1_ps(-kQuickGeluScale)))));
+  const __m256 one = _mm256_set1_ps(1.0f), t = _mm256_mul_ps(x, _mm256_set1_ps(-kQuickGeluScale));
+  const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(t)));
+  return _mm256_andnot_ps(_mm256_cmp_ps(t, _mm256_set1_ps(87.0f), _CMP_GT_OQ), s);
 }
 
 __attribute__((target("avx2,fma"))) void quick_gelu_avx2(const float* x, float* y, int64_t n) {
@@ -91,22 +94,20 @@ __attribute__((target("avx2,fma"))) void quick_gelu_grad_avx2(const float* x, co
   }
   quick_gelu_grad_plain(x + i, g + i, dx + i, n - i);
 }
-#endif
 
 bool use_avx2() {
   static const bool yes = [] {
-#if defined(__x86_64__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
   }();
   return yes;
 }
+#endif
 
 constexpr int64_t kGrain = 1 << 14;
 
+// Backward is not itself differentiable (no create_graph through it); nothing in trialign takes
+// second derivatives of an activation.
 class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& input) {
