@@ -7,6 +7,15 @@
 
 namespace trialign {
 
+namespace {
+
+// x [B, T, D] at one row per sample, rows [B] -> [B, 1, D]
+torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& rows) {
+  return x.gather(1, rows.view({-1, 1, 1}).expand({x.size(0), 1, x.size(2)}));
+}
+
+}  // namespace
+
 torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x) {
   if (name == "quick_gelu") return quick_gelu(x);  // x * sigmoid(1.702 x), one pass each way in fp32
   return torch::gelu(x);
@@ -22,29 +31,23 @@ ClipAttentionImpl::ClipAttentionImpl(const ClipBlockConfig& c)
   out_proj = register_module("out_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
 }
 
-torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
-  const auto B = x.size(0), T = x.size(1);
+torch::Tensor ClipAttentionImpl::attend(const torch::Tensor& xq, const torch::Tensor& x, const torch::Tensor& mask) {
+  const auto B = x.size(0), Tq = xq.size(1);
   // [B, T, D] -> [B, H, T, Dh]
-  auto split = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };
-  auto q = split(q_proj(x)), k = split(k_proj(x)), v = split(v_proj(x));
+  auto split = [&](const torch::Tensor& t) { return t.view({B, t.size(1), heads_, head_dim_}).transpose(1, 2); };
+  auto q = split(q_proj(xq)), k = split(k_proj(x)), v = split(v_proj(x));
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
-  if (mask.defined()) scores = scores + mask;                // [B, H, T, T]
+  if (mask.defined()) scores = scores + mask;                // [B, H, Tq, T]
   auto attn = torch::softmax(scores, -1);
-  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, Tq, heads_ * head_dim_});
   return out_proj(out);
 }
 
+torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) { return attend(x, x, mask); }
+
 torch::Tensor ClipAttentionImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& row_mask,
                                               const torch::Tensor& rows) {
-  const auto B = x.size(0), T = x.size(1), D = x.size(2);
-  auto kv = [&](const torch::Tensor& t) { return t.view({B, T, heads_, head_dim_}).transpose(1, 2); };  // [B, H, T, Dh]
-  const auto xr = x.gather(1, rows.view({B, 1, 1}).expand({B, 1, D}));                                // [B, 1, D]
-  auto q = q_proj(xr).view({B, 1, heads_, head_dim_}).transpose(1, 2);                                // [B, H, 1, Dh]
-  auto k = kv(k_proj(x)), v = kv(v_proj(x));
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
-  if (row_mask.defined()) scores = scores + row_mask;  // [B, H, 1, T]
-  auto out = torch::matmul(torch::softmax(scores, -1), v).transpose(1, 2).reshape({B, 1, heads_ * head_dim_});
-  return out_proj(out);
+  return attend(gather_rows(x, rows), x, row_mask);
 }
 
 ClipMlpImpl::ClipMlpImpl(const ClipBlockConfig& c) : act_(c.hidden_act) {
@@ -71,7 +74,7 @@ torch::Tensor ClipEncoderLayerImpl::forward(const torch::Tensor& x, const torch:
 
 torch::Tensor ClipEncoderLayerImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& mask,
                                                  const torch::Tensor& rows) {
-  const auto B = x.size(0), T = x.size(1), D = x.size(2);
+  const auto B = x.size(0), T = x.size(1);
   TORCH_CHECK(rows.dim() == 1 && rows.size(0) == B && rows.scalar_type() == torch::kLong && rows.device() == x.device(),
               "forward_rows: rows must be int64 [", B, "] on ", x.device(), ", got ", rows.scalar_type(), " ",
               rows.sizes(), " on ", rows.device());
@@ -81,8 +84,7 @@ torch::Tensor ClipEncoderLayerImpl::forward_rows(const torch::Tensor& x, const t
                 "], got ", mask.sizes());
     row_mask = mask.index_select(0, rows).view({B, 1, 1, T});
   }
-  const auto xr = x.gather(1, rows.view({B, 1, 1}).expand({B, 1, D}));  // [B, 1, D]
-  auto h = xr + self_attn->forward_rows(layer_norm1(x), row_mask, rows);
+  auto h = gather_rows(x, rows) + self_attn->forward_rows(layer_norm1(x), row_mask, rows);  // [B, 1, D]
   return h + mlp(layer_norm2(h));
 }
 
@@ -107,7 +109,7 @@ torch::Tensor ClipEncoderImpl::forward(const torch::Tensor& x, const torch::Tens
 
 torch::Tensor ClipEncoderImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& mask, const torch::Tensor& rows) {
   const int64_t n = static_cast<int64_t>(layers->size());
-  if (n == 0) return x.gather(1, rows.view({-1, 1, 1}).expand({x.size(0), 1, x.size(2)})).squeeze(1);
+  if (n == 0) return gather_rows(x, rows).squeeze(1);
   auto h = forward(x, mask, nullptr, n - 1);
   auto* last = layers[n - 1]->as<ClipEncoderLayer>();
   auto top = [last, mask, rows](const torch::Tensor& in) { return last->forward_rows(in, mask, rows); };

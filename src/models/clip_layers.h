@@ -28,6 +28,9 @@ class ClipAttentionImpl : public torch::nn::Module {
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
 
  private:
+  // Queries from xq [B, Tq, D], keys and values from x [B, T, D]; mask additive, broadcast to
+  // [B, H, Tq, T], or undefined. -> [B, Tq, D]
+  torch::Tensor attend(const torch::Tensor& xq, const torch::Tensor& x, const torch::Tensor& mask);
   int heads_, head_dim_;
 };
 TORCH_MODULE(ClipAttention);
