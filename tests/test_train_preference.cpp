@@ -456,6 +456,37 @@ TEST_CASE("dpo: a stop signal during the final evaluation keeps the final checkp
   test::check_same_tensors(weights(clean), weights(r));
 }
 
+TEST_CASE("grpo: a stop signal during the final prompt evaluation keeps the final checkpoint, and the resume evaluates it",
+          "[preference][faults]") {
+  TinyPreferenceCorpus c;
+  // Greedy and sampled completions of the held-out prompts: both loops pass the stop point.
+  const std::string yaml = "data: {train: " + c.dir.file("data/train_grpo.jsonl") + ", val: " +
+                           c.dir.file("data/val_vqa.jsonl") + ", val_limit: 6}\n" +
+                           "loss: {type: grpo, group_size: 2, max_new_tokens: 3, beta: 0.04}\n"
+                           "rewards: [{type: exact_match}, {type: test_text_length}]\n"
+                           "eval: {samples: 2}\ntrain: {batch_size: 2, steps: 2}\n";
+  const auto clean = train_preference(c.config("clean", yaml), quiet());
+  REQUIRE(clean.final_eval["val"].contains("sampled/reward"));
+  struct HookReset {
+    ~HookReset() { set_evaluation_hook({}); }
+  } reset;
+  set_evaluation_hook([](int64_t step) {
+    if (step == 2) std::raise(SIGTERM);  // the real handler, as the final evaluation begins
+  });
+  const auto stopped = train_preference(c.config("run", yaml), quiet());
+  CHECK(stopped.interrupted);
+  CHECK(stopped.final_step == 2);
+  CHECK(stopped.final_eval.is_null());
+  CHECK_FALSE(std::filesystem::exists(c.dir.file("run/eval.json")));
+  set_evaluation_hook({});
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  const auto r = train_preference(c.config("run", yaml), resume);
+  CHECK_FALSE(r.interrupted);
+  CHECK(r.final_eval == clean.final_eval);
+  test::check_same_tensors(weights(clean), weights(r));
+}
+
 TEST_CASE("micro-batches on threads: mdpo and grpo give the losses and weights of the same micro-batches in order",
           "[preference][micro_batches][slow]") {
   TinyPreferenceCorpus c;
