@@ -430,21 +430,24 @@ TEST_CASE("dpo: a stop signal while reference log-probs are cached stops the run
   CHECK(r.final_step == 4);
 }
 
-TEST_CASE("dpo: a stop signal during the final evaluation keeps the final checkpoint, and the resume evaluates it",
-          "[preference][faults]") {
-  TinyPreferenceCorpus c;
-  const std::string yaml = "data: {train: " + c.pairs() + ", val: " + c.dir.file("data/val_pref.jsonl") + "}\n";
+namespace {
+
+// A run of `yaml` that a stop signal interrupts as its final evaluation (at `final_step`) begins:
+// it ends interrupted, with its final checkpoint and no evaluation written; the resume then
+// evaluates exactly as an uninterrupted run (`metric` names a figure that evaluation reports).
+void check_stop_in_final_evaluation(TinyPreferenceCorpus& c, const std::string& yaml, int64_t final_step,
+                                    const std::string& metric) {
   const auto clean = train_preference(c.config("clean", yaml), quiet());
-  REQUIRE(clean.final_eval["val"].contains("preference_accuracy"));
+  REQUIRE(clean.final_eval["val"].contains(metric));
   struct HookReset {
     ~HookReset() { set_evaluation_hook({}); }
   } reset;
-  set_evaluation_hook([](int64_t step) {
-    if (step == 4) std::raise(SIGTERM);  // the real handler, as the final evaluation begins
+  set_evaluation_hook([final_step](int64_t step) {
+    if (step == final_step) std::raise(SIGTERM);  // the real handler, as the final evaluation begins
   });
   const auto stopped = train_preference(c.config("run", yaml), quiet());
   CHECK(stopped.interrupted);
-  CHECK(stopped.final_step == 4);
+  CHECK(stopped.final_step == final_step);
   CHECK(stopped.final_eval.is_null());
   CHECK_FALSE(std::filesystem::exists(c.dir.file("run/eval.json")));
   set_evaluation_hook({});
@@ -456,35 +459,26 @@ TEST_CASE("dpo: a stop signal during the final evaluation keeps the final checkp
   test::check_same_tensors(weights(clean), weights(r));
 }
 
+}  // namespace
+
+TEST_CASE("dpo: a stop signal during the final evaluation keeps the final checkpoint, and the resume evaluates it",
+          "[preference][faults]") {
+  TinyPreferenceCorpus c;
+  check_stop_in_final_evaluation(
+      c, "data: {train: " + c.pairs() + ", val: " + c.dir.file("data/val_pref.jsonl") + "}\n", 4, "preference_accuracy");
+}
+
 TEST_CASE("grpo: a stop signal during the final prompt evaluation keeps the final checkpoint, and the resume evaluates it",
           "[preference][faults]") {
   TinyPreferenceCorpus c;
   // Greedy and sampled completions of the held-out prompts: both loops pass the stop point.
-  const std::string yaml = "data: {train: " + c.dir.file("data/train_grpo.jsonl") + ", val: " +
-                           c.dir.file("data/val_vqa.jsonl") + ", val_limit: 6}\n" +
-                           "loss: {type: grpo, group_size: 2, max_new_tokens: 3, beta: 0.04}\n"
-                           "rewards: [{type: exact_match}, {type: test_text_length}]\n"
-                           "eval: {samples: 2}\ntrain: {batch_size: 2, steps: 2}\n";
-  const auto clean = train_preference(c.config("clean", yaml), quiet());
-  REQUIRE(clean.final_eval["val"].contains("sampled/reward"));
-  struct HookReset {
-    ~HookReset() { set_evaluation_hook({}); }
-  } reset;
-  set_evaluation_hook([](int64_t step) {
-    if (step == 2) std::raise(SIGTERM);  // the real handler, as the final evaluation begins
-  });
-  const auto stopped = train_preference(c.config("run", yaml), quiet());
-  CHECK(stopped.interrupted);
-  CHECK(stopped.final_step == 2);
-  CHECK(stopped.final_eval.is_null());
-  CHECK_FALSE(std::filesystem::exists(c.dir.file("run/eval.json")));
-  set_evaluation_hook({});
-  TrainOptions resume = quiet();
-  resume.resume = "auto";
-  const auto r = train_preference(c.config("run", yaml), resume);
-  CHECK_FALSE(r.interrupted);
-  CHECK(r.final_eval == clean.final_eval);
-  test::check_same_tensors(weights(clean), weights(r));
+  check_stop_in_final_evaluation(c,
+                                 "data: {train: " + c.dir.file("data/train_grpo.jsonl") + ", val: " +
+                                     c.dir.file("data/val_vqa.jsonl") + ", val_limit: 6}\n" +
+                                     "loss: {type: grpo, group_size: 2, max_new_tokens: 3, beta: 0.04}\n"
+                                     "rewards: [{type: exact_match}, {type: test_text_length}]\n"
+                                     "eval: {samples: 2}\ntrain: {batch_size: 2, steps: 2}\n",
+                                 2, "sampled/reward");
 }
 
 TEST_CASE("micro-batches on threads: mdpo and grpo give the losses and weights of the same micro-batches in order",
