@@ -51,7 +51,11 @@ TEST_CASE("model FLOPs of the towers, worked by hand", "[bench][flops]") {
   l.num_key_value_heads = 1;
   // 2*3*(q,o 2*64 + k,v 2*32 + gate,up,down 3*48) = 2016, attention 4*3*3*8 = 288, head 2*3*8*10 = 480
   CHECK(llm_forward_flops(l, 3, 3) == Approx(2784));
-  CHECK(llm_forward_flops(l, 3, 1) == Approx(2784 - 2 * 2 * 8 * 10));  // logits at one position only
+  // Loss at one position: the layer computes k, v for all 3 (2*3*2*8*4 = 384), q, o and the MLP
+  // for one row (2*(128 + 144) = 544), attention 4*1*3*8 = 96; the head 2*8*10 = 160.
+  CHECK(llm_forward_flops(l, 3, 1) == Approx(384 + 544 + 96 + 160));
+  l.num_hidden_layers = 2;  // the first layer whole
+  CHECK(llm_forward_flops(l, 3, 1) == Approx(2304 + 384 + 544 + 96 + 160));
 
   CHECK(backward_multiple(true, false) == 2);
   CHECK(backward_multiple(false, true) == 1);

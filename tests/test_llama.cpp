@@ -206,3 +206,86 @@ TEST_CASE("segment ids: each packed continuation computes what it would alone af
   KVCache cache;
   CHECK_THROWS_WITH(m->forward_hidden(m->embed(ids), mask, {}, &cache, seg), Catch::Contains("without a cache"));
 }
+
+namespace {
+
+// Each parameter's gradient (zeros where none), by name, after out's backward through `weights`.
+std::map<std::string, torch::Tensor> grads_after(LlamaForCausalLM& m, const torch::Tensor& out,
+                                                 const torch::Tensor& weights) {
+  m->zero_grad();
+  (out * weights).sum().backward();
+  std::map<std::string, torch::Tensor> g;
+  for (const auto& p : m->named_parameters())
+    g[p.key()] = p.value().grad().defined() ? p.value().grad().clone() : torch::zeros_like(p.value());
+  return g;
+}
+
+}  // namespace
+
+TEST_CASE("a decoder layer read at chosen rows equals the whole layer at those rows", "[llama][rows]") {
+  torch::manual_seed(4);
+  LlamaDecoderLayer layer(tiny_config());
+  const int64_t B = 2, T = 6;
+  auto x = torch::randn({B, T, 32});
+  auto [cos, sin] = rope_cos_sin(torch::arange(T).expand({B, T}), 8, 10000.0);
+  auto mask = torch::triu(torch::full({T, T}, -std::numeric_limits<float>::infinity()), 1).expand({B, 1, T, T});
+  // Out of order and repeated rows: each output row is its own position's.
+  auto rows = torch::tensor({5L, 2L, 2L, 0L, 3L, 1L}).view({B, 3});
+  auto whole = layer->forward(x, cos, sin, mask, nullptr, nullptr);  // [B, T, H]
+  auto at = layer->forward_rows(x, cos, sin, mask, rows);            // [B, 3, H]
+  REQUIRE(at.sizes() == torch::IntArrayRef({B, 3, 32}));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < 3; ++r)
+      CHECK(torch::allclose(at[b][r], whole[b][rows[b][r].item<int64_t>()], 1e-5, 1e-6));
+  CHECK_THROWS_WITH(layer->forward_rows(x, cos, sin, mask, rows.to(torch::kInt)), Catch::Contains("rows must be int64"));
+}
+
+TEST_CASE("forward_hidden_at equals the whole forward at the kept rows, values and every gradient", "[llama][rows]") {
+  torch::manual_seed(5);
+  const int64_t B = 3, T = 8, H = 32;
+  // Sample 0: 3 kept rows; 1 (right padded): 1; 2 (left padded): none, so it is all padding rows.
+  auto keep = torch::zeros({B, T - 1}, torch::kBool);
+  keep[0][1] = keep[0][4] = keep[0][6] = true;
+  keep[1][3] = true;
+  auto mask = torch::ones({B, T}, torch::kLong);
+  mask[1].slice(0, 5).fill_(0);
+  mask[2].slice(0, 0, 2).fill_(0);
+  auto seg = torch::zeros({B, T}, torch::kLong);
+  seg[0].slice(0, 3, 5).fill_(1), seg[0].slice(0, 5).fill_(2);
+  for (bool checkpointing : {false, true})
+    for (bool segments : {false, true}) {
+      CAPTURE(checkpointing, segments);
+      auto c = tiny_config();
+      c.gradient_checkpointing = checkpointing;
+      LlamaForCausalLM m(c);
+      auto embeds = torch::randn({B, T, H}).requires_grad_(true);
+      const auto s = segments ? seg : torch::Tensor();
+      auto whole = m->forward_hidden(embeds, mask, {}, nullptr, s).slice(1, 0, T - 1).index({keep});  // [4, H]
+      auto at = m->forward_hidden_at(embeds, mask, keep, s);
+      REQUIRE(at.sizes() == torch::IntArrayRef({4, H}));
+      CHECK(torch::allclose(at, whole, 1e-5, 1e-6));
+      auto w = torch::randn({4, H});
+      auto g_whole = grads_after(m, whole, w);
+      auto e_whole = embeds.grad().clone();
+      embeds.mutable_grad().zero_();
+      auto g_at = grads_after(m, at, w);
+      CHECK(torch::allclose(embeds.grad(), e_whole, 1e-5, 1e-6));
+      for (const auto& [name, g] : g_whole) {
+        CAPTURE(name);
+        CHECK(torch::allclose(g_at.at(name), g, 1e-4, 1e-6));
+      }
+      CHECK(g_whole.at("model.layers.1.mlp.down_proj.weight").abs().sum().item<double>() > 0);
+    }
+  // Nothing kept: [0, H], and a backward through it reaches every decoder parameter with zeros
+  // (a rank with no rows still has gradients to average with the others').
+  LlamaForCausalLM m(tiny_config());
+  auto none = m->forward_hidden_at(torch::randn({B, T, H}), mask, torch::zeros({B, T - 1}, torch::kBool));
+  REQUIRE(none.sizes() == torch::IntArrayRef({0, H}));
+  none.sum().backward();
+  for (const auto& p : m->named_parameters()) {
+    if (p.key().rfind("model.layers.", 0) != 0 && p.key() != "model.norm.weight") continue;  // not in forward_hidden
+    CAPTURE(p.key());
+    REQUIRE(p.value().grad().defined());
+    CHECK(p.value().grad().abs().sum().item<double>() == 0.0);
+  }
+}

@@ -43,10 +43,13 @@ double layer_flops(double s, double d, double kv, double f, int mlp_matrices) {
   return 2.0 * s * (2.0 * d * d + 2.0 * d * kv + mlp_matrices * d * f) + 4.0 * s * s * d;
 }
 
-// The same layer read at one row of the s: keys and values for every token, the query, output
-// projection, MLP and attention products for that row.
+// The same layer read at r of the s rows: keys and values for every token, the query, output
+// projection, MLP and attention products for those rows (r = s gives layer_flops).
+double rows_layer_flops(double s, double r, double d, double kv, double f, int mlp_matrices) {
+  return 2.0 * s * 2.0 * d * kv + 2.0 * r * (2.0 * d * d + mlp_matrices * d * f) + 4.0 * r * s * d;
+}
 double pooled_layer_flops(double s, double d, double kv, double f, int mlp_matrices) {
-  return 2.0 * s * 2.0 * d * kv + 2.0 * (2.0 * d * d + mlp_matrices * d * f) + 4.0 * s * d;
+  return rows_layer_flops(s, 1, d, kv, f, mlp_matrices);
 }
 
 }  // namespace
@@ -75,10 +78,12 @@ double text_forward_flops(const TextConfig& t, int64_t tokens, int projection_di
 }
 
 double llm_forward_flops(const LlamaConfig& l, int64_t positions, int64_t head_positions) {
-  const double s = static_cast<double>(positions), d = l.hidden_size;
+  const double s = static_cast<double>(positions), d = l.hidden_size, r = static_cast<double>(head_positions);
   const double kv = static_cast<double>(l.kv_heads()) * l.head_dim();
-  return l.num_hidden_layers * layer_flops(s, d, kv, l.intermediate_size, 3) +
-         2.0 * static_cast<double>(head_positions) * d * l.vocab_size;
+  const int L = l.num_hidden_layers;
+  if (L == 0) return 2.0 * r * d * l.vocab_size;
+  return (L - 1) * layer_flops(s, d, kv, l.intermediate_size, 3) + rows_layer_flops(s, r, d, kv, l.intermediate_size, 3) +
+         2.0 * r * d * l.vocab_size;
 }
 
 int backward_multiple(bool trains, bool gradient_passes) { return trains ? 2 : gradient_passes ? 1 : 0; }

@@ -31,7 +31,8 @@ double vision_pooled_flops(const VisionConfig& v);
 // on that row alone, as for CLS), plus its projection to `projection_dim`.
 double text_forward_flops(const TextConfig& t, int64_t tokens, int projection_dim);
 // A sequence of `positions` through the LLaMA decoder, and the LM head on `head_positions` of them
-// (the trainers compute logits only where a label follows).
+// (the trainers compute logits only where a label follows). The last layer runs on those rows
+// alone, with keys and values from every position (LlamaForCausalLM::forward_hidden_at).
 double llm_forward_flops(const LlamaConfig& l, int64_t positions, int64_t head_positions);
 // Backward costs twice the forward for a component whose weights train (input and weight
 // gradients), once for a frozen one that gradients must cross (input gradients only), else 0.

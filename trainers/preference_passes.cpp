@@ -21,20 +21,15 @@ VlmModel frozen_copy(VlmModel& policy, const ModelConfig& mc) {
 SequenceLogps response_logps(VlmModel& model, const std::vector<std::vector<int64_t>>& ids,
                              const std::vector<std::vector<int64_t>>& labels, const torch::Tensor& pixels,
                              int64_t image_id, bool bf16, double temperature) {
-  torch::Tensor hidden, next;
+  torch::Tensor next, keep, logits;
   {
     AutocastGuard autocast(bf16);
     auto in = model->build_inputs(pixels, ids, labels, image_id);
-    hidden = model->llm->forward_hidden(in.embeds, in.attention_mask);  // [N, L, H]
-    next = in.labels.slice(1, 1, hidden.size(1));                       // [N, L-1]: position t predicts t+1
+    next = in.labels.slice(1, 1);  // [N, L-1]: position t predicts t+1
+    keep = next.ne(kIgnoreIndex);
+    logits = model->llm->logits(model->llm->forward_hidden_at(in.embeds, in.attention_mask, keep));  // [n, V]
   }
-  const int64_t N = hidden.size(0);
-  const auto keep = next.ne(kIgnoreIndex);                               // [N, L-1]
-  torch::Tensor logits;
-  {
-    AutocastGuard autocast(bf16);
-    logits = model->llm->logits(hidden.slice(1, 0, hidden.size(1) - 1).index({keep}));  // [n, V]
-  }
+  const int64_t N = next.size(0);
   logits = logits.to(torch::kFloat32);
   if (temperature != 1.0) logits = logits / temperature;
   const auto lp = torch::log_softmax(logits, -1).gather(1, next.index({keep}).unsqueeze(1)).squeeze(1);  // [n]

@@ -51,14 +51,12 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
     {
       AutocastGuard autocast(bf16);
       auto in = model->build_inputs(micro.pixels, micro.ids, micro.labels, image_id, micro.segments);
-      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask, {}, nullptr, in.segment_ids);  // [b, L, H]
       // Position t predicts token t + 1: keep only the positions whose next label counts.
-      const int64_t L = hidden.size(1);
-      auto next = in.labels.slice(1, 1, L);                  // [b, L-1]
+      auto next = in.labels.slice(1, 1);  // [b, L-1]
       auto keep = next.ne(kIgnoreIndex);
-      auto rows = hidden.slice(1, 0, L - 1).index({keep});  // [n, H]
-      targets = next.index({keep});                          // [n]
-      logits = model->llm->logits(rows);                     // [n, V]
+      auto rows = model->llm->forward_hidden_at(in.embeds, in.attention_mask, keep, in.segment_ids);  // [n, H]
+      targets = next.index({keep});                                                                   // [n]
+      logits = model->llm->logits(rows);                                                              // [n, V]
     }
     return loss.forward({logits.to(torch::kFloat32), targets, normaliser});
   });
@@ -144,13 +142,12 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
     auto token_loss = [&](const torch::Tensor& pixels) -> std::pair<double, double> {
       AutocastGuard autocast(bf16);
       auto in = model->build_inputs(pixels, b.ids, b.labels, tok.image_id(), b.segments);
-      auto hidden = model->llm->forward_hidden(in.embeds, in.attention_mask, {}, nullptr, in.segment_ids);
-      const int64_t L = hidden.size(1);
-      auto next = in.labels.slice(1, 1, L);
+      auto next = in.labels.slice(1, 1);
       auto keep = next.ne(kIgnoreIndex);
       const double n = static_cast<double>(keep.sum().item<int64_t>());
       if (n == 0) return {0.0, 0.0};
-      auto logits = model->llm->logits(hidden.slice(1, 0, L - 1).index({keep})).to(torch::kFloat32);
+      auto hidden = model->llm->forward_hidden_at(in.embeds, in.attention_mask, keep, in.segment_ids);  // [n, H]
+      auto logits = model->llm->logits(hidden).to(torch::kFloat32);
       return {loss.forward({logits, next.index({keep}), 1.0}).loss.item<double>(), n};
     };
     const auto [l, n] = token_loss(b.pixels);

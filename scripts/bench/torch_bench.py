@@ -17,9 +17,11 @@ on its own Python thread with threads / N LibTorch threads, then adds their grad
 what trialign's train.micro_batch_threads does, written in Python (LibTorch releases the GIL inside
 each op). Start it with OPENBLAS_NUM_THREADS=1, as trialign gives each GEMM one thread then.
 
---pooled-top (stage1) runs each tower's last layer on its pooled row only (CLS, end-of-text), as
-trialign does: keys and values from every token, the query, output projection and MLP for that row.
-The loop as a user writes it, like Hugging Face's CLIPModel, runs the whole last layer.
+--pooled-top runs the last layer on the rows the loss reads only, as trialign does: keys and values
+from every token, the query, output projection and MLP for those rows. Stage 1: each tower's pooled
+row (CLS, end-of-text); stage3 and dpo: the LLM's last layer on the LOSS_TOKENS positions that
+predict the reply. The loop as a user writes it, like Hugging Face's CLIPModel and
+LlamaForCausalLM, runs the whole last layer.
 
 Prints one JSON line: median step time, steps/s, samples/s. Needs Debian's python3-torch (the
 same LibTorch build trialign links against).
@@ -174,16 +176,18 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(LLM_MLP, LLM_H, bias=False)
         self.input_layernorm, self.post_attention_layernorm = RMSNorm(LLM_H), RMSNorm(LLM_H)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, rows=slice(None)):
+        """rows (a slice of the positions): the output at those rows only, keys and values from all."""
         b, t, _ = x.shape
         h = self.input_layernorm(x)
-        q = rope(self.q_proj(h).view(b, t, LLM_HEADS, self.dh).transpose(1, 2), cos, sin)
+        r = h[:, rows].shape[1]
+        q = rope(self.q_proj(h[:, rows]).view(b, r, LLM_HEADS, self.dh).transpose(1, 2), cos[rows], sin[rows])
         k = rope(self.k_proj(h).view(b, t, LLM_KV, self.dh).transpose(1, 2), cos, sin)
         v = self.v_proj(h).view(b, t, LLM_KV, self.dh).transpose(1, 2)
         if LLM_KV != LLM_HEADS:
             k, v = (y.repeat_interleave(LLM_HEADS // LLM_KV, 1) for y in (k, v))
-        s = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh) + mask
-        x = x + self.o_proj((softmax(s) @ v).transpose(1, 2).reshape(b, t, LLM_H))
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh) + mask[rows]
+        x = x[:, rows] + self.o_proj((softmax(s) @ v).transpose(1, 2).reshape(b, r, LLM_H))
         h = self.post_attention_layernorm(x)
         if "act" in FREE:
             return x + self.down_proj(self.gate_proj(h) + self.up_proj(h))
@@ -214,9 +218,11 @@ class Vlm(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision.patch.weight.requires_grad):
             feats = self.vision(pixels)[-2][:, 1:]
         x = torch.cat([self.projector(feats), self.embed(ids)], 1)
-        for layer in self.layers:
-            x = layer(x, self.cos, self.sin, self.mask)
-        h = self.norm(x)[:, -LOSS_TOKENS - 1 : -1]  # the positions that predict the reply
+        reply = slice(x.shape[1] - LOSS_TOKENS - 1, x.shape[1] - 1)  # the positions that predict the reply
+        for i, layer in enumerate(self.layers):
+            top = POOLED_TOP and i == len(self.layers) - 1
+            x = layer(x, self.cos, self.sin, self.mask, reply if top else slice(None))
+        h = self.norm(x) if POOLED_TOP else self.norm(x)[:, reply]
         logits = self.lm_head(h).float()
         return logits.log_softmax(-1).gather(-1, ids[:, -LOSS_TOKENS:, None]).squeeze(-1)
 
@@ -287,7 +293,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--free", default="", help="comma list of norm, rope, softmax, act (timing what-if)")
     ap.add_argument("--micro-threads", type=int, default=1, help="micro-batches at once, one thread each (stage3, dpo)")
-    ap.add_argument("--pooled-top", action="store_true", help="stage1: each tower's last layer on its pooled row only")
+    ap.add_argument("--pooled-top", action="store_true", help="the last layer on the rows the loss reads only (towers' pooled rows; the LLM's reply rows)")
     a = ap.parse_args()
     global POOLED_TOP
     POOLED_TOP = a.pooled_top

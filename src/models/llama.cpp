@@ -25,6 +25,11 @@ namespace {
 torch::Tensor at_least_fp32(const torch::Tensor& x) {
   return x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat32);
 }
+
+// x [B, T, D] at rows [B, R] int64 -> [B, R, D].
+torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& rows) {
+  return x.gather(1, rows.unsqueeze(-1).expand({rows.size(0), rows.size(1), x.size(2)}));
+}
 }  // namespace
 
 RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
@@ -66,11 +71,23 @@ LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c)
 
 torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                           const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v) {
-  const auto B = x.size(0), T = x.size(1);
-  auto q = q_proj(x).view({B, T, heads_, head_dim_}).transpose(1, 2);     // [B, Hq, T, Dh]
+  return attend(x, cos, sin, x, cos, sin, mask, cache_k, cache_v);
+}
+
+torch::Tensor LlamaAttentionImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                               const torch::Tensor& row_mask, const torch::Tensor& rows) {
+  return attend(gather_rows(x, rows), gather_rows(cos, rows), gather_rows(sin, rows), x, cos, sin, row_mask, nullptr,
+                nullptr);
+}
+
+torch::Tensor LlamaAttentionImpl::attend(const torch::Tensor& xq, const torch::Tensor& cos_q, const torch::Tensor& sin_q,
+                                         const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                         const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v) {
+  const auto B = x.size(0), T = x.size(1), R = xq.size(1);
+  auto q = q_proj(xq).view({B, R, heads_, head_dim_}).transpose(1, 2);    // [B, Hq, R, Dh]
   auto k = k_proj(x).view({B, T, kv_heads_, head_dim_}).transpose(1, 2);  // [B, KV, T, Dh]
   auto v = v_proj(x).view({B, T, kv_heads_, head_dim_}).transpose(1, 2);
-  q = apply_rope(q, cos, sin);
+  q = apply_rope(q, cos_q, sin_q);
   k = apply_rope(k, cos, sin);
   if (cache_k) {
     if (cache_k->defined()) {
@@ -86,9 +103,9 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
     v = v.repeat_interleave(rep, 1);
   }
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
-  scores = scores + mask.to(scores.scalar_type());                        // [B, Hq, T, T_past + T]
+  scores = scores + mask.to(scores.scalar_type());                        // [B, Hq, R, T_past + T]
   auto attn = torch::softmax(at_least_fp32(scores), -1).to(v.scalar_type());
-  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, R, heads_ * head_dim_});
   return o_proj(out);
 }
 
@@ -116,6 +133,21 @@ torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch
   return h + mlp(post_attention_layernorm(h));
 }
 
+torch::Tensor LlamaDecoderLayerImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& cos,
+                                                  const torch::Tensor& sin, const torch::Tensor& mask,
+                                                  const torch::Tensor& rows) {
+  const auto B = x.size(0), T = x.size(1);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == B && rows.scalar_type() == torch::kLong && rows.device() == x.device(),
+              "forward_rows: rows must be int64 [", B, ", R] on ", x.device(), ", got ", rows.scalar_type(), " ",
+              rows.sizes(), " on ", rows.device());
+  TORCH_CHECK(mask.dim() == 4 && mask.size(0) == B && mask.size(2) == T, "forward_rows: mask must be [", B, ", 1, ", T,
+              ", T], got ", mask.sizes());
+  const auto R = rows.size(1);
+  auto row_mask = mask.gather(2, rows.view({B, 1, R, 1}).expand({B, mask.size(1), R, mask.size(3)}));  // [B, 1, R, T]
+  auto h = gather_rows(x, rows) + self_attn->forward_rows(input_layernorm(x), cos, sin, row_mask, rows);  // [B, R, H]
+  return h + mlp(post_attention_layernorm(h));
+}
+
 LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) : cfg_(c) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
@@ -129,7 +161,8 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) : cfg_(c) {
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
                                       const torch::Tensor& position_ids, KVCache* cache,
-                                      const torch::Tensor& segment_ids) {
+                                      const torch::Tensor& segment_ids, const torch::Tensor& rows) {
+  TORCH_CHECK(!rows.defined() || !cache, "llama: rows are read without a cache");
   const auto B = inputs_embeds.size(0), T = inputs_embeds.size(1);
   const int64_t past = cache ? cache->length() : 0;
   const int64_t total = past + T;
@@ -169,8 +202,14 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
     cache->values.resize(layers->size());
   }
   auto h = inputs_embeds;
-  for (size_t i = 0; i < layers->size(); ++i) {
+  const size_t n = layers->size();
+  for (size_t i = 0; i < n; ++i) {
     auto* l = layers[i]->as<LlamaDecoderLayer>();
+    if (rows.defined() && i + 1 == n) {  // the last layer at the requested rows only
+      auto top = [l, c = cos, s = sin, mask, rows](const torch::Tensor& in) { return l->forward_rows(in, c, s, mask, rows); };
+      h = cfg_.gradient_checkpointing ? checkpointed(top, h, *l) : top(h);
+      continue;
+    }
     if (cfg_.gradient_checkpointing && !cache)  // decoding keeps no graph anyway
       // Captured by value: backward calls it after this function has returned.
       h = checkpointed([l, c = cos, s = sin, mask](const torch::Tensor& in) { return l->forward(in, c, s, mask, nullptr, nullptr); },
@@ -178,6 +217,7 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
     else
       h = l->forward(h, cos, sin, mask, cache ? &cache->keys[i] : nullptr, cache ? &cache->values[i] : nullptr);
   }
+  if (rows.defined() && n == 0) h = gather_rows(h, rows);
   return norm(h);
 }
 
@@ -195,6 +235,26 @@ torch::Tensor LlamaForCausalLMImpl::forward_hidden(const torch::Tensor& inputs_e
                                                    const torch::Tensor& position_ids, KVCache* cache,
                                                    const torch::Tensor& segment_ids) {
   return model->forward(inputs_embeds, attention_mask, position_ids, cache, segment_ids);
+}
+
+torch::Tensor LlamaForCausalLMImpl::forward_hidden_at(const torch::Tensor& inputs_embeds,
+                                                      const torch::Tensor& attention_mask, const torch::Tensor& keep,
+                                                      const torch::Tensor& segment_ids) {
+  const auto B = inputs_embeds.size(0), T = inputs_embeds.size(1);
+  TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) <= T && keep.scalar_type() == torch::kBool,
+              "llama: keep must be bool [", B, ", <= ", T, "], got ", keep.scalar_type(), " ", keep.sizes());
+  const auto Tk = keep.size(1);
+  const int64_t R = B == 0 || Tk == 0 ? 0 : keep.sum(1).max().item<int64_t>();
+  // Nothing kept: the whole forward, so that the empty result still reaches every parameter (zero
+  // gradients, as on a rank whose batch has rows).
+  if (R == 0) return model->forward(inputs_embeds, attention_mask, {}, nullptr, segment_ids).slice(1, 0, Tk).index({keep});
+  // Each sample's kept positions first, in order (sort keys t and Tk + t), padded with position
+  // 0, whose state is computed and dropped.
+  auto t = torch::arange(Tk, torch::TensorOptions().dtype(torch::kLong).device(keep.device())).expand({B, Tk});
+  auto order = std::get<0>(torch::where(keep, t, t + Tk).sort(1)).slice(1, 0, R);  // [B, R]
+  auto valid = order < Tk;
+  auto rows = torch::where(valid, order, torch::zeros_like(order));
+  return model->forward(inputs_embeds, attention_mask, {}, nullptr, segment_ids, rows).index({valid});  // [n, H]
 }
 
 torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& hidden) {

@@ -51,9 +51,17 @@ class LlamaAttentionImpl : public torch::nn::Module {
   // concatenation with this call's keys/values when given.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v);
+  // The output at R query rows per sample, rows [B, R] int64 -> [B, R, H]: keys and values from
+  // every token of x, the rest for those rows only. row_mask: the rows' lines of the mask, [B, 1, R, T].
+  torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const torch::Tensor& row_mask, const torch::Tensor& rows);
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
+  // Queries from xq [B, R, H] rotated by cos_q/sin_q [B, R, Dh]; keys and values from x [B, T, H].
+  torch::Tensor attend(const torch::Tensor& xq, const torch::Tensor& cos_q, const torch::Tensor& sin_q,
+                       const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                       const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v);
   int heads_, kv_heads_, head_dim_;
 };
 TORCH_MODULE(LlamaAttention);
@@ -71,6 +79,10 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
   explicit LlamaDecoderLayerImpl(const LlamaConfig& c);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& mask, torch::Tensor* cache_k, torch::Tensor* cache_v);
+  // forward(x, ...) read at rows [B, R] int64 -> [B, R, H]: the same values, with the query,
+  // o_proj, MLP and norms after attention on B * R rows instead of B * T. mask: [B, 1, T, T].
+  torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const torch::Tensor& mask, const torch::Tensor& rows);
   LlamaAttention self_attn{nullptr};
   LlamaMlp mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
@@ -81,8 +93,11 @@ TORCH_MODULE(LlamaDecoderLayer);
 class LlamaModelImpl : public torch::nn::Module {
  public:
   explicit LlamaModelImpl(const LlamaConfig& c);
+  // rows: [B, R] int64 or undefined. When given (no cache), the output is read at those positions
+  // only, [B, R, H], and the last layer runs on them (its keys and values still from every token).
   torch::Tensor forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                        const torch::Tensor& position_ids, KVCache* cache, const torch::Tensor& segment_ids = {});
+                        const torch::Tensor& position_ids, KVCache* cache, const torch::Tensor& segment_ids = {},
+                        const torch::Tensor& rows = {});
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers;
   RMSNorm norm{nullptr};
@@ -108,6 +123,13 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   torch::Tensor forward_hidden(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask = {},
                                const torch::Tensor& position_ids = {}, KVCache* cache = nullptr,
                                const torch::Tensor& segment_ids = {});
+  // The final hidden states at the positions where keep [B, T'] (T' <= T) is true, [n, H] in
+  // row-major order, as forward_hidden(...).slice(1, 0, T').index({keep}) would give them. The
+  // trainers read logits only where a label follows, so the last decoder layer computes its query,
+  // attention output and MLP for those rows alone: for the bench card's stage 3 (24 of 112) that
+  // is about a seventh of the decoder's FLOPs. Rows are padded per sample to the largest count.
+  torch::Tensor forward_hidden_at(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
+                                  const torch::Tensor& keep, const torch::Tensor& segment_ids = {});
   torch::Tensor logits(const torch::Tensor& hidden);  // [B, T, H] -> [B, T, V]
   torch::Tensor embed(const torch::Tensor& ids);      // [B, T] -> [B, T, H]
   // Convenience: ids [B, T] -> logits [B, T, V].
