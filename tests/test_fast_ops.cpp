@@ -36,3 +36,45 @@ TEST_CASE("quick_gelu: x * sigmoid(1.702 x) and its gradient, within float round
   CHECK(one.grad()[8].item<double>() == Approx(1.067780).epsilon(1e-5));
   CHECK(one.grad()[0].item<double>() == Approx(1.067780).epsilon(1e-5));  // the vector lanes and the tail agree
 }
+
+TEST_CASE("swiglu: silu(gate) * up and both gradients, within float rounding", "[fast_ops]") {
+  torch::manual_seed(2);
+  // The same layouts as above; the first row of gate holds extremes (silu saturates to 0 and to
+  // the identity), and up a zero and a large value.
+  auto gate = torch::randn({25, 80}) * 4, up = torch::randn({25, 80}) * 2;
+  gate[0][0] = 100, gate[0][1] = -100, gate[0][2] = 0, gate[0][3] = 1e4, gate[0][4] = -1e4, gate[0][5] = -1e-3,
+  gate[0][6] = -1e38, gate[0][7] = 52;
+  up[0][2] = 0, up[0][5] = 1e3;
+  auto views = [](const torch::Tensor& t) {
+    return std::vector<torch::Tensor>{t.slice(1, 0, 40).contiguous(), t.slice(1, 0, 80, 2), t.reshape({-1}).slice(0, 0, 995)};
+  };
+  const auto gates = views(gate), ups = views(up);
+  for (size_t v = 0; v < gates.size(); ++v) {
+    INFO("shape " << gates[v].sizes() << (gates[v].is_contiguous() ? " contiguous" : " strided"));
+    auto a1 = gates[v].clone().requires_grad_(), a2 = gates[v].clone().requires_grad_();
+    auto b1 = ups[v].clone().requires_grad_(), b2 = ups[v].clone().requires_grad_();
+    const auto g = torch::randn(gates[v].sizes());
+    const auto want = torch::silu(a1) * b1;
+    const auto got = swiglu(a2, b2);
+    CHECK(torch::allclose(got, want, 2e-6, 1e-7));
+    want.backward(g);
+    got.backward(g);
+    CHECK(torch::allclose(a2.grad(), a1.grad(), 4e-6, 1e-7));
+    CHECK(torch::allclose(b2.grad(), b1.grad(), 4e-6, 1e-7));
+    CHECK(torch::isfinite(a2.grad()).all().item<bool>());
+  }
+  // Hand values at gate 1, up 2: s = 1 / (1 + e^-1) = 0.731059, y = 2 s = 1.462117; dy/dgate =
+  // 2 s (1 + (1 - s)) = 2 * 0.731059 * 1.268941 = 1.855341; dy/dup = s = 0.731059.
+  auto a = torch::ones({9}, torch::requires_grad()), b = torch::full({9}, 2.0f, torch::requires_grad());
+  const auto y = swiglu(a, b);
+  CHECK(y[8].item<double>() == Approx(1.462117).epsilon(1e-5));
+  y.sum().backward();
+  for (int i : {0, 8}) {  // a vector lane and the tail
+    CHECK(a.grad()[i].item<double>() == Approx(1.855341).epsilon(1e-5));
+    CHECK(b.grad()[i].item<double>() == Approx(0.731059).epsilon(1e-5));
+  }
+  // Only the gate needs a gradient (the up projection frozen): the same gate gradient.
+  auto a3 = torch::ones({9}, torch::requires_grad());
+  swiglu(a3, torch::full({9}, 2.0f)).sum().backward();
+  CHECK(torch::allclose(a3.grad(), a.grad()));
+}

@@ -45,6 +45,18 @@ void quick_gelu_grad_plain(const float* x, const float* g, float* dx, int64_t n)
   }
 }
 
+void swiglu_plain(const float* a, const float* b, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+}
+
+void swiglu_grad_plain(const float* a, const float* b, const float* g, float* da, float* db, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = 1.0f / (1.0f + std::exp(-a[i]));
+    da[i] = g[i] * b[i] * (s + a[i] * s * (1.0f - s));
+    db[i] = g[i] * a[i] * s;
+  }
+}
+
 #if defined(__x86_64__)
 // exp(t) for 8 floats: t = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n
 // through the exponent bits (Cephes' expf coefficients; within 2 ulp of exp on the clamped
@@ -66,10 +78,10 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 t) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// sigmoid(1.702 x). Where -1.702 x passes exp8's clamp the true value is below the smallest
-// normal float: 0 exactly, so x s is -0 (and NaN for x = -inf) as in LibTorch's ops.
-__attribute__((target("avx2,fma"))) inline __m256 sigmoid_scaled8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f), t = _mm256_mul_ps(x, _mm256_set1_ps(-kQuickGeluScale));
+// sigmoid(a x), a = kQuickGeluScale by default. Where -a x passes exp8's clamp the true value is
+// below the smallest normal float: 0 exactly, so x s is -0 (and NaN for x = -inf) as in LibTorch's ops.
+__attribute__((target("avx2,fma"))) inline __m256 sigmoid_scaled8(__m256 x, float a = kQuickGeluScale) {
+  const __m256 one = _mm256_set1_ps(1.0f), t = _mm256_mul_ps(x, _mm256_set1_ps(-a));
   const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(t)));
   return _mm256_andnot_ps(_mm256_cmp_ps(t, _mm256_set1_ps(87.0f), _CMP_GT_OQ), s);
 }
@@ -93,6 +105,29 @@ __attribute__((target("avx2,fma"))) void quick_gelu_grad_avx2(const float* x, co
     _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(g + i), d));
   }
   quick_gelu_grad_plain(x + i, g + i, dx + i, n - i);
+}
+
+// SwiGLU: y = silu(a) b = a s b with s = sigmoid(a); dy/da = b s (1 + a (1 - s)), dy/db = a s.
+__attribute__((target("avx2,fma"))) void swiglu_avx2(const float* a, const float* b, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(a + i);
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(v, sigmoid_scaled8(v, 1.0f)), _mm256_loadu_ps(b + i)));
+  }
+  swiglu_plain(a + i, b + i, y + i, n - i);
+}
+
+__attribute__((target("avx2,fma"))) void swiglu_grad_avx2(const float* a, const float* b, const float* g, float* da,
+                                                           float* db, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(a + i), s = sigmoid_scaled8(v, 1.0f), gi = _mm256_loadu_ps(g + i);
+    const __m256 d = _mm256_fmadd_ps(_mm256_mul_ps(v, s), _mm256_sub_ps(one, s), s);  // s (1 + a (1 - s))
+    _mm256_storeu_ps(da + i, _mm256_mul_ps(_mm256_mul_ps(gi, _mm256_loadu_ps(b + i)), d));
+    _mm256_storeu_ps(db + i, _mm256_mul_ps(gi, _mm256_mul_ps(v, s)));
+  }
+  swiglu_grad_plain(a + i, b + i, g + i, da + i, db + i, n - i);
 }
 
 bool use_avx2() {
@@ -142,7 +177,48 @@ class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
   }
 };
 
+class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate, const torch::Tensor& up) {
+    const auto a = gate.contiguous(), b = up.contiguous();
+    auto y = torch::empty_like(a);
+    const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t s, int64_t e) {
+#if defined(__x86_64__)
+      if (use_avx2()) return swiglu_avx2(ap + s, bp + s, yp + s, e - s);
+#endif
+      swiglu_plain(ap + s, bp + s, yp + s, e - s);
+    });
+    ctx->save_for_backward({a, b});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &a = saved[0], &b = saved[1];
+    const auto g = grads[0].contiguous();
+    auto da = torch::empty_like(a), db = torch::empty_like(b);
+    const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *gp = g.data_ptr<float>();
+    float *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t s, int64_t e) {
+#if defined(__x86_64__)
+      if (use_avx2()) return swiglu_grad_avx2(ap + s, bp + s, gp + s, dap + s, dbp + s, e - s);
+#endif
+      swiglu_grad_plain(ap + s, bp + s, gp + s, dap + s, dbp + s, e - s);
+    });
+    return {da, db};
+  }
+};
+
 }  // namespace
+
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
+  if (!enabled() || !fast_path(gate) || !fast_path(up) || gate.sizes() != up.sizes() || gate.numel() == 0)
+    return torch::silu(gate) * up;
+  return SwiGluFn::apply(gate, up);
+}
 
 torch::Tensor quick_gelu(const torch::Tensor& x) {
   if (!enabled() || !fast_path(x) || x.numel() == 0) return x * torch::sigmoid(1.702 * x);

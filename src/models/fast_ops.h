@@ -13,4 +13,9 @@ namespace trialign {
 // [tokens, intermediate]: 2.5x the time of these on the stage-1 card's [4160, 1024]).
 torch::Tensor quick_gelu(const torch::Tensor& x);
 
+// LLaMA's SwiGLU gate, silu(gate) * up, in one pass forward and one backward for fp32 CPU tensors
+// of one shape (the composite takes two passes forward and four back over [tokens, intermediate],
+// and keeps silu(gate) as well for backward).
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+
 }  // namespace trialign
