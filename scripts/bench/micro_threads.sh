@@ -5,6 +5,7 @@
 # interleaved ROUNDS times in one session; prints median step times and ratios as a markdown table.
 #   scripts/bench/micro_threads.sh
 #   MICRO=2 ROUNDS=3 CASES=stage3 PRECISION=fp32 scripts/bench/micro_threads.sh
+#   PY_ARGS=--pooled-top scripts/bench/micro_threads.sh   # the loop with trialign's last-layer pruning
 # Needs a build (build/trialign) and Debian's python3-torch.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +18,7 @@ CASES=${CASES:-stage3 dpo}
 ROUNDS=${ROUNDS:-3}
 STEPS=${STEPS:-6}
 OUT=${OUT:-runs/bench/micro}
+read -r -a PY_ARGS <<< "${PY_ARGS:-}"  # extra torch_bench.py arguments for both loops
 mkdir -p "$OUT"
 "$PY" -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch; apt-get install python3-torch" >&2; exit 2; }
 for r in $(seq "$ROUNDS"); do
@@ -29,9 +31,9 @@ for r in $(seq "$ROUNDS"); do
       --set train.grad_accum="$MICRO" --set train.micro_batch_threads="$MICRO" \
       --json "$OUT/trialign-$c-$MICRO-$r.json" > /dev/null 2>&1
     OMP_WAIT_POLICY=PASSIVE "$PY" scripts/bench/torch_bench.py "$c" --precision "$PRECISION" --threads "$THREADS" \
-      --warmup 2 --steps "$STEPS" > "$OUT/torch-$c-1-$r.json"
+      --warmup 2 --steps "$STEPS" "${PY_ARGS[@]}" > "$OUT/torch-$c-1-$r.json"
     OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS=1 "$PY" scripts/bench/torch_bench.py "$c" --precision "$PRECISION" \
-      --threads "$THREADS" --warmup 2 --steps "$STEPS" --micro-threads "$MICRO" > "$OUT/torch-$c-$MICRO-$r.json"
+      --threads "$THREADS" --warmup 2 --steps "$STEPS" --micro-threads "$MICRO" "${PY_ARGS[@]}" > "$OUT/torch-$c-$MICRO-$r.json"
   done
 done
 "$PY" - "$OUT" "$CASES" "$MICRO" "$ROUNDS" <<'PYEOF'
