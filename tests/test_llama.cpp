@@ -228,15 +228,30 @@ TEST_CASE("a decoder layer read at chosen rows equals the whole layer at those r
   const int64_t B = 2, T = 6;
   auto x = torch::randn({B, T, 32});
   auto [cos, sin] = rope_cos_sin(torch::arange(T).expand({B, T}), 8, 10000.0);
-  auto mask = torch::triu(torch::full({T, T}, -std::numeric_limits<float>::infinity()), 1).expand({B, 1, T, T});
-  // Out of order and repeated rows: each output row is its own position's.
+  const float inf = std::numeric_limits<float>::infinity();
+  auto causal = torch::triu(torch::full({T, T}, -inf), 1);
+  causal[4].fill_(-inf);  // row 4 sees nothing: NaN wherever it is computed
+  auto mask = causal.expand({B, 1, T, T});
+  // Out of order and repeated rows, none of them 4: each output row is its own position's.
   auto rows = torch::tensor({5L, 2L, 2L, 0L, 3L, 1L}).view({B, 3});
-  auto whole = layer->forward(x, cos, sin, mask, nullptr, nullptr);  // [B, T, H]
-  auto at = layer->forward_rows(x, cos, sin, mask, rows);            // [B, 3, H]
+  auto x_whole = x.clone().requires_grad_(), x_rows = x.clone().requires_grad_();
+  auto whole = layer->forward(x_whole, cos, sin, mask, nullptr, nullptr);  // [B, T, H]
+  auto at = layer->forward_rows(x_rows, cos, sin, mask, rows);             // [B, 3, H]
   REQUIRE(at.sizes() == torch::IntArrayRef({B, 3, 32}));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t r = 0; r < 3; ++r)
       CHECK(torch::allclose(at[b][r], whole[b][rows[b][r].item<int64_t>()], 1e-5, 1e-6));
+  // Row 4's query, MLP and output are never computed: every gradient stays finite. Read from the
+  // whole layer, the same rows' gradients are NaN (0 x NaN in the weight gradients).
+  auto finite_grads = [&](const torch::Tensor& out) {
+    layer->zero_grad();
+    out.sum().backward();
+    bool finite = true;
+    for (const auto& p : layer->parameters()) finite = finite && torch::isfinite(p.grad()).all().item<bool>();
+    return finite;
+  };
+  CHECK(finite_grads(at));
+  CHECK_FALSE(finite_grads(whole.gather(1, rows.unsqueeze(-1).expand({B, 3, 32}))));
   CHECK_THROWS_WITH(layer->forward_rows(x, cos, sin, mask, rows.to(torch::kInt)), Catch::Contains("rows must be int64"));
 }
 
@@ -276,6 +291,15 @@ TEST_CASE("forward_hidden_at equals the whole forward at the kept rows, values a
       }
       CHECK(g_whole.at("model.layers.1.mlp.down_proj.weight").abs().sum().item<double>() > 0);
     }
+  // Nearly every position kept: the whole layer runs (the rows would save nothing), same values.
+  {
+    LlamaForCausalLM m(tiny_config());
+    auto embeds = torch::randn({B, T, H});
+    auto most = torch::ones({B, T - 1}, torch::kBool);
+    most[2][0] = false;
+    CHECK(torch::allclose(m->forward_hidden_at(embeds, mask, most),
+                          m->forward_hidden(embeds, mask).slice(1, 0, T - 1).index({most}), 1e-5, 1e-6));
+  }
   // Nothing kept: [0, H], and a backward through it reaches every decoder parameter with zeros
   // (a rank with no rows still has gradients to average with the others').
   LlamaForCausalLM m(tiny_config());

@@ -43,7 +43,7 @@ TEXT_CTX, TEXT_VOCAB = 32, 2048
 LLM_H, LLM_LAYERS, LLM_HEADS, LLM_KV, LLM_MLP, VOCAB = 512, 6, 8, 8, 1408, 2048
 TEXT_TOKENS, LOSS_TOKENS = 48, 24
 FREE = set()  # --free: element-wise ops that cost nothing (a timing what-if, see the docstring)
-POOLED_TOP = False  # --pooled-top: the towers' last layer on the pooled rows only
+POOLED_TOP = False  # --pooled-top: the last layer on the rows the loss reads only (towers, LLM)
 
 
 def softmax(s):

@@ -1,5 +1,6 @@
 #include "models/llama.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -245,14 +246,17 @@ torch::Tensor LlamaForCausalLMImpl::forward_hidden_at(const torch::Tensor& input
   TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) <= T && keep.scalar_type() == torch::kBool,
               "llama: keep must be bool [", B, ", <= ", T, "], got ", keep.scalar_type(), " ", keep.sizes());
   const auto Tk = keep.size(1);
-  const int64_t R = B == 0 || Tk == 0 ? 0 : keep.sum(1).max().item<int64_t>();
-  // Nothing kept: the whole forward, so that the empty result still reaches every parameter (zero
-  // gradients, as on a rank whose batch has rows).
-  if (R == 0) return model->forward(inputs_embeds, attention_mask, {}, nullptr, segment_ids).slice(1, 0, Tk).index({keep});
+  const auto kept = keep.to(inputs_embeds.device());
+  // At least one row, so that an empty result still reaches every parameter (zero gradients, as
+  // on a rank whose batch has rows).
+  const int64_t R = B == 0 || Tk == 0 ? 0 : std::max<int64_t>(1, kept.sum(1).max().item<int64_t>());
+  // Rows padded to nearly every position save nothing over the whole layer and cost the gathers.
+  if (R == 0 || 5 * R > 4 * T)
+    return model->forward(inputs_embeds, attention_mask, {}, nullptr, segment_ids).slice(1, 0, Tk).index({kept});
   // Each sample's kept positions first, in order (sort keys t and Tk + t), padded with position
   // 0, whose state is computed and dropped.
-  auto t = torch::arange(Tk, torch::TensorOptions().dtype(torch::kLong).device(keep.device())).expand({B, Tk});
-  auto order = std::get<0>(torch::where(keep, t, t + Tk).sort(1)).slice(1, 0, R);  // [B, R]
+  auto t = torch::arange(Tk, torch::TensorOptions().dtype(torch::kLong).device(kept.device())).expand({B, Tk});
+  auto order = std::get<0>(torch::where(kept, t, t + Tk).sort(1)).slice(1, 0, R);  // [B, R]
   auto valid = order < Tk;
   auto rows = torch::where(valid, order, torch::zeros_like(order));
   return model->forward(inputs_embeds, attention_mask, {}, nullptr, segment_ids, rows).index({valid});  // [n, H]

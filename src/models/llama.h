@@ -127,7 +127,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // row-major order, as forward_hidden(...).slice(1, 0, T').index({keep}) would give them. The
   // trainers read logits only where a label follows, so the last decoder layer computes its query,
   // attention output and MLP for those rows alone: for the bench card's stage 3 (24 of 112) that
-  // saves about a ninth of the decoder's FLOPs. Rows are padded per sample to the largest count.
+  // saves about a ninth of the decoder's FLOPs. Rows are padded per sample to the largest count;
+  // where that is more than 4/5 of the positions, the whole layer runs instead.
   torch::Tensor forward_hidden_at(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
                                   const torch::Tensor& keep, const torch::Tensor& segment_ids = {});
   torch::Tensor logits(const torch::Tensor& hidden);  // [B, T, H] -> [B, T, V]
