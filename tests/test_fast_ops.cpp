@@ -78,3 +78,55 @@ TEST_CASE("swiglu: silu(gate) * up and both gradients, within float rounding", "
   swiglu(a3, torch::full({9}, 2.0f)).sum().backward();
   CHECK(torch::allclose(a3.grad(), a.grad()));
 }
+
+TEST_CASE("rms_norm: x / rms(x) * weight and both gradients, within float rounding", "[fast_ops]") {
+  torch::manual_seed(3);
+  auto composite = [](const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
+  };
+  // Rows of 40 (5 vector blocks), a strided view of them, and rows of 13 (a tail of 5) in 3 dims;
+  // 100 rows span four blocks of the weight gradient.
+  auto base = torch::randn({100, 80}) * 3;
+  base[0].slice(0, 0, 8).fill_(1e-3);  // a row of small values, next to large ones
+  for (const auto& input : {base.slice(1, 0, 40).contiguous(), base.slice(1, 0, 80, 2), torch::randn({3, 7, 13})}) {
+    INFO("shape " << input.sizes() << (input.is_contiguous() ? " contiguous" : " strided"));
+    const int64_t d = input.size(-1);
+    const auto w0 = torch::rand({d}) + 0.5;
+    auto x1 = input.clone().requires_grad_(), x2 = input.clone().requires_grad_();
+    auto w1 = w0.clone().requires_grad_(), w2 = w0.clone().requires_grad_();
+    const auto g = torch::randn(input.sizes());
+    const auto want = composite(x1, w1, 1e-6);
+    const auto got = rms_norm(x2, w2, 1e-6);
+    CHECK(torch::allclose(got, want, 2e-6, 1e-7));
+    want.backward(g);
+    got.backward(g);
+    CHECK(torch::allclose(x2.grad(), x1.grad(), 1e-5, 1e-6));
+    CHECK(torch::allclose(w2.grad(), w1.grad(), 1e-5, 1e-5));
+  }
+  // Hand values, eps 0: x = [1, 2, 3, 4], w = [1, 1, 2, 1]: r = 1 / sqrt(30 / 4) = 0.365148,
+  // y = x r w = [0.365148, 0.730297, 2.190890, 1.460593]. With g = 1: a = g w, sum(a x) = 13,
+  // c = r^3 13 / 4 = 0.158231, dx = r a - x c = [0.206917, 0.048686, 0.255604, -0.267775],
+  // dw = g x r = [0.365148, 0.730297, 1.095445, 1.460593].
+  auto x = torch::tensor({1.f, 2.f, 3.f, 4.f}).repeat({2, 3}).requires_grad_();  // rows of 12: a block of 8 + a tail
+  auto w = torch::tensor({1.f, 1.f, 2.f, 1.f}).repeat({3}).requires_grad_();
+  const auto y = rms_norm(x, w, 0.0);
+  y.sum().backward();
+  const std::vector<double> want_y = {0.365148, 0.730297, 2.190890, 1.460593}, want_dx = {0.206917, 0.048686, 0.255604, -0.267775};
+  for (int i : {0, 1, 2, 3, 8, 9, 10, 11}) {  // vector lanes and the tail
+    CHECK(y[1][i].item<double>() == Approx(want_y[i % 4]).epsilon(1e-5));
+    CHECK(x.grad()[1][i].item<double>() == Approx(want_dx[i % 4]).epsilon(1e-4));
+    // The weight gradient sums the two rows; each 4-column group repeats x, so r is the same.
+    CHECK(w.grad()[i].item<double>() == Approx(2 * want_y[i % 4] / (i % 4 == 2 ? 2 : 1)).epsilon(1e-5));
+  }
+  // The weight gradient does not depend on the thread count: blocks of rows are summed in order.
+  const int threads = at::get_num_threads();
+  auto dw_with = [&](int n) {
+    at::set_num_threads(n);
+    auto xx = base.clone(), ww = torch::ones({80}, torch::requires_grad());
+    rms_norm(xx, ww, 1e-6).pow(2).sum().backward();
+    return ww.grad().clone();
+  };
+  const auto one = dw_with(1), two = dw_with(2);
+  at::set_num_threads(threads);
+  CHECK(torch::equal(one, two));
+}

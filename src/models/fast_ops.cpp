@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -177,6 +178,95 @@ class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
   }
 };
 
+// --- RMSNorm --------------------------------------------------------------------------------
+// y = x r w with r = (mean(x^2) + eps)^-1/2 per row; with a = g w:
+// dx = r a - x r^3 mean(a x), dw = sum over rows of g x r.
+
+float dot_plain(const float* a, const float* b, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void rms_row_plain(const float* x, const float* w, float* y, float r, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] = x[i] * r * w[i];
+}
+
+void rms_row_grad_plain(const float* x, const float* w, const float* g, float r, float c, float* dx, float* dw,
+                        int64_t d) {
+  for (int64_t i = 0; i < d; ++i) {
+    dx[i] = r * g[i] * w[i] - x[i] * c;
+    dw[i] += g[i] * x[i] * r;
+  }
+}
+
+float gwx_plain(const float* g, const float* w, const float* x, int64_t d) {
+  float s = 0;
+  for (int64_t i = 0; i < d; ++i) s += g[i] * w[i] * x[i];
+  return s;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) float hsum8(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float s = 0;
+  for (float l : lanes) s += l;
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) float rms_row_avx2(const float* x, const float* w, float* y, int64_t d, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const float r = 1.0f / std::sqrt((hsum8(acc) + dot_plain(x + i, x + i, d - i)) / static_cast<float>(d) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (i = 0; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), _mm256_loadu_ps(w + i)));
+  rms_row_plain(x + i, w + i, y + i, r, d - i);
+  return r;
+}
+
+__attribute__((target("avx2,fma"))) void rms_row_grad_avx2(const float* x, const float* w, const float* g, float r,
+                                                            float* dx, float* dw, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(w + i)), _mm256_loadu_ps(x + i), acc);
+  const float c = r * r * r * (hsum8(acc) + gwx_plain(g + i, w + i, x + i, d - i)) / static_cast<float>(d);
+  const __m256 rv = _mm256_set1_ps(r), cv = _mm256_set1_ps(c);
+  for (i = 0; i + 8 <= d; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i), xv = _mm256_loadu_ps(x + i);
+    const __m256 a = _mm256_mul_ps(_mm256_mul_ps(rv, gv), _mm256_loadu_ps(w + i));
+    _mm256_storeu_ps(dx + i, _mm256_fnmadd_ps(xv, cv, a));
+    _mm256_storeu_ps(dw + i, _mm256_fmadd_ps(_mm256_mul_ps(gv, xv), rv, _mm256_loadu_ps(dw + i)));
+  }
+  rms_row_grad_plain(x + i, w + i, g + i, r, c, dx + i, dw + i, d - i);
+}
+#endif
+
+// One row forward: y = x r w, returns r.
+float rms_row(const float* x, const float* w, float* y, int64_t d, float eps) {
+#if defined(__x86_64__)
+  if (use_avx2()) return rms_row_avx2(x, w, y, d, eps);
+#endif
+  const float r = 1.0f / std::sqrt(dot_plain(x, x, d) / static_cast<float>(d) + eps);
+  rms_row_plain(x, w, y, r, d);
+  return r;
+}
+
+// One row backward: dx as above, and g x r added into dw.
+void rms_row_grad(const float* x, const float* w, const float* g, float r, float* dx, float* dw, int64_t d) {
+#if defined(__x86_64__)
+  if (use_avx2()) return rms_row_grad_avx2(x, w, g, r, dx, dw, d);
+#endif
+  const float c = r * r * r * gwx_plain(g, w, x, d) / static_cast<float>(d);
+  rms_row_grad_plain(x, w, g, r, c, dx, dw, d);
+}
+
 class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate, const torch::Tensor& up) {
@@ -212,7 +302,59 @@ class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
   }
 };
 
+constexpr int64_t kRmsBlock = 32;  // rows per partial weight gradient
+
+class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& input,
+                               const torch::Tensor& weight, double eps) {
+    const auto x = input.contiguous(), w = weight.contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / d;
+    auto y = torch::empty_like(x);
+    auto r = torch::empty({rows}, x.options());
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / d), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) rp[i] = rms_row(xp + i * d, wp, yp + i * d, d, static_cast<float>(eps));
+    });
+    ctx->save_for_backward({x, w, r});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w = saved[1], &r = saved[2];
+    const auto g = grads[0].contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / d, blocks = (rows + kRmsBlock - 1) / kRmsBlock;
+    auto dx = torch::empty_like(x);
+    auto partial = torch::zeros({blocks, d}, x.options());  // one weight gradient per block of rows
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = r.data_ptr<float>(),
+                *gp = g.data_ptr<float>();
+    float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        for (int64_t i = k * kRmsBlock; i < std::min(rows, (k + 1) * kRmsBlock); ++i)
+          rms_row_grad(xp + i * d, wp, gp + i * d, rp[i], dxp + i * d, pp + k * d, d);
+    });
+    auto dw = torch::zeros({d}, x.options());
+    float* dwp = dw.data_ptr<float>();
+    for (int64_t k = 0; k < blocks; ++k)  // in block order: the same sum for any thread count
+      for (int64_t j = 0; j < d; ++j) dwp[j] += pp[k * d + j];
+    return {dx, dw, torch::Tensor()};
+  }
+};
+
 }  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  if (!enabled() || !fast_path(x) || !fast_path(weight) || x.dim() == 0 || x.numel() == 0 || weight.dim() != 1 ||
+      weight.size(0) != x.size(-1)) {
+    const auto xf = x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat32);
+    return (xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight).to(x.scalar_type());
+  }
+  return RmsNormFn::apply(x, weight, eps);
+}
 
 torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
   if (!enabled() || !fast_path(gate) || !fast_path(up) || gate.sizes() != up.sizes() || gate.numel() == 0)

@@ -18,4 +18,10 @@ torch::Tensor quick_gelu(const torch::Tensor& x);
 // and keeps silu(gate) as well for backward).
 torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
 
+// LLaMA's RMSNorm, x / sqrt(mean(x^2) + eps) * weight over the last dimension, in one pass over x
+// forward and one back for fp32 CPU tensors (the composite takes five element-wise passes
+// forward and about ten back). x: [..., D], weight: [D]. The weight's gradient is summed over
+// fixed blocks of rows in order, so it does not depend on the thread count.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
 }  // namespace trialign

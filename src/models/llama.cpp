@@ -39,10 +39,9 @@ RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  // fp32 statistics even under bf16 autocast: the mean square of a bf16 row loses too much.
-  auto xf = at_least_fp32(x);
-  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps_);
-  return (normed * weight).to(x.scalar_type());
+  // fp32 statistics even under bf16 autocast: the mean square of a bf16 row loses too much. One
+  // pass each way for fp32 CPU tensors (models/fast_ops.h), the composite ops otherwise.
+  return rms_norm(x, weight, eps_);
 }
 
 std::pair<torch::Tensor, torch::Tensor> rope_cos_sin(const torch::Tensor& positions, int head_dim, double theta) {
