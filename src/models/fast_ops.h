@@ -1,5 +1,6 @@
 // CPU kernels for element-wise work that LibTorch's composite ops spread over several passes
-// (docs/benchmarks.md, "The stage-1 card: less work per step"). Each gives LibTorch's values to
+// (docs/benchmarks.md, "The stage-1 card: less work per step" and "The stage-3 and DPO cards: the
+// LLM's last layer on the loss rows"). Each gives LibTorch's values to
 // within float rounding and falls back to the composite ops for anything else (bf16 under
 // autocast, CUDA), so bf16 runs compute exactly as before. TRIALIGN_FAST_OPS=0 in the
 // environment turns them off, to compare.
