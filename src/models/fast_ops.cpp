@@ -142,8 +142,13 @@ bool use_avx2() {
 
 constexpr int64_t kGrain = 1 << 14;
 
-// Backward is not itself differentiable (no create_graph through it); nothing in trialign takes
-// second derivatives of an activation.
+// The backwards below are not themselves differentiable; nothing in trialign takes second
+// derivatives. A create_graph backward through them is refused rather than silently wrong.
+void check_no_double_backward(const char* op) {
+  TORCH_CHECK(!torch::GradMode::is_enabled(), op,
+              ": second derivatives are not supported; set TRIALIGN_FAST_OPS=0 to use LibTorch's ops");
+}
+
 class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& input) {
@@ -163,6 +168,7 @@ class QuickGeluFn : public torch::autograd::Function<QuickGeluFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_no_double_backward("quick_gelu");
     const auto x = ctx->get_saved_variables()[0];
     const auto g = grads[0].contiguous();
     auto dx = torch::empty_like(x);
@@ -286,6 +292,7 @@ class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_no_double_backward("swiglu");
     const auto saved = ctx->get_saved_variables();
     const auto &a = saved[0], &b = saved[1];
     const auto g = grads[0].contiguous();
@@ -323,6 +330,7 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_no_double_backward("rms_norm");
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &w = saved[1], &r = saved[2];
     const auto g = grads[0].contiguous();
