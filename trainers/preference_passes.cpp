@@ -21,18 +21,18 @@ VlmModel frozen_copy(VlmModel& policy, const ModelConfig& mc) {
 SequenceLogps response_logps(VlmModel& model, const std::vector<std::vector<int64_t>>& ids,
                              const std::vector<std::vector<int64_t>>& labels, const torch::Tensor& pixels,
                              int64_t image_id, bool bf16, double temperature) {
-  torch::Tensor next, keep, logits;
+  LabelledStates states;
+  torch::Tensor logits;
   {
     AutocastGuard autocast(bf16);
-    auto in = model->build_inputs(pixels, ids, labels, image_id);
-    next = in.labels.slice(1, 1);  // [N, L-1]: position t predicts t+1
-    keep = next.ne(kIgnoreIndex);
-    logits = model->llm->logits(model->llm->forward_hidden_at(in.embeds, in.attention_mask, keep));  // [n, V]
+    states = labelled_states(model, model->build_inputs(pixels, ids, labels, image_id));
+    logits = model->llm->logits(states.hidden);  // [n, V]
   }
-  const int64_t N = next.size(0);
+  const auto& keep = states.keep;  // [N, L-1]
+  const int64_t N = keep.size(0);
   logits = logits.to(torch::kFloat32);
   if (temperature != 1.0) logits = logits / temperature;
-  const auto lp = torch::log_softmax(logits, -1).gather(1, next.index({keep}).unsqueeze(1)).squeeze(1);  // [n]
+  const auto lp = torch::log_softmax(logits, -1).gather(1, states.targets.unsqueeze(1)).squeeze(1);  // [n]
   // Left-align each sequence's response tokens: column = rank of the position among its row's.
   const auto rows = keep.nonzero().select(1, 0);
   const auto cols = (keep.to(torch::kLong).cumsum(1) - 1).index({keep});

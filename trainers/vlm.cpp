@@ -41,6 +41,15 @@ VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok) {
 }
 
 
+LabelledStates labelled_states(VlmModel& model, const VlmInputs& in) {
+  LabelledStates out;
+  const auto next = in.labels.slice(1, 1);  // [B, L-1]
+  out.keep = next.ne(kIgnoreIndex);
+  out.hidden = model->llm->forward_hidden_at(in.embeds, in.attention_mask, out.keep, in.segment_ids);  // [n, H]
+  out.targets = next.index({out.keep});                                                              // [n]
+  return out;
+}
+
 LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& b, int accum, int64_t image_id, bool bf16,
                     double step_tokens, MicroBatchThreads* threads) {
   const double normaliser = std::max(1.0, step_tokens > 0 ? step_tokens : static_cast<double>(b.target_tokens()));
@@ -51,12 +60,9 @@ LossOutput vlm_step(VlmModel& model, LmLossImpl& loss, const ConversationBatch& 
     {
       AutocastGuard autocast(bf16);
       auto in = model->build_inputs(micro.pixels, micro.ids, micro.labels, image_id, micro.segments);
-      // Position t predicts token t + 1: keep only the positions whose next label counts.
-      auto next = in.labels.slice(1, 1);  // [b, L-1]
-      auto keep = next.ne(kIgnoreIndex);
-      auto rows = model->llm->forward_hidden_at(in.embeds, in.attention_mask, keep, in.segment_ids);  // [n, H]
-      targets = next.index({keep});                                                                   // [n]
-      logits = model->llm->logits(rows);                                                              // [n, V]
+      auto states = labelled_states(model, in);
+      targets = states.targets;                    // [n]
+      logits = model->llm->logits(states.hidden);  // [n, V]
     }
     return loss.forward({logits.to(torch::kFloat32), targets, normaliser});
   });
@@ -142,13 +148,11 @@ nlohmann::json evaluate_vlm(VlmModel& model, LmLossImpl& loss, const Conversatio
     auto token_loss = [&](const torch::Tensor& pixels) -> std::pair<double, double> {
       AutocastGuard autocast(bf16);
       auto in = model->build_inputs(pixels, b.ids, b.labels, tok.image_id(), b.segments);
-      auto next = in.labels.slice(1, 1);
-      auto keep = next.ne(kIgnoreIndex);
-      const double n = static_cast<double>(keep.sum().item<int64_t>());
+      const auto states = labelled_states(model, in);
+      const double n = static_cast<double>(states.targets.size(0));
       if (n == 0) return {0.0, 0.0};
-      auto hidden = model->llm->forward_hidden_at(in.embeds, in.attention_mask, keep, in.segment_ids);  // [n, H]
-      auto logits = model->llm->logits(hidden).to(torch::kFloat32);
-      return {loss.forward({logits, next.index({keep}), 1.0}).loss.item<double>(), n};
+      auto logits = model->llm->logits(states.hidden).to(torch::kFloat32);
+      return {loss.forward({logits, states.targets, 1.0}).loss.item<double>(), n};
     };
     const auto [l, n] = token_loss(b.pixels);
     loss_sum += l, tokens += n;

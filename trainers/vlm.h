@@ -26,6 +26,14 @@ namespace trialign {
 VlmModel build_vlm_model(RunConfig& cfg, const Tokenizer& tok);
 
 
+// The LLM's final states where a label follows (position t predicts label t + 1), computed with
+// the last layer on those rows only: hidden [n, H], the labels they predict [n], and keep
+// [B, L-1] marking the positions, row-major in the order of hidden's rows.
+struct LabelledStates {
+  torch::Tensor hidden, targets, keep;
+};
+LabelledStates labelled_states(VlmModel& model, const VlmInputs& in);
+
 // One optimizer step's forward and backward over a batch split into `accum` micro-batches of
 // equal sample count. The loss is normalised by the target tokens of the whole batch, so the
 // accumulated gradient equals the one-big-batch gradient. Under data parallel `step_tokens` is
