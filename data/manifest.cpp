@@ -49,7 +49,10 @@ std::vector<ManifestRecord> read_manifest(const std::string& path) {
   const std::string text = ss.str();
   std::vector<ManifestRecord> out;
 
-  size_t first = text.find_first_not_of(" \t\r\n");
+  // A UTF-8 byte order mark (Windows editors, Python's utf-8-sig) before a JSON list: the list
+  // is still one (the JSON parser skips the mark itself).
+  const size_t bom = text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;
+  size_t first = text.find_first_not_of(" \t\r\n", bom);
   if (first == std::string::npos) return out;  // empty manifest
   if (text[first] == '[') {
     nlohmann::json doc;

@@ -52,6 +52,18 @@ TEST_CASE("manifest: JSONL and JSON list records carry their location", "[data][
              Catch::Contains("b.json[#1] (id #1): field 'caption' must be a string, got number"));
   CHECK_THAT(data_error([&] { require_string(recs[0], "image"); }),
              Catch::Contains("(id q): missing field 'image'"));
+
+  // Saved with a UTF-8 byte order mark (utf-8-sig): the same records, list or lines.
+  write_file(d.file("bom.json"), "\xEF\xBB\xBF[\n {\"id\": \"q\", \"caption\": \"x\"},\n {\"caption\": \"y\"}\n]\n");
+  recs = read_manifest(d.file("bom.json"));
+  REQUIRE(recs.size() == 2);
+  CHECK(recs[0].id == "q");
+  CHECK(recs[1].where == d.file("bom.json") + "[#1]");
+  write_file(d.file("bom.jsonl"), "\xEF\xBB\xBF{\"id\": \"r1\", \"caption\": \"x\"}\n{\"caption\": \"y\"}\n");
+  recs = read_manifest(d.file("bom.jsonl"));
+  REQUIRE(recs.size() == 2);
+  CHECK(recs[0].id == "r1");
+  CHECK(recs[1].where == d.file("bom.jsonl") + ":2");
 }
 
 TEST_CASE("manifest: malformed JSON is reported with its line", "[data][manifest]") {
