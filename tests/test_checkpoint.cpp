@@ -16,6 +16,7 @@
 
 #include "core/checkpoint.h"
 #include "core/errors.h"
+#include "core/logging.h"
 #include "core/safetensors.h"
 #include "test_helpers.h"
 #include "trainers/common.h"
@@ -123,6 +124,47 @@ TEST_CASE("pruning never removes the checkpoint just written nor later ones, and
   for (const auto& e : fs::directory_iterator(d.path / "checkpoints"))
     leftovers += e.path().filename().string().rfind(".", 0) == 0;
   CHECK(leftovers == 0);  // no temporary or set-aside folders left behind
+}
+
+TEST_CASE("resuming twice from an early step sets each abandoned future aside under its own name, and moves latest",
+          "[checkpoint][resume]") {
+  TempDir d("ckpt");
+  const fs::path root = d.path / "checkpoints";
+  auto save = [&](int64_t step, const std::string& text) {
+    CheckpointWriter w(d.path.string(), step, "contrastive");
+    w.add_text("payload.txt", text);
+    return w.commit(/*keep_last=*/10);
+  };
+  auto latest = [&] {
+    std::ifstream f(root / "latest");
+    std::string name;
+    f >> name;
+    return name;
+  };
+  for (int64_t s : {1, 2, 3}) save(s, "first");
+  CHECK(set_aside_checkpoints_after(d.path.string(), 1) ==
+        std::vector<std::string>{"step_00000002 -> abandoned-step_00000002", "step_00000003 -> abandoned-step_00000003"});
+  CHECK(latest() == "step_00000001");
+  CHECK(find_latest_checkpoint(d.path.string()) == (root / "step_00000001").string());
+  // The resumed run saves steps 2 and 3 again, and is resumed from step 1 once more.
+  for (int64_t s : {2, 3}) save(s, "second");
+  const auto moved = set_aside_checkpoints_after(d.path.string(), 1);
+  CHECK(moved == std::vector<std::string>{"step_00000002 -> abandoned-step_00000002-2",
+                                          "step_00000003 -> abandoned-step_00000003-2"});
+  CHECK_FALSE(fs::exists(root / "step_00000002"));
+  CHECK_FALSE(fs::exists(root / "step_00000003"));
+  CHECK(latest() == "step_00000001");
+  CHECK(find_latest_checkpoint(d.path.string()) == (root / "step_00000001").string());
+  std::ifstream first(root / "abandoned-step_00000003" / "payload.txt"), second(root / "abandoned-step_00000003-2" / "payload.txt");
+  std::string a, b;
+  first >> a;
+  second >> b;
+  CHECK(a == "first");
+  CHECK(b == "second");
+  // Resumed from before every checkpoint (step 0): nothing is left for latest to name.
+  CHECK(set_aside_checkpoints_after(d.path.string(), 0).size() == 1);
+  CHECK_FALSE(fs::exists(root / "latest"));
+  CHECK(find_latest_checkpoint(d.path.string()).empty());
 }
 
 TEST_CASE("a manifest with wrongly typed fields is a named DataError, and resolve_checkpoint explains", "[checkpoint]") {
@@ -317,6 +359,43 @@ TEST_CASE("a writer killed at every point of a save leaves the previous checkpoi
     newest = check_after_kill(d.path.string());
   }
   CHECK(newest > 1);  // the writers did get checkpoints through
+}
+
+TEST_CASE("a resume drops later metrics records, and on a full disk leaves the file as it was", "[checkpoint][crash]") {
+  TempDir d("metrics");
+  const std::string path = d.file("metrics.jsonl");
+  std::string text;
+  for (int step = 1; step <= 4000; ++step)
+    text += "{\"step\": " + std::to_string(step) + ", \"split\": \"train\", \"loss\": 0.125}\n";
+  write_file(path, text + "{\"step\": 4001, \"spl");  // the last line cut by a crash
+  // Nothing after step 4000 but the cut line: it goes, the rest stays byte for byte.
+  truncate_metrics_after(path, 4000);
+  CHECK(read_text_file(path) == text);
+  // A file-size limit makes the rewrite fail as on a full disk: an error naming the file, which
+  // keeps every record (the kept 2,000 lines are over the limit).
+  struct rlimit old {};
+  ::getrlimit(RLIMIT_FSIZE, &old);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old;
+  small.rlim_cur = 64 << 10;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  std::string error;
+  try {
+    truncate_metrics_after(path, 2000);
+  } catch (const DataError& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  CHECK_THAT(error, Catch::Contains("cannot drop the records after step 2000 from " + path) &&
+                        Catch::Contains("the file is unchanged"));
+  CHECK(read_text_file(path) == text);
+  int others = 0;
+  for (const auto& e : fs::directory_iterator(d.path)) others += e.path().filename() != "metrics.jsonl";
+  CHECK(others == 0);  // the partial copy is gone
+  // With room again, exactly steps 1-2000 remain.
+  truncate_metrics_after(path, 2000);
+  CHECK(read_text_file(path) == text.substr(0, text.find("{\"step\": 2001,")));
 }
 
 TEST_CASE("disk full or an output folder that cannot be made: a clear error, the last checkpoint intact", "[checkpoint][crash]") {

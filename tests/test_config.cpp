@@ -273,6 +273,35 @@ TEST_CASE("resume config diff: a key added later with its default, or a number s
   CHECK(diff_for_resume(saved, resolved_yaml(near)).unsafe == std::vector<std::string>{"data.augment.ratio_max"});
 }
 
+TEST_CASE("a resume may lower the learning rate and change what a bad step does, not the rules' other fields",
+          "[config][resume]") {
+  const RunConfig cfg = load_run_config(test::source_dir() + "/configs/stage3_finetune.yaml");
+  const std::string saved = resolved_yaml(cfg);
+  RunConfig lower = cfg;
+  lower.optim.lr = 1e-4;
+  lower.optim.param_groups.at(2).lr = 5e-4;  // language_model's rule
+  const auto lr = diff_for_resume(saved, resolved_yaml(lower));
+  CHECK(lr.unsafe.empty());
+  CHECK(lr.safe.empty());
+  CHECK(lr.learning_rate == std::vector<std::string>{"optim.lr", "optim.param_groups"});
+  // Freezing another component is a different run, lr or not.
+  RunConfig thaw = lower;
+  thaw.optim.param_groups.at(0).freeze = false;
+  const auto frozen = diff_for_resume(saved, resolved_yaml(thaw));
+  CHECK(frozen.unsafe == std::vector<std::string>{"optim.param_groups"});
+  CHECK(frozen.learning_rate == std::vector<std::string>{"optim.lr"});
+  // The remedies a stopped run names: skip bad batches or non-finite steps, allow more of them.
+  RunConfig skip = cfg;
+  skip.train.on_bad_batch = "skip";
+  skip.train.on_nonfinite = "skip";
+  skip.train.max_skipped_steps = 7;
+  const auto remedies = diff_for_resume(saved, resolved_yaml(skip));
+  CHECK(remedies.unsafe.empty());
+  CHECK(remedies.learning_rate.empty());
+  CHECK(remedies.safe ==
+        std::vector<std::string>{"train.max_skipped_steps", "train.on_bad_batch", "train.on_nonfinite"});
+}
+
 TEST_CASE("a component's defaults are written into the resolved config, and a changed default is a resume change",
           "[config][resume]") {
   TempDir d("cfg");
@@ -322,4 +351,35 @@ TEST_CASE("a --set of TYPE.type=other over the file's options for the old type s
       [&] { load_run_config(d.file("v.yaml"), {"model.projector.type=linear", "model.projector.spatial_merj=2"}); });
   CHECK_THAT(typo, Catch::Contains("did you mean 'spatial_merge'"));
   CHECK_THAT(typo, !Catch::Contains("--set changed the type"));
+}
+
+TEST_CASE("a file that includes another and gives a component another type replaces its section, not the schedule's",
+          "[config]") {
+  TempDir d("cfg");
+  write_file(d.file("base.yaml"), std::string(kMinimal) +
+                                      "trainer: finetune\nmodel:\n  projector:\n    type: mlp2x_gelu\n    spatial_merge: 2\n"
+                                      "schedule: {type: cosine, warmup_steps: 7}\n");
+  write_file(d.file("child.yaml"), "include: base.yaml\nmodel:\n  projector: {type: resampler, num_queries: 4}\n"
+                                   "schedule: {type: linear}\n");
+  const RunConfig c = load_run_config(d.file("child.yaml"));
+  CHECK(c.model.projector.type == "resampler");
+  CHECK(c.model.projector.options.find("num_queries")->scalar == "4");
+  CHECK(c.model.projector.options.find("spatial_merge") == nullptr);  // the old type's option went with it
+  // The schedule has the same keys for every type: the inherited warmup stays.
+  CHECK(c.schedule.type == "linear");
+  CHECK(c.schedule.warmup_steps == 7);
+  // The same type again merges, as any section does.
+  write_file(d.file("same.yaml"), "include: base.yaml\nmodel:\n  projector: {type: mlp2x_gelu}\n");
+  CHECK(load_run_config(d.file("same.yaml")).model.projector.options.find("spatial_merge")->scalar == "2");
+  // A pipeline stage's set, dotted or nested, does the same.
+  for (const std::string set : {"{model.projector: {type: resampler, num_queries: 4}}",
+                                "{model: {projector: {type: resampler, num_queries: 4}}}"}) {
+    INFO(set);
+    write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - name: a\n    config: " +
+                                     d.file("base.yaml") + "\n    set: " + set + "\n");
+    const auto plan = load_pipeline(d.file("p.yaml"));
+    const auto& stage = plan.stages.at(0);
+    CHECK(stage.model.projector.type == "resampler");
+    CHECK(stage.model.projector.options.find("spatial_merge") == nullptr);
+  }
 }

@@ -361,6 +361,27 @@ TEST_CASE("the image check before training stops early when asked, recording not
              Catch::Contains("data.check_images: 1 of 1 training images cannot be decoded"));
 }
 
+TEST_CASE("resuming after an image vanished from a skip-bad-records run says the record count changed",
+          "[faults][resume]") {
+  Corpus c;
+  TrainOptions stop = quiet();
+  stop.stop_at_step = 2;
+  REQUIRE(train_contrastive(c.config("run", 4, {"data.on_bad_record=skip"}), stop).interrupted);
+  const std::string warning = "now gives 31 usable records, the checkpoint's run had 32";
+  TrainOptions resume = quiet();
+  resume.resume = "auto";
+  SECTION("every image still there: no warning") {
+    CHECK(train_contrastive(c.config("run", 4, {"data.on_bad_record=skip"}), resume).final_step == 4);
+    CHECK_THAT(read_text_file(c.dir.file("run/train.log")), !Catch::Contains("usable records"));
+  }
+  SECTION("one image gone: the manifest is the same file, the warning names both counts") {
+    fs::remove(c.dir.file("data/images/train/000005.png"));
+    CHECK(train_contrastive(c.config("run", 4, {"data.on_bad_record=skip"}), resume).final_step == 4);
+    CHECK_THAT(read_text_file(c.dir.file("run/train.log")),
+               Catch::Contains(warning) && !Catch::Contains("is not the file the checkpoint's run read"));
+  }
+}
+
 TEST_CASE("checkpoints record the training manifest, and resuming after it changed says so", "[faults][resume]") {
   Corpus c;
   TrainOptions stop = quiet();

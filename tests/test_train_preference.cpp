@@ -326,6 +326,24 @@ TEST_CASE("dpo trainer: first loss ln 2 (policy = reference), reward accuracy pe
   auto rest = train_preference(c.config("dpo-cut", data + "train: {grad_accum: 2}\n"), resume);
   test::check_same_tensors(weights(r), weights(rest));
   CHECK(rest.logged_losses == std::vector<double>(r.logged_losses.begin() + 2, r.logged_losses.end()));
+
+  // Started from a checkpoint: init_from.json records its weights' CRC-32, and a resume refuses
+  // to rebuild the reference model from a checkpoint that holds other weights since.
+  const std::string from = "init_from: [{checkpoint: " + r.checkpoint +
+                           ", components: [vision_model, mm_projector, language_model]}]\n";
+  stop.stop_at_step = 1;
+  REQUIRE(train_preference(c.config("dpo-init", data + from), stop).interrupted);
+  const std::string record_file = c.dir.file("dpo-init/init_from.json");
+  auto record = nlohmann::json::parse(read_text_file(record_file));
+  REQUIRE(record.size() == 1);
+  CHECK(record[0]["model_crc32"] == model_weights_crc(r.checkpoint));
+  auto tampered = record;
+  tampered[0]["model_crc32"] = record[0]["model_crc32"].get<uint32_t>() ^ 1u;
+  test::write_file(record_file, tampered.dump(2));
+  CHECK_THAT(test::message_of<DataError>([&] { train_preference(c.config("dpo-init", data + from), resume); }),
+             Catch::Contains(record_file + ": " + r.checkpoint + " holds other weights than when this run started"));
+  test::write_file(record_file, record.dump(2));
+  CHECK(train_preference(c.config("dpo-init", data + from), resume).final_step == 4);
 }
 
 TEST_CASE("mdpo trainer: first loss 3 ln 2 (2 ln 2 without the conditional term), the frozen vision tower unchanged, exact resume", "[preference][train][slow]") {

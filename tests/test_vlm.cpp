@@ -522,6 +522,23 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   test::write_file(done, record.dump(2));
   CHECK_THAT(message_of<ConfigError>([&] { run_pipeline(load_pipeline(c.pipeline("run")), quiet); }),
              Catch::Contains("stage s3 was trained from other checkpoints of its init_from stages than the current ones"));
+  // Stage 3 part-trained (its stage_done.json not yet written): it is continued only from the
+  // upstream weights it started from, which stage_started.json recorded.
+  std::filesystem::remove(done);
+  const std::string started = c.dir.file("run/s3/stage_started.json");
+  const auto began = nlohmann::json::parse(read_text_file(started));
+  REQUIRE(began["upstream_weights"] == nlohmann::json::array({record["upstream_weights"][0].get<uint32_t>() ^ 1u}));
+  auto other = began;
+  other["upstream_weights"][0] = began["upstream_weights"][0].get<uint32_t>() ^ 1u;
+  test::write_file(started, other.dump(2));
+  CHECK_THAT(message_of<ConfigError>([&] { run_pipeline(load_pipeline(c.pipeline("run")), quiet); }),
+             Catch::Contains("stage s3 is part-trained from other checkpoints of its init_from stages than the current "
+                             "ones") && Catch::Contains("remove " + c.dir.file("run/s3")));
+  test::write_file(started, began.dump(2));
+  auto continued = run_pipeline(load_pipeline(c.pipeline("run")), quiet);
+  CHECK(continued.stages["s3"]["skipped"] == false);  // resumed at its last step: only the final evaluation ran
+  test::check_same_tensors(s3, final_weights(continued.stages, "s3"));
+  CHECK(nlohmann::json::parse(read_text_file(done))["upstream_weights"] == began["upstream_weights"]);
 
   // Interrupted in stage 2, then re-run: stage 2 resumes and the end result is the same, bit for bit.
   TrainOptions stop = quiet;
@@ -822,9 +839,9 @@ TEST_CASE("eval predictions: one line per scored record, in order, whose right f
   torch::manual_seed(3);
   VlmModel model = build_vlm_model(cfg, tok);
   auto loss = ce();
-  auto run = [&](const std::string& manifest, std::vector<nlohmann::json>& pred) {
+  auto run = [&](const std::string& manifest, std::vector<nlohmann::json>& pred, int batch = 4) {
     ConversationDataset ds(manifest, cfg.data, tok, model->tokens_per_image(), false, 6);
-    auto j = evaluate_vlm(model, *loss, ds, tok, 4, 4, false, {}, &pred);
+    auto j = evaluate_vlm(model, *loss, ds, tok, batch, 4, false, {}, &pred);
     REQUIRE(pred.size() == static_cast<size_t>(ds.size()));
     for (int64_t i = 0; i < ds.size(); ++i) {
       CHECK(pred[static_cast<size_t>(i)]["id"] == ds.sample(i).id);
@@ -832,8 +849,16 @@ TEST_CASE("eval predictions: one line per scored record, in order, whose right f
     }
     return j;
   };
-  std::vector<nlohmann::json> first;
-  run(c.dir.file("data/val_vqa.jsonl"), first);
+  std::vector<nlohmann::json> first, one_by_one;
+  const auto batched = run(c.dir.file("data/val_vqa.jsonl"), first);
+  // The evaluation batch (eval.batch_size) changes how records are padded together, not what is
+  // replied or scored.
+  const auto single = run(c.dir.file("data/val_vqa.jsonl"), one_by_one, 1);
+  for (size_t i = 0; i < first.size(); ++i) CHECK(one_by_one[i]["reply"] == first[i]["reply"]);
+  CHECK(single["exact_match"].get<double>() == batched["exact_match"].get<double>());
+  CHECK(single["loss"].get<double>() == Approx(batched["loss"].get<double>()).epsilon(1e-5));
+  CHECK(cfg.eval.batch_size == 0);  // auto: the training micro-batch
+  CHECK(cfg.eval.batch_or(cfg.train.batch_size / cfg.train.grad_accum) == cfg.train.batch_size / cfg.train.grad_accum);
   // The same questions again, the even ones with the untrained model's own reply as their answer:
   // exactly those are right, and exact_match is their share.
   std::ifstream in(c.dir.file("data/val_vqa.jsonl"));

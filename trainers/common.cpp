@@ -94,7 +94,7 @@ void check_run_folder(const std::string& out_dir) {
   std::error_code ec;
   if (!fs::is_directory(out_dir, ec) || has_checkpoints(out_dir)) return;
   static const std::set<std::string> ours = {"config.yaml",    "train.log",       "metrics.jsonl", "eval.json",
-                                             "image_check.json", "init_from.json", "stage_done.json", "checkpoints",
+                                             "image_check.json", "init_from.json", "stage_done.json", "stage_started.json", "checkpoints",
                                              "bench.json",     "bench_images",     ".trialign.lock"};
   std::vector<std::string> folders, files;
   bool pipeline = false, checkpoints = false;
@@ -362,8 +362,9 @@ ParamPlan plan_param_groups(const std::vector<std::pair<std::string, torch::Tens
   for (size_t i = 0; i < rules.size(); ++i)
     if (hits[i] == 0)
       throw ConfigError("optim.param_groups[" + std::to_string(i) + "].match: '" + rules[i].match +
-                        "' matches no parameter (components: vision_model, mm_projector, language_model; or a glob "
-                        "such as 'model.layers.*'), or an earlier rule took all of them");
+                        "' matches no parameter (a component: vision_model, mm_projector, language_model in stages 2-3; "
+                        "vision_model, text_model, visual_projection, text_projection in stage 1; or a glob such as "
+                        "'model.layers.*'), or an earlier rule took all of them");
   if (plan.trainable.empty())
     throw ConfigError("optim.param_groups: every parameter is frozen; nothing would train");
   // Which lr each source applies (optim.lr, then the rules in order); optim.lr named when it reaches nothing,
@@ -591,11 +592,29 @@ bool same_value(const std::string& a, const std::string& b) {
   return std::fabs(x - y) <= 1e-9 * std::max(std::fabs(x), std::fabs(y));
 }
 
+// Two optim.param_groups lists (as YAML) that differ at most in their rules' lr.
+bool same_rules_but_lr(const std::string& a, const std::string& b) {
+  auto without_lr = [](const std::string& yaml) {
+    ConfigNode n = parse_config_string(yaml, "optim.param_groups");
+    for (auto& rule : n.items)
+      if (rule.is_map()) rule.erase("lr");
+    return to_yaml(n);
+  };
+  try {
+    return without_lr(a) == without_lr(b);
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
                                "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
                                "data.workers", "data.prefetch", "data.val", "data.val_limit", "data.check_images", "eval.", "bench.",
-                               "distributed."};
+                               "distributed.",
+                               // What happens on a bad batch or a non-finite step: the remedies the
+                               // stop messages name, so a resume must accept them.
+                               "train.on_bad_batch", "train.on_nonfinite", "train.max_skipped_steps"};
   for (const char* s : safe) {
     const std::string p(s);
     if (key == p || (p.back() == '.' && key.compare(0, p.size(), p) == 0)) return true;
@@ -651,7 +670,11 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
   auto record = [&](const std::string& k) { (safe_to_change(k) ? d.safe : d.unsafe).push_back(k); };
   for (const auto& [k, v] : a) {
     auto it = b.find(k);
-    if (it == b.end() || !same_value(it->second, v)) record(k);
+    if (it != b.end() && same_value(it->second, v)) continue;
+    if (it != b.end() && (k == "optim.lr" || (k == "optim.param_groups" && same_rules_but_lr(v, it->second))))
+      d.learning_rate.push_back(k);
+    else
+      record(k);
   }
   for (const auto& [k, v] : b)
     if (!a.count(k)) record(k);
@@ -717,6 +740,15 @@ void warn_unknown_tokens(const Tokenizer& tok, const Tokenizer::Coverage& before
   if (!note.empty() && dist::is_main()) spdlog::warn(note);
 }
 
+uint32_t model_weights_crc(const std::string& checkpoint) {
+  const std::string path = checkpoint + "/MANIFEST.json";
+  try {
+    return nlohmann::json::parse(read_text_file(path)).at("files").at("model.safetensors").at("crc32").get<uint32_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(path + ": no checksum for model.safetensors (" + e.what() + "); train that stage again");
+  }
+}
+
 nlohmann::json train_data_record(const RunConfig& cfg, int64_t records) {
   std::error_code ec;
   const auto bytes = std::filesystem::file_size(cfg.data.train, ec);
@@ -744,6 +776,23 @@ void warn_if_train_data_changed(const nlohmann::json& saved, const RunConfig& cf
 }
 
 }  // namespace
+
+void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, int64_t records) {
+  if (!dist::is_main()) return;
+  int64_t saved = -1;
+  try {
+    saved = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json"))
+                .value("data", nlohmann::json::object())
+                .value("records", int64_t{-1});
+  } catch (const std::exception&) {
+    return;  // check_resume_checkpoint has read the file; a record of the wrong type is not worth a stop
+  }
+  if (saved < 0 || saved == records) return;
+  spdlog::warn("resume: data.train {} now gives {} usable records, the checkpoint's run had {} (records skipped by "
+               "data.on_bad_record differ: an image missing or damaged since, or repaired): the resumed run sees other "
+               "batches than an uninterrupted run would. Restore the images for an exact resume",
+               cfg.data.train, records, saved);
+}
 
 int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
   const auto info = verify_checkpoint(dir);
@@ -776,6 +825,12 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                       "': the config changed in keys that alter the model, data or optimisation:" + keys +
                       "\nrestore them, or start a new run (another run.out_dir)");
   }
+  if (!diff.learning_rate.empty()) {
+    std::string keys;
+    for (const auto& k : diff.learning_rate) keys += " " + k;
+    spdlog::warn("resume: the learning rate changed ({}): from here on the run no longer repeats the original one",
+                 keys.substr(1));
+  }
   if (!diff.safe.empty()) {
     std::string keys;
     for (const auto& k : diff.safe) keys += " " + k;
@@ -795,7 +850,7 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
 void forget_after_step(const std::string& run_dir, int64_t step) {
   if (!dist::is_main()) return;
   for (const auto& name : set_aside_checkpoints_after(run_dir, step))
-    spdlog::warn("resume: {} is newer than the resumed step {}; renamed to abandoned-{}", name, step, name);
+    spdlog::warn("resume: a checkpoint newer than the resumed step {} is set aside: {}", step, name);
   truncate_metrics_after((std::filesystem::path(run_dir) / "metrics.jsonl").string(), step);
 }
 
@@ -910,8 +965,9 @@ std::optional<double> StepGuard::clip(int64_t step, const torch::Tensor& loss, c
   dist::barrier("waiting for rank 0's checkpoint");
   throw std::runtime_error("step " + std::to_string(step) + ": " + what + "; nothing was applied. " +
                            (ck.empty() ? std::string("Rank 0's checkpoint") : "Checkpoint " + ck) +
-                           " holds the last good state; lower optim.lr or check the loss options (or set "
-                           "train.on_nonfinite: skip), then --resume auto");
+                           " holds the last good state; lower the learning rate (optim.lr, or the lr of the "
+                           "optim.param_groups rules that set one) or check the loss options, or set "
+                           "train.on_nonfinite: skip, then --resume auto");
 }
 
 void StepGuard::skip(int64_t step, const std::string& why) {

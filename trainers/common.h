@@ -161,6 +161,10 @@ nlohmann::json metrics_json(const std::map<std::string, torch::Tensor>& metrics)
 // computed); any other difference refuses the resume. Returns the differing dotted keys.
 struct ConfigDiff {
   std::vector<std::string> safe, unsafe;
+  // optim.lr, and optim.param_groups where only the rules' lr differ: a resume may lower the
+  // learning rate (the usual remedy after a divergence; it then no longer repeats the original
+  // run), while a finished pipeline stage trained at another lr is not the same stage.
+  std::vector<std::string> learning_rate;
 };
 ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& current_yaml);
 
@@ -173,6 +177,11 @@ std::string select_resume_checkpoint(const std::string& run_dir, const std::stri
 // turned part of it into unk (data/tokenizer.h, unknown_tokens_note).
 void warn_unknown_tokens(const Tokenizer& tok, const Tokenizer::Coverage& before, const RunConfig& cfg);
 
+// model.safetensors' CRC-32 as a checkpoint's MANIFEST.json records it (no hashing of the file):
+// which weights a checkpoint holds, for a pipeline stage or a preference run's reference model
+// to tell that the checkpoint it started from was replaced. Throws DataError without one.
+uint32_t model_weights_crc(const std::string& checkpoint);
+
 // The training manifest a run reads, as its checkpoints record it (trainer_state.json "data"):
 // {path, bytes, crc32, records}. Read once when the run starts.
 nlohmann::json train_data_record(const RunConfig& cfg, int64_t records);
@@ -182,6 +191,11 @@ nlohmann::json train_data_record(const RunConfig& cfg, int64_t records);
 // ConfigError naming the differing keys otherwise. Warns when data.train is no longer the file
 // the checkpoint's run read (the sample order after resuming would differ). Returns the step.
 int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
+
+// After resuming from `dir`: warns when the training set now has another number of usable
+// records than the checkpoint's run had (the manifest is unchanged, but with data.on_bad_record:
+// skip an image that vanished or broke since changes every epoch's order).
+void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, int64_t records);
 
 // After loading the checkpoint of `step`: sets later checkpoints aside and drops their records
 // from RUN/metrics.jsonl, so the run reads as one uninterrupted run.

@@ -111,7 +111,11 @@ LossOutput contrastive_step(ClipModel& model, ContrastiveLossImpl& loss, const C
       outputs.push_back(in.negative_text_embeds);
       grads.push_back(all.negative_text_embeds.grad().slice(0, first, first + count));
     }
-    torch::autograd::backward(outputs, grads);
+    // A tower frozen by optim.param_groups gives embeddings without a graph: nothing to carry back.
+    std::vector<torch::Tensor> live, live_grads;
+    for (size_t k = 0; k < outputs.size(); ++k)
+      if (outputs[k].requires_grad()) live.push_back(outputs[k]), live_grads.push_back(grads[k]);
+    if (!live.empty()) torch::autograd::backward(live, live_grads);
   }
   out.loss = out.loss.detach();
   return out;
@@ -164,10 +168,11 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   std::vector<torch::Tensor> imgs, txts;
   std::vector<std::string> captions;
   ProgressLog progress("evaluation: encoding", "pairs", data.size());
-  for (int64_t b = 0; b < data.size(); b += eval.batch_size) {
+  const int64_t eval_batch = eval.batch_or(256);
+  for (int64_t b = 0; b < data.size(); b += eval_batch) {
     progress.update(b);
     stop_point();  // a stop signal abandons the evaluation
-    auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval.batch_size));
+    auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval_batch));
     AutocastGuard autocast(bf16);  // the encoders only; similarities below stay fp32
     imgs.push_back(model->encode_image(batch.pixels));
     txts.push_back(model->encode_text(batch.ids, batch.lengths));
@@ -187,8 +192,8 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
     for (const auto& n : data.negatives(i)) neg_tokens.push_back(&n.tokens), owner.push_back(i), kinds.push_back(n.kind);
   if (!neg_tokens.empty()) {
     std::vector<torch::Tensor> negs;
-    for (size_t b = 0; b < neg_tokens.size(); b += static_cast<size_t>(eval.batch_size)) {
-      const auto end = std::min(neg_tokens.size(), b + static_cast<size_t>(eval.batch_size));
+    for (size_t b = 0; b < neg_tokens.size(); b += static_cast<size_t>(eval_batch)) {
+      const auto end = std::min(neg_tokens.size(), b + static_cast<size_t>(eval_batch));
       const auto [ids, lengths] = data.pad({neg_tokens.begin() + b, neg_tokens.begin() + end});
       AutocastGuard autocast(bf16);
       negs.push_back(model->encode_text(ids, lengths));
@@ -213,24 +218,29 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   const nlohmann::json tokenizer = tokenizer_record(cfg.data.tokenizer);  // as loaded, for the checkpoints
   ClipModel model = build_clip_model(cfg, tok);
   auto loss = contrastive_losses().create_or_throw(cfg.loss);
-  const auto named = trainable_params(model, *loss);
+  // optim.param_groups as in stages 2-3: a rule freezes a tower or gives it its own lr.
+  ParamPlan plan = plan_param_groups(trainable_params(model, *loss), cfg.optim);
+  if (rank() == 0 && !cfg.optim.param_groups.empty()) spdlog::info("learning rates: {}", plan.lr_summary);
   std::vector<torch::Tensor> params;
-  int64_t n_params = 0;
-  for (const auto& [n, p] : named) params.push_back(p), n_params += p.numel();
-  FusedAdamW optimizer(adamw_groups(named, cfg.optim));
+  int64_t n_params = 0, n_frozen = 0;
+  for (const auto& [n, p] : plan.trainable) params.push_back(p), n_params += p.numel();
+  for (const auto& p : model->parameters())
+    if (!p.requires_grad()) n_frozen += p.numel();
+  FusedAdamW optimizer(plan.groups);
 
   const auto encoded_before = tok.coverage();
   CaptionDataset train(cfg.data.train, cfg.data, tok, /*train=*/true);
   warn_unknown_tokens(tok, encoded_before, cfg);
   std::unique_ptr<CaptionDataset> val;
   if (!cfg.data.val.empty()) val = std::make_unique<CaptionDataset>(cfg.data.val, cfg.data, tok, false, cfg.data.val_limit);
-  spdlog::info("stage 1 (contrastive, loss {}): {} train pairs{}, {} val pairs, {:.2f}M trainable parameters, {} threads, "
+  spdlog::info("stage 1 (contrastive, loss {}): {} train pairs{}, {} val pairs, {:.2f}M trainable parameters{}, {} threads, "
                "precision {}{}",
                cfg.loss.type, train.size(),
                train.skipped() ? " (" + std::to_string(train.skipped()) + " bad records skipped)" : std::string(),
-               val ? val->size() : 0, n_params / 1e6, threads, precision,
+               val ? val->size() : 0, n_params / 1e6,
+               n_frozen ? fmt::format(" ({:.2f}M frozen)", n_frozen / 1e6) : std::string(), threads, precision,
                cfg.run.precision == "auto" ? " (auto: " + std::string(bf16 ? "CPU has native bf16" : "no native bf16 on this CPU") + ")" : "");
-  report_memory(cfg, estimate_memory(cfg, n_params, n_params), available_memory_bytes());
+  report_memory(cfg, estimate_memory(cfg, n_params + n_frozen, n_params), available_memory_bytes());
   // A batch wider than the dataset holds some pairs twice: each copy is then a negative of its
   // own image, and the loss pushes a matched pair apart.
   if (rank() == 0 && global_batch(cfg) > static_cast<int64_t>(train.size()))
@@ -246,6 +256,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   if (!resumed_from.empty()) {
     start = load_checkpoint(resumed_from, cfg, model, *loss, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
+    warn_if_train_records_changed(resumed_from, cfg, static_cast<int64_t>(train.size()));
     forget_after_step(cfg.run.out_dir, start);
   } else {
     for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model, cfg.data.tokenizer);
@@ -296,8 +307,8 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   auto save = [&] { return save_checkpoint(cfg, model, *loss, optimizer, step, tokenizer, data_record); };
   StepGuard guard(cfg, opt, save);
   while (step < steps) {
-    const double lr = lr_at(cfg.schedule, cfg.optim.lr, step, steps);
-    set_lr(optimizer, lr);
+    set_lr_scaled(optimizer, plan.base_lrs, lr_at(cfg.schedule, 1.0, step, steps));
+    const double lr = lr_at(cfg.schedule, plan.logged_lr, step, steps);
     CaptionBatch batch;
     if (!guard.next_batch(loader, step + 1, batch)) {  // skipped (train.on_bad_batch: skip)
       ++step;

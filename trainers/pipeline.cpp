@@ -22,16 +22,6 @@ namespace trialign {
 
 namespace {
 
-// model.safetensors' CRC-32 as the checkpoint's MANIFEST.json records it (no hashing of the file).
-uint32_t model_weights_crc(const std::string& checkpoint) {
-  const std::string path = checkpoint + "/MANIFEST.json";
-  try {
-    return nlohmann::json::parse(read_text_file(path)).at("files").at("model.safetensors").at("crc32").get<uint32_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw DataError(path + ": no checksum for model.safetensors (" + e.what() + "); train that stage again");
-  }
-}
-
 // {a.b: v} sets a -> b to v, keeping v's file:line for error messages.
 // The scalar at run.<key>, "" when there is none.
 std::string run_value(const ConfigNode& root, const std::string& key) {
@@ -68,7 +58,7 @@ void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& whe
         throw ConfigError(value.where() + ": set " + key + ": '" + part + "' is inside a value that is not a mapping");
       node = &node->child(part);
     }
-    if (node->is_map() && value.is_map()) merge_config(*node, value);
+    if (node->is_map() && value.is_map()) merge_config(*node, value, key);
     else *node = value;
   }
 }
@@ -199,9 +189,10 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
       const auto diff = diff_for_resume(done.value("config", std::string()), resolved_yaml(compared));
       const bool steps_changed =
           std::find(diff.safe.begin(), diff.safe.end(), "train.steps") != diff.safe.end();
-      if (!diff.unsafe.empty() || steps_changed) {
+      if (!diff.unsafe.empty() || !diff.learning_rate.empty() || steps_changed) {
         std::string keys;
         for (const auto& k : diff.unsafe) keys += "\n  " + k;
+        for (const auto& k : diff.learning_rate) keys += "\n  " + k;
         if (steps_changed) keys += "\n  train.steps";
         throw ConfigError("pipeline " + p.name + ": stage " + stage.name + " finished with another config; changed:" +
                           keys + "\nrestore them, or remove " + dir + " to train the stage again");
@@ -223,6 +214,14 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
         init_logging("", rank());
         spdlog::info("pipeline {}: stage {} ({}/{}) is complete ({}); skipping", p.name, stage.name, i + 1,
                      p.stages.size(), ck);
+        // Its recorded results are those of the evaluation settings it ran with.
+        std::string eval_keys;
+        for (const auto& k : diff.safe)
+          if (k.rfind("eval.", 0) == 0 || k == "data.val" || k == "data.val_limit") eval_keys += " " + k;
+        if (!eval_keys.empty())
+          spdlog::warn("pipeline {}: stage {} finished with other evaluation settings ({}); the results below are "
+                       "those it recorded then; to score it on other data, run trialign eval {} --data MANIFEST",
+                       p.name, stage.name, eval_keys.substr(1), ck);
         final_checkpoint[stage.name] = ck;
         entry = {{"checkpoint", ck}, {"eval", done.value("eval", nlohmann::json())}, {"skipped", true}};
         result.stages[stage.name] = entry;
@@ -230,6 +229,26 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
       }
     }
     init_logging("", rank());
+    // A stage in progress continues from its own checkpoint, whatever its init_from stages hold
+    // now; so it is only continued if they hold what it started from (stage_done.json would
+    // otherwise record upstream weights it never saw). A fresh start records them.
+    const std::string started_file = (fs::path(dir) / "stage_started.json").string();
+    if (has_checkpoints(dir)) {
+      nlohmann::json started;
+      try {
+        if (fs::exists(started_file)) started = nlohmann::json::parse(read_text_file(started_file));
+      } catch (const nlohmann::json::exception& e) {
+        throw DataError(started_file + ": unreadable (" + e.what() + "); delete " + dir + " to redo stage " + stage.name);
+      }
+      if (started.contains("upstream_weights") && started["upstream_weights"] != upstream_weights)
+        throw ConfigError("pipeline " + p.name + ": stage " + stage.name +
+                          " is part-trained from other checkpoints of its init_from stages than the current ones "
+                          "(trained again since it started); remove " + dir + " to train it again from them");
+    } else if (rank() == 0) {
+      std::error_code ec;
+      fs::create_directories(dir, ec);
+      atomic_write_text(started_file, json_text(nlohmann::json{{"upstream_weights", upstream_weights}}, 2) + "\n");
+    }
     spdlog::info("pipeline {}: stage {} ({}/{}), trainer {}, config {}", p.name, stage.name, i + 1, p.stages.size(),
                  cfg.trainer, stage.config);
     TrainOptions o = opt;

@@ -166,11 +166,29 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
   const std::string init_record = (fs::path(cfg.run.out_dir) / "init_from.json").string();
   std::vector<InitFrom> inits = cfg.init_from;
+  // A trialign checkpoint's weights, as its manifest records them (other weight files: none).
+  auto weights_crc = [](const std::string& checkpoint) {
+    std::error_code ec;
+    if (!fs::exists(fs::path(checkpoint) / "MANIFEST.json", ec)) return nlohmann::json();
+    try {
+      return nlohmann::json(model_weights_crc(checkpoint));
+    } catch (const DataError&) {  // a manifest without the weights' checksum: nothing to compare
+      return nlohmann::json();
+    }
+  };
   if (!resumed_from.empty() && fs::exists(init_record)) {
     inits.clear();
     try {
-      for (const auto& e : nlohmann::json::parse(read_text_file(init_record)))
+      for (const auto& e : nlohmann::json::parse(read_text_file(init_record))) {
         inits.push_back({e.at("checkpoint").get<std::string>(), e.at("components").get<std::vector<std::string>>()});
+        // The reference model is rebuilt from these on every resume: from the very same weights.
+        const auto recorded = e.value("model_crc32", nlohmann::json());
+        if (!recorded.is_null() && recorded != weights_crc(inits.back().checkpoint))
+          throw DataError(init_record + ": " + inits.back().checkpoint +
+                          " holds other weights than when this run started (model.safetensors CRC-32 " +
+                          std::to_string(recorded.get<uint32_t>()) + " then), so the reference model would differ; "
+                          "restore that checkpoint, or start a new run (another run.out_dir)");
+      }
     } catch (const nlohmann::json::exception& e) {
       throw DataError(init_record + ": unreadable (" + e.what() + "); it names the checkpoints the run started from");
     }
@@ -181,8 +199,10 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   torch::manual_seed(cfg.run.seed);
   VlmModel model = build_vlm_model(cfg, tok);
   nlohmann::json resolved_inits = nlohmann::json::array();
-  for (const auto& init : inits)
-    resolved_inits.push_back({{"checkpoint", init_components(*model, init, cfg.model, cfg.data.tokenizer)}, {"components", init.components}});
+  for (const auto& init : inits) {
+    const std::string resolved = init_components(*model, init, cfg.model, cfg.data.tokenizer);
+    resolved_inits.push_back({{"checkpoint", resolved}, {"components", init.components}, {"model_crc32", weights_crc(resolved)}});
+  }
   if (resumed_from.empty()) write_run_text(cfg, "init_from.json", json_text(resolved_inits, 2) + "\n");
   VlmModel reference{nullptr};
   if (loss->needs_reference()) {  // a copy of the initial policy (a resume loads the policy later)
@@ -253,6 +273,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   if (!resumed_from.empty()) {
     start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
+    warn_if_train_records_changed(resumed_from, cfg, static_cast<int64_t>(train.size()));
     forget_after_step(cfg.run.out_dir, start);
   }
   sync_across_ranks(model->parameters());  // every rank starts from rank 0's weights
@@ -267,7 +288,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   TrainResult result;
-  const int eval_batch = std::max<int>(1, cfg.train.batch_size / cfg.train.grad_accum);
+  const int eval_batch = cfg.eval.batch_or(cfg.train.batch_size / cfg.train.grad_accum);
   VlmModel* ref = reference ? &reference : nullptr;
   auto run_eval = [&](int64_t step) {
     const auto paused = progress.pause();

@@ -349,6 +349,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   if (!resumed_from.empty()) {
     start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
+    warn_if_train_records_changed(resumed_from, cfg, static_cast<int64_t>(train.size()));
     forget_after_step(cfg.run.out_dir, start);
   } else {
     for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model, cfg.data.tokenizer);
@@ -365,7 +366,7 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
       cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   TrainResult result;
-  const int eval_batch = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
+  const int eval_batch = cfg.eval.batch_or(cfg.train.batch_size / cfg.train.grad_accum);
   auto run_eval = [&](int64_t step) {
     const auto paused = progress.pause();
     nlohmann::json all;

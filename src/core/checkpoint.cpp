@@ -96,7 +96,12 @@ void atomic_write_text(const std::string& path, const std::string& text) {
     if (!out) throw std::runtime_error("cannot write '" + tmp + "' (is the directory writable?)");
     out << text;
     out.flush();
-    if (!out) throw std::runtime_error("write failed for '" + tmp + "' (disk full?)");
+    if (!out) {
+      out.close();
+      std::error_code ignored;
+      fs::remove(tmp, ignored);  // a partial copy is of no use to anyone
+      throw std::runtime_error("write failed for '" + tmp + "' (disk full?)");
+    }
   }
   fsync_path(tmp, false);
   std::error_code ec;
@@ -308,12 +313,34 @@ std::vector<std::string> set_aside_checkpoints_after(const std::string& run_dir,
   const fs::path root = fs::path(run_dir) / "checkpoints";
   std::vector<std::string> moved;
   std::error_code ec;
+  std::vector<fs::path> later;
+  std::string newest_kept;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     const std::string name = e.path().filename().string();
+    if (!e.is_directory() || name.rfind("step_", 0) != 0) continue;
     // Same ordering as pruning: zero-padded names compare like their steps.
-    if (!e.is_directory() || name.rfind("step_", 0) != 0 || name <= step_name(step)) continue;
-    fs::rename(e.path(), root / ("abandoned-" + name), ec);
-    if (!ec) moved.push_back(name);
+    if (name <= step_name(step)) newest_kept = std::max(newest_kept, name);
+    else later.push_back(e.path());
+  }
+  std::sort(later.begin(), later.end());
+  for (const auto& path : later) {
+    const std::string name = path.filename().string();
+    // A second resume from an early step finds the first one's abandoned-step_X already there.
+    fs::path aside = root / ("abandoned-" + name);
+    for (int k = 2; fs::exists(aside, ec); ++k) aside = root / ("abandoned-" + name + "-" + std::to_string(k));
+    fs::rename(path, aside, ec);
+    // Left where it is, the abandoned future would be what the next --resume auto continues.
+    if (ec)
+      throw DataError("cannot rename " + path.string() + " (newer than the resumed step " + std::to_string(step) +
+                      ") to " + aside.filename().string() + ": " + ec.message() +
+                      "; move it out of the checkpoints folder, then resume again");
+    moved.push_back(name + " -> " + aside.filename().string());
+  }
+  // `latest` names the newest checkpoint: no longer one of those just set aside.
+  const fs::path latest = root / "latest";
+  if (!moved.empty() && fs::exists(latest, ec)) {
+    if (newest_kept.empty()) fs::remove(latest, ec);
+    else atomic_write_text(latest.string(), newest_kept + "\n");
   }
   return moved;
 }

@@ -77,8 +77,10 @@ std::string resolve_checkpoint(const std::string& path, const std::function<void
 // True when RUN/checkpoints holds any step folder, complete or not (no checksums read).
 bool has_checkpoints(const std::string& run_dir);
 
-// Resuming from `step` abandons later checkpoints: renames them to `abandoned-step_...`, so that
-// neither `--resume auto` nor pruning takes them for the run's future. Returns the renamed names.
+// Resuming from `step` abandons later checkpoints: renames them to `abandoned-step_...` (with a
+// "-2", "-3" suffix when an earlier resume left that name), so that neither `--resume auto` nor
+// pruning takes them for the run's future, and points `latest` at the newest one kept. Returns
+// "step_... -> abandoned-step_..." per renamed folder; throws DataError when one cannot be renamed.
 std::vector<std::string> set_aside_checkpoints_after(const std::string& run_dir, int64_t step);
 
 // Tidies RUN/checkpoints after a process died mid-save: removes temporary folders of processes

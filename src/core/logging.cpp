@@ -1,4 +1,6 @@
 #include "core/logging.h"
+#include "core/checkpoint.h"
+#include "core/errors.h"
 #include "core/json_text.h"
 
 #include <spdlog/sinks/basic_file_sink.h>
@@ -43,18 +45,26 @@ void truncate_metrics_after(const std::string& path, int64_t step) {
   std::ifstream in(path);
   if (!in) return;
   std::string line, kept;
+  bool dropped = false;
   while (std::getline(in, line)) {
     try {
       auto j = nlohmann::json::parse(line);
       if (j.value("step", int64_t{0}) <= step) kept += line + "\n";
+      else dropped = true;
     } catch (const nlohmann::json::exception&) {
-      // a line cut by a crash mid-write: drop it
+      dropped = true;  // a line cut by a crash mid-write: drop it
     }
   }
   in.close();
-  const std::string tmp = path + ".tmp";
-  std::ofstream(tmp, std::ios::trunc) << kept;
-  std::filesystem::rename(tmp, path);
+  if (!dropped) return;
+  // Written whole beside it, synced, then renamed over it: a full disk or a crash leaves the old
+  // history in place, never a part of it.
+  try {
+    atomic_write_text(path, kept);
+  } catch (const std::exception& e) {
+    throw DataError("cannot drop the records after step " + std::to_string(step) + " from " + path + " (" + e.what() +
+                    "); the file is unchanged. Free space or fix the folder's permissions, then resume again");
+  }
 }
 
 std::string format_duration(double s) {

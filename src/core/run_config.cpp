@@ -122,6 +122,10 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     if (init.components.empty())
       errors.add(at("init_from"), key + ".components", "missing: which components to take, e.g. [" + known_list + "]");
   }
+  for (size_t i = 0; i < c.optim.param_groups.size(); ++i)
+    if (c.optim.param_groups[i].match.empty())
+      errors.add(at("optim.param_groups"), "optim.param_groups[" + std::to_string(i) + "].match",
+                 "missing: a component name or a glob over parameter names");
   if (!c.is_vlm()) return;
   // ---- stages 2-3 ----
   if (c.data.turns == "independent" && c.data.chat_template != "chat")
@@ -159,10 +163,6 @@ void cross_checks(const RunConfig& c, const ConfigNode& tree, ConfigErrors& erro
     errors.add(at("model.vision_feature_layer"), "model.vision_feature_layer",
                "must be in [" + std::to_string(-states) + ", " + std::to_string(states - 1) +
                    "] (Python-style index into the " + std::to_string(states) + " hidden states; -2 = second to last)");
-  for (size_t i = 0; i < c.optim.param_groups.size(); ++i)
-    if (c.optim.param_groups[i].match.empty())
-      errors.add(at("optim.param_groups"), "optim.param_groups[" + std::to_string(i) + "].match",
-                 "missing: a component name or a glob over parameter names");
   for (size_t i = 0; i < c.eval.sets.size(); ++i) {
     const auto& s = c.eval.sets[i];
     const std::string key = "eval.sets[" + std::to_string(i) + "]";
@@ -205,6 +205,13 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
         errors.add(tree.find("rewards"), "rewards",
                    "loss '" + cfg.loss.type + "' trains on chosen/rejected pairs and uses no reward functions; remove "
                    "rewards or use a loss that samples completions (grpo)");
+    } else {
+      // Keys only the preference trainer reads: elsewhere they would be taken and ignored.
+      const std::string only = "read by the preference trainer only (trainer: preference); this config runs the " +
+                               cfg.trainer + " trainer, so remove it";
+      if (!cfg.rewards.empty()) errors.add(tree.find("rewards"), "rewards", only);
+      if (cfg.preference.cache_reference) errors.add(tree.find("preference"), "preference.cache_reference", only);
+      if (cfg.eval.samples > 0) errors.add(tree.find("eval"), "eval.samples", only);
     }
     if (cfg.is_vlm()) {
       if (cfg.trainer != "preference") lm_losses().create_filling(cfg.loss, errors);

@@ -2,6 +2,7 @@
 // parses, composes (include:, --set), validates every field and every `type:` component, and
 // returns these structs. Field comments give an example value; docs/user-guide.md lists all.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -306,7 +307,9 @@ struct EvalSet {
 
 struct EvalSection {
   std::vector<int64_t> recall_at = {1, 5, 10};
-  int batch_size = 256;
+  // Samples per evaluation forward; 0 = auto: 256 image-caption pairs in stage 1, the training
+  // micro-batch (train.batch_size / train.grad_accum) in stages 2-3 and preference runs.
+  int batch_size = 0;
   std::vector<EvalSet> sets;    // VLM trainers; empty = data.val (data.val_limit) as "val"
   int max_new_tokens = 32;      // generation length cap for exact match / captions
   bool at_start = false;        // also score the starting model (step 0) on a fresh run
@@ -318,13 +321,14 @@ struct EvalSection {
   std::string object_vocabulary;
   template <class V> void fields(V& v) {
     v("recall_at", recall_at);
-    v("batch_size", batch_size, at_least(1));
+    v("batch_size", batch_size, at_least(0));
     v("sets", sets);
     v("max_new_tokens", max_new_tokens, at_least(1));
     v("at_start", at_start);
     v("samples", samples, at_least(0));
     v("object_vocabulary", object_vocabulary);
   }
+  int batch_or(int automatic) const { return batch_size > 0 ? batch_size : std::max(1, automatic); }
 };
 
 // The preference trainer's own switches (the loss's options live under loss:).
