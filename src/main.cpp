@@ -211,7 +211,7 @@ int cmd_eval_vlm(const std::string& dir, const RunConfig& cfg, const std::string
       }
     }
     std::vector<nlohmann::json> predictions;
-    j[s.name] = evaluate_vlm(v.model, *loss, ds, v.tok, v.cfg.eval.batch_or(v.cfg.train.batch_size / v.cfg.train.grad_accum),
+    j[s.name] = evaluate_vlm(v.model, *loss, ds, v.tok, v.cfg.eval.vlm_batch(v.cfg.train.batch_size / v.cfg.train.grad_accum),
                              v.cfg.eval.max_new_tokens, bf16, vocabulary,
                              predictions_out.empty() ? nullptr : &predictions);
     j[s.name]["data"] = s.data;

@@ -32,12 +32,6 @@ TEST_CASE("broken configs: one clear message naming the key or file, exit 2", "[
       {"unknown pooling", "train configs/base.yaml --set model.vision.pooling=avg",
        {"model.vision.pooling", "cls", "max"}},
       {"--set of an unknown key", "train configs/base.yaml --set optim.learning_rate=1", {"optim.learning_rate"}},
-      {"GRPO rewards outside the preference trainer", "train configs/base.yaml --set 'rewards=[{type: no_such_reward}]'",
-       {"rewards: read by the preference trainer only", "runs the finetune trainer, so remove it"}},
-      {"a reference cache outside the preference trainer", "train configs/base.yaml --set preference.cache_reference=true",
-       {"preference.cache_reference: read by the preference trainer only"}},
-      {"sampled evaluations outside the preference trainer", "train configs/base.yaml --set eval.samples=4",
-       {"eval.samples: read by the preference trainer only"}},
   };
   for (const auto& c : cases) {
     std::string out;

@@ -275,6 +275,15 @@ TEST_CASE("config check finds what train would refuse, every problem at once, wi
        {"eval.sets[0].data: missing: the manifest to evaluate on"}},
       {"a pair loss with eval.samples", "config check configs/base.yaml --set trainer=preference --set eval.samples=2",
        {"eval.samples: loss 'dpo' scores given pairs and draws no completions"}},
+      // Keys only the preference trainer reads, in a stage-3 config: refused before a run (a
+      // checkpoint whose config carries them still loads for eval and export).
+      {"preference-only keys elsewhere",
+       "config check configs/base.yaml --set 'rewards=[{type: no_such_reward}]' --set preference.cache_reference=true "
+       "--set eval.samples=4",
+       {"3 problem(s)", "rewards: read by the preference trainer only (trainer: preference); this config runs the "
+                        "finetune trainer, so remove it",
+        "preference.cache_reference: read by the preference trainer only", "eval.samples: read by the preference "
+                                                                           "trainer only"}},
   };
   for (const auto& c : cases) check_case(b, c);
 

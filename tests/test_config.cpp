@@ -284,6 +284,14 @@ TEST_CASE("a resume may lower the learning rate and change what a bad step does,
   CHECK(lr.unsafe.empty());
   CHECK(lr.safe.empty());
   CHECK(lr.learning_rate == std::vector<std::string>{"optim.lr", "optim.param_groups"});
+  // The projector's and language model's rules shared 2e-3 (one optimizer group); now they differ.
+  CHECK(lr.lr_regrouped);
+  RunConfig scaled = cfg;  // every lr halved: the same groups
+  scaled.optim.lr = 5e-4;
+  scaled.optim.param_groups.at(1).lr = scaled.optim.param_groups.at(2).lr = 1e-3;
+  const auto halved = diff_for_resume(saved, resolved_yaml(scaled));
+  CHECK(halved.learning_rate == std::vector<std::string>{"optim.lr", "optim.param_groups"});
+  CHECK_FALSE(halved.lr_regrouped);
   // Freezing another component is a different run, lr or not.
   RunConfig thaw = lower;
   thaw.optim.param_groups.at(0).freeze = false;
@@ -351,35 +359,4 @@ TEST_CASE("a --set of TYPE.type=other over the file's options for the old type s
       [&] { load_run_config(d.file("v.yaml"), {"model.projector.type=linear", "model.projector.spatial_merj=2"}); });
   CHECK_THAT(typo, Catch::Contains("did you mean 'spatial_merge'"));
   CHECK_THAT(typo, !Catch::Contains("--set changed the type"));
-}
-
-TEST_CASE("a file that includes another and gives a component another type replaces its section, not the schedule's",
-          "[config]") {
-  TempDir d("cfg");
-  write_file(d.file("base.yaml"), std::string(kMinimal) +
-                                      "trainer: finetune\nmodel:\n  projector:\n    type: mlp2x_gelu\n    spatial_merge: 2\n"
-                                      "schedule: {type: cosine, warmup_steps: 7}\n");
-  write_file(d.file("child.yaml"), "include: base.yaml\nmodel:\n  projector: {type: resampler, num_queries: 4}\n"
-                                   "schedule: {type: linear}\n");
-  const RunConfig c = load_run_config(d.file("child.yaml"));
-  CHECK(c.model.projector.type == "resampler");
-  CHECK(c.model.projector.options.find("num_queries")->scalar == "4");
-  CHECK(c.model.projector.options.find("spatial_merge") == nullptr);  // the old type's option went with it
-  // The schedule has the same keys for every type: the inherited warmup stays.
-  CHECK(c.schedule.type == "linear");
-  CHECK(c.schedule.warmup_steps == 7);
-  // The same type again merges, as any section does.
-  write_file(d.file("same.yaml"), "include: base.yaml\nmodel:\n  projector: {type: mlp2x_gelu}\n");
-  CHECK(load_run_config(d.file("same.yaml")).model.projector.options.find("spatial_merge")->scalar == "2");
-  // A pipeline stage's set, dotted or nested, does the same.
-  for (const std::string set : {"{model.projector: {type: resampler, num_queries: 4}}",
-                                "{model: {projector: {type: resampler, num_queries: 4}}}"}) {
-    INFO(set);
-    write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - name: a\n    config: " +
-                                     d.file("base.yaml") + "\n    set: " + set + "\n");
-    const auto plan = load_pipeline(d.file("p.yaml"));
-    const auto& stage = plan.stages.at(0);
-    CHECK(stage.model.projector.type == "resampler");
-    CHECK(stage.model.projector.options.find("spatial_merge") == nullptr);
-  }
 }

@@ -534,7 +534,9 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   CHECK_THAT(message_of<ConfigError>([&] { run_pipeline(load_pipeline(c.pipeline("run")), quiet); }),
              Catch::Contains("stage s3 is part-trained from other checkpoints of its init_from stages than the current "
                              "ones") && Catch::Contains("remove " + c.dir.file("run/s3")));
-  test::write_file(started, began.dump(2));
+  // A stage part-trained by a version that wrote no stage_started.json is continued unchecked.
+  // (The matching record is what the interrupted pipeline below resumes with.)
+  std::filesystem::remove(started);
   auto continued = run_pipeline(load_pipeline(c.pipeline("run")), quiet);
   CHECK(continued.stages["s3"]["skipped"] == false);  // resumed at its last step: only the final evaluation ran
   test::check_same_tensors(s3, final_weights(continued.stages, "s3"));
@@ -558,6 +560,37 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
              Catch::Contains("pipeline tiny: problems before training:\n  stage s3 (" + c.dir.file("stage3_bad.yaml") +
                              "): data.train: '" + c.dir.file("data/gone.jsonl") + "' does not exist"));
   CHECK_FALSE(std::filesystem::exists(c.dir.file("bad/s2")));
+}
+
+TEST_CASE("a resume may lower the learning rates together, not split the optimizer groups they share",
+          "[vlm][resume]") {
+  TinyVlmCorpus c;
+  // Projector and language model at one lr: one lr group (decay / no decay), as in
+  // configs/stage3_finetune.yaml.
+  auto config = [&](const std::string& out, const std::string& projector_lr, const std::string& lm_lr) {
+    return load_run_config(c.dir.file("stage3.yaml"),
+                           {"run.out_dir=" + c.dir.file(out), "eval.sets=[]",
+                            "optim.param_groups=[{match: vision_model, freeze: true}, {match: mm_projector, lr: " +
+                                projector_lr + "}, {match: language_model, lr: " + lm_lr + "}]"});
+  };
+  TrainOptions quiet;
+  quiet.quiet = true;
+  TrainOptions stop = quiet;
+  stop.stop_at_step = 2;
+  TrainOptions resume = quiet;
+  resume.resume = "auto";
+  for (const std::string out : {"together", "apart"}) REQUIRE(train_vlm(config(out, "2e-3", "2e-3"), stop).interrupted);
+  // Both halved: the groups stay as saved, the run goes on (with a warning).
+  const auto together = train_vlm(config("together", "1e-3", "1e-3"), resume);
+  CHECK_FALSE(together.interrupted);
+  CHECK(together.final_step == 3);
+  CHECK_THAT(read_text_file(c.dir.file("together/train.log")),
+             Catch::Contains("resume: the learning rate changed (optim.param_groups)"));
+  // Only the language model lowered: it would need a group of its own, which the saved optimizer
+  // state does not have. Refused with the reason, before anything is loaded.
+  CHECK_THAT(message_of<ConfigError>([&] { train_vlm(config("apart", "2e-3", "1e-3"), resume); }),
+             Catch::Contains("with these learning rates: sources that shared an lr") &&
+                 Catch::Contains("Change them together"));
 }
 
 TEST_CASE("adapter and finetune: stop at step k + resume equals an uninterrupted run, losses and weights bit for bit",
@@ -857,8 +890,12 @@ TEST_CASE("eval predictions: one line per scored record, in order, whose right f
   for (size_t i = 0; i < first.size(); ++i) CHECK(one_by_one[i]["reply"] == first[i]["reply"]);
   CHECK(single["exact_match"].get<double>() == batched["exact_match"].get<double>());
   CHECK(single["loss"].get<double>() == Approx(batched["loss"].get<double>()).epsilon(1e-5));
-  CHECK(cfg.eval.batch_size == 0);  // auto: the training micro-batch
-  CHECK(cfg.eval.batch_or(cfg.train.batch_size / cfg.train.grad_accum) == cfg.train.batch_size / cfg.train.grad_accum);
+  // eval.batch_size caps the training micro-batch; its default (256, stage 1's) leaves it as it is.
+  const int micro = cfg.train.batch_size / cfg.train.grad_accum;
+  CHECK(cfg.eval.vlm_batch(micro) == micro);
+  RunConfig lower = cfg;
+  lower.eval.batch_size = 1;
+  CHECK(lower.eval.vlm_batch(micro) == 1);
   // The same questions again, the even ones with the untrained model's own reply as their answer:
   // exactly those are right, and exact_match is their share.
   std::ifstream in(c.dir.file("data/val_vqa.jsonl"));

@@ -592,6 +592,21 @@ bool same_value(const std::string& a, const std::string& b) {
   return std::fabs(x - y) <= 1e-9 * std::max(std::fabs(x), std::fabs(y));
 }
 
+// Which optimizer group each source of an lr joins: optim.lr, then each rule in order (-1: frozen).
+// plan_param_groups makes one group per distinct lr, so sources that share an lr share a group;
+// numbered by first appearance, two configs give the same vector when their lrs group alike.
+std::vector<int> lr_grouping(const OptimConfig& o) {
+  std::vector<double> lrs;
+  auto group = [&](double lr) {
+    auto it = std::find(lrs.begin(), lrs.end(), lr);
+    if (it == lrs.end()) it = lrs.insert(lrs.end(), lr);
+    return static_cast<int>(it - lrs.begin());
+  };
+  std::vector<int> out = {group(o.lr)};
+  for (const auto& r : o.param_groups) out.push_back(r.freeze ? -1 : group(r.lr > 0 ? r.lr : o.lr));
+  return out;
+}
+
 // Two optim.param_groups lists (as YAML) that differ at most in their rules' lr.
 bool same_rules_but_lr(const std::string& a, const std::string& b) {
   auto without_lr = [](const std::string& yaml) {
@@ -678,6 +693,16 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
   }
   for (const auto& [k, v] : b)
     if (!a.count(k)) record(k);
+  if (!d.learning_rate.empty()) {
+    try {
+      const auto grouping = [](const std::string& yaml) {
+        return lr_grouping(run_config_from_tree(parse_config_string(yaml, "config"), "config").optim);
+      };
+      d.lr_regrouped = grouping(saved_yaml) != grouping(current_yaml);
+    } catch (const std::exception&) {
+      d.lr_regrouped = true;  // not a config to reason about: not a change to allow
+    }
+  }
   return d;
 }
 
@@ -777,21 +802,20 @@ void warn_if_train_data_changed(const nlohmann::json& saved, const RunConfig& cf
 
 }  // namespace
 
-void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, int64_t records) {
-  if (!dist::is_main()) return;
-  int64_t saved = -1;
-  try {
-    saved = nlohmann::json::parse(read_text_file(dir + "/trainer_state.json"))
-                .value("data", nlohmann::json::object())
-                .value("records", int64_t{-1});
-  } catch (const std::exception&) {
-    return;  // check_resume_checkpoint has read the file; a record of the wrong type is not worth a stop
-  }
-  if (saved < 0 || saved == records) return;
+void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, const nlohmann::json& now) try {
+  if (!dist::is_main() || !now.is_object()) return;
+  const auto saved =
+      nlohmann::json::parse(read_text_file(dir + "/trainer_state.json")).value("data", nlohmann::json::object());
+  // Another file is warned about by check_resume_checkpoint; this is the same file read otherwise.
+  if (!saved.contains("records") || saved.value("bytes", nlohmann::json()) != now["bytes"] ||
+      saved.value("crc32", nlohmann::json()) != now["crc32"] || saved["records"] == now["records"])
+    return;
   spdlog::warn("resume: data.train {} now gives {} usable records, the checkpoint's run had {} (records skipped by "
                "data.on_bad_record differ: an image missing or damaged since, or repaired): the resumed run sees other "
                "batches than an uninterrupted run would. Restore the images for an exact resume",
-               cfg.data.train, records, saved);
+               cfg.data.train, now["records"].get<int64_t>(), saved["records"].get<int64_t>());
+} catch (const std::exception&) {
+  // check_resume_checkpoint has read the file; a record of the wrong type is advice lost, not a stop
 }
 
 int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
@@ -825,6 +849,12 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
                       "': the config changed in keys that alter the model, data or optimisation:" + keys +
                       "\nrestore them, or start a new run (another run.out_dir)");
   }
+  if (diff.lr_regrouped)
+    throw ConfigError("cannot resume from '" + dir +
+                      "' with these learning rates: sources that shared an lr (and so an optimizer group: "
+                      "optim.lr and the optim.param_groups rules that set one) no longer do, or the reverse, so the "
+                      "saved optimizer state does not map onto the new groups. Change them together (e.g. scale "
+                      "every one by the same factor), or start a new run with init_from naming the checkpoint");
   if (!diff.learning_rate.empty()) {
     std::string keys;
     for (const auto& k : diff.learning_rate) keys += " " + k;
@@ -848,10 +878,19 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg) {
 }
 
 void forget_after_step(const std::string& run_dir, int64_t step) {
-  if (!dist::is_main()) return;
-  for (const auto& name : set_aside_checkpoints_after(run_dir, step))
-    spdlog::warn("resume: a checkpoint newer than the resumed step {} is set aside: {}", step, name);
-  truncate_metrics_after((std::filesystem::path(run_dir) / "metrics.jsonl").string(), step);
+  std::string error;
+  if (dist::is_main()) try {
+      for (const auto& name : set_aside_checkpoints_after(run_dir, step))
+        spdlog::warn("resume: a checkpoint newer than the resumed step {} is set aside: {}", step, name);
+      truncate_metrics_after((std::filesystem::path(run_dir) / "metrics.jsonl").string(), step);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  // Rank 0 alone touches the files; every rank stops when it could not, rank 0 with the reason.
+  if (dist::any(!error.empty()))
+    throw DataError(!error.empty() ? error
+                                   : "rank 0 could not set aside what followed step " + std::to_string(step) +
+                                         " in " + run_dir + " (its log says why)");
 }
 
 nlohmann::json record_train_step(MetricsLog& log, TrainResult& result, int64_t step, const torch::Tensor& loss,

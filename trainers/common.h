@@ -165,6 +165,9 @@ struct ConfigDiff {
   // learning rate (the usual remedy after a divergence; it then no longer repeats the original
   // run), while a finished pipeline stage trained at another lr is not the same stage.
   std::vector<std::string> learning_rate;
+  // The new lrs group the parameters differently (the optimizer makes one group per distinct
+  // lr), so the saved optimizer state does not fit: a resume is refused.
+  bool lr_regrouped = false;
 };
 ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& current_yaml);
 
@@ -195,7 +198,8 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
 // After resuming from `dir`: warns when the training set now has another number of usable
 // records than the checkpoint's run had (the manifest is unchanged, but with data.on_bad_record:
 // skip an image that vanished or broke since changes every epoch's order).
-void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, int64_t records);
+// `now`: train_data_record of the dataset as built for the resumed run.
+void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, const nlohmann::json& now);
 
 // After loading the checkpoint of `step`: sets later checkpoints aside and drops their records
 // from RUN/metrics.jsonl, so the run reads as one uninterrupted run.

@@ -168,7 +168,7 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   std::vector<torch::Tensor> imgs, txts;
   std::vector<std::string> captions;
   ProgressLog progress("evaluation: encoding", "pairs", data.size());
-  const int64_t eval_batch = eval.batch_or(256);
+  const int64_t eval_batch = eval.batch_size;
   for (int64_t b = 0; b < data.size(); b += eval_batch) {
     progress.update(b);
     stop_point();  // a stop signal abandons the evaluation
@@ -256,7 +256,6 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   if (!resumed_from.empty()) {
     start = load_checkpoint(resumed_from, cfg, model, *loss, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
-    warn_if_train_records_changed(resumed_from, cfg, static_cast<int64_t>(train.size()));
     forget_after_step(cfg.run.out_dir, start);
   } else {
     for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model, cfg.data.tokenizer);
@@ -271,6 +270,7 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
   MetricsLog metrics = open_metrics_log(cfg);
   const int64_t steps = cfg.train.steps, B = global_batch(cfg);
   const nlohmann::json data_record = train_data_record(cfg, static_cast<int64_t>(train.size()));  // for the checkpoints
+  if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
   EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<CaptionBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); },

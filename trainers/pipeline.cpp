@@ -58,7 +58,7 @@ void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& whe
         throw ConfigError(value.where() + ": set " + key + ": '" + part + "' is inside a value that is not a mapping");
       node = &node->child(part);
     }
-    if (node->is_map() && value.is_map()) merge_config(*node, value, key);
+    if (node->is_map() && value.is_map()) merge_config(*node, value);
     else *node = value;
   }
 }
@@ -214,10 +214,12 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
         init_logging("", rank());
         spdlog::info("pipeline {}: stage {} ({}/{}) is complete ({}); skipping", p.name, stage.name, i + 1,
                      p.stages.size(), ck);
-        // Its recorded results are those of the evaluation settings it ran with.
+        // Its recorded results are those of the evaluation settings it ran with. (eval.batch_size
+        // changes how records are batched, not what is scored.)
         std::string eval_keys;
         for (const auto& k : diff.safe)
-          if (k.rfind("eval.", 0) == 0 || k == "data.val" || k == "data.val_limit") eval_keys += " " + k;
+          if ((k.rfind("eval.", 0) == 0 && k != "eval.batch_size") || k == "data.val" || k == "data.val_limit")
+            eval_keys += " " + k;
         if (!eval_keys.empty())
           spdlog::warn("pipeline {}: stage {} finished with other evaluation settings ({}); the results below are "
                        "those it recorded then; to score it on other data, run trialign eval {} --data MANIFEST",
@@ -244,7 +246,10 @@ PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
         throw ConfigError("pipeline " + p.name + ": stage " + stage.name +
                           " is part-trained from other checkpoints of its init_from stages than the current ones "
                           "(trained again since it started); remove " + dir + " to train it again from them");
-    } else if (rank() == 0) {
+    } else {
+      // Every rank writes it (the same bytes, each through its own temporary), so a rank that
+      // cannot stops here with the reason; before the first stage no process group exists yet
+      // to tell the others.
       std::error_code ec;
       fs::create_directories(dir, ec);
       atomic_write_text(started_file, json_text(nlohmann::json{{"upstream_weights", upstream_weights}}, 2) + "\n");

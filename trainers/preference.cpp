@@ -182,8 +182,9 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       for (const auto& e : nlohmann::json::parse(read_text_file(init_record))) {
         inits.push_back({e.at("checkpoint").get<std::string>(), e.at("components").get<std::vector<std::string>>()});
         // The reference model is rebuilt from these on every resume: from the very same weights.
-        const auto recorded = e.value("model_crc32", nlohmann::json());
-        if (!recorded.is_null() && recorded != weights_crc(inits.back().checkpoint))
+        // (A checkpoint gone since is left to init_components, which names the missing path.)
+        const auto recorded = e.value("model_crc32", nlohmann::json()), now = weights_crc(inits.back().checkpoint);
+        if (!recorded.is_null() && !now.is_null() && recorded != now)
           throw DataError(init_record + ": " + inits.back().checkpoint +
                           " holds other weights than when this run started (model.safetensors CRC-32 " +
                           std::to_string(recorded.get<uint32_t>()) + " then), so the reference model would differ; "
@@ -228,6 +229,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   PreferenceDataset train(cfg.data.train, cfg.data, tok, tpi, kind, /*train=*/true, 0, reserve);
   warn_unknown_tokens(tok, encoded_before, cfg);
   const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
+  if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
   std::unique_ptr<PreferenceDataset> val;
   if (!cfg.data.val.empty())
     val = std::make_unique<PreferenceDataset>(cfg.data.val, cfg.data, tok, tpi, kind, false, cfg.data.val_limit, reserve);
@@ -273,7 +275,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   if (!resumed_from.empty()) {
     start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
-    warn_if_train_records_changed(resumed_from, cfg, static_cast<int64_t>(train.size()));
     forget_after_step(cfg.run.out_dir, start);
   }
   sync_across_ranks(model->parameters());  // every rank starts from rank 0's weights
@@ -288,7 +289,7 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
       cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   TrainResult result;
-  const int eval_batch = cfg.eval.batch_or(cfg.train.batch_size / cfg.train.grad_accum);
+  const int eval_batch = cfg.eval.vlm_batch(cfg.train.batch_size / cfg.train.grad_accum);
   VlmModel* ref = reference ? &reference : nullptr;
   auto run_eval = [&](int64_t step) {
     const auto paused = progress.pause();

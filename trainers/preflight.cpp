@@ -113,7 +113,17 @@ void check_combinations(const RunConfig& cfg, Problems& out) {
                             "]: trainer adapter trains the projector alone, but this rule names " + c +
                             " without freezing it; set freeze: true there, or use trainer: finetune");
     }
-  if (cfg.trainer != "preference") return;
+  if (cfg.trainer != "preference") {
+    // Keys only the preference trainer reads: elsewhere they would be taken and ignored. Checked
+    // here, before a run, not when a config loads, so checkpoints whose configs carry them can
+    // still be evaluated and exported.
+    const std::string only = ": read by the preference trainer only (trainer: preference); this config runs the " +
+                             cfg.trainer + " trainer, so remove it";
+    if (!cfg.rewards.empty()) out.lines.push_back("rewards" + only);
+    if (cfg.preference.cache_reference) out.lines.push_back("preference.cache_reference" + only);
+    if (cfg.eval.samples > 0) out.lines.push_back("eval.samples" + only);
+    return;
+  }
   const auto loss = preference_losses().create_or_throw(cfg.loss);
   const CompletionSampling* sampling = loss->sampling();
   if (cfg.eval.samples > 0 && !sampling)

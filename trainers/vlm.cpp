@@ -349,7 +349,6 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   if (!resumed_from.empty()) {
     start = load_vlm_checkpoint(resumed_from, cfg, model, optimizer);
     spdlog::info("resumed from {} at step {}", resumed_from, start);
-    warn_if_train_records_changed(resumed_from, cfg, static_cast<int64_t>(train.size()));
     forget_after_step(cfg.run.out_dir, start);
   } else {
     for (const auto& init : cfg.init_from) init_components(*model, init, cfg.model, cfg.data.tokenizer);
@@ -360,13 +359,14 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
   MetricsLog metrics = open_metrics_log(cfg);
   const int64_t steps = cfg.train.steps, B = global_batch(cfg);
   const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
+  if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
   EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<ConversationBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); }, start, steps,
       cfg.data.workers, cfg.data.prefetch);
   Progress progress(start, steps);
   TrainResult result;
-  const int eval_batch = cfg.eval.batch_or(cfg.train.batch_size / cfg.train.grad_accum);
+  const int eval_batch = cfg.eval.vlm_batch(cfg.train.batch_size / cfg.train.grad_accum);
   auto run_eval = [&](int64_t step) {
     const auto paused = progress.pause();
     nlohmann::json all;

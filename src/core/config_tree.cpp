@@ -183,35 +183,17 @@ ConfigNode parse_config_string(const std::string& text, const std::string& file_
   return parse_yaml(text, file_label);
 }
 
-namespace {
-
-// Sections whose options belong to their `type:` (registered components). An overlay that gives
-// one another type replaces it whole: the old type's options would be unknown keys of the new
-// one, and a file has no way to remove a key it inherits. Other sections with a `type:`
-// (schedule) have the same keys for every type and merge as usual.
-bool typed_section(const std::string& path) { return path == "loss" || path == "model.projector"; }
-
-void merge_at(ConfigNode& base, const ConfigNode& overlay, const std::string& path) {
+void merge_config(ConfigNode& base, const ConfigNode& overlay) {
   if (base.is_map() && overlay.is_map()) {
-    const ConfigNode* old_type = base.find("type");
-    const ConfigNode* new_type = overlay.find("type");
-    if (typed_section(path) && old_type && new_type && old_type->scalar != new_type->scalar) {
-      base = overlay;
-      return;
-    }
     for (const auto& kv : overlay.map) {
       ConfigNode* existing = base.find(kv.first);
-      if (existing) merge_at(*existing, kv.second, path.empty() ? kv.first : path + "." + kv.first);
+      if (existing) merge_config(*existing, kv.second);
       else base.map.push_back(kv);
     }
     return;
   }
   base = overlay;
 }
-
-}  // namespace
-
-void merge_config(ConfigNode& base, const ConfigNode& overlay, const std::string& path) { merge_at(base, overlay, path); }
 
 void apply_override(ConfigNode& root, const std::string& assignment) {
   const auto eq = assignment.find('=');

@@ -37,10 +37,8 @@ struct ConfigNode {
 ConfigNode load_config_file(const std::string& path);
 ConfigNode parse_config_string(const std::string& text, const std::string& file_label);
 
-// Recursive merge: maps merge key by key, anything else in `overlay` replaces `base`. A registered
-// component's section (loss, model.projector) given another `type:` is replaced whole. `path`:
-// where `base` sits in the document ("" = the top, "model" for the model section).
-void merge_config(ConfigNode& base, const ConfigNode& overlay, const std::string& path = "");
+// Recursive merge: maps merge key by key, anything else in `overlay` replaces `base`.
+void merge_config(ConfigNode& base, const ConfigNode& overlay);
 
 // Applies "a.b.c=value" (value parsed as YAML, so lists and numbers work). Throws ConfigError
 // for a malformed assignment.

@@ -205,13 +205,6 @@ RunConfig run_config_from_tree(const ConfigNode& tree, const std::string& label)
         errors.add(tree.find("rewards"), "rewards",
                    "loss '" + cfg.loss.type + "' trains on chosen/rejected pairs and uses no reward functions; remove "
                    "rewards or use a loss that samples completions (grpo)");
-    } else {
-      // Keys only the preference trainer reads: elsewhere they would be taken and ignored.
-      const std::string only = "read by the preference trainer only (trainer: preference); this config runs the " +
-                               cfg.trainer + " trainer, so remove it";
-      if (!cfg.rewards.empty()) errors.add(tree.find("rewards"), "rewards", only);
-      if (cfg.preference.cache_reference) errors.add(tree.find("preference"), "preference.cache_reference", only);
-      if (cfg.eval.samples > 0) errors.add(tree.find("eval"), "eval.samples", only);
     }
     if (cfg.is_vlm()) {
       if (cfg.trainer != "preference") lm_losses().create_filling(cfg.loss, errors);

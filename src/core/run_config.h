@@ -307,9 +307,10 @@ struct EvalSet {
 
 struct EvalSection {
   std::vector<int64_t> recall_at = {1, 5, 10};
-  // Samples per evaluation forward; 0 = auto: 256 image-caption pairs in stage 1, the training
-  // micro-batch (train.batch_size / train.grad_accum) in stages 2-3 and preference runs.
-  int batch_size = 0;
+  // Samples per evaluation forward: in stage 1 this many image-caption pairs; in stages 2-3 and
+  // preference runs at most this many, and never more than the training micro-batch
+  // (train.batch_size / train.grad_accum), so lowering it lowers an evaluation's memory.
+  int batch_size = 256;
   std::vector<EvalSet> sets;    // VLM trainers; empty = data.val (data.val_limit) as "val"
   int max_new_tokens = 32;      // generation length cap for exact match / captions
   bool at_start = false;        // also score the starting model (step 0) on a fresh run
@@ -321,14 +322,15 @@ struct EvalSection {
   std::string object_vocabulary;
   template <class V> void fields(V& v) {
     v("recall_at", recall_at);
-    v("batch_size", batch_size, at_least(0));
+    v("batch_size", batch_size, at_least(1));
     v("sets", sets);
     v("max_new_tokens", max_new_tokens, at_least(1));
     v("at_start", at_start);
     v("samples", samples, at_least(0));
     v("object_vocabulary", object_vocabulary);
   }
-  int batch_or(int automatic) const { return batch_size > 0 ? batch_size : std::max(1, automatic); }
+  // The evaluation batch of a VLM run whose training micro-batch is `micro`.
+  int vlm_batch(int micro) const { return std::max(1, std::min(batch_size, micro)); }
 };
 
 // The preference trainer's own switches (the loss's options live under loss:).
