@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 
 #include "core/checkpoint.h"
@@ -26,6 +27,30 @@ using namespace trialign;
 using trialign::test::TempDir;
 using trialign::test::write_file;
 namespace fs = std::filesystem;
+
+namespace {
+
+// Runs `write` under a file-size limit, which makes writes fail as on a full disk (EFBIG instead
+// of ENOSPC), and returns the message of what it threw ("" if nothing).
+std::string error_with_file_size_limit(rlim_t bytes, const std::function<void()>& write) {
+  struct rlimit old {};
+  ::getrlimit(RLIMIT_FSIZE, &old);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old;
+  small.rlim_cur = bytes;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  std::string error;
+  try {
+    write();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  return error;
+}
+
+}  // namespace
 
 TEST_CASE("safetensors round trip keeps names, dtypes, shapes and values", "[checkpoint][safetensors]") {
   TempDir d("st");
@@ -373,20 +398,7 @@ TEST_CASE("a resume drops later metrics records, and on a full disk leaves the f
   CHECK(read_text_file(path) == text);
   // A file-size limit makes the rewrite fail as on a full disk: an error naming the file, which
   // keeps every record (the kept 2,000 lines are over the limit).
-  struct rlimit old {};
-  ::getrlimit(RLIMIT_FSIZE, &old);
-  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit small = old;
-  small.rlim_cur = 64 << 10;
-  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
-  std::string error;
-  try {
-    truncate_metrics_after(path, 2000);
-  } catch (const DataError& e) {
-    error = e.what();
-  }
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  std::signal(SIGXFSZ, old_handler);
+  const std::string error = error_with_file_size_limit(64 << 10, [&] { truncate_metrics_after(path, 2000); });
   CHECK_THAT(error, Catch::Contains("cannot drop the records after step 2000 from " + path) &&
                         Catch::Contains("the file is unchanged"));
   CHECK(read_text_file(path) == text);
@@ -405,23 +417,11 @@ TEST_CASE("disk full or an output folder that cannot be made: a clear error, the
     w.add_text("a.bin", "good");
     w.commit(2);
   }
-  // A file-size limit makes writes fail as on a full disk (EFBIG instead of ENOSPC).
-  struct rlimit old {};
-  ::getrlimit(RLIMIT_FSIZE, &old);
-  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit small = old;
-  small.rlim_cur = 64 << 10;
-  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
-  std::string error;
-  try {
+  const std::string error = error_with_file_size_limit(64 << 10, [&] {
     CheckpointWriter w(d.path.string(), 2, "contrastive");
     w.add_text("a.bin", std::string(1 << 20, 'x'));
     w.commit(2);
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  std::signal(SIGXFSZ, old_handler);
+  });
   CHECK_THAT(error, Catch::Contains("a.bin") && Catch::Contains("disk full?"));
   CHECK(find_latest_checkpoint(d.path.string()) == (d.path / "checkpoints" / "step_00000001").string());
   CHECK_FALSE(fs::exists(d.path / "checkpoints" / "step_00000002"));
