@@ -607,21 +607,6 @@ std::vector<int> lr_grouping(const OptimConfig& o) {
   return out;
 }
 
-// Two optim.param_groups lists (as YAML) that differ at most in their rules' lr.
-bool same_rules_but_lr(const std::string& a, const std::string& b) {
-  auto without_lr = [](const std::string& yaml) {
-    ConfigNode n = parse_config_string(yaml, "optim.param_groups");
-    for (auto& rule : n.items)
-      if (rule.is_map()) rule.erase("lr");
-    return to_yaml(n);
-  };
-  try {
-    return without_lr(a) == without_lr(b);
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
 bool safe_to_change(const std::string& key) {
   static const char* safe[] = {"run.name", "run.out_dir", "run.threads", "run.device", "train.steps",
                                "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.keep_every",
@@ -671,38 +656,41 @@ ConfigDiff diff_for_resume(const std::string& saved_yaml, const std::string& cur
   // Both sides through the typed config and back, so a key that a newer version added (written
   // out with its default) or a value spelled differently (1e-3 vs 0.001) is not a change. Text
   // that is not a valid run config is compared as it is.
-  auto normalised = [](const std::string& yaml, const std::string& label) {
+  auto typed = [](const std::string& yaml, const std::string& label) -> std::optional<RunConfig> {
     try {
-      return resolved_yaml(run_config_from_tree(parse_config_string(yaml, label), label));
+      return run_config_from_tree(parse_config_string(yaml, label), label);
     } catch (const std::exception&) {
-      return yaml;
+      return std::nullopt;
     }
   };
+  const auto saved = typed(saved_yaml, "checkpoint config"), current = typed(current_yaml, "current config");
   std::map<std::string, std::string> a, b;
-  flatten(parse_config_string(normalised(saved_yaml, "checkpoint config"), "checkpoint config"), "", a);
-  flatten(parse_config_string(normalised(current_yaml, "current config"), "current config"), "", b);
+  flatten(parse_config_string(saved ? resolved_yaml(*saved) : saved_yaml, "checkpoint config"), "", a);
+  flatten(parse_config_string(current ? resolved_yaml(*current) : current_yaml, "current config"), "", b);
+  // optim.param_groups counts as a learning-rate change when only the rules' lr differ: the same
+  // rules (match, freeze) in the same order.
+  const bool same_rules = saved && current && [&] {
+    const auto &x = saved->optim.param_groups, &y = current->optim.param_groups;
+    if (x.size() != y.size()) return false;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (x[i].match != y[i].match || x[i].freeze != y[i].freeze) return false;
+    return true;
+  }();
   ConfigDiff d;
   auto record = [&](const std::string& k) { (safe_to_change(k) ? d.safe : d.unsafe).push_back(k); };
   for (const auto& [k, v] : a) {
     auto it = b.find(k);
     if (it != b.end() && same_value(it->second, v)) continue;
-    if (it != b.end() && (k == "optim.lr" || (k == "optim.param_groups" && same_rules_but_lr(v, it->second))))
+    if (it != b.end() && (k == "optim.lr" || (k == "optim.param_groups" && same_rules)))
       d.learning_rate.push_back(k);
     else
       record(k);
   }
   for (const auto& [k, v] : b)
     if (!a.count(k)) record(k);
-  if (!d.learning_rate.empty()) {
-    try {
-      const auto grouping = [](const std::string& yaml) {
-        return lr_grouping(run_config_from_tree(parse_config_string(yaml, "config"), "config").optim);
-      };
-      d.lr_regrouped = grouping(saved_yaml) != grouping(current_yaml);
-    } catch (const std::exception&) {
-      d.lr_regrouped = true;  // not a config to reason about: not a change to allow
-    }
-  }
+  // Not configs to reason about: not a change to allow.
+  if (!d.learning_rate.empty())
+    d.lr_regrouped = !saved || !current || lr_grouping(saved->optim) != lr_grouping(current->optim);
   return d;
 }
 
