@@ -106,24 +106,31 @@ PreferenceSummary write_preference_data(const std::string& out_dir, int64_t n_tr
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   const std::filesystem::path root(out_dir);
-  // Per scene: the caption pairs, then the yes/no pairs (their popular / adversarial choices use
-  // the split's own frequencies, as val_pope.jsonl does).
-  auto pairs = [&](const std::string& split, int64_t n) {
+  // The caption pairs (each rejected caption carries one controlled hallucination) and, in their
+  // own files, the yes/no pairs. The yes/no pairs' popular / adversarial choices use the split's
+  // own frequencies, as val_pope.jsonl does.
+  auto caption_pairs = [&](const std::string& split) {
+    return [&opts, split](int64_t i) {
+      return preference_records(sample_scene(opts, split, i), scene_image_path(split, i), opts,
+                                preference_seed(opts.seed, split, i));
+    };
+  };
+  auto yes_no_pairs = [&](const std::string& split, int64_t n) {
     auto stats = std::make_shared<SplitStats>();
     for (int64_t i = 0; i < n; ++i) stats->add(sample_scene(opts, split, i));
     return [&opts, split, stats](int64_t i) {
-      const Scene scene = sample_scene(opts, split, i);
-      const std::string image = scene_image_path(split, i);
-      const uint64_t seed = preference_seed(opts.seed, split, i);
-      auto out = preference_records(scene, image, opts, seed);
-      for (auto& r : yes_no_preference_records(scene, image, *stats, opts, seed)) out.push_back(std::move(r));
-      return out;
+      return yes_no_preference_records(sample_scene(opts, split, i), scene_image_path(split, i), *stats, opts,
+                                       preference_seed(opts.seed, split, i));
     };
   };
   PreferenceSummary s;
   s.train_pairs = write_jsonl_records((root / "train_pref.jsonl").string(), n_train, "write_preference_data",
-                                      pairs("train", n_train));
-  s.val_pairs = write_jsonl_records((root / "val_pref.jsonl").string(), n_val, "write_preference_data", pairs("val", n_val));
+                                      caption_pairs("train"));
+  s.val_pairs = write_jsonl_records((root / "val_pref.jsonl").string(), n_val, "write_preference_data", caption_pairs("val"));
+  s.train_yes_no = write_jsonl_records((root / "train_pref_yesno.jsonl").string(), n_train, "write_preference_data",
+                                       yes_no_pairs("train", n_train));
+  s.val_yes_no = write_jsonl_records((root / "val_pref_yesno.jsonl").string(), n_val, "write_preference_data",
+                                     yes_no_pairs("val", n_val));
   auto prompts = [&](const std::string& split) {
     return [&opts, split](int64_t i) {
       return grpo_prompt_records(sample_scene(opts, split, i), scene_image_path(split, i), opts,

@@ -7,8 +7,10 @@
 //   attribute  a wrong colour or size
 //   relation   a swapped spatial relation
 // Each scene also gives yes/no pairs in the form of the POPE probes (data/shapes_pope.h): the
-// question, the true answer chosen and the other rejected, one per level, so the preference
-// losses see the probes' form on training scenes (the probes themselves are held-out scenes).
+// question, the true answer chosen and the other rejected, one per level, in files of their own.
+// They are not the default training data: on a stage 3 that answers the probes without a "yes"
+// lean, DPO and mDPO on them teach one (docs/benchmarks.md); they serve a model that has a lean
+// to remove.
 // GRPO prompts are count / colour / existence / relation questions with one-word answers.
 #pragma once
 
@@ -53,10 +55,11 @@ uint64_t preference_seed(uint64_t seed, const std::string& split, int64_t index)
 uint64_t grpo_seed(uint64_t seed, const std::string& split, int64_t index);
 
 struct PreferenceSummary {
-  int64_t train_pairs = 0, val_pairs = 0, train_prompts = 0, val_prompts = 0;
+  int64_t train_pairs = 0, val_pairs = 0, train_yes_no = 0, val_yes_no = 0, train_prompts = 0, val_prompts = 0;
 };
 
-// Writes OUT/train_pref.jsonl, OUT/val_pref.jsonl (pairs), OUT/train_grpo.jsonl, OUT/val_grpo.jsonl (prompts)
+// Writes OUT/train_pref.jsonl, OUT/val_pref.jsonl (caption pairs), OUT/train_pref_yesno.jsonl,
+// OUT/val_pref_yesno.jsonl (yes/no pairs), OUT/train_grpo.jsonl, OUT/val_grpo.jsonl (prompts)
 // for the scenes write_dataset writes with the same options; atomic like the other manifests.
 PreferenceSummary write_preference_data(const std::string& out_dir, int64_t n_train, int64_t n_val,
                                         const GeneratorOptions& opts);

@@ -703,7 +703,8 @@ WriteSummary write_dataset(const std::string& out_dir, int64_t n_train, int64_t 
                      // 2: train_pref / val_pref also hold yes/no pairs (data/shapes_preference.h)
                      // 3: existence questions also name a shape alone (data/shapes_questions.h)
                      // 4: position questions ("Where is the red circle?")
-                     {"format_version", 4},
+                     // 5: the yes/no pairs move to train_pref_yesno / val_pref_yesno
+                     {"format_version", 5},
                      {"options", to_json(opts)},
                      {"train", n_train},
                      {"val", n_val},

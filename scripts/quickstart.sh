@@ -17,12 +17,13 @@ BIN=build/trialign
 DATA=data/shapes
 
 # val_pope.jsonl is the last file the generator writes; format_version 2 added the yes/no
-# preference pairs, 3 the shape-only existence questions, 4 the position questions (older data
+# preference pairs, 3 the shape-only existence questions, 4 the position questions, 5 moved the
+# yes/no pairs to files of their own (train_pref_yesno.jsonl, val_pref_yesno.jsonl) (older data
 # is regenerated: same seed, same bytes for every file that did not change). A tokenizer already
 # there is kept, since checkpoints under runs/ were trained with its ids; it spells the words the
 # newer data added ("where", "top", ...) in smaller pieces. Delete it, and runs/quickstart, to
 # get what a fresh clone trains.
-if [ ! -f "$DATA/val_pope.jsonl" ] || ! grep -q '"format_version": 4' "$DATA/shapes_world.json"; then
+if [ ! -f "$DATA/val_pope.jsonl" ] || ! grep -q '"format_version": 5' "$DATA/shapes_world.json"; then
   "$BIN" data shapes --out "$DATA" --train 10000 --val 1000 --seed 0 --overwrite
 fi
 if [ ! -f "$DATA/tokenizer.model" ]; then

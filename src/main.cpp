@@ -457,9 +457,11 @@ int cmd_shapes(const std::string& out, int64_t n_train, int64_t n_val, shapes::G
   spdlog::info("wrote {} instruction conversations ({}) and {} held-out questions ({})", qa.train_records,
                qa.train_manifest, qa.val_records, qa.val_manifest);
   const auto pref = shapes::write_preference_data(out, n_train, n_val, opt);
-  spdlog::info("wrote {} train and {} val preference pairs (train_pref.jsonl, val_pref.jsonl) and {} train and {} val "
-               "GRPO prompts (train_grpo.jsonl, val_grpo.jsonl)",
-               pref.train_pairs, pref.val_pairs, pref.train_prompts, pref.val_prompts);
+  spdlog::info("wrote {} train and {} val caption preference pairs (train_pref.jsonl, val_pref.jsonl), {} train and "
+               "{} val yes/no pairs (train_pref_yesno.jsonl, val_pref_yesno.jsonl) and {} train and {} val GRPO "
+               "prompts (train_grpo.jsonl, val_grpo.jsonl)",
+               pref.train_pairs, pref.val_pairs, pref.train_yes_no, pref.val_yes_no, pref.train_prompts,
+               pref.val_prompts);
   spdlog::info("wrote {} yes/no hallucination probes (val_pope.jsonl)", shapes::write_pope_data(out, n_val, opt));
   // Images of an earlier, larger generation into the same folder stay behind: harmless to
   // training (the manifests name only this one's), but not what a copy or checksum of the

@@ -59,6 +59,7 @@ eval: {max_new_tokens: 4}
     return load_run_config(path);
   }
   std::string pairs() const { return dir.file("data/train_pref.jsonl"); }
+  std::string yes_no_pairs() const { return dir.file("data/train_pref_yesno.jsonl"); }
 };
 
 std::map<std::string, torch::Tensor> weights(const TrainResult& r) {
@@ -132,6 +133,39 @@ TEST_CASE("shapes yes/no preference pairs: a probe of each level, its true answe
   for (const std::string level : {"object", "attribute", "relation"}) {
     REQUIRE(pairs[level] > 60);
     CHECK(static_cast<double>(chosen_yes[level]) / pairs[level] == Approx(0.5).margin(0.15));
+  }
+}
+
+TEST_CASE("shapes preference files: caption pairs in train_pref, yes/no pairs in files of their own", "[preference][data]") {
+  // The default training file holds only pairs whose rejected reply carries one controlled
+  // hallucination; the yes/no pairs are opt-in (they teach a balanced stage 3 a "yes" lean).
+  TempDir dir("pref-files");
+  shapes::GeneratorOptions g;
+  g.max_objects = 3;
+  const int64_t n_train = 12, n_val = 5;
+  const auto summary = shapes::write_preference_data(dir.file("d"), n_train, n_val, g);
+  for (const auto& [split, n] : {std::pair<std::string, int64_t>{"train", n_train}, {"val", n_val}}) {
+    shapes::SplitStats stats;
+    for (int64_t i = 0; i < n; ++i) stats.add(shapes::sample_scene(g, split, i));
+    std::vector<nlohmann::json> captions, yes_no;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto scene = shapes::sample_scene(g, split, i);
+      const auto image = shapes::scene_image_path(split, i);
+      const uint64_t seed = shapes::preference_seed(g.seed, split, i);
+      for (auto& r : shapes::preference_records(scene, image, g, seed)) captions.push_back(std::move(r));
+      for (auto& r : shapes::yes_no_preference_records(scene, image, stats, g, seed)) yes_no.push_back(std::move(r));
+    }
+    auto read = [&](const std::string& file) {
+      std::vector<nlohmann::json> out;
+      for (const auto& rec : read_manifest(dir.file("d/" + file))) out.push_back(rec.json);
+      return out;
+    };
+    CHECK(read(split + "_pref.jsonl") == captions);
+    CHECK(read(split + "_pref_yesno.jsonl") == yes_no);
+    for (const auto& r : captions) CHECK(r["kind"] != "yes_no");
+    CHECK(static_cast<int64_t>(captions.size()) == (split == "train" ? summary.train_pairs : summary.val_pairs));
+    CHECK(static_cast<int64_t>(yes_no.size()) == (split == "train" ? summary.train_yes_no : summary.val_yes_no));
+    CHECK(yes_no.size() >= static_cast<size_t>(2 * n));  // every scene has object and attribute probes
   }
 }
 
@@ -350,9 +384,11 @@ TEST_CASE("mdpo trainer: first loss 3 ln 2 (2 ln 2 without the conditional term)
   TinyPreferenceCorpus c;
   auto r = train_preference(c.config("mdpo", "data: {train: " + c.pairs() + "}\nloss: {type: mdpo}\ntrain: {steps: 2}\n"), quiet());
   // Policy = reference at step 1: each of the three terms is ln 2 for a pair, except the
-  // conditional one of a pair marked image_conditional false (the generator's "no" answers).
+  // conditional one of a pair marked image_conditional false (the generator's yes/no pairs
+  // whose answer is "no").
   {
-    const auto records = read_manifest(c.pairs());
+    auto records = read_manifest(c.pairs());
+    for (auto& rec : read_manifest(c.yes_no_pairs())) records.push_back(std::move(rec));
     std::string conditional, not_conditional;
     for (const auto& rec : records)
       (rec.json.value("image_conditional", true) ? conditional : not_conditional) += rec.json.dump() + "\n";
@@ -366,8 +402,8 @@ TEST_CASE("mdpo trainer: first loss 3 ln 2 (2 ln 2 without the conditional term)
       CHECK_THAT(f.logged_losses[0], WithinAbs(terms * std::log(2.0), 1e-6));
     }
   }
-  CHECK(r.logged_losses[0] > 2 * std::log(2.0));  // the generated mix: some conditional terms
-  CHECK(r.logged_losses[0] <= 3 * std::log(2.0) + 1e-6);
+  // The caption pairs: every one has a conditional term.
+  CHECK_THAT(r.logged_losses[0], WithinAbs(3 * std::log(2.0), 1e-6));
   // Seeded initialisation: a fresh model with the same seed is the reference the run started from.
   auto cfg = c.config("mdpo-ref", "data: {train: " + c.pairs() + "}\n");
   const Tokenizer tok = Tokenizer::load(cfg.data.tokenizer);
