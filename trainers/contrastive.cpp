@@ -168,11 +168,10 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
   std::vector<torch::Tensor> imgs, txts;
   std::vector<std::string> captions;
   ProgressLog progress("evaluation: encoding", "pairs", data.size());
-  const int64_t eval_batch = eval.batch_size;
-  for (int64_t b = 0; b < data.size(); b += eval_batch) {
+  for (int64_t b = 0; b < data.size(); b += eval.batch_size) {
     progress.update(b);
     stop_point();  // a stop signal abandons the evaluation
-    auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval_batch));
+    auto batch = data.range(b, std::min<int64_t>(data.size(), b + eval.batch_size));
     AutocastGuard autocast(bf16);  // the encoders only; similarities below stay fp32
     imgs.push_back(model->encode_image(batch.pixels));
     txts.push_back(model->encode_text(batch.ids, batch.lengths));
@@ -192,8 +191,8 @@ nlohmann::json evaluate_retrieval(ClipModel& model, const CaptionDataset& data, 
     for (const auto& n : data.negatives(i)) neg_tokens.push_back(&n.tokens), owner.push_back(i), kinds.push_back(n.kind);
   if (!neg_tokens.empty()) {
     std::vector<torch::Tensor> negs;
-    for (size_t b = 0; b < neg_tokens.size(); b += static_cast<size_t>(eval_batch)) {
-      const auto end = std::min(neg_tokens.size(), b + static_cast<size_t>(eval_batch));
+    for (size_t b = 0; b < neg_tokens.size(); b += static_cast<size_t>(eval.batch_size)) {
+      const auto end = std::min(neg_tokens.size(), b + static_cast<size_t>(eval.batch_size));
       const auto [ids, lengths] = data.pad({neg_tokens.begin() + b, neg_tokens.begin() + end});
       AutocastGuard autocast(bf16);
       negs.push_back(model->encode_text(ids, lengths));
