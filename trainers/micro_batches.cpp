@@ -86,7 +86,9 @@ MicroBatchThreads::MicroBatchThreads(int threads, int intra_threads, std::vector
   const int caller = at::get_num_threads();
   const int intra = std::max(1, intra_threads / threads);
   try {
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, intra] { worker_loop(intra); });
+    // The worker count goes in by value: a worker that starts while workers_ is still being filled
+    // must not read its size (a data race; a short count kept the first micro-batches waiting).
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, intra, threads] { worker_loop(intra, threads); });
   } catch (...) {  // a thread that cannot start: the started ones must be joined, not destroyed
     stop_workers();
     throw;
@@ -112,7 +114,7 @@ void MicroBatchThreads::stop_workers() {
   workers_.clear();
 }
 
-void MicroBatchThreads::worker_loop(int intra) {
+void MicroBatchThreads::worker_loop(int intra, int64_t ahead) {
   // LibTorch sets a thread's OpenMP count from its process-wide default the first time the
   // thread runs parallel work (lazily, flagged per thread); get_num_threads() does that inside
   // LibTorch first, so that the count set next is the one that stays.
@@ -130,7 +132,6 @@ void MicroBatchThreads::worker_loop(int intra) {
       std::unique_lock<std::mutex> lock(mutex_);
       // At most one micro-batch per worker ahead of the caller's additions: that bounds the
       // gradient sets waiting in memory, whatever order the micro-batches finish in.
-      const int64_t ahead = static_cast<int64_t>(workers_.size());
       wake_.wait(lock, [&] {
         return stopping_ || (job_ && !aborted_ && next_task_ < job_count_ && next_task_ < added_ + ahead);
       });

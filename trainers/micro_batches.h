@@ -43,7 +43,7 @@ class MicroBatchThreads {
   std::vector<LossOutput> run(int64_t count, const std::function<LossOutput(int64_t)>& body);
 
  private:
-  void worker_loop(int intra);
+  void worker_loop(int intra, int64_t ahead);  // ahead: the number of workers
   void stop_workers();
 
   std::vector<torch::Tensor> params_;
