@@ -342,21 +342,59 @@ TEST_CASE("a component's defaults are written into the resolved config, and a ch
   CHECK(same.safe.empty());
 }
 
-TEST_CASE("a --set of TYPE.type=other over the file's options for the old type says how to replace the section",
+TEST_CASE("a later layer that changes a section's type keeps the options both types take and leaves out the rest",
           "[config]") {
   TempDir d("cfg");
   write_file(d.file("v.yaml"), std::string(kMinimal) +
                                    "trainer: finetune\nmodel:\n  projector:\n    type: mlp2x_gelu\n    spatial_merge: 2\n");
-  const std::string msg = error_of([&] { load_run_config(d.file("v.yaml"), {"model.projector.type=resampler"}); });
-  CHECK_THAT(msg, Catch::Contains("v.yaml:8:20: model.projector.spatial_merge: unknown key 'spatial_merge'"));
-  CHECK_THAT(msg, Catch::Contains("model.projector.type: --set changed the type to 'resampler' but kept the options "
-                                  "the file wrote for its type; to replace the whole section pass --set "
-                                  "'model.projector={type: resampler}'"));
-  // The same --set where the file's options suit the new type: no hint, no error.
-  CHECK_NOTHROW(load_run_config(d.file("v.yaml"), {"model.projector.type=linear"}));
-  // An unknown option given by --set itself is its own mistake, not the file's: no hint.
-  const std::string typo = error_of(
-      [&] { load_run_config(d.file("v.yaml"), {"model.projector.type=linear", "model.projector.spatial_merj=2"}); });
-  CHECK_THAT(typo, Catch::Contains("did you mean 'spatial_merge'"));
-  CHECK_THAT(typo, !Catch::Contains("--set changed the type"));
+  // --set TYPE.type=other: resampler takes no spatial_merge, so the file's option is left out
+  // of the run and of the resolved config it saves (which must load again as it is).
+  const RunConfig resampler = load_run_config(d.file("v.yaml"), {"model.projector.type=resampler"});
+  CHECK(resampler.model.projector.type == "resampler");
+  CHECK(resampler.model.projector.options.find("spatial_merge") == nullptr);
+  CHECK(resampler.model.projector.options.find("num_queries") != nullptr);  // its own defaults, written in
+  const std::string saved = resolved_yaml(resampler);
+  CHECK_THAT(saved, !Catch::Contains("spatial_merge"));
+  write_file(d.file("saved.yaml"), saved);
+  CHECK(load_run_config(d.file("saved.yaml")).model.projector.type == "resampler");
+  // linear takes spatial_merge too: the file's value stays.
+  CHECK(load_run_config(d.file("v.yaml"), {"model.projector.type=linear"}).model.projector.options.find("spatial_merge")->scalar ==
+        "2");
+  // An unknown option written next to the new type is the user's own mistake: still an error.
+  CHECK_THAT(error_of([&] {
+               load_run_config(d.file("v.yaml"), {"model.projector.type=linear", "model.projector.spatial_merj=2"});
+             }),
+             Catch::Contains("--set model.projector.spatial_merj: model.projector.spatial_merj: unknown key 'spatial_merj'; did "
+                             "you mean 'spatial_merge'?"));
+  // So is a typo in the file under its own type, with no --set at all.
+  write_file(d.file("typo.yaml"), std::string(kMinimal) +
+                                      "trainer: finetune\nmodel:\n  projector:\n    type: mlp2x_gelu\n    spatial_merj: 2\n");
+  CHECK_THAT(error_of([&] { load_run_config(d.file("typo.yaml"), {"model.projector.type=linear"}); }),
+             Catch::Contains("typo.yaml:8:19: model.projector.spatial_merj: unknown key 'spatial_merj'"));
+
+  // include: a preference config over a file that wrote mDPO's options. dpo shares beta, not
+  // delta or the crop areas; a key the including file writes again is its own.
+  write_file(d.file("mdpo.yaml"), std::string(kMinimal) +
+                                      "trainer: preference\nloss:\n  type: mdpo\n  beta: 0.4\n  delta: 0.2\n"
+                                      "  min_area: 0.1\n");
+  write_file(d.file("dpo.yaml"), "include: mdpo.yaml\nloss:\n  type: dpo\n  sft_weight: 0.5\n");
+  const RunConfig dpo = load_run_config(d.file("dpo.yaml"));
+  CHECK(dpo.loss.type == "dpo");
+  CHECK(dpo.loss.options.find("beta")->scalar == "0.4");
+  CHECK(dpo.loss.options.find("sft_weight")->scalar == "0.5");
+  CHECK(dpo.loss.options.find("delta") == nullptr);
+  CHECK(dpo.loss.options.find("min_area") == nullptr);
+  // ...and back again: an mdpo layer on top reads the mdpo options the first file wrote.
+  const RunConfig back = load_run_config(d.file("dpo.yaml"), {"loss.type=mdpo"});
+  REQUIRE(back.loss.type == "mdpo");
+  CHECK(back.loss.options.find("delta")->scalar == "0.2");
+  CHECK(back.loss.options.find("min_area")->scalar == "0.1");
+  CHECK(back.loss.options.find("sft_weight") == nullptr);  // written for dpo by the --set before
+  // A pipeline stage's set: {loss.type: dpo} does the same.
+  write_file(d.file("p.yaml"), "name: p\nout_dir: " + d.file("out") + "\nstages:\n  - {name: a, config: " +
+                                   d.file("mdpo.yaml") + ", set: {loss.type: dpo}}\n");
+  const PipelinePlan plan = load_pipeline(d.file("p.yaml"));
+  CHECK(plan.stages.at(0).loss.type == "dpo");
+  CHECK(plan.stages.at(0).loss.options.find("beta")->scalar == "0.4");
+  CHECK(plan.stages.at(0).loss.options.find("delta") == nullptr);
 }

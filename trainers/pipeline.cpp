@@ -56,6 +56,8 @@ void apply_sets(ConfigNode& root, const ConfigNode& sets, const std::string& whe
     while (std::getline(ks, part, '.')) {
       if (!node->is_map() && !node->is_null())
         throw ConfigError(value.where() + ": set " + key + ": '" + part + "' is inside a value that is not a mapping");
+      if (part == "type" && ks.peek() == std::char_traits<char>::eof() && value.kind == ConfigNode::Kind::Scalar)
+        mark_retyped(*node, value.scalar);  // {loss.type: dpo}: the stage config's loss options were for its type
       node = &node->child(part);
     }
     if (node->is_map() && value.is_map()) merge_config(*node, value);

@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <sstream>
 
+#include <spdlog/spdlog.h>
+
 #include "core/errors.h"
 
 namespace trialign {
@@ -103,22 +105,42 @@ Check<std::string> one_of(std::vector<std::string> choices) {
 ConfigReader::ConfigReader(const ConfigNode* node, std::string path, ConfigErrors& errors)
     : node_(node), path_(std::move(path)), errors_(errors) {}
 
-void ConfigReader::finish() {
+void ConfigReader::finish(bool typed) {
   if (!node_ || !node_->is_map()) return;
   for (const auto& kv : node_->map) {
     if (std::find(used_.begin(), used_.end(), kv.first) != used_.end()) continue;
-    const std::string best = closest_name(kv.first, used_);
-    std::string msg = "unknown key '" + kv.first + "'";
-    if (kv.first == "<<") msg += ": YAML merge keys ('<<: *anchor') are not supported; repeat the keys, or share them "
-                                 "with include: (a file of common keys)";
-    else if (!best.empty()) msg += "; did you mean '" + best + "'?";
-    else {
-      std::string list;
-      for (const auto& u : used_) list += (list.empty() ? "" : ", ") + u;
-      msg += "; known keys here: " + list;
+    if (typed && !kv.second.written_for_type.empty()) {
+      stale_.push_back(kv.first);
+      continue;
     }
-    errors_.add(&kv.second, path_.empty() ? kv.first : path_ + "." + kv.first, msg);
+    unknown_key(kv.first, kv.second);
   }
+}
+
+void ConfigReader::unknown_key(const std::string& key, const ConfigNode& node) {
+  const std::string best = closest_name(key, used_);
+  std::string msg = "unknown key '" + key + "'";
+  if (key == "<<") msg += ": YAML merge keys ('<<: *anchor') are not supported; repeat the keys, or share them "
+                          "with include: (a file of common keys)";
+  else if (!best.empty()) msg += "; did you mean '" + best + "'?";
+  else {
+    std::string list;
+    for (const auto& u : used_) list += (list.empty() ? "" : ", ") + u;
+    msg += "; known keys here: " + list;
+  }
+  errors_.add(&node, path_.empty() ? key : path_ + "." + key, msg);
+}
+
+void ConfigReader::settle_stale(const std::string& key, const std::string& new_type,
+                                const std::vector<std::string>& old_type_options) {
+  const ConfigNode* n = node_ ? node_->find(key) : nullptr;
+  if (!n) return;
+  if (std::find(old_type_options.begin(), old_type_options.end(), key) == old_type_options.end())
+    return unknown_key(key, *n);  // no type takes it: a typo, whichever layer retyped the section
+  spdlog::info("{}: {} is an option of type '{}', which a later setting changed to '{}' (which has no such option); "
+               "left out",
+               n->where(), path_.empty() ? key : path_ + "." + key, n->written_for_type, new_type);
+  if (defaults_) defaults_->erase(key);
 }
 
 void ConfigReader::read_value(const ConfigNode* n, const std::string& path, bool& out) {

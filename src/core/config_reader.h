@@ -103,8 +103,16 @@ class ConfigReader {
     value = static_cast<float>(v);
   }
 
-  // Reports keys present in the node but never asked for. Call after the last field.
-  void finish();
+  // Reports keys present in the node but never asked for. Call after the last field. `typed`
+  // (a registry reading a `type:` component's options): keys a later layer's type change left
+  // behind (ConfigNode::written_for_type) are not reported but listed in stale(), for the
+  // registry to settle (settle_stale).
+  void finish(bool typed = false);
+  const std::vector<std::string>& stale() const { return stale_; }
+  // A stale key: when `old_type_options` (what the type it was written for takes) has it, it is
+  // dropped, logged and left out of the recorded defaults, so the resolved config does not carry
+  // it; otherwise it is an unknown key like any other (a typo under the old type).
+  void settle_stale(const std::string& key, const std::string& new_type, const std::vector<std::string>& old_type_options);
   // Every key asked for and absent gets its default written into `out` (a map), so that a
   // component's options can be saved complete (Registry::create_filling). Top level only.
   void record_defaults(ConfigNode* out) { defaults_ = out; }
@@ -148,10 +156,11 @@ class ConfigReader {
 
  private:
   std::string join(const char* key) const { return path_.empty() ? key : path_ + "." + key; }
+  void unknown_key(const std::string& key, const ConfigNode& node);
   const ConfigNode* node_;
   std::string path_;
   ConfigErrors& errors_;
-  std::vector<std::string> used_;
+  std::vector<std::string> used_, stale_;
   ConfigNode* defaults_ = nullptr;
 };
 

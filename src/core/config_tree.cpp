@@ -183,12 +183,25 @@ ConfigNode parse_config_string(const std::string& text, const std::string& file_
   return parse_yaml(text, file_label);
 }
 
+void mark_retyped(ConfigNode& section, const std::string& new_type) {
+  const ConfigNode* old = section.is_map() ? section.find("type") : nullptr;
+  if (!old || old->kind != ConfigNode::Kind::Scalar || old->scalar == new_type) return;
+  const std::string old_type = old->scalar;
+  for (auto& [key, child] : section.map)
+    if (key != "type" && child.written_for_type.empty()) child.written_for_type = old_type;
+}
+
 void merge_config(ConfigNode& base, const ConfigNode& overlay) {
   if (base.is_map() && overlay.is_map()) {
+    if (const ConfigNode* t = overlay.find("type"); t && t->kind == ConfigNode::Kind::Scalar) mark_retyped(base, t->scalar);
     for (const auto& kv : overlay.map) {
       ConfigNode* existing = base.find(kv.first);
-      if (existing) merge_config(*existing, kv.second);
-      else base.map.push_back(kv);
+      if (existing) {
+        existing->written_for_type.clear();  // the overlay wrote into it: meant for the type it leaves
+        merge_config(*existing, kv.second);
+      } else {
+        base.map.push_back(kv);
+      }
     }
     return;
   }
@@ -219,6 +232,9 @@ void apply_override(ConfigNode& root, const std::string& assignment) {
     if (part.empty()) throw ConfigError("--set '" + assignment + "': empty key segment");
     if (!node->is_map() && !node->is_null())
       throw ConfigError("--set " + key + ": '" + walked + "' is not a mapping, cannot set a key inside it");
+    // `--set SECTION.type=other`: the section's options were written for its old type.
+    if (part == "type" && ks.peek() == std::char_traits<char>::eof() && parsed.kind == ConfigNode::Kind::Scalar)
+      mark_retyped(*node, parsed.scalar);
     const bool created = node->find(part) == nullptr;
     node = &node->child(part);
     if (created) node->file = "--set " + key;  // a key the --set made: errors about it name the --set

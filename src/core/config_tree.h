@@ -17,6 +17,11 @@ struct ConfigNode {
   std::vector<std::pair<std::string, ConfigNode>> map; // Map, in file order
   std::string file;                                    // source: path, or "--set"
   int line = 0, column = 0;                            // 1-based; 0 when unknown
+  // Set on an option of a typed section (a map with `type:`) when a later layer (an including
+  // file, --set, a pipeline stage's set:) changed the section's type: the type the option was
+  // written for. The reader drops such an option when the new type does not declare it, and
+  // reads it when it does (dpo and mdpo share `beta`). "" for everything else.
+  std::string written_for_type;
 
   bool is_map() const { return kind == Kind::Map; }
   bool is_null() const { return kind == Kind::Null; }
@@ -37,8 +42,14 @@ struct ConfigNode {
 ConfigNode load_config_file(const std::string& path);
 ConfigNode parse_config_string(const std::string& text, const std::string& file_label);
 
-// Recursive merge: maps merge key by key, anything else in `overlay` replaces `base`.
+// Recursive merge: maps merge key by key, anything else in `overlay` replaces `base`. An overlay
+// map whose `type:` differs from base's marks base's other keys with the old type
+// (written_for_type) before merging; keys the overlay writes are its own again.
 void merge_config(ConfigNode& base, const ConfigNode& overlay);
+
+// `section`'s type becomes `new_type`: when it was another type, its options are marked as
+// written for the old one (see written_for_type). Call before setting the new `type:`.
+void mark_retyped(ConfigNode& section, const std::string& new_type);
 
 // Applies "a.b.c=value" (value parsed as YAML, so lists and numbers work). Throws ConfigError
 // for a malformed assignment.

@@ -128,24 +128,31 @@ class Registry {
       errors.add(where, spec.path, e.what());
       return nullptr;
     }
-    reader.finish();
-    retype_hint(spec, reader.asked(), errors);
+    reader.finish(/*typed=*/true);
+    for (const auto& key : reader.stale())
+      reader.settle_stale(key, spec.type, options_of(spec.options.find(key)->written_for_type, args...));
     return errors.empty() ? made : nullptr;
   }
 
-  // Unknown options after `--set PATH.type=NAME` changed the type of a section a file wrote: the
-  // file's options were meant for its own type; say how to replace the section instead.
-  static void retype_hint(const TypedSpec& spec, const std::vector<std::string>& asked, ConfigErrors& errors) {
-    if (spec.type_node.file.rfind("--set", 0) != 0) return;
-    for (const auto& [key, child] : spec.options.map)
-      if (std::find(asked.begin(), asked.end(), key) == asked.end() && !child.file.empty() &&
-          child.file.rfind("--set", 0) != 0) {
-        errors.add(&spec.type_node, spec.path + ".type",
-                   "--set changed the type to '" + spec.type + "' but kept the options the file wrote for its type; " +
-                       "to replace the whole section pass --set '" + spec.path + "={type: " + spec.type +
-                       "}' (with the new type's options inside the braces)");
-        return;
-      }
+  // The options a type's factory asks for (read with none given), for telling an option a type
+  // change left behind from a typo. Empty for an unknown type.
+  std::vector<std::string> options_of(const std::string& type, Args... args) const {
+    Factory make;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = entries_.find(type);
+      if (it == entries_.end()) return {};
+      make = it->second.make;
+    }
+    ConfigNode none;
+    none.kind = ConfigNode::Kind::Map;
+    ConfigErrors ignored;
+    ConfigReader reader(&none, "", ignored);
+    try {
+      make(reader, args...);
+    } catch (const std::exception&) {  // its defaults may not build alone; what it asked is what counts
+    }
+    return reader.asked();
   }
 
   std::string kind_;
