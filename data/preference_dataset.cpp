@@ -169,8 +169,14 @@ PreferenceBatch PreferenceDataset::collate(const std::vector<SampleRef>& refs, u
 }
 
 PreferenceBatch PreferenceDataset::range(int64_t begin, int64_t end) const {
+  std::vector<int64_t> indices;
+  for (int64_t i = begin; i < end; ++i) indices.push_back(i);
+  return rows(indices);
+}
+
+PreferenceBatch PreferenceDataset::rows(const std::vector<int64_t>& indices) const {
   std::vector<SampleRef> refs;
-  for (int64_t i = begin; i < end; ++i) refs.push_back({0, i});
+  for (const auto i : indices) refs.push_back({0, i});
   return build(refs, 0, false);
 }
 

@@ -67,6 +67,8 @@ class PreferenceDataset {
 
   PreferenceBatch collate(const std::vector<SampleRef>& refs, uint64_t seed) const;
   PreferenceBatch range(int64_t begin, int64_t end) const;
+  // The given records in that order, never augmented.
+  PreferenceBatch rows(const std::vector<int64_t>& indices) const;
 
  private:
   PreferenceBatch build(const std::vector<SampleRef>& refs, uint64_t seed, bool augment) const;

@@ -19,7 +19,19 @@ struct SampleRef {
 
 class EpochSampler {
  public:
-  EpochSampler(uint64_t seed, int64_t dataset_size) : seed_(seed), n_(dataset_size) {}
+  // `left_out`: record indices never drawn (records whose images do not decode, found by
+  // data.check_images under train.on_bad_batch: skip); each epoch permutes the others. Without
+  // any, the stream is the plain permutation of [0, dataset_size).
+  EpochSampler(uint64_t seed, int64_t dataset_size, const std::vector<int64_t>& left_out = {})
+      : seed_(seed), n_(dataset_size) {
+    if (left_out.empty()) return;
+    std::vector<char> out(static_cast<size_t>(dataset_size), 0);
+    for (const auto i : left_out)
+      if (i >= 0 && i < dataset_size) out[static_cast<size_t>(i)] = 1;
+    for (int64_t i = 0; i < dataset_size; ++i)
+      if (!out[static_cast<size_t>(i)]) kept_.push_back(i);
+    n_ = static_cast<int64_t>(kept_.size());
+  }
 
   // The samples of optimizer step `step` with global batch `global_batch`, this rank's slice.
   std::vector<SampleRef> batch(int64_t step, int64_t global_batch, int rank = 0, int world = 1) {
@@ -34,7 +46,7 @@ class EpochSampler {
     return out;
   }
 
-  int64_t size() const { return n_; }
+  int64_t size() const { return n_; }  // the records drawn
 
  private:
   // Reads under the lock: another loader thread may evict an epoch from the cache meanwhile.
@@ -45,11 +57,13 @@ class EpochSampler {
       if (cache_.size() > 4) cache_.erase(cache_.begin());  // the oldest epoch
       it = cache_.emplace(epoch, epoch_permutation(seed_, epoch, n_)).first;
     }
-    return it->second[static_cast<size_t>(pos)];
+    const int64_t k = it->second[static_cast<size_t>(pos)];
+    return kept_.empty() ? k : kept_[static_cast<size_t>(k)];
   }
 
   uint64_t seed_;
   int64_t n_;
+  std::vector<int64_t> kept_;  // with left-out records: the others, in order; else empty
   std::mutex mu_;
   std::map<int64_t, std::vector<int64_t>> cache_;
 };

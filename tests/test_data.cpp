@@ -137,6 +137,28 @@ TEST_CASE("tokenizer: train, reload, round trip and special ids", "[data][tokeni
              Catch::Contains("does not exist (read relative to the working directory " + std::filesystem::current_path().string()));
 }
 
+TEST_CASE("sampler: left-out records are never drawn, and the others come as from a dataset without them", "[data]") {
+  const std::vector<int64_t> kept = {0, 1, 3, 4, 6, 7, 8, 9};
+  EpochSampler s(7, 10, {5, 2}), plain(7, 8);
+  CHECK(s.size() == 8);
+  std::set<int64_t> epoch0;
+  for (int64_t step = 0; step < 12; ++step) {  // three epochs of 8 in steps of 2
+    const auto a = s.batch(step, 2), b = plain.batch(step, 2);
+    for (size_t j = 0; j < a.size(); ++j) {
+      CHECK(a[j].epoch == b[j].epoch);
+      CHECK(a[j].index == kept[static_cast<size_t>(b[j].index)]);
+      if (a[j].epoch == 0) epoch0.insert(a[j].index);
+    }
+  }
+  CHECK(epoch0 == std::set<int64_t>(kept.begin(), kept.end()));
+  // Nothing left out (or only indices outside the dataset): the plain stream.
+  EpochSampler none(7, 10, {}), outside(7, 10, {-1, 10}), base(7, 10);
+  for (int64_t step = 0; step < 10; ++step) {
+    CHECK(none.batch(step, 3)[1].index == base.batch(step, 3)[1].index);
+    CHECK(outside.batch(step, 3)[2].index == base.batch(step, 3)[2].index);
+  }
+}
+
 TEST_CASE("sampler: epochs are permutations, order is a pure function of (seed, step), ranks tile the batch", "[data]") {
   EpochSampler a(7, 10), b(7, 10), other(8, 10);
   std::set<int64_t> epoch0;

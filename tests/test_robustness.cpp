@@ -6,6 +6,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "core/checkpoint.h"
 #include "core/config_tree.h"
@@ -149,8 +150,39 @@ TEST_CASE("a batch that cannot be built (an image with a corrupt body): skip or 
     CHECK(train_contrastive(c.config("run", 1), quiet()).final_step == 1);
     CHECK(fs::exists(c.dir.file("run/image_check.json")));  // a resume over the same files skips the check
   }
-  SECTION("skip: the step whose batch holds the image applies nothing; the run finishes") {
+  SECTION("skip: data.check_images leaves the record out; the run equals one on the manifest without it") {
     const auto r = train_contrastive(c.config("run", 4, {"train.on_bad_batch=skip"}), quiet());
+    CHECK(r.final_step == 4);
+    for (const auto& rec : train_records(c.dir.file("run"))) CHECK_FALSE(rec.contains("skipped_steps"));
+    // The checkpoints record the 31 records trained on, and the check keeps what it found.
+    const auto state = nlohmann::json::parse(read_text_file(c.dir.file("run/checkpoints/" + checkpoint_name(4)) +
+                                                            "/trainer_state.json"));
+    CHECK(state["data"]["records"] == 31);
+    const auto stamp = nlohmann::json::parse(read_text_file(c.dir.file("run/image_check.json")));
+    CHECK(stamp["undecodable"] == nlohmann::json::array({image}));
+    // The sampler draws the other 31 in their order, as it would a manifest that lacks the record.
+    std::string without;
+    std::istringstream lines(read_text_file(c.dir.file("data/train.jsonl")));
+    int64_t n = 0;
+    for (std::string line; std::getline(lines, line);)
+      if (n++ != 5) without += line + "\n";
+    test::write_file(c.dir.file("data/without.jsonl"), without);
+    train_contrastive(c.config("ref", 4, {"data.train=" + c.dir.file("data/without.jsonl")}), quiet());
+    for (int64_t s = 1; s <= 4; ++s) {
+      INFO("step " << s);
+      CHECK(same(c.weights("run", s), c.weights("ref", s)));
+    }
+    // A resume over the same files reads the list from image_check.json without decoding again;
+    // under stop, the list is the error.
+    TrainOptions resume = quiet();
+    resume.resume = "auto";
+    CHECK(train_contrastive(c.config("run", 6, {"train.on_bad_batch=skip"}), resume).final_step == 6);
+    CHECK_THROWS_WITH(train_contrastive(c.config("run", 8), resume),
+                      Catch::Contains("data.check_images: 1 of 32 training images cannot be decoded") &&
+                          Catch::Contains(image + ": found by an earlier check of the same files"));
+  }
+  SECTION("skip without data.check_images: the step whose batch holds the image applies nothing; the run finishes") {
+    const auto r = train_contrastive(c.config("run", 4, {"train.on_bad_batch=skip", "data.check_images=false"}), quiet());
     CHECK(r.final_step == 4);
     const auto recs = train_records(c.dir.file("run"));
     REQUIRE(recs.size() == 3);  // the skipped step has nothing to log

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include "core/config_tree.h"
 #include "core/errors.h"
@@ -643,4 +644,44 @@ TEST_CASE("preference config: rewards with a pair loss, unknown loss and reward 
                                 quiet());
              }),
              Catch::Contains("samples new completions every step; there is nothing fixed to cache"));
+}
+
+TEST_CASE("preference: pairs whose image does not decode are left out of training and of the reference cache",
+          "[preference][train][faults]") {
+  TinyPreferenceCorpus c;
+  // Every pair of the first scene reads its image; cut it after the PNG signature.
+  std::string image_field, kept_lines;
+  int64_t left = 0, kept = 0;
+  {
+    std::istringstream lines(read_text_file(c.pairs()));
+    for (std::string line; std::getline(lines, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (image_field.empty()) image_field = j["image"].get<std::string>();
+      if (j["image"] == image_field) ++left;
+      else kept_lines += line + "\n", ++kept;
+    }
+  }
+  REQUIRE(left > 0);
+  REQUIRE(kept >= 8);
+  const std::string image = c.dir.file("data/" + image_field);
+  test::write_file(image, read_text_file(image).substr(0, 40));
+  test::write_file(c.dir.file("data/kept_pref.jsonl"), kept_lines);
+  const std::string cached = "preference: {cache_reference: true}\n";
+  auto with = train_preference(
+      c.config("skip", "data: {train: " + c.pairs() + "}\n" + cached + "train: {grad_accum: 2, on_bad_batch: skip}\n"),
+      quiet());
+  auto without = train_preference(
+      c.config("ref", "data: {train: " + c.dir.file("data/kept_pref.jsonl") + "}\n" + cached + "train: {grad_accum: 2}\n"),
+      quiet());
+  REQUIRE(with.logged_losses.size() == 4);
+  for (size_t k = 0; k < 4; ++k) CHECK(with.logged_losses[k] == without.logged_losses[k]);
+  for (const auto& [name, t] : weights(with)) {
+    INFO(name);
+    CHECK(torch::equal(t, weights(without).at(name)));
+  }
+  const auto state = nlohmann::json::parse(read_text_file(with.checkpoint + "/trainer_state.json"));
+  CHECK(state["data"]["records"] == kept);
+  // Under stop (the default) the check names the image before anything is cached or trained.
+  CHECK_THAT(message_of<DataError>([&] { train_preference(c.config("stop", "data: {train: " + c.pairs() + "}\n" + cached), quiet()); }),
+             Catch::Contains("data.check_images: 1 of") && Catch::Contains(image));
 }

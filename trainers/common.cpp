@@ -799,7 +799,7 @@ void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg,
       saved.value("crc32", nlohmann::json()) != now["crc32"] || saved["records"] == now["records"])
     return;
   spdlog::warn("resume: data.train {} now gives {} usable records, the checkpoint's run had {} (records skipped by "
-               "data.on_bad_record differ: an image missing or damaged since, or repaired): the resumed run sees other "
+               "data.on_bad_record or left out by data.check_images differ: an image missing or damaged since, or repaired): the resumed run sees other "
                "batches than an uninterrupted run would. Restore the images for an exact resume",
                cfg.data.train, now["records"].get<int64_t>(), saved["records"].get<int64_t>());
 } catch (const std::exception&) {

@@ -197,7 +197,7 @@ int64_t check_resume_checkpoint(const std::string& dir, const RunConfig& cfg);
 
 // After resuming from `dir`: warns when the training set now has another number of usable
 // records than the checkpoint's run had (the manifest is unchanged, but with data.on_bad_record:
-// skip an image that vanished or broke since changes every epoch's order).
+// skip or train.on_bad_batch: skip an image that vanished or broke since changes every epoch's order).
 // `now`: train_data_record of the dataset as built for the resumed run.
 void warn_if_train_records_changed(const std::string& dir, const RunConfig& cfg, const nlohmann::json& now);
 

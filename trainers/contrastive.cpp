@@ -247,8 +247,10 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
                  "pairs, and a repeated pair's copies count as negatives of each other; lower train.batch_size to {} "
                  "or fewer, or add data",
                  global_batch(cfg), cfg.train.batch_size, world_size(), train.size(), train.size() / world_size());
-  if (rank() == 0) check_images_before_training(cfg, image_refs(train), stop_requested);
+  std::vector<int64_t> left_out;  // records whose images do not decode (train.on_bad_batch: skip)
+  if (rank() == 0) left_out = records_reading(train, check_images_before_training(cfg, image_refs(train), stop_requested));
   stop_before_training_if_requested("the check of the training images (data.check_images)");
+  left_out = share_left_out_records(left_out, static_cast<int64_t>(train.size()));
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
@@ -268,9 +270,9 @@ ContrastiveResult train_contrastive(const RunConfig& cfg_in, const TrainOptions&
 
   MetricsLog metrics = open_metrics_log(cfg);
   const int64_t steps = cfg.train.steps, B = global_batch(cfg);
-  const nlohmann::json data_record = train_data_record(cfg, static_cast<int64_t>(train.size()));  // for the checkpoints
+  EpochSampler sampler(cfg.run.seed, train.size(), left_out);
+  const nlohmann::json data_record = train_data_record(cfg, sampler.size());  // for the checkpoints
   if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
-  EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<CaptionBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); },
                                       start, steps, cfg.data.workers, cfg.data.prefetch);

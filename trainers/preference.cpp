@@ -228,8 +228,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const auto encoded_before = tok.coverage();
   PreferenceDataset train(cfg.data.train, cfg.data, tok, tpi, kind, /*train=*/true, 0, reserve);
   warn_unknown_tokens(tok, encoded_before, cfg);
-  const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
-  if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
   std::unique_ptr<PreferenceDataset> val;
   if (!cfg.data.val.empty())
     val = std::make_unique<PreferenceDataset>(cfg.data.val, cfg.data, tok, tpi, kind, false, cfg.data.val_limit, reserve);
@@ -239,18 +237,27 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   const ObjectVocabulary vocabulary = load_eval_vocabulary(cfg.eval);
   CrossEntropyLossImpl token_loss{CrossEntropyOptions{}};
 
+  // Before the reference cache, which would otherwise be first to decode a broken image.
+  std::vector<int64_t> left_out;  // records whose images do not decode (train.on_bad_batch: skip)
+  if (rank() == 0) left_out = records_reading(train, check_images_before_training(cfg, image_refs(train), stop_requested));
+  stop_before_training_if_requested("the check of the training images (data.check_images)");
+  left_out = share_left_out_records(left_out, train.size());
+  EpochSampler sampler(cfg.run.seed, train.size(), left_out);
+  const nlohmann::json data_record = train_data_record(cfg, sampler.size());  // for the checkpoints
+  if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
+
   std::unique_ptr<ReferenceCache> cache, val_cache;
   if (cfg.preference.cache_reference && !reference)
     spdlog::info("preference.cache_reference: loss '{}' builds no reference model; nothing to cache", cfg.loss.type);
   if (cfg.preference.cache_reference && reference) {  // preflight refused the combinations it cannot serve
     Progress timer(0, 1);
     const int b = std::max(1, cfg.train.batch_size / cfg.train.grad_accum);
-    cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, train, b, tok.image_id(), bf16));
+    cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, train, b, tok.image_id(), bf16, left_out));
     if (val) val_cache = std::make_unique<ReferenceCache>(build_reference_cache(*loss, reference, *val, b, tok.image_id(), bf16));
     stop_before_training_if_requested("the caching of reference log-probs (preference.cache_reference)");
     bool still_needed = false;
     for (const auto& p : loss->passes()) still_needed = still_needed || (p.model == "reference" && !cache->covers(p));
-    spdlog::info("reference log-probs of {} pairs cached in {}{}", train.size(), format_duration(timer.elapsed()),
+    spdlog::info("reference log-probs of {} pairs cached in {}{}", sampler.size(), format_duration(timer.elapsed()),
                  still_needed ? "" : "; the reference model is released");
     if (!still_needed) reference = VlmModel{nullptr};
   }
@@ -268,8 +275,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
     if (reference) held *= 2;
     report_memory(cfg, estimate_memory(cfg, held, n_trainable), available_memory_bytes());
   }
-  if (rank() == 0) check_images_before_training(cfg, image_refs(train), stop_requested);
-  stop_before_training_if_requested("the check of the training images (data.check_images)");
 
   int64_t start = 0;
   if (!resumed_from.empty()) {
@@ -283,7 +288,6 @@ TrainResult train_preference(const RunConfig& cfg_in, const TrainOptions& opt) {
   MetricsLog metrics = open_metrics_log(cfg);
   // B: this rank's samples per step; W: ranks. Shares and token counts are of the global batch.
   const int64_t steps = cfg.train.steps, B = cfg.train.batch_size, accum = cfg.train.grad_accum, W = world_size();
-  EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<PreferenceBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B * W, rank(), W), cfg.run.seed); }, start, steps,
       cfg.data.workers, cfg.data.prefetch);

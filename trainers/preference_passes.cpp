@@ -148,19 +148,28 @@ SequenceLogps ReferenceCache::rows(const std::string& key, const std::vector<int
 }
 
 ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& reference, const PreferenceDataset& data,
-                                     int batch, int64_t image_id, bool bf16) {
+                                     int batch, int64_t image_id, bool bf16, const std::vector<int64_t>& left_out) {
   std::vector<ResponsePass> cacheable;
   for (const auto& p : loss.passes())
     if (p.model == "reference" && !p.corrupted_image) cacheable.push_back(p);
   ReferenceCache cache;
   for (const auto& p : cacheable) cache.logps[p.key()].resize(static_cast<size_t>(data.size()));
   torch::NoGradGuard ng;
-  ProgressLog progress("caching reference log-probs", "pairs", data.size());
-  for (int64_t start = 0; start < data.size(); start += batch) {
+  std::vector<int64_t> kept;
+  {
+    std::vector<char> out(static_cast<size_t>(data.size()), 0);
+    for (const auto i : left_out)
+      if (i >= 0 && i < data.size()) out[static_cast<size_t>(i)] = 1;
+    for (int64_t i = 0; i < data.size(); ++i)
+      if (!out[static_cast<size_t>(i)]) kept.push_back(i);
+  }
+  const auto n = static_cast<int64_t>(kept.size());
+  ProgressLog progress("caching reference log-probs", "pairs", n);
+  for (int64_t start = 0; start < n; start += batch) {
     if (stop_requested()) break;  // the caller stops the run before its first step
     progress.update(start);
-    const int64_t end = std::min<int64_t>(data.size(), start + batch);
-    const auto b = data.range(start, end);
+    const int64_t end = std::min<int64_t>(n, start + batch);
+    const auto b = data.rows(std::vector<int64_t>(kept.begin() + start, kept.begin() + end));
     PreferenceInputs in;
     run_passes(reference, false, cacheable, pair_sequences(loss, data, b, 0), image_id, bf16, 1.0, in);
     for (const auto& p : cacheable) {

@@ -51,10 +51,11 @@ struct ReferenceCache {
   SequenceLogps rows(const std::string& key, const std::vector<int64_t>& indices) const;
 };
 // Log-probs of the reference passes the loss asks for with clean images, over every pair of
-// `data`. A stop signal ends it early with rows missing: the caller then stops the run
+// `data` but the `left_out` ones (their images do not decode; training never draws them). A stop
+// signal ends it early with rows missing: the caller then stops the run
 // (stop_before_training_if_requested) before any step reads them.
 ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& reference, const PreferenceDataset& data,
-                                     int batch, int64_t image_id, bool bf16);
+                                     int batch, int64_t image_id, bool bf16, const std::vector<int64_t>& left_out = {});
 
 // The passes a loss asked for over pairs [chosen; rejected] of `batch`, one forward per model.
 // `corrupt_seed` seeds the loss's image corruption (shared by the policy and reference passes).

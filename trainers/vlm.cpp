@@ -341,8 +341,10 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
                train.truncated() ? " (" + std::to_string(train.truncated()) + " truncated)" : std::string(),
                n_trainable / 1e6, n_frozen / 1e6, tpi, threads, precision);
   report_memory(cfg, estimate_memory(cfg, n_trainable + n_frozen, n_trainable), available_memory_bytes());
-  if (rank() == 0) check_images_before_training(cfg, image_refs(train), stop_requested);
+  std::vector<int64_t> left_out;  // records whose images do not decode (train.on_bad_batch: skip)
+  if (rank() == 0) left_out = records_reading(train, check_images_before_training(cfg, image_refs(train), stop_requested));
   stop_before_training_if_requested("the check of the training images (data.check_images)");
+  left_out = share_left_out_records(left_out, static_cast<int64_t>(train.size()));
 
   int64_t start = 0;
   const std::string resumed_from = select_resume_checkpoint(cfg.run.out_dir, opt.resume);
@@ -358,9 +360,9 @@ TrainResult train_vlm(const RunConfig& cfg_in, const TrainOptions& opt) {
 
   MetricsLog metrics = open_metrics_log(cfg);
   const int64_t steps = cfg.train.steps, B = global_batch(cfg);
-  const nlohmann::json data_record = train_data_record(cfg, train.size());  // for the checkpoints
+  EpochSampler sampler(cfg.run.seed, train.size(), left_out);
+  const nlohmann::json data_record = train_data_record(cfg, sampler.size());  // for the checkpoints
   if (!resumed_from.empty()) warn_if_train_records_changed(resumed_from, cfg, data_record);
-  EpochSampler sampler(cfg.run.seed, train.size());
   PrefetchLoader<ConversationBatch> loader(
       [&](int64_t step) { return train.collate(sampler.batch(step, B, rank(), world_size()), cfg.run.seed); }, start, steps,
       cfg.data.workers, cfg.data.prefetch);

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "core/checkpoint.h"
+#include "core/distributed.h"
 #include "core/errors.h"
 #include "core/logging.h"
 #include "data/caption_dataset.h"
@@ -109,7 +110,36 @@ ImageRefs image_refs(const CaptionDataset& ds) {
 ImageRefs image_refs(const ConversationDataset& ds) { return sample_images(ds); }
 ImageRefs image_refs(const PreferenceDataset& ds) { return sample_images(ds); }
 
-bool decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem,
+namespace {
+
+template <class Dataset>
+std::vector<int64_t> records_with(const Dataset& ds, const std::vector<std::string>& images,
+                                  const std::function<std::vector<std::string>(int64_t)>& images_of) {
+  std::vector<int64_t> out;
+  if (images.empty()) return out;
+  const std::set<std::string> bad(images.begin(), images.end());
+  for (int64_t i = 0; i < ds.size(); ++i)
+    for (const auto& img : images_of(i))
+      if (bad.count(img)) {
+        out.push_back(i);
+        break;
+      }
+  return out;
+}
+
+}  // namespace
+
+std::vector<int64_t> records_reading(const CaptionDataset& ds, const std::vector<std::string>& images) {
+  return records_with(ds, images, [&](int64_t i) { return std::vector<std::string>{ds.image_path(i)}; });
+}
+std::vector<int64_t> records_reading(const ConversationDataset& ds, const std::vector<std::string>& images) {
+  return records_with(ds, images, [&](int64_t i) { return ds.sample(i).images; });
+}
+std::vector<int64_t> records_reading(const PreferenceDataset& ds, const std::vector<std::string>& images) {
+  return records_with(ds, images, [&](int64_t i) { return ds.sample(i).images; });
+}
+
+bool decode_images(const ImageRefs& refs, const std::function<void(const std::string& path, const std::string& problem)>& problem,
                    const std::function<bool()>& stop) {
   // Decoding is where a corrupt body behind a valid header shows; a run would meet it mid-way.
   std::set<std::string> seen;
@@ -122,14 +152,15 @@ bool decode_images(const ImageRefs& refs, const std::function<void(const std::st
     try {
       load_image_rgb(path);
     } catch (const DataError& e) {
-      problem(where + ": " + e.what());
+      problem(path, where + ": " + e.what());
     }
   }
   return true;
 }
 
-void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs, const std::function<bool()>& stop) {
-  if (!cfg.data.check_images || refs.empty()) return;
+std::vector<std::string> check_images_before_training(const RunConfig& cfg, const ImageRefs& refs,
+                                                      const std::function<bool()>& stop) {
+  if (!cfg.data.check_images || refs.empty()) return {};
   // What was checked: every distinct file with its size and modification time.
   std::set<std::string> files;
   for (const auto& r : refs) files.insert(r.second);
@@ -142,32 +173,49 @@ void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs, c
     sig = crc32_bytes(line.data(), line.size(), sig);
   }
   const std::string stamp = (fs::path(cfg.run.out_dir) / "image_check.json").string();
-  const nlohmann::json want = {{"images", files.size()}, {"signature", sig}};
+  nlohmann::json want = {{"images", files.size()}, {"signature", sig}};
+  std::vector<std::string> bad, problems;  // paths; "where: why" lines
+  bool checked = false;
   try {
-    if (fs::exists(stamp) && nlohmann::json::parse(read_text_file(stamp)) == want) return;
+    if (fs::exists(stamp)) {
+      const auto j = nlohmann::json::parse(read_text_file(stamp));
+      if (j.value("images", nlohmann::json()) == want["images"] && j.value("signature", nlohmann::json()) == sig) {
+        for (const auto& p : j.value("undecodable", nlohmann::json::array())) {
+          bad.push_back(p.get<std::string>());
+          problems.push_back(bad.back() + ": found by an earlier check of the same files");
+        }
+        checked = true;
+      }
+    }
   } catch (const std::exception&) {
+    bad.clear(), problems.clear();
   }
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::string> bad;
-  if (!decode_images(refs, [&](const std::string& p) { bad.push_back(p); }, stop)) return;  // nothing recorded
-  if (!bad.empty()) {
-    if (cfg.train.on_bad_batch == "skip") {
-      spdlog::warn("data.check_images: {} of {} training images cannot be decoded (first: {}); train.on_bad_batch: skip "
-                   "skips the steps that draw them",
-                   bad.size(), files.size(), bad.front());
-      atomic_write_text(stamp, json_text(want) + "\n");  // warned once for these files
-      return;
-    }
-    std::string msg = "data.check_images: " + std::to_string(bad.size()) + " of " + std::to_string(files.size()) +
-                      " training images cannot be decoded (fix or remove those records, or set train.on_bad_batch: "
-                      "skip; `trialign data check` lists every problem):";
-    for (size_t i = 0; i < bad.size() && i < 20; ++i) msg += "\n  " + bad[i];
-    if (bad.size() > 20) msg += "\n  ... and " + std::to_string(bad.size() - 20) + " more";
-    throw DataError(msg);
+  if (!checked) {
+    if (!decode_images(refs, [&](const std::string& path, const std::string& p) { bad.push_back(path), problems.push_back(p); },
+                       stop))
+      return {};  // nothing recorded
+    want["undecodable"] = bad;
+    atomic_write_text(stamp, json_text(want) + "\n");  // the same files are not decoded again on a resume
   }
-  atomic_write_text(stamp, json_text(want) + "\n");
-  spdlog::info("data.check_images: {} training images decode ({})", files.size(),
-               format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
+  if (bad.empty()) {
+    if (!checked)
+      spdlog::info("data.check_images: {} training images decode ({})", files.size(),
+                   format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
+    return {};
+  }
+  if (cfg.train.on_bad_batch == "skip") {
+    spdlog::warn("data.check_images: {} of {} training images cannot be decoded (first: {}); train.on_bad_batch: skip "
+                 "leaves the records that read them out of training",
+                 bad.size(), files.size(), problems.front());
+    return bad;
+  }
+  std::string msg = "data.check_images: " + std::to_string(bad.size()) + " of " + std::to_string(files.size()) +
+                    " training images cannot be decoded (fix or remove those records, or set train.on_bad_batch: "
+                    "skip to train without them; `trialign data check` lists every problem):";
+  for (size_t i = 0; i < problems.size() && i < 20; ++i) msg += "\n  " + problems[i];
+  if (problems.size() > 20) msg += "\n  ... and " + std::to_string(problems.size() - 20) + " more";
+  throw DataError(msg);
 }
 
 DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
@@ -222,7 +270,7 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
 
   if (decode_images) {
     const std::string policy = cfg.train.on_bad_batch == "skip" ? "skip" : "fail";
-    for (const auto& [role, refs] : images) trialign::decode_images(refs, [&](const std::string& p) { add(role, p, policy); });
+    for (const auto& [role, refs] : images) trialign::decode_images(refs, [&](const std::string&, const std::string& p) { add(role, p, policy); });
   }
   r.report = {{"config", cfg.source},
               {"manifests", manifests},
@@ -232,6 +280,20 @@ DataCheckResult check_data(const RunConfig& cfg, bool decode_images) {
               {"images_decoded", decode_images},
               {"would_fail", r.would_fail}};
   return r;
+}
+
+std::vector<int64_t> share_left_out_records(const std::vector<int64_t>& left_out, int64_t records) {
+  std::vector<int64_t> all = left_out;
+  if (dist::world_size() > 1) all = nlohmann::json::parse(dist::broadcast_string(nlohmann::json(left_out).dump())).get<std::vector<int64_t>>();
+  if (all.empty()) return all;
+  const int64_t kept = records - static_cast<int64_t>(all.size());
+  if (kept <= 0)
+    throw DataError("data.check_images: none of the " + std::to_string(records) +
+                    " training records has images that decode; fix the images (`trialign data check` lists them)");
+  spdlog::info("data.check_images: {} of {} training records left out (train.on_bad_batch: skip); training draws from "
+               "the other {}",
+               all.size(), records, kept);
+  return all;
 }
 
 std::string data_check_text(const DataCheckResult& r, size_t max_lines) {

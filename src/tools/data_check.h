@@ -35,19 +35,30 @@ class PreferenceDataset;
 ImageRefs image_refs(const CaptionDataset& ds);
 ImageRefs image_refs(const ConversationDataset& ds);
 ImageRefs image_refs(const PreferenceDataset& ds);
+// The indices of the records of a dataset that read any of `images` (paths as in image_refs).
+std::vector<int64_t> records_reading(const CaptionDataset& ds, const std::vector<std::string>& images);
+std::vector<int64_t> records_reading(const ConversationDataset& ds, const std::vector<std::string>& images);
+std::vector<int64_t> records_reading(const PreferenceDataset& ds, const std::vector<std::string>& images);
 
 // Decodes each distinct image once, logging progress (count, rate, ETA) on long lists; calls
-// `problem` with "location: message" for each that fails. Returns false when `stop` (asked
+// `problem` with the image's path and "location: message" for each that fails. Returns false when `stop` (asked
 // before each image) said to stop first.
-bool decode_images(const ImageRefs& refs, const std::function<void(const std::string&)>& problem,
+bool decode_images(const ImageRefs& refs, const std::function<void(const std::string& path, const std::string& problem)>& problem,
                    const std::function<bool()>& stop = {});
 
 // data.check_images, before the first step (rank 0): decode_images over the training images,
 // skipped when RUN/image_check.json records the same files (paths, sizes, modification times)
-// as already checked. Failures: one DataError listing them (train.on_bad_batch: stop), or a
-// warning with their count (skip: their steps will be skipped). `stop` (a stop signal) ends the
-// check early with nothing recorded; the caller decides what to do.
-void check_images_before_training(const RunConfig& cfg, const ImageRefs& refs, const std::function<bool()>& stop = {});
+// as already checked (it keeps the failures too). Failures: one DataError listing them
+// (train.on_bad_batch: stop), or a warning with their count, and their paths returned (skip:
+// the trainer leaves the records that read them out of training). `stop` (a stop signal) ends
+// the check early with nothing recorded; the caller decides what to do.
+std::vector<std::string> check_images_before_training(const RunConfig& cfg, const ImageRefs& refs,
+                                                      const std::function<bool()>& stop = {});
+
+// Rank 0's `left_out` (records_reading of what check_images_before_training returned), on every
+// rank, and logged with the count training draws from. Collective: every rank calls it, after
+// the check. Throws DataError when no record of the `records` is left.
+std::vector<int64_t> share_left_out_records(const std::vector<int64_t>& left_out, int64_t records);
 
 // The report as lines a person reads: per manifest, the problems (first `max_lines`), counts by kind.
 std::string data_check_text(const DataCheckResult& r, size_t max_lines = 50);
