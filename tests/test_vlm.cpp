@@ -2,6 +2,8 @@
 // load, caption object scoring, and the pipeline hand-off between stages.
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <csignal>
 #include <filesystem>
@@ -495,6 +497,14 @@ TEST_CASE("pipeline: stage 3 starts from stage 2's weights, and a re-run skips f
   CHECK(again.stages["s2"]["skipped"] == true);
   CHECK(again.stages["s3"]["skipped"] == true);
   CHECK(again.stages["s3"]["checkpoint"] == r.stages["s3"]["checkpoint"]);
+  {  // While another `trialign run` holds the pipeline folder: refused before any stage.
+    const RunFolderLock other = RunFolderLock::acquire(c.dir.file("run"), RunFolderLock::Kind::Pipeline);
+    REQUIRE(other.held());  // run_pipeline let go of it when it returned
+    CHECK_THAT(message_of<ConfigError>([&] { run_pipeline(load_pipeline(c.pipeline("run")), quiet); }),
+               Catch::Contains("the pipeline's out_dir '" + c.dir.file("run") + "' is in use by another trialign "
+                               "process (pid " + std::to_string(::getpid())) &&
+                   Catch::Contains("two runs of one pipeline would train its stages at once"));
+  }
   // A copy of the pipeline folder is complete as well, and hands on its own checkpoints.
   std::filesystem::copy(c.dir.file("run"), c.dir.file("copy"), std::filesystem::copy_options::recursive);
   auto copied = run_pipeline(load_pipeline(c.pipeline("copy")), quiet);

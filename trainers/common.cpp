@@ -142,19 +142,22 @@ std::string describe_lock_holder(const std::string& holder) {
 
 }  // namespace
 
-RunFolderLock RunFolderLock::acquire(const std::string& out_dir) {
-  const std::string path = (std::filesystem::path(out_dir) / ".trialign.lock").string();
+RunFolderLock RunFolderLock::acquire(const std::string& out_dir, Kind kind) {
+  const bool pipeline = kind == Kind::Pipeline;
+  const std::string key = pipeline ? "the pipeline's out_dir" : "run.out_dir";
+  const std::string path =
+      (std::filesystem::path(out_dir) / (pipeline ? ".trialign-pipeline.lock" : ".trialign.lock")).string();
   // O_CLOEXEC: processes this one starts (a plugin build, --nproc ranks) must not inherit the hold.
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
-    spdlog::warn("cannot open {} ({}): run.out_dir is not locked against a second run", path, std::strerror(errno));
+    spdlog::warn("cannot open {} ({}): {} is not locked against a second run", path, std::strerror(errno), key);
     return RunFolderLock();
   }
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     if (err != EWOULDBLOCK) {
       ::close(fd);
-      spdlog::warn("cannot lock {} ({}): run.out_dir is not locked against a second run", path, std::strerror(err));
+      spdlog::warn("cannot lock {} ({}): {} is not locked against a second run", path, std::strerror(err), key);
       return RunFolderLock();
     }
     char buf[256] = {0};
@@ -162,7 +165,11 @@ RunFolderLock RunFolderLock::acquire(const std::string& out_dir) {
     ::close(fd);
     std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-    throw ConfigError("run.out_dir '" + out_dir + "' " + describe_lock_holder(holder) +
+    if (pipeline)
+      throw ConfigError(key + " '" + out_dir + "' " + describe_lock_holder(holder) +
+                        ": two runs of one pipeline would train its stages at once. Wait for it to finish (or stop "
+                        "it: it checkpoints on Ctrl-C / SIGTERM), or set another out_dir in the pipeline file");
+    throw ConfigError(key + " '" + out_dir + "' " + describe_lock_holder(holder) +
                       ": two runs in one folder would mix their checkpoints and metrics. Wait for it to finish "
                       "(or stop it: it checkpoints on Ctrl-C / SIGTERM), or choose another run.out_dir");
   }

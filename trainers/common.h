@@ -61,9 +61,14 @@ int setup_threads(int requested);
 class RunFolderLock {
  public:
   RunFolderLock() = default;
+  // Run: a trainer's run.out_dir. Pipeline: a pipeline's out_dir, held by `trialign run` from
+  // its first stage to its last (its own lock file beside the stage folders), so that a second
+  // run of the pipeline cannot start a stage, or write a stage_done.json, between two of the
+  // first's stages.
+  enum class Kind { Run, Pipeline };
   // Takes the lock or throws ConfigError naming the process holding it. A filesystem without
   // locks (some network mounts) gets a warning and no lock.
-  static RunFolderLock acquire(const std::string& out_dir);
+  static RunFolderLock acquire(const std::string& out_dir, Kind kind = Kind::Run);
   RunFolderLock(RunFolderLock&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
   RunFolderLock& operator=(RunFolderLock&& o) noexcept;
   RunFolderLock(const RunFolderLock&) = delete;

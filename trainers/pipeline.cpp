@@ -149,6 +149,14 @@ PipelinePlan load_pipeline(const std::string& path, const std::vector<std::strin
 PipelineResult run_pipeline(const PipelinePlan& plan, const TrainOptions& opt) {
   const auto& p = plan.pipeline;
   PipelineResult result;
+  // Rank 0 holds the pipeline folder from the first stage to pipeline.json (each stage's trainer
+  // also locks its own folder, but only while it trains).
+  RunFolderLock lock;
+  if (rank() == 0) {
+    std::error_code ec;
+    fs::create_directories(p.out_dir, ec);
+    lock = RunFolderLock::acquire(p.out_dir, RunFolderLock::Kind::Pipeline);
+  }
   check_pipeline_preflight(plan);
   std::map<std::string, std::string> final_checkpoint;
   for (size_t i = 0; i < p.stages.size(); ++i) {
