@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "core/checkpoint.h"
@@ -221,6 +222,17 @@ TEST_CASE("2 ranks x batch B equal 1 rank x batch 2B: stage 1 with the feature a
   SECTION("infonce") { check_two_ranks_equal_one(c, "clip.yaml"); }
   SECTION("siglip, hard negatives (uneven per rank), gradient cache") {
     check_two_ranks_equal_one(c, "clip.yaml", {"loss.type=siglip", "data.hard_negatives=2", "train.grad_accum=2"});
+  }
+  SECTION("a record whose image does not decode, left out on every rank (train.on_bad_batch: skip)") {
+    // Rank 0 alone decodes the images; rank 1 must leave out the same record, or it would draw it.
+    std::ifstream in(c.dir.file("data/train.jsonl"));
+    std::string first;
+    std::getline(in, first);
+    const std::string image = c.dir.file("data/" + nlohmann::json::parse(first)["image"].get<std::string>());
+    write_file(image, read_text_file(image).substr(0, 40));
+    check_two_ranks_equal_one(c, "clip.yaml", {"train.on_bad_batch=skip"});
+    CHECK_THAT(read_text_file(c.dir.file("two-clip.yaml/train.log")),
+               Catch::Contains("data.check_images: 1 of 32 training records left out"));
   }
 }
 
