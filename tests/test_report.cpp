@@ -28,9 +28,11 @@ TEST_CASE("pipeline report: a table of every metric per stage, curves from metri
   PipelineResult r;
   r.stages["s1"]["eval"] = {{"i2t/R@5", 0.9}, {"alignment/mutual_knn@10", 0.25}, {"pairs", 100}};
   r.stages["s3"]["eval"]["vqa"] = {{"exact_match", 0.75}, {"records", 8}};
-  r.stages["s3"]["eval"]["probes"] = {{"pope/accuracy", 0.5}, {"pope/object/hallucination_rate", 0.5}, {"probes", 16}};
+  r.stages["s3"]["eval"]["probes"] = {{"pope/accuracy", 0.5}, {"pope/object/hallucination_rate", 0.5}, {"probes", 16},
+                                      {"pope/yes_ratio", 0.75}};
   r.stages["s4"]["eval"]["vqa"] = {{"exact_match", 0.8}};
-  r.stages["s4"]["eval"]["probes"] = {{"pope/accuracy", 0.625}, {"pope/object/hallucination_rate", 0.25}};
+  r.stages["s4"]["eval"]["probes"] = {{"pope/accuracy", 0.625}, {"pope/object/hallucination_rate", 0.25},
+                                      {"pope/yes_ratio", 0.5}};
   // Stage 1's log: an evaluation at step 0 (eval.at_start), three training steps, two more
   // evaluations, and a line cut off by a crash.
   write_file(d.file("s1/metrics.jsonl"),
@@ -49,6 +51,16 @@ TEST_CASE("pipeline report: a table of every metric per stage, curves from metri
   CHECK_THAT(md, Catch::Contains(
                      "| metric | s1 start | s1 (contrastive) | s3 (finetune) | s4 (preference) |\n|---|---:|---:|---:|---:|\n"));
   CHECK_THAT(md, Catch::Contains("| i2t/R@5 | 0.125 | 0.900 | - | - |\n"));
+  // The summary before the table: each stage against its start column, else the column before it
+  // (s4 against s3), on the headline metrics; a hallucination rate that falls is "better".
+  CHECK_THAT(md, Catch::Contains("## What each stage changed\n"));
+  CHECK_THAT(md, Catch::Contains("| s1 (contrastive) | alignment/mutual_knn@10 | 0.050 | 0.250 | +0.200 (better) |\n| s1 "
+                                 "(contrastive) | i2t/R@5 | 0.125 | 0.900 | +0.775 (better) |\n"));
+  CHECK_THAT(md, Catch::Contains("| s4 (preference) | vqa/exact_match | 0.750 | 0.800 | +0.050 (better) |\n"));
+  CHECK_THAT(md, Catch::Contains("| s4 (preference) | probes/pope/object/hallucination_rate | 0.500 | 0.250 | -0.250 (better) |\n"));
+  CHECK_THAT(md, Catch::Contains("| s4 (preference) | probes/pope/yes_ratio | 0.750 | 0.500 | -0.250 |\n"));  // neutral
+  CHECK_THAT(md, !Catch::Contains("\n| s3 (finetune) | "));  // no row: nothing in common with s1's column
+  CHECK(md.find("## What each stage changed") < md.find("## Every metric"));
   CHECK_THAT(md, Catch::Contains("| alignment/mutual_knn@10 | 0.050 | 0.250 | - | - |\n"));
   CHECK_THAT(md, Catch::Contains("| vqa/exact_match | - | - | 0.750 | 0.800 |\n"));
   CHECK_THAT(md, Catch::Contains("| probes/pope/object/hallucination_rate | - | - | 0.500 | 0.250 |\n"));

@@ -94,6 +94,27 @@ bool headline(const std::string& key) {
          ends("pope/relation/hallucination_rate") || ends("/likelihood_accuracy");
 }
 
+// The summary's metrics: the headline ones, and CHAIR_i split by level.
+bool summary_metric(const std::string& key) {
+  auto ends = [&](const std::string& s) {
+    return key.size() >= s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
+  };
+  return headline(key) || ends("caption/chair_i/object") || ends("caption/chair_i/attribute") ||
+         ends("probes/pope/yes_ratio");
+}
+
+// Neither better nor worse when it moves: how often the model answers "yes" (a model that never
+// does has no hallucination rate to speak of, which this row shows beside it).
+bool neutral(const std::string& key) {
+  return key.size() >= 9 && key.compare(key.size() - 9, 9, "yes_ratio") == 0;
+}
+
+// Hallucination rates and losses fall when a model improves; the other summary metrics rise.
+bool lower_is_better(const std::string& key) {
+  return key.find("hallucination_rate") != std::string::npos || key.find("chair_") != std::string::npos ||
+         (key.size() >= 4 && key.compare(key.size() - 4, 4, "loss") == 0);
+}
+
 }  // namespace
 
 void draw_line_plot(const std::string& path, const std::string& title, const std::string& x_label,
@@ -179,7 +200,9 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   // stage 1; stage 3's start column is stage 2's model on stage 3's question sets).
   std::vector<std::pair<std::string, std::map<std::string, double>>> columns;  // header -> metric -> value
   std::vector<std::string> plot_names;  // the columns' short names under the across-stages plot
+  std::vector<bool> is_start_column;
   auto add_column = [&](std::string header, std::string short_name, std::map<std::string, double> values) {
+    is_start_column.push_back(short_name == "start");
     columns.emplace_back(std::move(header), std::move(values));
     plot_names.push_back(std::move(short_name));
   };
@@ -206,6 +229,28 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   }
 
   std::string md = "# Report: pipeline " + plan.pipeline.name + "\n\n";
+  // What each stage changed, on its headline metrics: against its own start column where it has
+  // one (the same held-out sets, scored on the model it was handed), else the column before it.
+  std::string changes;
+  for (size_t c = 1; c < columns.size(); ++c) {
+    if (is_start_column[c]) continue;
+    const auto& before = columns[c - 1].second;
+    for (const auto& r : rows) {
+      if (!summary_metric(r) || !before.count(r) || !columns[c].second.count(r)) continue;
+      const double a = before.at(r), b = columns[c].second.at(r), delta = b - a;
+      const bool better = lower_is_better(r) ? delta < 0 : delta > 0;
+      changes += fmt::format("| {} | {} | {:.3f} | {:.3f} | {:+.3f}{} |\n", columns[c].first, r, a, b, delta,
+                             delta == 0 || neutral(r) ? "" : better ? " (better)" : " (worse)");
+    }
+  }
+  if (!changes.empty())
+    md += "## What each stage changed\n\nHeadline held-out metrics of each stage against its own start (the "
+          "model it was handed, on the same sets) where it evaluated at step 0, else against the column before "
+          "it. A change of about one over the square root of a set's size is within the noise of that set; "
+          "a hallucination rate of 0 from a model that says nothing (an empty caption, a \"yes\" ratio of 0) "
+          "is no achievement.\n\n"
+          "| stage | metric | before | after | change |\n|---|---|---:|---:|---|\n" +
+          changes + "\n## Every metric\n\n";
   md += "Held-out metrics after every stage (from each stage's final evaluation; `-` = not measured by that "
         "stage). A \"start\" column is a stage's evaluation at step 0, of the model it was handed. Written by "
         "`trialign run`; the final numbers are also in `pipeline.json`.\n\n";
