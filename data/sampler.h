@@ -17,6 +17,17 @@ struct SampleRef {
   int64_t index = 0;  // record index in the dataset
 };
 
+// [0, size) without the indices in `left_out` (those outside the range are ignored), in order.
+inline std::vector<int64_t> indices_without(int64_t size, const std::vector<int64_t>& left_out) {
+  std::vector<char> out(static_cast<size_t>(size), 0);
+  for (const auto i : left_out)
+    if (i >= 0 && i < size) out[static_cast<size_t>(i)] = 1;
+  std::vector<int64_t> kept;
+  for (int64_t i = 0; i < size; ++i)
+    if (!out[static_cast<size_t>(i)]) kept.push_back(i);
+  return kept;
+}
+
 class EpochSampler {
  public:
   // `left_out`: record indices never drawn (records whose images do not decode, found by
@@ -25,11 +36,7 @@ class EpochSampler {
   EpochSampler(uint64_t seed, int64_t dataset_size, const std::vector<int64_t>& left_out = {})
       : seed_(seed), n_(dataset_size) {
     if (left_out.empty()) return;
-    std::vector<char> out(static_cast<size_t>(dataset_size), 0);
-    for (const auto i : left_out)
-      if (i >= 0 && i < dataset_size) out[static_cast<size_t>(i)] = 1;
-    for (int64_t i = 0; i < dataset_size; ++i)
-      if (!out[static_cast<size_t>(i)]) kept_.push_back(i);
+    kept_ = indices_without(dataset_size, left_out);
     n_ = static_cast<int64_t>(kept_.size());
   }
 

@@ -4,6 +4,7 @@
 
 #include "core/logging.h"
 #include "core/safetensors.h"
+#include "data/sampler.h"
 #include "trainers/vlm.h"
 
 namespace trialign {
@@ -155,14 +156,7 @@ ReferenceCache build_reference_cache(PreferenceLossImpl& loss, VlmModel& referen
   ReferenceCache cache;
   for (const auto& p : cacheable) cache.logps[p.key()].resize(static_cast<size_t>(data.size()));
   torch::NoGradGuard ng;
-  std::vector<int64_t> kept;
-  {
-    std::vector<char> out(static_cast<size_t>(data.size()), 0);
-    for (const auto i : left_out)
-      if (i >= 0 && i < data.size()) out[static_cast<size_t>(i)] = 1;
-    for (int64_t i = 0; i < data.size(); ++i)
-      if (!out[static_cast<size_t>(i)]) kept.push_back(i);
-  }
+  const std::vector<int64_t> kept = indices_without(data.size(), left_out);
   const auto n = static_cast<int64_t>(kept.size());
   ProgressLog progress("caching reference log-probs", "pairs", n);
   for (int64_t start = 0; start < n; start += batch) {
