@@ -30,6 +30,10 @@ std::string tick(double v) {
   return fmt::format("{:.3g}", v);
 }
 
+bool ends_with(const std::string& key, const std::string& suffix) {
+  return key.size() >= suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 bool is_count(const std::string& key) {
   const auto slash = key.rfind('/');
   const std::string last = slash == std::string::npos ? key : key.substr(slash + 1);
@@ -85,9 +89,7 @@ bool headline(const std::string& key) {
                                "negatives/all"};
   for (const char* k : keys)
     if (key == k) return true;
-  auto ends = [&](const std::string& s) {
-    return key.size() >= s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
-  };
+  auto ends = [&](const std::string& s) { return ends_with(key, s); };
   return ends("/exact_match") || ends("caption/object_precision") || ends("pope/accuracy") || ends("caption/chair_i") ||
          ends("caption/chair_s") || ends("caption/chair_r") ||
          ends("pope/object/hallucination_rate") || ends("pope/attribute/hallucination_rate") ||
@@ -96,23 +98,18 @@ bool headline(const std::string& key) {
 
 // The summary's metrics: the headline ones, and CHAIR_i split by level.
 bool summary_metric(const std::string& key) {
-  auto ends = [&](const std::string& s) {
-    return key.size() >= s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
-  };
-  return headline(key) || ends("caption/chair_i/object") || ends("caption/chair_i/attribute") ||
-         ends("probes/pope/yes_ratio");
+  return headline(key) || ends_with(key, "caption/chair_i/object") || ends_with(key, "caption/chair_i/attribute") ||
+         ends_with(key, "probes/pope/yes_ratio");
 }
 
 // Neither better nor worse when it moves: how often the model answers "yes" (a model that never
 // does has no hallucination rate to speak of, which this row shows beside it).
-bool neutral(const std::string& key) {
-  return key.size() >= 9 && key.compare(key.size() - 9, 9, "yes_ratio") == 0;
-}
+bool neutral(const std::string& key) { return ends_with(key, "yes_ratio"); }
 
 // Hallucination rates and losses fall when a model improves; the other summary metrics rise.
 bool lower_is_better(const std::string& key) {
   return key.find("hallucination_rate") != std::string::npos || key.find("chair_") != std::string::npos ||
-         (key.size() >= 4 && key.compare(key.size() - 4, 4, "loss") == 0);
+         ends_with(key, "loss");
 }
 
 }  // namespace
@@ -200,9 +197,7 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   // stage 1; stage 3's start column is stage 2's model on stage 3's question sets).
   std::vector<std::pair<std::string, std::map<std::string, double>>> columns;  // header -> metric -> value
   std::vector<std::string> plot_names;  // the columns' short names under the across-stages plot
-  std::vector<bool> is_start_column;
   auto add_column = [&](std::string header, std::string short_name, std::map<std::string, double> values) {
-    is_start_column.push_back(short_name == "start");
     columns.emplace_back(std::move(header), std::move(values));
     plot_names.push_back(std::move(short_name));
   };
@@ -233,7 +228,7 @@ std::string write_pipeline_report(const PipelinePlan& plan, const PipelineResult
   // one (the same held-out sets, scored on the model it was handed), else the column before it.
   std::string changes;
   for (size_t c = 1; c < columns.size(); ++c) {
-    if (is_start_column[c]) continue;
+    if (plot_names[c] == "start") continue;  // a start column is a "before", not a stage's result
     const auto& before = columns[c - 1].second;
     for (const auto& r : rows) {
       if (!summary_metric(r) || !before.count(r) || !columns[c].second.count(r)) continue;

@@ -112,9 +112,9 @@ ImageRefs image_refs(const PreferenceDataset& ds) { return sample_images(ds); }
 
 namespace {
 
-template <class Dataset>
-std::vector<int64_t> records_with(const Dataset& ds, const std::vector<std::string>& images,
-                                  const std::function<std::vector<std::string>(int64_t)>& images_of) {
+// images_of(i): the paths record i reads.
+template <class Dataset, class ImagesOf>
+std::vector<int64_t> records_with(const Dataset& ds, const std::vector<std::string>& images, ImagesOf images_of) {
   std::vector<int64_t> out;
   if (images.empty()) return out;
   const std::set<std::string> bad(images.begin(), images.end());
@@ -133,10 +133,10 @@ std::vector<int64_t> records_reading(const CaptionDataset& ds, const std::vector
   return records_with(ds, images, [&](int64_t i) { return std::vector<std::string>{ds.image_path(i)}; });
 }
 std::vector<int64_t> records_reading(const ConversationDataset& ds, const std::vector<std::string>& images) {
-  return records_with(ds, images, [&](int64_t i) { return ds.sample(i).images; });
+  return records_with(ds, images, [&](int64_t i) -> const std::vector<std::string>& { return ds.sample(i).images; });
 }
 std::vector<int64_t> records_reading(const PreferenceDataset& ds, const std::vector<std::string>& images) {
-  return records_with(ds, images, [&](int64_t i) { return ds.sample(i).images; });
+  return records_with(ds, images, [&](int64_t i) -> const std::vector<std::string>& { return ds.sample(i).images; });
 }
 
 bool decode_images(const ImageRefs& refs, const std::function<void(const std::string& path, const std::string& problem)>& problem,
