@@ -36,9 +36,8 @@ torch::Tensor ClipAttentionImpl::attend(const torch::Tensor& xq, const torch::Te
   // [B, T, D] -> [B, H, T, Dh]
   auto split = [&](const torch::Tensor& t) { return t.view({B, t.size(1), heads_, head_dim_}).transpose(1, 2); };
   auto q = split(q_proj(xq)), k = split(k_proj(x)), v = split(v_proj(x));
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
-  if (mask.defined()) scores = scores + mask;                // [B, H, Tq, T]
-  auto attn = torch::softmax(scores, -1);
+  auto attn = attention_softmax(torch::matmul(q, k.transpose(-2, -1)), 1.0 / std::sqrt(static_cast<double>(head_dim_)),
+                                mask);  // [B, H, Tq, T], in the scores' dtype
   auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, Tq, heads_ * head_dim_});
   return out_proj(out);
 }

@@ -23,11 +23,6 @@ void check_llama_config(const LlamaConfig& c, const std::string& path) {
 }
 
 namespace {
-// fp32 (or wider) for reductions that bf16 would spoil; a double model stays double.
-torch::Tensor at_least_fp32(const torch::Tensor& x) {
-  return x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat32);
-}
-
 // x [B, T, D] at rows [B, R] int64 -> [B, R, D].
 torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& rows) {
   return x.gather(1, rows.unsqueeze(-1).expand({rows.size(0), rows.size(1), x.size(2)}));
@@ -54,6 +49,7 @@ std::pair<torch::Tensor, torch::Tensor> rope_cos_sin(const torch::Tensor& positi
 }
 
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  if (rope_fits(x, cos, sin)) return rope(x, cos, sin);  // one pass each way (models/fast_ops.h)
   const auto half = x.size(-1) / 2;
   auto x1 = x.slice(-1, 0, half), x2 = x.slice(-1, half);
   auto rotated = torch::cat({-x2, x1}, -1);  // rotate_half
@@ -103,9 +99,10 @@ torch::Tensor LlamaAttentionImpl::attend(const torch::Tensor& xq, const torch::T
     k = k.repeat_interleave(rep, 1);
     v = v.repeat_interleave(rep, 1);
   }
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
-  scores = scores + mask.to(scores.scalar_type());                        // [B, Hq, R, T_past + T]
-  auto attn = torch::softmax(at_least_fp32(scores), -1).to(v.scalar_type());
+  // softmax in fp32 (bf16 would round the weights of long rows away), returned in v's dtype.
+  auto attn = attention_softmax(torch::matmul(q, k.transpose(-2, -1)), 1.0 / std::sqrt(static_cast<double>(head_dim_)),
+                                mask)  // [B, Hq, R, T_past + T]
+                  .to(v.scalar_type());
   auto out = torch::matmul(attn, v).transpose(1, 2).reshape({B, R, heads_ * head_dim_});
   return o_proj(out);
 }
