@@ -133,23 +133,37 @@ TEST_CASE("bench: stage-1 card figures follow from its step times and shapes", "
     CHECK_THAT(test::message_of<ConfigError>([&] { run_bench(cfg, bad); }),
                Catch::Contains("bench --json: cannot write") && Catch::Contains("missing/folder/out.json"));
   }
-  SECTION("the command restarts itself with OMP_WAIT_POLICY=PASSIVE and gives OpenBLAS the threads") {
+  SECTION("the command restarts itself with GOMP_SPINCOUNT=10000 and gives OpenBLAS the threads") {
     std::string args = std::string(TRIALIGN_BINARY) + " bench " + dir.file("card.yaml");
     for (const auto& kv : tiny_card("contrastive", dir.file("cli"))) args += " --set '" + kv + "'";
     args += " --set run.threads=2";
     test::write_file(dir.file("card.yaml"), "trainer: contrastive\n");
     std::string out;
-    REQUIRE(test::run_command("env -u OMP_WAIT_POLICY -u TRIALIGN_NO_RESTART " + args, &out) == 0);
-    std::ifstream f(dir.file("cli/bench.json"));
-    const auto cli = nlohmann::json::parse(f);
-    CHECK(cli["omp_wait_policy"] == "PASSIVE");
+    auto bench_json = [&](const std::string& env) {
+      REQUIRE(test::run_command("env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT -u TRIALIGN_NO_RESTART " + env + " " + args,
+                                &out) == 0);
+      std::ifstream f(dir.file("cli/bench.json"));
+      return nlohmann::json::parse(f);
+    };
+    const auto cli = bench_json("");
+    CHECK(cli["gomp_spincount"] == "10000");
+    CHECK(cli["omp_wait_policy"] == "");
     CHECK(cli["blas_threads"] == 2);
-    // a policy the user chose is kept, and OpenBLAS then stays at one thread
-    REQUIRE(test::run_command("env OMP_WAIT_POLICY=ACTIVE " + args, &out) == 0);
-    std::ifstream g(dir.file("cli/bench.json"));
-    const auto kept = nlohmann::json::parse(g);
-    CHECK(kept["omp_wait_policy"] == "ACTIVE");
-    CHECK(kept["blas_threads"] == 1);
+    // What the user chose is kept. A short spin or PASSIVE still frees the cores for OpenBLAS; a
+    // long spin or ACTIVE keeps OpenBLAS at one thread.
+    const auto passive = bench_json("OMP_WAIT_POLICY=PASSIVE");
+    CHECK(passive["omp_wait_policy"] == "PASSIVE");
+    CHECK(passive["gomp_spincount"] == "");
+    CHECK(passive["blas_threads"] == 2);
+    const auto short_spin = bench_json("GOMP_SPINCOUNT=500");
+    CHECK(short_spin["gomp_spincount"] == "500");
+    CHECK(short_spin["blas_threads"] == 2);
+    for (const std::string& busy : {"OMP_WAIT_POLICY=ACTIVE", "GOMP_SPINCOUNT=2000000", "GOMP_SPINCOUNT=infinite"}) {
+      INFO(busy);
+      const auto kept = bench_json(busy);
+      CHECK(kept["gomp_spincount"] == (busy.rfind("GOMP", 0) == 0 ? busy.substr(busy.find('=') + 1) : ""));
+      CHECK(kept["blas_threads"] == 1);
+    }
   }
   SECTION("a bench card is not trained") {
     CHECK_THAT(test::message_of<ConfigError>([&] { train_any(cfg, test::quiet()); }),

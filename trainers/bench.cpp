@@ -535,6 +535,7 @@ nlohmann::json run_bench(const RunConfig& cfg_in, const BenchOptions& opt) {
   j["precision"] = precision;
   j["threads"] = threads;
   j["omp_wait_policy"] = std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "";
+  j["gomp_spincount"] = std::getenv("GOMP_SPINCOUNT") ? std::getenv("GOMP_SPINCOUNT") : "";
   // What setup_threads gave OpenBLAS; one per call while micro-batches run at once.
   j["blas_threads"] = cfg.train.micro_batch_threads > 1 ? 1 : passive_openmp() ? threads : 1;
   j["data_workers"] = cfg.data.workers;
@@ -582,6 +583,7 @@ std::string bench_table(const nlohmann::json& j) {
   o << "bench " << j["name"].get<std::string>() << " (" << j["trainer"].get<std::string>() << ", "
     << j["precision"].get<std::string>() << ", " << j["threads"].get<int>() << " threads, OpenBLAS "
     << j["blas_threads"].get<int>() << ", OMP_WAIT_POLICY " << j["omp_wait_policy"].get<std::string>()
+    << (j["gomp_spincount"].get<std::string>().empty() ? std::string() : ", GOMP_SPINCOUNT " + j["gomp_spincount"].get<std::string>())
     << (j.value("micro_batch_threads", 1) > 1 ? ", " + std::to_string(j["micro_batch_threads"].get<int>()) + " of " +
                                                     std::to_string(j["grad_accum"].get<int>()) + " micro-batches at once"
                                               : std::string())

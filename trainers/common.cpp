@@ -40,17 +40,32 @@
 
 namespace trialign {
 
+namespace {
+// Busy-wait iterations of an idle OpenMP thread before it sleeps (libgomp's GOMP_SPINCOUNT; its
+// default is 300,000, which keeps the cores busy through an OpenBLAS GEMM). A few tens of
+// microseconds: a bf16 step's many short parallel ops find their threads awake (sleeping ones,
+// OMP_WAIT_POLICY=PASSIVE, cost the stage-3 card 15-20 % in bf16 with AMX), and an fp32 GEMM
+// gets OpenBLAS's threads its cores back almost at once (docs/benchmarks.md, "bf16 with AMX").
+constexpr const char* kSpinCount = "10000";
+constexpr double kShortSpin = 1e6;  // a user's GOMP_SPINCOUNT up to this still frees the cores soon
+}  // namespace
+
 bool passive_openmp() {
-  const char* p = std::getenv("OMP_WAIT_POLICY");
-  return p && (std::string(p) == "PASSIVE" || std::string(p) == "passive");
+  if (const char* p = std::getenv("OMP_WAIT_POLICY")) return std::string(p) == "PASSIVE" || std::string(p) == "passive";
+  const char* s = std::getenv("GOMP_SPINCOUNT");
+  if (!s || !*s) return false;
+  char* end = nullptr;
+  const double n = std::strtod(s, &end);
+  return *end == '\0' && n >= 0 && n <= kShortSpin;
 }
 
 void restart_with_passive_openmp(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("TRIALIGN_NO_RESTART")) return;  // the user's choice stands
-  ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT") || std::getenv("TRIALIGN_NO_RESTART"))
+    return;  // the user's choice stands
+  ::setenv("GOMP_SPINCOUNT", kSpinCount, 1);
   ::setenv("TRIALIGN_NO_RESTART", "1", 1);  // never loop, whatever the exec does
   ::execv("/proc/self/exe", argv);
-  ::unsetenv("OMP_WAIT_POLICY");  // exec failed: carry on as started (OpenBLAS then stays at one thread)
+  ::unsetenv("GOMP_SPINCOUNT");  // exec failed: carry on as started (OpenBLAS then stays at one thread)
 }
 
 int setup_threads(int requested) {
