@@ -269,17 +269,27 @@ TEST_CASE("attention_softmax: softmax(scores * scale + mask) and its gradient, f
   CHECK(torch::isnan(attention_softmax(torch::zeros({1, 9}), 1.0, torch::full({9}, neg))).all().item<bool>());
 }
 
-TEST_CASE("rms_norm under bf16 autocast: the fp32 kernel on the fp32 residual stream", "[fast_ops]") {
+TEST_CASE("rms_norm under bf16 autocast: the fp32 kernel on the fp32 residual stream, written in bf16", "[fast_ops]") {
   torch::manual_seed(6);
   const auto x = torch::randn({7, 40}), w = torch::rand({40}) + 0.5;
-  const auto plain = rms_norm(x, w, 1e-6);
+  auto x1 = x.clone().requires_grad_(), x2 = x.clone().requires_grad_();
+  auto w1 = w.clone().requires_grad_(), w2 = w.clone().requires_grad_();
+  const auto plain = rms_norm(x1, w1, 1e-6);
   at::autocast::set_cpu_enabled(true);
-  const auto under = rms_norm(x, w, 1e-6);
+  const auto under = rms_norm(x2, w2, 1e-6);
   at::autocast::set_cpu_enabled(false);
   at::autocast::clear_cache();
-  CHECK(under.scalar_type() == torch::kFloat32);
-  CHECK(torch::equal(under, plain));
+  // What the matmuls after it would have cast it to, without the cast.
+  CHECK(under.scalar_type() == torch::kBFloat16);
+  CHECK(torch::equal(under, plain.to(torch::kBFloat16)));
   CHECK(torch::allclose(plain, x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-6) * w, 2e-6, 1e-7));
+  // Backward reads the bf16 gradient exactly: the same fp32 gradients as from its fp32 value.
+  const auto gb = torch::randn({7, 40}).to(torch::kBFloat16);
+  plain.backward(gb.to(torch::kFloat32));
+  under.backward(gb);
+  CHECK(x2.grad().scalar_type() == torch::kFloat32);
+  CHECK(torch::equal(x2.grad(), x1.grad()));
+  CHECK(torch::equal(w2.grad(), w1.grad()));
 }
 
 TEST_CASE("rope: x c + rotate_half(x) s on the heads' transposed view, fp32 and bf16, and its gradient", "[fast_ops]") {

@@ -1,6 +1,7 @@
 #include "models/fast_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -257,21 +258,25 @@ float dot_plain(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void rms_row_plain(const float* x, const float* w, float* y, float r, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] = x[i] * r * w[i];
+// y (and so g) is fp32, or bf16 under bf16 autocast (T); x, w, dx and dw are fp32.
+template <typename T>
+void rms_row_plain(const float* x, const float* w, T* y, float r, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] = static_cast<T>(x[i] * r * w[i]);
 }
 
-void rms_row_grad_plain(const float* x, const float* w, const float* g, float r, float c, float* dx, float* dw,
-                        int64_t d) {
+template <typename T>
+void rms_row_grad_plain(const float* x, const float* w, const T* g, float r, float c, float* dx, float* dw, int64_t d) {
   for (int64_t i = 0; i < d; ++i) {
-    dx[i] = r * g[i] * w[i] - x[i] * c;
-    dw[i] += g[i] * x[i] * r;
+    const float gi = to_f(g[i]);
+    dx[i] = r * gi * w[i] - x[i] * c;
+    dw[i] += gi * x[i] * r;
   }
 }
 
-float gwx_plain(const float* g, const float* w, const float* x, int64_t d) {
+template <typename T>
+float gwx_plain(const T* g, const float* w, const float* x, int64_t d) {
   float s = 0;
-  for (int64_t i = 0; i < d; ++i) s += g[i] * w[i] * x[i];
+  for (int64_t i = 0; i < d; ++i) s += to_f(g[i]) * w[i] * x[i];
   return s;
 }
 
@@ -284,7 +289,8 @@ __attribute__((target("avx2,fma"))) float hsum8(__m256 v) {
   return s;
 }
 
-__attribute__((target("avx2,fma"))) float rms_row_avx2(const float* x, const float* w, float* y, int64_t d, float eps) {
+template <typename T>
+__attribute__((target("avx2,fma"))) float rms_row_avx2(const float* x, const float* w, T* y, int64_t d, float eps) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= d; i += 8) {
@@ -294,21 +300,22 @@ __attribute__((target("avx2,fma"))) float rms_row_avx2(const float* x, const flo
   const float r = 1.0f / std::sqrt((hsum8(acc) + dot_plain(x + i, x + i, d - i)) / static_cast<float>(d) + eps);
   const __m256 rv = _mm256_set1_ps(r);
   for (i = 0; i + 8 <= d; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), _mm256_loadu_ps(w + i)));
+    store8(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), _mm256_loadu_ps(w + i)));
   rms_row_plain(x + i, w + i, y + i, r, d - i);
   return r;
 }
 
-__attribute__((target("avx2,fma"))) void rms_row_grad_avx2(const float* x, const float* w, const float* g, float r,
+template <typename T>
+__attribute__((target("avx2,fma"))) void rms_row_grad_avx2(const float* x, const float* w, const T* g, float r,
                                                             float* dx, float* dw, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= d; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(w + i)), _mm256_loadu_ps(x + i), acc);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(load8(g + i), _mm256_loadu_ps(w + i)), _mm256_loadu_ps(x + i), acc);
   const float c = r * r * r * (hsum8(acc) + gwx_plain(g + i, w + i, x + i, d - i)) / static_cast<float>(d);
   const __m256 rv = _mm256_set1_ps(r), cv = _mm256_set1_ps(c);
   for (i = 0; i + 8 <= d; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i), xv = _mm256_loadu_ps(x + i);
+    const __m256 gv = load8(g + i), xv = _mm256_loadu_ps(x + i);
     const __m256 a = _mm256_mul_ps(_mm256_mul_ps(rv, gv), _mm256_loadu_ps(w + i));
     _mm256_storeu_ps(dx + i, _mm256_fnmadd_ps(xv, cv, a));
     _mm256_storeu_ps(dw + i, _mm256_fmadd_ps(_mm256_mul_ps(gv, xv), rv, _mm256_loadu_ps(dw + i)));
@@ -318,7 +325,8 @@ __attribute__((target("avx2,fma"))) void rms_row_grad_avx2(const float* x, const
 #endif
 
 // One row forward: y = x r w, returns r.
-float rms_row(const float* x, const float* w, float* y, int64_t d, float eps) {
+template <typename T>
+float rms_row(const float* x, const float* w, T* y, int64_t d, float eps) {
 #if defined(__x86_64__)
   if (use_avx2()) return rms_row_avx2(x, w, y, d, eps);
 #endif
@@ -328,7 +336,8 @@ float rms_row(const float* x, const float* w, float* y, int64_t d, float eps) {
 }
 
 // One row backward: dx as above, and g x r added into dw.
-void rms_row_grad(const float* x, const float* w, const float* g, float r, float* dx, float* dw, int64_t d) {
+template <typename T>
+void rms_row_grad(const float* x, const float* w, const T* g, float r, float* dx, float* dw, int64_t d) {
 #if defined(__x86_64__)
   if (use_avx2()) return rms_row_grad_avx2(x, w, g, r, dx, dw, d);
 #endif
@@ -382,16 +391,21 @@ constexpr int64_t kRmsBlock = 32;  // rows per partial weight gradient
 
 class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
  public:
+  // bf16_out: y in bf16 (what the matmuls after it read under bf16 autocast), else fp32.
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& input,
-                               const torch::Tensor& weight, double eps) {
+                               const torch::Tensor& weight, double eps, bool bf16_out) {
     const auto x = input.contiguous(), w = weight.contiguous();
     const int64_t d = x.size(-1), rows = x.numel() / d;
-    auto y = torch::empty_like(x);
+    auto y = torch::empty(x.sizes(), x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
     auto r = torch::empty({rows}, x.options());
     const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-    float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / d), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) rp[i] = rms_row(xp + i * d, wp, yp + i * d, d, static_cast<float>(eps));
+    float* rp = r.data_ptr<float>();
+    for_dtype(y, [&](auto tag) {
+      using T = decltype(tag);
+      T* yp = y.data_ptr<T>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / d), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) rp[i] = rms_row(xp + i * d, wp, yp + i * d, d, static_cast<float>(eps));
+      });
     });
     ctx->save_for_backward({x, w, r});
     return y;
@@ -406,19 +420,22 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     const int64_t d = x.size(-1), rows = x.numel() / d, blocks = (rows + kRmsBlock - 1) / kRmsBlock;
     auto dx = torch::empty_like(x);
     auto partial = torch::zeros({blocks, d}, x.options());  // one weight gradient per block of rows
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = r.data_ptr<float>(),
-                *gp = g.data_ptr<float>();
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = r.data_ptr<float>();
     float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
-    at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k)
-        for (int64_t i = k * kRmsBlock; i < std::min(rows, (k + 1) * kRmsBlock); ++i)
-          rms_row_grad(xp + i * d, wp, gp + i * d, rp[i], dxp + i * d, pp + k * d, d);
+    for_dtype(g, [&](auto tag) {
+      using T = decltype(tag);
+      const T* gp = g.data_ptr<T>();
+      at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k)
+          for (int64_t i = k * kRmsBlock; i < std::min(rows, (k + 1) * kRmsBlock); ++i)
+            rms_row_grad(xp + i * d, wp, gp + i * d, rp[i], dxp + i * d, pp + k * d, d);
+      });
     });
     auto dw = torch::zeros({d}, x.options());
     float* dwp = dw.data_ptr<float>();
     for (int64_t k = 0; k < blocks; ++k)  // in block order: the same sum for any thread count
       for (int64_t j = 0; j < d; ++j) dwp[j] += pp[k * d + j];
-    return {dx, dw, torch::Tensor()};
+    return {dx, dw, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -730,7 +747,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     const auto xf = x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat32);
     return (xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight).to(x.scalar_type());
   }
-  return RmsNormFn::apply(x, weight, eps);
+  // Under bf16 autocast every reader of a norm's output is a matmul that would cast it to bf16:
+  // the kernel writes bf16 at once, the same values as its fp32 output cast, without the casts
+  // (one per reader: q, k and v read the same norm) or their fp32 gradients in backward.
+  const bool bf16_out = at::autocast::is_cpu_enabled() && at::autocast::get_autocast_cpu_dtype() == at::kBFloat16;
+  return RmsNormFn::apply(x, weight, eps, bf16_out);
 }
 
 torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {

@@ -36,7 +36,7 @@ RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   // fp32 statistics even under bf16 autocast: the mean square of a bf16 row loses too much. One
   // pass each way for fp32 CPU tensors (models/fast_ops.h), the composite ops otherwise.
-  return rms_norm(x, weight, eps_);
+  return rms_norm(x, weight, eps_);  // in bf16 under bf16 autocast: only matmuls read it
 }
 
 std::pair<torch::Tensor, torch::Tensor> rope_cos_sin(const torch::Tensor& positions, int head_dim, double theta) {
