@@ -81,7 +81,7 @@ int setup_threads(int requested) {
   // fp32 matmuls run inside OpenBLAS, whose own threads are the only parallelism a single GEMM
   // gets: one OpenBLAS thread halves its FLOP/s on 2 cores (60 vs 120 GFLOP/s). Its threads only
   // contend with LibTorch's OpenMP pool while idle OpenMP threads spin, which
-  // restart_with_passive_openmp() turns off (docs/benchmarks.md, "The bench card").
+  // restart_with_passive_openmp() keeps short (docs/benchmarks.md, "The bench card").
   using SetThreads = void (*)(int);
   if (auto* f = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
     f(passive_openmp() ? n : 1);

@@ -42,12 +42,14 @@ struct TrainOptions {
   int64_t nonfinite_steps = 1;
 };
 
-// libgomp reads OMP_WAIT_POLICY once, when it loads, and by default idle OpenMP threads spin,
-// taking the cores OpenBLAS's threads need inside every fp32 matmul. When the variable is unset
-// this sets it to PASSIVE and executes the program again (same arguments), so the new process
-// starts with it; a value the user set is kept. Call first thing in main().
+// libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when it loads, and by default idle
+// OpenMP threads spin for long, taking the cores OpenBLAS's threads need inside every fp32
+// matmul. When neither variable is set this sets GOMP_SPINCOUNT to a short spin and executes the
+// program again (same arguments), so the new process starts with it; a value the user set is
+// kept. Call first thing in main().
 void restart_with_passive_openmp(char** argv);
-// OMP_WAIT_POLICY is PASSIVE in this process (then OpenBLAS gets the intra-op thread count).
+// Idle OpenMP threads soon sleep in this process (OMP_WAIT_POLICY=PASSIVE, or a GOMP_SPINCOUNT of
+// at most 1,000,000): then OpenBLAS gets the intra-op thread count.
 bool passive_openmp();
 
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the count used.
