@@ -1,5 +1,6 @@
 #include "models/fast_ops.h"
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 
@@ -715,30 +716,19 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 }
 
 torch::Tensor attention_softmax(const torch::Tensor& scores, double scale, const torch::Tensor& mask) {
-  const bool mask_ok = !mask.defined() || (!mask.requires_grad() && mask.device() == scores.device() &&
-                                           mask.dim() <= scores.dim() &&
-                                           mask.is_floating_point());
-  std::vector<int64_t> shape(scores.sizes().begin(), scores.sizes().end());
-  torch::Tensor m;
-  bool broadcast = true;
-  if (mask.defined() && mask_ok) {
-    // Broadcastable to the scores' shape: each trailing dim equal or 1.
-    for (int64_t d = 1; d <= mask.dim(); ++d) {
-      const auto ms = mask.size(-d), ss = scores.size(-d);
-      if (ms != ss && ms != 1) broadcast = false;
-    }
-    if (broadcast) {
-      m = mask.to(torch::kFloat32).expand(shape);
-      if (m.stride(-1) != 1) m = m.contiguous();
-    }
-  }
-  if (!enabled() || !fast_path(scores) || scores.dim() == 0 || scores.numel() == 0 || !mask_ok || !broadcast) {
+  const bool fits = enabled() && fast_path(scores) && scores.dim() > 0 && scores.numel() > 0 &&
+                    (!mask.defined() || (!mask.requires_grad() && mask.device() == scores.device() &&
+                                         mask.is_floating_point() && at::is_expandable_to(mask.sizes(), scores.sizes())));
+  if (!fits) {
     auto z = scores * scale;
     if (mask.defined()) z = z + mask.to(z.scalar_type());
     const auto zf = z.scalar_type() == torch::kDouble ? z : z.to(torch::kFloat32);
     return torch::softmax(zf, -1).to(scores.scalar_type());
   }
-  return AttentionSoftmaxFn::apply(scores, m.defined() ? m : torch::empty({0}), scale);
+  if (!mask.defined()) return AttentionSoftmaxFn::apply(scores, torch::empty({0}), scale);
+  auto m = mask.to(torch::kFloat32).expand(scores.sizes());  // broadcast dims get stride 0: no copy
+  if (m.stride(-1) != 1) m = m.contiguous();
+  return AttentionSoftmaxFn::apply(scores, m, scale);
 }
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
